@@ -1,0 +1,8 @@
+"""Thin Triton gRPC client for clip-triton (installed as ``clip_triton.client``).
+
+Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
+"""
+
+from .grpc_client import ClipClient, ClipClientError, ItemErrors, ServerFacts, rank
+
+__all__ = ["ClipClient", "ClipClientError", "ItemErrors", "ServerFacts", "rank"]

@@ -1,0 +1,294 @@
+"""``ClipClient``: a thin client for the clip-triton ensembles over Triton gRPC.
+
+numpy, pillow and tritonclient only. Facts that depend on the deployment (embedding size,
+``logit_scale``, ``max_batch_size``, model name) are read from the server's model config, never
+hard-coded. Large inputs are split into batches no larger than the server's ``max_batch_size`` and
+sent several at a time; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+MAX_URL_BYTES = 20 * 1024 * 1024
+
+
+class ClipClientError(Exception):
+    """A request failed for a reason other than bad items (server down, timeout, misconfiguration)."""
+
+
+class ItemErrors(ClipClientError):
+    """Some items were refused. ``errors`` maps input index -> reason; ``embeddings`` holds the
+    other rows (rows of failed items are NaN), so good results are never lost."""
+
+    def __init__(self, errors: dict[int, str], embeddings: np.ndarray):
+        self.errors = dict(sorted(errors.items()))
+        self.embeddings = embeddings
+        first = next(iter(self.errors.items()))
+        super().__init__(f"{len(self.errors)} of {len(embeddings)} items failed; first: index {first[0]}: {first[1]}")
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    model: str
+    pretrained: str
+    embed_dim: int
+    logit_scale: float
+    logit_bias: float | None
+    max_batch_size: int
+    random_weights: bool
+
+
+def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    """Download an http(s) image with a time and size limit."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise ValueError(f"not an http(s) URL: {url[:80]}")
+    request = urllib.request.Request(url, headers={"User-Agent": "clip-triton"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
+        length = response.headers.get("Content-Length")
+        if length and int(length) > max_bytes:
+            raise ValueError(f"{url} is {length} bytes, over the {max_bytes} byte limit")
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{url} is over the {max_bytes} byte limit")
+    return data
+
+
+def image_bytes(item, url_timeout: float = 10.0) -> bytes:
+    """Encoded bytes for a path, bytes, PIL image or http(s) URL."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, (str, os.PathLike)):
+        text = os.fspath(item)
+        if text.lower().startswith(("http://", "https://")):
+            return fetch_url(text, timeout=url_timeout)
+        return Path(text).read_bytes()
+    if hasattr(item, "save") and hasattr(item, "mode"):  # PIL image: lossless PNG keeps its pixels
+        buffer = io.BytesIO()
+        item.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"unsupported image item of type {type(item).__name__}")
+
+
+def _status(exc) -> str:
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status)
+
+
+class ClipClient:
+    """Embed images and texts, classify zero-shot, search, through the clip-triton ensembles.
+
+    ``url`` is ``host:port``, a ``dns:///host:port`` target (gRPC round-robin over every address the
+    name resolves to: one per pod behind a headless Kubernetes Service), or a list of URLs used in
+    turn (one gRPC connection pins to one server, so spreading needs several).
+    """
+
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
+                 url_timeout: float = 10.0, progress: bool = False):
+        import tritonclient.grpc as grpcclient  # noqa: PLC0415
+
+        self._grpc = grpcclient
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("ClipClient needs at least one server URL")
+        self.clients = []
+        for target in urls:
+            args = [("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else None
+            self.clients.append(grpcclient.InferenceServerClient(target, channel_args=args))
+        self._next = itertools.cycle(range(len(self.clients)))
+        self._lock = threading.Lock()
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.concurrency = max(1, concurrency)
+        self.url_timeout = url_timeout
+        self.progress = progress
+        self._batch_size = batch_size
+        self._facts: ServerFacts | None = None
+        self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    # -- server facts ------------------------------------------------------------------------
+    def _client(self):
+        with self._lock:
+            return self.clients[next(self._next)]
+
+    def wait_until_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                if all(c.is_model_ready(IMAGE_ENSEMBLE) and c.is_model_ready(TEXT_ENSEMBLE) for c in self.clients):
+                    return
+            except Exception as exc:  # noqa: BLE001 (not up yet: connection refused and friends)
+                last = exc
+            time.sleep(0.25)
+        raise ClipClientError(f"clip-triton not ready after {timeout:.0f}s ({last})")
+
+    @property
+    def facts(self) -> ServerFacts:
+        if self._facts is None:
+            config = self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))["config"]
+            params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+            self._facts = ServerFacts(
+                model=params["model"],
+                pretrained=params["pretrained"],
+                embed_dim=int(params["embed_dim"]),
+                logit_scale=float(params["logit_scale"]),
+                logit_bias=float(params["logit_bias"]) if params.get("logit_bias") else None,
+                max_batch_size=int(config.get("max_batch_size", 1)),
+                random_weights=params.get("random_weights") == "true",
+            )
+        return self._facts
+
+    @property
+    def batch_size(self) -> int:
+        return min(self._batch_size or self.facts.max_batch_size, self.facts.max_batch_size)
+
+    # -- transport ---------------------------------------------------------------------------
+    def _call(self, fn):
+        """Run ``fn(client)``, retrying UNAVAILABLE/RESOURCE_EXHAUSTED with exponential backoff."""
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(self._client())
+            except InferenceServerException as exc:
+                if _status(exc) not in RETRYABLE or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _infer(self, model: str, input_name: str, items: list[bytes]) -> np.ndarray:
+        array = np.array(items, dtype=object).reshape(-1, 1)
+        tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
+        tensor.set_data_from_numpy(array)
+        output = self._grpc.InferRequestedOutput(EMBEDDING_OUTPUT)
+        result = self._call(lambda c: c.infer(model, [tensor], outputs=[output], client_timeout=self.timeout))
+        return result.as_numpy(EMBEDDING_OUTPUT)
+
+    def _embed(self, model: str, input_name: str, items: list[bytes | Exception]) -> np.ndarray:
+        """Embed items in batches, several in flight; bad items are isolated and reported by index."""
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        n = len(items)
+        out = np.full((n, self.facts.embed_dim), np.nan, dtype=np.float32)
+        errors: dict[int, str] = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
+        good = [i for i in range(n) if i not in errors]
+        size = self.batch_size
+        chunks = [good[i : i + size] for i in range(0, len(good), size)]
+
+        def run(chunk: list[int]) -> None:
+            try:
+                out[chunk] = self._infer(model, input_name, [items[i] for i in chunk])
+            except InferenceServerException as exc:
+                if _status(exc) != "StatusCode.INVALID_ARGUMENT":
+                    raise ClipClientError(f"{model}: {exc.message()}") from exc
+                if len(chunk) == 1:
+                    message = exc.message() or str(exc)
+                    errors[chunk[0]] = message.split("item 0: ", 1)[-1]
+                    return
+                for index in chunk:  # isolate the bad item(s); the others still get embeddings
+                    run([index])
+
+        done = 0
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            for _ in pool.map(run, chunks):
+                done += 1
+                if self.progress:
+                    print(f"\r{model}: {min(done * size, len(good))}/{len(good)} items", end="", flush=True)
+        if self.progress and chunks:
+            print()
+        if errors:
+            raise ItemErrors(errors, out)
+        return out
+
+    # -- public API --------------------------------------------------------------------------
+    def embed_images(self, images: Iterable) -> np.ndarray:
+        """``(N, D)`` float32 L2-normalised embeddings of paths, bytes, PIL images or http(s) URLs."""
+        prepared: list[bytes | Exception] = []
+        for item in images:
+            try:
+                prepared.append(image_bytes(item, self.url_timeout))
+            except (OSError, ValueError, TypeError) as exc:
+                prepared.append(exc)
+        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepared)
+
+    def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
+        """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server)."""
+        prepared: list[bytes | Exception] = []
+        for text in texts:
+            prepared.append(text.encode("utf-8") if isinstance(text, str) else TypeError(f"not a string: {text!r}"))
+        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepared)
+
+    def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
+        key = (*prompts, "\x00", *(templates or ()))
+        if key not in self._text_cache:
+            if templates:
+                texts = [t.format(p) if "{}" in t else t(p) for p in prompts for t in templates]
+                emb = self.embed_texts(texts).reshape(len(prompts), len(templates), -1).mean(axis=1)
+                emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+            else:
+                emb = self.embed_texts(list(prompts))
+            self._text_cache[key] = emb
+        return self._text_cache[key]
+
+    def classify(self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None) -> list[list[dict]]:
+        """Zero-shot scores: per image, every prompt's cosine and softmax probability, ranked.
+
+        Probabilities use the server's ``logit_scale`` (and ``logit_bias`` where the model has one).
+        """
+        if not prompts:
+            raise ValueError("classify needs at least one prompt")
+        text = self.prompt_embeddings(list(prompts), templates)
+        image = self.embed_images(images)
+        return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
+
+    @staticmethod
+    def search(query: np.ndarray, index: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` rows of ``index`` by cosine to each query row: ``(indices, scores)``."""
+        query = np.atleast_2d(np.asarray(query, dtype=np.float32))
+        scores = query @ np.asarray(index, dtype=np.float32).T
+        k = min(k, scores.shape[1])
+        top = np.argsort(-scores, axis=1)[:, :k]
+        return top, np.take_along_axis(scores, top, axis=1)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    def __enter__(self) -> "ClipClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def rank(cosines: np.ndarray, prompts: Sequence[str], logit_scale: float, logit_bias: float | None = None) -> list[list[dict]]:
+    """Per row of ``cosines``: prompts ranked by probability, ``softmax(logit_scale * cos + bias)``."""
+    logits = logit_scale * cosines + (logit_bias or 0.0)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(axis=1, keepdims=True)
+    results = []
+    for row_cos, row_prob in zip(cosines, probs):
+        order = np.argsort(-row_prob, kind="stable")
+        results.append([{"prompt": prompts[j], "cosine": float(row_cos[j]), "probability": float(row_prob[j])}
+                        for j in order])
+    return results

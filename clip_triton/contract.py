@@ -1,0 +1,399 @@
+"""The contract every part of clip-triton agrees on.
+
+Export, the Triton model repository, the python-backend models, the client and the tests all import
+this module instead of repeating tensor names, shapes, dtypes, image size, mean/std or context length.
+
+A :class:`ModelContract` is derived from open_clip's own configuration for an architecture and a
+pretrained tag (:meth:`ModelContract.from_open_clip`, which needs open_clip but no weights), and is
+persisted as JSON (in the export manifest, in Triton config ``parameters``, and for the default model
+as a snapshot shipped in this package) so that serving code and clients read it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import ClipTritonError
+
+DEFAULT_MODEL = "ViT-bigG-14"
+DEFAULT_PRETRAINED = "laion2b_s39b_b160k"
+
+# ----------------------------------------------------------------------------------------------
+# Names: Triton models and tensors. Encoders use descriptive lower-case names (they are also the
+# ONNX graph's input/output names); the ensembles' public tensors are upper-case.
+# ----------------------------------------------------------------------------------------------
+PREPROCESS_MODEL = "preprocess"
+TOKENIZER_MODEL = "tokenizer"
+VISION_MODEL = "vision_encoder"
+TEXT_MODEL = "text_encoder"
+IMAGE_ENSEMBLE = "clip_image"
+TEXT_ENSEMBLE = "clip_text"
+
+IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row
+TEXT_INPUT = "TEXT"  # UTF-8 text, one item per batch row
+EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding
+
+PIXELS = "pixel_values"  # [B, 3, H, W], the vision graph's input
+INPUT_IDS = "input_ids"  # [B, context_length] int32, the text graph's input
+IMAGE_EMBEDS = "image_embeds"  # [B, D] float32, the vision graph's output
+TEXT_EMBEDS = "text_embeds"  # [B, D] float32, the text graph's output
+
+VISION_ONNX = "vision.onnx"
+TEXT_ONNX = "text.onnx"
+MANIFEST = "manifest.json"
+
+PRECISIONS = ("fp32", "fp16")
+RUNTIMES = ("tensorrt", "onnxruntime", "python")
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Triton datatype names, keyed by the numpy-style dtype names used here.
+_TRITON_TYPES = {
+    "float32": ("TYPE_FP32", "FP32"),
+    "float16": ("TYPE_FP16", "FP16"),
+    "int32": ("TYPE_INT32", "INT32"),
+    "int64": ("TYPE_INT64", "INT64"),
+    "bytes": ("TYPE_STRING", "BYTES"),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor without its batch axis (Triton's ``dims`` convention)."""
+
+    name: str
+    dtype: str  # numpy-style: float32, float16, int32, bytes
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.dtype not in _TRITON_TYPES:
+            raise ValueError(f"unsupported dtype {self.dtype!r} for tensor {self.name!r}")
+
+    @property
+    def config_type(self) -> str:
+        """Triton model-config data type, e.g. ``TYPE_FP32``."""
+        return _TRITON_TYPES[self.dtype][0]
+
+    @property
+    def wire_type(self) -> str:
+        """Triton inference-protocol data type, e.g. ``FP32``."""
+        return _TRITON_TYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes one declaration hands to ONNX export, TensorRT profiles and Triton batching."""
+
+    min: int = 1
+    opt: int = 16
+    max: int = 64
+
+    def __post_init__(self):
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self}")
+
+    @property
+    def preferred(self) -> tuple[int, ...]:
+        """Preferred dynamic-batch sizes: powers of two from the optimum up to the maximum."""
+        sizes, size = [], self.opt
+        while size <= self.max:
+            sizes.append(size)
+            size *= 2
+        if sizes[-1] != self.max:
+            sizes.append(self.max)
+        return tuple(sizes)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """open_clip's inference transform for a model, as data."""
+
+    image_size: tuple[int, int] = (224, 224)  # (height, width)
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+    interpolation: str = "bicubic"  # bicubic | bilinear
+    resize_mode: str = "shortest"  # shortest | squash
+    fill_color: int = 0
+
+    def __post_init__(self):
+        if self.interpolation not in ("bicubic", "bilinear"):
+            raise ClipTritonError(
+                f"interpolation {self.interpolation!r} is not supported",
+                "use a model whose preprocess_cfg uses bicubic or bilinear",
+            )
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ClipTritonError(
+                f"resize_mode {self.resize_mode!r} is not supported by the server-side preprocessor",
+                "supported: 'shortest' (all OpenAI/LAION CLIP models) and 'squash'",
+            )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """open_clip's SimpleTokenizer settings for a model."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    sot_token_id: int = 49406
+    eot_token_id: int = 49407
+    clean: str = "lower"  # open_clip clean function: lower | whitespace | canonicalize
+    pool_type: str = "argmax"  # how the text tower pools: the EOT position (highest id)
+
+
+def _tuple(value, n: int | None = None) -> tuple:
+    if isinstance(value, (int, float)):
+        value = (value,) * (n or 1)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What export, serving, client and tests must agree on for one model and precision."""
+
+    model: str = DEFAULT_MODEL
+    pretrained: str = DEFAULT_PRETRAINED
+    embed_dim: int = 1280
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    precision: str = "fp16"
+    batch: BatchProfile = field(default_factory=BatchProfile)
+    model_cfg: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ClipTritonError(f"unknown precision {self.precision!r}", f"choose one of {PRECISIONS}")
+
+    # -- tensors ---------------------------------------------------------------------------
+    @property
+    def pixel_dtype(self) -> str:
+        return "float16" if self.precision == "fp16" else "float32"
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.preprocess.image_size
+
+    @property
+    def context_length(self) -> int:
+        return self.tokenizer.context_length
+
+    @property
+    def pixels(self) -> TensorSpec:
+        h, w = self.preprocess.image_size
+        return TensorSpec(PIXELS, self.pixel_dtype, (3, h, w))
+
+    @property
+    def input_ids(self) -> TensorSpec:
+        # int32: ONNX Runtime and TensorRT do not run ArgMax (EOT pooling) on int64.
+        return TensorSpec(INPUT_IDS, "int32", (self.tokenizer.context_length,))
+
+    @property
+    def image_embeds(self) -> TensorSpec:
+        return TensorSpec(IMAGE_EMBEDS, "float32", (self.embed_dim,))
+
+    @property
+    def text_embeds(self) -> TensorSpec:
+        return TensorSpec(TEXT_EMBEDS, "float32", (self.embed_dim,))
+
+    @property
+    def image_input(self) -> TensorSpec:
+        return TensorSpec(IMAGE_INPUT, "bytes", (1,))
+
+    @property
+    def text_input(self) -> TensorSpec:
+        return TensorSpec(TEXT_INPUT, "bytes", (1,))
+
+    @property
+    def embedding(self) -> TensorSpec:
+        return TensorSpec(EMBEDDING_OUTPUT, "float32", (self.embed_dim,))
+
+    def encoder_io(self, tower: str) -> tuple[TensorSpec, TensorSpec]:
+        """(input, output) of the ``vision`` or ``text`` encoder."""
+        if tower == "vision":
+            return self.pixels, self.image_embeds
+        if tower == "text":
+            return self.input_ids, self.text_embeds
+        raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
+
+    # -- variants and persistence ----------------------------------------------------------
+    def with_(self, **changes) -> "ModelContract":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["preprocess"]["image_size"] = list(self.preprocess.image_size)
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelContract":
+        pre = dict(data.get("preprocess", {}))
+        if "image_size" in pre:
+            pre["image_size"] = _tuple(pre["image_size"], 2)
+        for key in ("mean", "std"):
+            if key in pre:
+                pre[key] = _tuple(pre[key], 3)
+        return cls(
+            model=data["model"],
+            pretrained=data["pretrained"],
+            embed_dim=int(data["embed_dim"]),
+            preprocess=PreprocessSpec(**pre),
+            tokenizer=TokenizerSpec(**data.get("tokenizer", {})),
+            precision=data.get("precision", "fp32"),
+            batch=BatchProfile(**data.get("batch", {})),
+            model_cfg=dict(data.get("model_cfg", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelContract":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def default(cls) -> "ModelContract":
+        """ViT-bigG-14 / laion2b_s39b_b160k, fp16, from the snapshot shipped in this package.
+
+        ``tests/test_contract.py`` checks the snapshot against open_clip's live config lookups.
+        """
+        text = resources.files("clip_triton").joinpath("assets", DEFAULT_SNAPSHOT).read_text()
+        return cls.from_json(text)
+
+    # -- derivation from open_clip ---------------------------------------------------------
+    @classmethod
+    def from_open_clip(
+        cls,
+        model: str = DEFAULT_MODEL,
+        pretrained: str | None = DEFAULT_PRETRAINED,
+        precision: str = "fp16",
+        batch: BatchProfile | None = None,
+    ) -> "ModelContract":
+        """Read an architecture's config and a tag's preprocessing from open_clip (no weights).
+
+        ``model`` is an open_clip architecture name or the path of a custom JSON config (which is
+        registered with open_clip under its file stem). ``pretrained`` is a tag, a local checkpoint
+        path, or ``None``/``"none"`` for random weights.
+        """
+        open_clip = _import_open_clip()
+        name = register_model_config(model)
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ClipTritonError(
+                f"unknown open_clip architecture {model!r}",
+                "pass a name from open_clip.list_models() or a path to a model-config JSON",
+            )
+        vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+        if "timm_model_name" in vision_cfg or "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+            raise ClipTritonError(
+                f"{name} uses a timm or Hugging Face tower, which this exporter does not handle",
+                "clip-triton exports open_clip ViT towers with the CLIP BPE tokenizer",
+            )
+        if isinstance(vision_cfg.get("layers"), (list, tuple)):
+            raise ClipTritonError(f"{name} is a ResNet (ModifiedResNet) model", "choose an open_clip ViT architecture")
+
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+        pre = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
+        tag = normalise_pretrained(pretrained)
+        if tag != "none" and not Path(tag).exists():
+            tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(name)
+                raise ClipTritonError(
+                    f"unknown pretrained tag {tag!r} for {name}",
+                    f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file path, or 'none'",
+                )
+            pre = merge_preprocess_dict(pre, tag_cfg)
+        pre["size"] = vision_cfg.get("image_size", pre["size"])  # open_clip sets size from the tower
+
+        text_kwargs = text_cfg.get("tokenizer_kwargs", {}) or {}
+        if text_kwargs.get("reduction_mask"):
+            raise ClipTritonError(f"{name} uses a tokenizer reduction mask", "only truncation is served")
+        return cls(
+            model=name,
+            pretrained=tag,
+            embed_dim=int(model_cfg["embed_dim"]),
+            preprocess=PreprocessSpec(
+                image_size=_tuple(pre["size"], 2),
+                mean=_tuple(pre["mean"], 3),
+                std=_tuple(pre["std"], 3),
+                interpolation=pre["interpolation"],
+                resize_mode=pre["resize_mode"],
+                fill_color=int(pre.get("fill_color", 0)),
+            ),
+            tokenizer=TokenizerSpec(
+                context_length=int(text_cfg.get("context_length", 77)),
+                vocab_size=int(text_cfg.get("vocab_size", 49408)),
+                clean=text_kwargs.get("clean", "lower"),
+                pool_type=text_cfg.get("pool_type", "argmax"),
+            ),
+            precision=precision,
+            batch=batch or BatchProfile(),
+            model_cfg=model_cfg,
+        )
+
+
+DEFAULT_SNAPSHOT = f"contract-{DEFAULT_MODEL}-{DEFAULT_PRETRAINED}.json"
+
+
+def normalise_pretrained(pretrained: str | None) -> str:
+    """``None``, ``""`` and ``"none"`` all mean random weights."""
+    if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
+        return "none"
+    return str(pretrained)
+
+
+def register_model_config(model: str) -> str:
+    """Register a custom model-config JSON with open_clip; return the architecture name to use."""
+    path = Path(model)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ClipTritonError(f"model config {model} not found", "pass an existing JSON file or an open_clip name")
+        open_clip = _import_open_clip()
+        open_clip.add_model_config(path)
+        return path.stem
+    return model
+
+
+def register_model_cfg(name: str, model_cfg: dict[str, Any]) -> str:
+    """Make an architecture recorded in a manifest known to open_clip (custom configs included)."""
+    open_clip = _import_open_clip()
+    if open_clip.get_model_config(name) is None and model_cfg:
+        import tempfile  # noqa: PLC0415
+
+        folder = Path(tempfile.mkdtemp(prefix="clip-triton-cfg-"))
+        path = folder / f"{name}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
+    return name
+
+
+def _import_open_clip():
+    try:
+        import open_clip  # noqa: PLC0415 (heavy, export-only dependency)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ClipTritonError(
+            "open_clip is not installed", "install the export extra: pip install 'clip-triton[export]'"
+        ) from exc
+    return open_clip
+
+
+def cosine(a, b) -> "Any":
+    """Row-wise cosine similarity of two (N, D) arrays (numpy), in float64."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.maximum(den, 1e-30)
+
+
+def logit_scale_value(raw: float) -> float:
+    """open_clip stores log(scale); the similarity multiplier is exp of it."""
+    return float(math.exp(raw))

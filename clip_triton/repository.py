@@ -1,0 +1,335 @@
+"""Triton model repository for clip-triton, rendered from the contract through Triton's ModelConfig.
+
+The folder tree is the serving graph::
+
+    clip_image  (ensemble)  IMAGE bytes --> preprocess --> pixel_values --> vision_encoder --> EMBEDDING
+    clip_text   (ensemble)  TEXT strings --> tokenizer --> input_ids   --> text_encoder   --> EMBEDDING
+
+``preprocess`` and ``tokenizer`` are python-backend models (PIL/numpy, no torch). The encoders come in
+three interchangeable runtimes with one signature: ``tensorrt`` (``tensorrt_plan``, GPU),
+``onnxruntime`` (Triton's ONNX Runtime backend, NGC container) and ``python`` (a python-backend model
+running the exported ONNX with onnxruntime: the pip-installed Triton has no ORT backend).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from .contract import (
+    IMAGE_ENSEMBLE,
+    MANIFEST,
+    PREPROCESS_MODEL,
+    RUNTIMES,
+    TEXT_ENSEMBLE,
+    TEXT_MODEL,
+    TOKENIZER_MODEL,
+    VISION_MODEL,
+    ModelContract,
+    TensorSpec,
+)
+from .errors import ClipTritonError
+from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+MODELS = (PREPROCESS_MODEL, TOKENIZER_MODEL, VISION_MODEL, TEXT_MODEL, IMAGE_ENSEMBLE, TEXT_ENSEMBLE)
+ENCODERS = {VISION_MODEL: ("vision", "vision.onnx"), TEXT_MODEL: ("text", "text.onnx")}
+PYTHON_MODELS = {
+    PREPROCESS_MODEL: "clip_triton.serving.preprocess_model",
+    TOKENIZER_MODEL: "clip_triton.serving.tokenizer_model",
+    "encoder": "clip_triton.serving.encoder_model",
+}
+PLAN_FILE = "model.plan"
+ONNX_FILE = "model.onnx"
+# The committed repository is the production default. Its logit_scale cannot be read from weights
+# here; open_clip clamps logit_scale at ln(100) during training and LAION's runs end at the clamp.
+# `clip-triton repo --onnx-dir` (which docker compose runs) replaces it with the checkpoint's value.
+ASSUMED_LOGIT_SCALE = 100.0
+
+
+def _pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2  # noqa: PLC0415
+    except ImportError as exc:  # pragma: no cover
+        raise ClipTritonError("tritonclient is not installed", "pip install 'clip-triton[client]'") from exc
+    return model_config_pb2
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    runtime: str = "tensorrt"
+    max_batch_size: int | None = None  # default: the contract's batch.max (= TensorRT profile max)
+    queue_delay_us: int | None = None  # default: 500 (GPU) / 2000 (CPU python encoders)
+    encoder_instances: int = 1
+    preprocess_instances: int | None = None  # default: 8 on GPU runtimes, one per core for --runtime python
+    tokenizer_instances: int = 1
+    ort_threads: int = 0  # python encoders: ONNX Runtime intra-op threads, 0 = all cores
+    max_image_pixels: int | None = None
+    max_image_bytes: int | None = None
+    max_text_chars: int = 65536
+    warmup: bool = True
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ClipTritonError(f"unknown runtime {self.runtime!r}", f"choose one of {RUNTIMES}")
+
+
+@dataclass
+class ServingFacts:
+    """What clients read from the server (``parameters`` of the ensembles)."""
+
+    contract: ModelContract
+    logit_scale: float
+    logit_bias: float | None = None
+    random_weights: bool = False
+    logit_scale_source: str = "checkpoint"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ServingFacts":
+        verification = manifest.get("verification", {})
+        if verification.get("performed") and not verification.get("passed"):
+            raise ClipTritonError(
+                "the export's verification failed (manifest.json)", "fix the export before serving it"
+            )
+        return cls(
+            contract=ModelContract.from_dict(manifest["contract"]),
+            logit_scale=float(manifest["logit_scale"]),
+            logit_bias=manifest.get("logit_bias"),
+            random_weights=bool(manifest.get("random_weights")),
+            logit_scale_source="random initialisation" if manifest.get("random_weights") else "checkpoint",
+        )
+
+    @classmethod
+    def default(cls) -> "ServingFacts":
+        return cls(
+            contract=ModelContract.default(),
+            logit_scale=ASSUMED_LOGIT_SCALE,
+            logit_scale_source="assumed (open_clip clamps at 100); `clip-triton repo --onnx-dir` writes the checkpoint's",
+        )
+
+    def parameters(self) -> dict[str, str]:
+        c = self.contract
+        return {
+            "model": c.model,
+            "pretrained": c.pretrained,
+            "precision": c.precision,
+            "embed_dim": str(c.embed_dim),
+            "logit_scale": repr(float(self.logit_scale)),
+            "logit_bias": "" if self.logit_bias is None else repr(float(self.logit_bias)),
+            "logit_scale_source": self.logit_scale_source,
+            "random_weights": "true" if self.random_weights else "false",
+            "contract": c.to_json(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelConfig builders
+# ---------------------------------------------------------------------------------------------
+def _io(message, spec: TensorSpec):
+    pb = _pb2()
+    item = message.add()
+    item.name = spec.name
+    item.data_type = pb.DataType.Value(spec.config_type)
+    item.dims.extend(spec.shape)
+    return item
+
+
+def _base(name: str, max_batch: int, inputs, outputs, parameters: dict[str, str] | None = None):
+    pb = _pb2()
+    config = pb.ModelConfig(name=name, max_batch_size=max_batch)
+    for spec in inputs:
+        _io(config.input, spec)
+    for spec in outputs:
+        _io(config.output, spec)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = str(value)
+    return config
+
+
+def _batching(config, preferred, delay_us: int):
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+
+
+def _instances(config, count: int, kind: str):
+    pb = _pb2()
+    group = config.instance_group.add()
+    group.count = count
+    group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
+
+
+def _warmup(config, spec: TensorSpec, batch_sizes):
+    pb = _pb2()
+    for size in batch_sizes:
+        warm = config.model_warmup.add()
+        warm.name = f"zeros_batch_{size}"
+        warm.batch_size = size
+        data = warm.inputs[spec.name]
+        data.data_type = pb.DataType.Value(spec.config_type)
+        data.dims.extend(spec.shape)
+        data.zero_data = True
+
+
+def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
+    """All six ModelConfig messages, keyed by model name."""
+    c = facts.contract
+    max_batch = options.max_batch_size or c.batch.max
+    if max_batch > c.batch.max and options.runtime == "tensorrt":
+        raise ClipTritonError(
+            f"max_batch_size {max_batch} exceeds the TensorRT profile maximum {c.batch.max}",
+            "lower --max-batch-size or rebuild the engines with a larger profile",
+        )
+    preferred = tuple(size for size in c.batch.preferred if size <= max_batch) or (max_batch,)
+    gpu = options.runtime in ("tensorrt", "onnxruntime")
+    delay = options.queue_delay_us if options.queue_delay_us is not None else (500 if gpu else 2000)
+    cores = os.cpu_count() or 1
+    contract_json = c.to_json()
+    configs = {}
+
+    pre = _base(PREPROCESS_MODEL, max_batch, [c.image_input], [c.pixels], {
+        "contract": contract_json,
+        "max_image_pixels": str(options.max_image_pixels or DEFAULT_MAX_PIXELS),
+        "max_image_bytes": str(options.max_image_bytes or DEFAULT_MAX_BYTES),
+    })
+    pre.backend = "python"
+    _batching(pre, preferred, delay)
+    # CPU-bound decoding: a GPU host gets 8 instances (~300 images/s each); a CPU-only server one per core.
+    _instances(pre, options.preprocess_instances or (8 if gpu else cores), "KIND_CPU")
+    configs[PREPROCESS_MODEL] = pre
+
+    tok = _base(TOKENIZER_MODEL, max_batch, [c.text_input], [c.input_ids], {
+        "contract": contract_json,
+        "max_text_chars": str(options.max_text_chars),
+    })
+    tok.backend = "python"
+    _batching(tok, preferred, delay)
+    _instances(tok, options.tokenizer_instances, "KIND_CPU")
+    configs[TOKENIZER_MODEL] = tok
+
+    for name, (tower, _) in ENCODERS.items():
+        spec_in, spec_out = c.encoder_io(tower)
+        params = {"contract": contract_json}
+        enc = _base(name, max_batch, [spec_in], [spec_out], params)
+        if options.runtime == "tensorrt":
+            enc.platform = "tensorrt_plan"
+            enc.default_model_filename = PLAN_FILE
+            _instances(enc, options.encoder_instances, "KIND_GPU")
+        elif options.runtime == "onnxruntime":
+            enc.platform = "onnxruntime_onnx"
+            enc.default_model_filename = ONNX_FILE
+            _instances(enc, options.encoder_instances, "KIND_GPU")
+        else:
+            enc.backend = "python"
+            enc.parameters["onnx_file"].string_value = ONNX_FILE
+            enc.parameters["ort_threads"].string_value = str(options.ort_threads)
+            _instances(enc, options.encoder_instances, "KIND_CPU")
+        _batching(enc, preferred, delay)
+        if options.warmup:
+            _warmup(enc, spec_in, sorted({1, preferred[0]}))
+        configs[name] = enc
+
+    facts_params = facts.parameters()
+    for name, spec_in, first, mid, second, spec_mid, spec_enc_out in (
+        (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, c.pixels, VISION_MODEL, c.pixels, c.image_embeds),
+        (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, c.input_ids, TEXT_MODEL, c.input_ids, c.text_embeds),
+    ):
+        ens = _base(name, max_batch, [spec_in], [c.embedding], facts_params)
+        ens.platform = "ensemble"
+        step = ens.ensemble_scheduling.step.add()
+        step.model_name, step.model_version = first, -1
+        step.input_map[spec_in.name] = spec_in.name
+        step.output_map[spec_mid.name] = spec_mid.name
+        step = ens.ensemble_scheduling.step.add()
+        step.model_name, step.model_version = second, -1
+        step.input_map[spec_mid.name] = spec_mid.name
+        step.output_map[spec_enc_out.name] = c.embedding.name
+        configs[name] = ens
+    return configs
+
+
+def render(config) -> str:
+    """``config.pbtxt`` text. proto3 omits ``max_batch_size: 0``; it is written explicitly."""
+    text = text_format.MessageToString(config)
+    if config.max_batch_size == 0:
+        text = text.replace(f'name: "{config.name}"\n', f'name: "{config.name}"\nmax_batch_size: 0\n', 1)
+    return text
+
+
+def parse(text: str):
+    return text_format.Parse(text, _pb2().ModelConfig())
+
+
+def python_entry_point(module: str) -> str:
+    return (
+        f'"""Triton python-backend entry point, written by `clip-triton repo`. The logic lives in {module}."""\n\n'
+        f"from {module} import TritonPythonModel  # noqa: F401\n"
+    )
+
+
+def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str]:
+    """Every text file of the repository, keyed by relative path (graphs and engines excluded)."""
+    files = {}
+    configs = build_configs(facts, options)
+    for name, config in configs.items():
+        files[f"{name}/config.pbtxt"] = render(config)
+        if config.backend == "python":
+            module = PYTHON_MODELS.get(name, PYTHON_MODELS["encoder"])
+            files[f"{name}/1/model.py"] = python_entry_point(module)
+        elif not (config.platform in ("tensorrt_plan", "onnxruntime_onnx")):
+            files[f"{name}/1/.gitkeep"] = ""  # ensembles need a version folder
+    if options.runtime == "tensorrt":
+        for name in ENCODERS:
+            files[f"{name}/1/.gitkeep"] = ""  # model.plan is written by `clip-triton build-engines`
+    return files
+
+
+def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
+    """Copy (hard-link when possible) a graph as model.onnx, keeping its external data's name."""
+    src = onnx_dir / graph
+    if not src.is_file():
+        raise ClipTritonError(f"{src} not found", "run `clip-triton export` into that folder first")
+    pairs = [(src, version_dir / ONNX_FILE)]
+    data = onnx_dir / f"{graph}.data"
+    if data.exists():
+        pairs.append((data, version_dir / data.name))  # the graph refers to its data file by this name
+    for source, target in pairs:
+        target.unlink(missing_ok=True)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def write_repository(out: str | Path, *, onnx_dir: str | Path | None = None, options: RepoOptions = RepoOptions(),
+                     force: bool = False) -> Path:
+    """Write a repository. With ``onnx_dir``, facts come from its manifest and graphs are placed."""
+    out = Path(out)
+    if onnx_dir is not None:
+        onnx_dir = Path(onnx_dir)
+        manifest_path = onnx_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --out DIR` first")
+        facts = ServingFacts.from_manifest(json.loads(manifest_path.read_text()))
+    else:
+        if options.runtime != "tensorrt":
+            raise ClipTritonError(f"--runtime {options.runtime} needs --onnx-dir", "export first, then pass its folder")
+        facts = ServingFacts.default()
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise ClipTritonError(f"{out} exists and is not empty", "pass --force to replace it")
+        shutil.rmtree(out)
+    for rel, text in repository_files(facts, options).items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    if onnx_dir is not None and options.runtime in ("onnxruntime", "python"):
+        for name, (_, graph) in ENCODERS.items():
+            _place_graph(onnx_dir, graph, out / name / "1")
+    if onnx_dir is not None:
+        shutil.copy2(onnx_dir / MANIFEST, out / MANIFEST)  # provenance beside the configs
+    return out

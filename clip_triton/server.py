@@ -1,0 +1,257 @@
+"""Run the ``tritonserver`` shipped in the ``nvidia-pytriton`` wheel on a repository (CPU).
+
+The wheel's python backend needs the stub built for our Python version beside
+``libtriton_python.so``. Instead of changing the installed package, a backend folder is assembled in
+the user's cache (symbolic links to the wheel's files) and passed with ``--backend-directory``.
+Triton's python stub gets this package and the current environment's site-packages on PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import ClipTritonError
+
+
+def pytriton_root() -> Path:
+    try:
+        import pytriton  # noqa: PLC0415
+    except ImportError as exc:
+        raise ClipTritonError("nvidia-pytriton is not installed", "pip install 'clip-triton[serve]'") from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise ClipTritonError(f"no tritonserver binary under {root}", "reinstall nvidia-pytriton==0.7.0")
+    return root
+
+
+def backend_directory(cache: Path | None = None) -> Path:
+    """A ``backends/`` folder whose python backend has the stub for this Python version."""
+    root = pytriton_root()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ClipTritonError(f"nvidia-pytriton ships no python backend stub for Python {version}",
+                              "use Python 3.8-3.13")
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-triton"
+    backends = cache / f"triton-backends-py{version}"
+    python = backends / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    links = {
+        "libtriton_python.so": root / "backends" / "python" / "libtriton_python.so",
+        "triton_python_backend_utils.py": root / "backends" / "python" / "triton_python_backend_utils.py",
+        "triton_python_backend_stub": stub,
+    }
+    for name, target in links.items():
+        link = python / name
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    return backends
+
+
+def check_repository(repo: Path) -> list[str]:
+    """Models in ``repo``; raise with the next step when something Triton needs is missing."""
+    from .repository import parse  # noqa: PLC0415
+
+    if not repo.is_dir():
+        raise ClipTritonError(f"model repository {repo} not found", "write one with `clip-triton repo`")
+    models = []
+    for config_path in sorted(repo.glob("*/config.pbtxt")):
+        folder = config_path.parent
+        config = parse(config_path.read_text())
+        models.append(config.name)
+        version = folder / "1"
+        if config.platform == "tensorrt_plan":
+            raise ClipTritonError(
+                f"{folder.name} is a TensorRT engine model; the pip-installed Triton has no TensorRT backend",
+                "on this machine write a CPU repository: clip-triton repo --runtime python --onnx-dir DIR --out REPO",
+            )
+        if config.platform == "onnxruntime_onnx":
+            raise ClipTritonError(
+                f"{folder.name} uses Triton's ONNX Runtime backend, which the pip-installed Triton lacks",
+                "use --runtime python here, or the NGC Triton container for --runtime onnxruntime",
+            )
+        if config.backend == "python":
+            if not (version / "model.py").is_file():
+                raise ClipTritonError(f"{version / 'model.py'} missing", "rewrite the repository with `clip-triton repo`")
+            onnx_file = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else ""
+            if onnx_file and not (version / onnx_file).is_file():
+                raise ClipTritonError(
+                    f"{version / onnx_file} missing: the repository has no exported graph",
+                    "run `clip-triton export --out DIR`, then `clip-triton repo --runtime python --onnx-dir DIR`",
+                )
+    if not models:
+        raise ClipTritonError(f"{repo} holds no model (no */config.pbtxt)", "write one with `clip-triton repo`")
+    return models
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise ClipTritonError(f"{what} port {port} on {host} is already in use",
+                                  f"stop what listens there or pass another --{what}-port") from None
+
+
+def stub_pythonpath() -> str:
+    package_parent = Path(__file__).resolve().parent.parent
+    paths = [str(package_parent), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+class TritonServer:
+    """A local tritonserver process: ``with TritonServer(repo) as server: server.grpc_url``."""
+
+    def __init__(self, repo: str | Path, *, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                 host: str = "127.0.0.1", log_verbose: int = 0, log_file: str | Path | None = None,
+                 extra_args: tuple[str, ...] = ()):
+        self.repo = Path(repo).resolve()
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.log_verbose = log_verbose
+        self.log_file = Path(log_file) if log_file else None
+        self.extra_args = tuple(extra_args)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        root = pytriton_root()
+        return [
+            str(root / "bin" / "tritonserver"),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backend_directory()}",
+            "--model-control-mode=none",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--allow-cpu-metrics=true",
+            "--allow-gpu-metrics=false",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PYTHONPATH"] = stub_pythonpath()
+        env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        return env
+
+    def start(self, timeout: float = 300) -> "TritonServer":
+        check_repository(self.repo)
+        for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
+            _check_port(self.host, port, what)
+        if self.log_file is None:
+            self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=self._log_handle,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ClipTritonError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
+                                      f"{self.log_tail()}", f"full log: {self.log_file}")
+            if self.ready():
+                return
+            time.sleep(0.25)
+        tail = self.log_tail()
+        self.stop()
+        raise ClipTritonError(f"tritonserver not ready after {timeout:.0f}s:\n{tail}", f"full log: {self.log_file}")
+
+    def log_tail(self, lines: int = 25) -> str:
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the stubs are in its process group
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None
+        if getattr(self, "_log_handle", None):
+            self._log_handle.close()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def run_foreground(self, timeout: float = 300) -> int:
+        """``clip-triton serve``: start, print the endpoints, stop cleanly on Ctrl-C/SIGTERM."""
+        self.log_file = None
+        print(f"starting tritonserver on {self.repo} ...", flush=True)
+        self.start(timeout)
+        print(json.dumps({"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
+                          "log": str(self.log_file)}), flush=True)
+        print("ready; Ctrl-C stops the server", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while self.process is not None and self.process.poll() is None:
+                time.sleep(0.5)
+            code = self.process.returncode if self.process else 0
+            print(f"tritonserver exited with code {code}:\n{self.log_tail()}", file=sys.stderr)
+            return code or 1
+        except KeyboardInterrupt:
+            print("stopping tritonserver ...", flush=True)
+            self.stop()
+            return 0

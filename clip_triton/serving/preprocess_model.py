@@ -1,0 +1,18 @@
+"""Triton python model ``preprocess``: encoded image bytes -> normalised pixels (open_clip's transform)."""
+
+from __future__ import annotations
+
+from ..contract import IMAGE_INPUT, PIXELS
+from ..preprocess import ImageError, ImageLimits, Preprocessor
+from .common import contract_from, parameters, per_item
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = parameters(args)
+        contract = contract_from(params)
+        limits = ImageLimits(max_pixels=int(params["max_image_pixels"]), max_bytes=int(params["max_image_bytes"]))
+        self.preprocessor = Preprocessor(contract.preprocess, dtype=contract.pixel_dtype, limits=limits)
+
+    def execute(self, requests):
+        return per_item(requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,))

@@ -1,0 +1,162 @@
+"""CLIP's byte-level BPE tokenizer, token-for-token equal to open_clip's ``SimpleTokenizer``.
+
+No torch: the server's ``tokenizer`` model and the client import this. Text is cleaned as open_clip
+does (ftfy, HTML unescaping twice, whitespace collapsing, lower-casing), split with the same regular
+expression, byte-encoded and merged with the BPE ranks shipped with open_clip
+(``assets/bpe_simple_vocab_16e6.txt.gz``). Sequences longer than the context are truncated and
+their last position set to the end-of-text token, as open_clip does.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import string
+from functools import lru_cache
+from importlib import resources
+
+import ftfy
+import numpy as np
+import regex
+
+from .contract import TokenizerSpec
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_N_MERGES = 49152 - 256 - 2
+_SPECIAL = ("<start_of_text>", "<end_of_text>")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+class TextError(ValueError):
+    """A text item that cannot be served; the message says why."""
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """Map every byte to a printable unicode character (GPT-2/CLIP byte-level BPE alphabet)."""
+    # Printable bytes map to themselves and come first (their order is the vocabulary's order);
+    # the others map to code points from 256 upwards.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    others = [byte for byte in range(256) if byte not in table]
+    table.update({byte: chr(256 + n) for n, byte in enumerate(others)})
+    return table
+
+
+@lru_cache(maxsize=1)
+def _load_vocab() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    raw = resources.files("clip_triton").joinpath("assets", VOCAB_FILE).read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : _N_MERGES + 1]
+    merges = [tuple(line.split()) for line in lines]
+    alphabet = list(_byte_alphabet().values())
+    tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
+    tokens.extend(_SPECIAL)
+    encoder = {token: index for index, token in enumerate(tokens)}
+    ranks = {pair: rank for rank, pair in enumerate(merges)}
+    return encoder, ranks
+
+
+def _basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _clean(kind: str, text: str) -> str:
+    text = _basic_clean(text)
+    if kind == "lower":
+        return " ".join(text.split()).lower()
+    if kind == "whitespace":
+        return " ".join(text.split())
+    if kind == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+        return " ".join(text.split())
+    raise ValueError(f"unknown clean function {kind!r}")
+
+
+class ClipTokenizer:
+    """Tokenize strings to ``int32`` ids of shape ``[N, context_length]``."""
+
+    def __init__(self, spec: TokenizerSpec = TokenizerSpec(), max_chars: int = 65536):
+        self.spec = spec
+        self.max_chars = max_chars
+        self.encoder, self.ranks = _load_vocab()
+        self.sot = self.encoder[_SPECIAL[0]]
+        self.eot = self.encoder[_SPECIAL[1]]
+        if (self.sot, self.eot) != (spec.sot_token_id, spec.eot_token_id):
+            raise ValueError("the contract's special token ids do not match the BPE vocabulary")
+        self._alphabet = _byte_alphabet()
+        self._words: dict[str, list[int]] = {}
+        self._pattern = regex.compile(
+            "|".join(_SPECIAL) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            regex.IGNORECASE,
+        )
+
+    def _bpe(self, word: str) -> list[int]:
+        """Ids of one pre-tokenized word after byte encoding and greedy lowest-rank merging."""
+        cached = self._words.get(word)
+        if cached is not None:
+            return cached
+        if word in _SPECIAL:
+            ids = [self.encoder[word]]
+        else:
+            symbols = list(word[:-1]) + [word[-1] + "</w>"]
+            while len(symbols) > 1:
+                best, best_rank = None, None
+                for pair in zip(symbols, symbols[1:]):
+                    rank = self.ranks.get(pair)
+                    if rank is not None and (best_rank is None or rank < best_rank):
+                        best, best_rank = pair, rank
+                if best is None:
+                    break
+                merged, i = [], 0
+                while i < len(symbols):
+                    if i < len(symbols) - 1 and symbols[i] == best[0] and symbols[i + 1] == best[1]:
+                        merged.append(best[0] + best[1])
+                        i += 2
+                    else:
+                        merged.append(symbols[i])
+                        i += 1
+                symbols = merged
+            ids = [self.encoder[symbol] for symbol in symbols]
+        if len(self._words) < 200_000:
+            self._words[word] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without start/end tokens (open_clip's ``SimpleTokenizer.encode``)."""
+        ids: list[int] = []
+        for piece in self._pattern.findall(_clean(self.spec.clean, text)):
+            word = "".join(self._alphabet[b] for b in piece.encode("utf-8"))
+            ids.extend(self._bpe(word))
+        return ids
+
+    def check(self, text: str) -> None:
+        """Raise :class:`TextError` for text that is refused rather than tokenized."""
+        if not text.strip():
+            raise TextError("empty text")
+        if len(text) > self.max_chars:
+            raise TextError(f"text is {len(text)} characters, over the limit of {self.max_chars}")
+
+    def ids(self, text: str) -> np.ndarray:
+        """One row of ``context_length`` int32 ids, truncated as open_clip does."""
+        self.check(text)
+        length = self.spec.context_length
+        tokens = [self.sot, *self.encode(text), self.eot]
+        if len(tokens) > length:
+            tokens = tokens[:length]
+            tokens[-1] = self.eot
+        row = np.zeros(length, dtype=np.int32)
+        row[: len(tokens)] = tokens
+        return row
+
+    def __call__(self, texts: str | list[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            texts = [texts]
+        return np.stack([self.ids(text) for text in texts]) if texts else np.zeros((0, self.spec.context_length), np.int32)
+
+
+def decode_utf8(data: bytes) -> str:
+    """Decode one text item sent as bytes; raise :class:`TextError` on invalid UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None

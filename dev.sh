@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# clip-triton developer entry point.
+#   bash dev.sh demo   install (once) into .venv, then run the offline main job (export, serve, classify)
+#   bash dev.sh test   install (once) into .venv, then run the test suite (extra arguments go to pytest)
+#   bash dev.sh install
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${CLIP_TRITON_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+
+install() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "[dev] creating $VENV with $($PYTHON --version)"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.clip-triton-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
+        echo "[dev] installing clip-triton[export,serve,test] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,test]"
+        touch "$stamp"
+    fi
+}
+
+command="${1:-}"
+shift || true
+case "$command" in
+    install) install ;;
+    demo) install; exec "$VENV/bin/clip-triton" demo "$@" ;;
+    test) install; exec "$VENV/bin/python" -m pytest "$@" ;;
+    *) echo "usage: bash dev.sh demo|test|install [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,179 @@
+"""``clip-triton export``: weights -> two verified ONNX graphs -> manifest.json.
+
+Memory plan for bigG (2.54 B parameters, ~10 GB in fp32) on a 24 GiB machine: the fp32 PyTorch
+references are computed first; then the text tower is exported and deleted from the model, then the
+vision tower is exported and the model is dropped; only then are ONNX Runtime sessions created, one
+tower at a time. No two towers' export state (or a graph's session and its PyTorch tower) are ever
+held at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+from clip_triton.contract import MANIFEST, ModelContract, register_model_cfg
+from clip_triton.errors import ClipTritonError
+from clip_triton.progress import Progress
+
+from . import verify as V
+from .graphs import DEFAULT_EXTERNAL_THRESHOLD, GRAPH_FILES, export_tower, to_half
+from .weights import load_model
+
+TEXT_ATTRIBUTES = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection",
+                   "attn_mask", "text")
+DEFAULT_VERIFY_BATCHES = (1, 3, 8)
+
+
+def _versions() -> dict:
+    import onnx  # noqa: PLC0415
+    import onnxruntime  # noqa: PLC0415
+    import open_clip  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    import clip_triton  # noqa: PLC0415
+
+    return {
+        "clip_triton": clip_triton.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _peak_rss_gib() -> float:
+    import resource  # noqa: PLC0415
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+
+
+def export_model(
+    model: str,
+    pretrained: str | None,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp32",
+    opset: int = 18,
+    seed: int = 0,
+    verify: bool = True,
+    verify_batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES,
+    external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
+    cache_dir: str | None = None,
+    log: Progress | None = None,
+) -> dict:
+    """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written)."""
+    log = log or Progress("export")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    loaded = load_model(model, pretrained, precision=precision, seed=seed, cache_dir=cache_dir, log=log)
+    contract: ModelContract = loaded.contract
+    net = loaded.model
+    log(f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
+        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}")
+
+    inputs, references = {}, {}
+    if verify:
+        inputs = V.verification_inputs(contract, tuple(verify_batches))
+        for tower in ("text", "vision"):
+            log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
+            references[tower] = V.torch_reference(net, tower, inputs[tower])
+
+    if precision == "fp16":
+        log("converting weights to fp16 (LayerNorm kept in float32)")
+        to_half(net)
+
+    graphs = {}
+    for tower in ("text", "vision"):
+        log(f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {opset}, {precision})")
+        graphs[tower] = export_tower(net, contract, tower, out, opset=opset, external_threshold=external_threshold)
+        mib = (graphs[tower]["graph_bytes"] + graphs[tower]["data_bytes"]) / 1024**2
+        log(f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})")
+        if tower == "text":
+            for name in TEXT_ATTRIBUTES:
+                if hasattr(net, name):
+                    delattr(net, name)
+            gc.collect()
+    del net, loaded.model
+    gc.collect()
+
+    checks = []
+    if verify:
+        for tower in ("text", "vision"):
+            log(f"verifying {tower}.onnx with ONNX Runtime at batch sizes {list(verify_batches)} and real inputs")
+            outputs = V.run_graph(out / GRAPH_FILES[tower], contract, tower, inputs[tower], log=log)
+            checks += V.compare(tower, inputs[tower], references[tower], outputs, precision)
+            gc.collect()
+        V.report(checks, precision)
+    else:
+        log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
+
+    manifest = {
+        "format": 1,
+        "model": contract.model,
+        "pretrained": contract.pretrained,
+        "random_weights": loaded.random_weights,
+        "seed": loaded.seed,
+        "checkpoint": {"path": loaded.checkpoint_path, "sha256": loaded.checkpoint_sha256},
+        "precision": precision,
+        "opset": opset,
+        "embed_dim": contract.embed_dim,
+        "logit_scale": loaded.logit_scale,
+        "logit_bias": loaded.logit_bias,
+        "contract": contract.to_dict(),
+        "graphs": graphs,
+        "verification": {
+            "performed": verify,
+            "passed": all(c.passed for c in checks) if verify else None,
+            "tolerance": V.TOLERANCES[precision],
+            "reference": "open_clip PyTorch fp32",
+            "checks": V.as_dicts(checks),
+        },
+        "versions": _versions(),
+        "export_seconds": round(time.monotonic() - started, 1),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"wrote {out / MANIFEST} (peak RSS {manifest['peak_rss_gib']} GiB)")
+    if verify:
+        V.raise_on_failure(checks)
+    return manifest
+
+
+def read_manifest(onnx_dir: str | Path) -> dict:
+    path = Path(onnx_dir) / MANIFEST
+    if not path.is_file():
+        raise ClipTritonError(f"{path} not found", "point at a folder written by `clip-triton export`")
+    return json.loads(path.read_text())
+
+
+def verify_export(onnx_dir: str | Path, *, seed: int | None = None, checkpoint: str | None = None,
+                  batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES, log: Progress | None = None) -> list:
+    """Re-check an existing export against open_clip rebuilt from its manifest.
+
+    Random-weight exports are rebuilt from their recorded seed (``seed`` overrides it); exports of
+    real weights reload the recorded checkpoint (``checkpoint`` overrides its path).
+    """
+    log = log or Progress("verify")
+    manifest = read_manifest(onnx_dir)
+    contract = ModelContract.from_dict(manifest["contract"])
+    if manifest["random_weights"]:
+        pretrained, use_seed = "none", manifest["seed"] if seed is None else seed
+    else:
+        pretrained, use_seed = checkpoint or manifest["checkpoint"]["path"] or manifest["pretrained"], 0
+    model_name = register_model_cfg(contract.model, contract.model_cfg)
+    loaded = load_model(model_name, pretrained, precision=contract.precision, seed=use_seed, log=log)
+    inputs = V.verification_inputs(contract, tuple(batches))
+    checks = []
+    for tower in ("text", "vision"):
+        reference = V.torch_reference(loaded.model, tower, inputs[tower])
+        outputs = V.run_graph(Path(onnx_dir) / GRAPH_FILES[tower], contract, tower, inputs[tower])
+        checks += V.compare(tower, inputs[tower], reference, outputs, contract.precision)
+    V.report(checks, contract.precision)
+    V.raise_on_failure(checks)
+    return checks

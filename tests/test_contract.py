@@ -1,0 +1,97 @@
+"""The contract: derived from open_clip's own config lookups, readable without weights or torch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clip_triton import contract as C
+from clip_triton.errors import ClipTritonError
+
+
+def test_default_snapshot_matches_open_clip_lookups_for_bigG():
+    """The shipped ViT-bigG-14 snapshot equals what open_clip's config and pretrained registry say."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    snapshot = C.ModelContract.default()
+    live = C.ModelContract.from_open_clip("ViT-bigG-14", "laion2b_s39b_b160k", precision="fp16")
+    assert snapshot == live
+    assert snapshot.model_cfg == live.model_cfg
+
+    cfg = open_clip.get_model_config("ViT-bigG-14")
+    tag = open_clip.get_pretrained_cfg("ViT-bigG-14", "laion2b_s39b_b160k")
+    pre = merge_preprocess_dict(PreprocessCfg(), tag)
+    assert snapshot.embed_dim == cfg["embed_dim"] == 1280
+    assert snapshot.image_size == (cfg["vision_cfg"]["image_size"],) * 2 == (224, 224)
+    assert snapshot.context_length == cfg["text_cfg"]["context_length"] == 77
+    assert snapshot.tokenizer.vocab_size == cfg["text_cfg"]["vocab_size"]
+    assert snapshot.preprocess.mean == tuple(pre["mean"]) and snapshot.preprocess.std == tuple(pre["std"])
+    assert snapshot.preprocess.interpolation == pre["interpolation"] == "bicubic"
+    assert snapshot.preprocess.resize_mode == pre["resize_mode"] == "shortest"
+    tok = open_clip.get_tokenizer("ViT-bigG-14")
+    assert (tok.sot_token_id, tok.eot_token_id) == (snapshot.tokenizer.sot_token_id, snapshot.tokenizer.eot_token_id)
+
+
+def test_tensor_specs_follow_precision():
+    c = C.ModelContract.default()
+    assert c.pixels == C.TensorSpec("pixel_values", "float16", (3, 224, 224))
+    assert c.with_(precision="fp32").pixels.dtype == "float32"
+    assert c.input_ids == C.TensorSpec("input_ids", "int32", (77,))  # int32: ArgMax on int64 is unsupported
+    assert c.image_embeds.shape == c.text_embeds.shape == (1280,)
+    assert c.image_embeds.dtype == c.text_embeds.dtype == "float32"
+    assert c.pixels.config_type == "TYPE_FP16" and c.input_ids.wire_type == "INT32"
+
+
+def test_round_trip_through_json():
+    c = C.ModelContract.from_open_clip("ViT-B-32", "laion2b_s34b_b79k", precision="fp32")
+    assert C.ModelContract.from_json(c.to_json()) == c
+
+
+def test_readable_without_torch():
+    """Serving and clients load the default contract in a process where torch cannot be imported."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['open_clip'] = None\n"
+        "from clip_triton.contract import ModelContract\n"
+        "import clip_triton.preprocess, clip_triton.tokenizer, clip_triton.repository, clip_triton.client\n"
+        "print(ModelContract.default().embed_dim)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1280"
+
+
+def test_any_open_clip_vit_through_the_same_code(tiny_config):
+    c = C.ModelContract.from_open_clip("ViT-L-14", "openai")
+    assert (c.embed_dim, c.image_size) == (768, (224, 224))
+    custom = C.ModelContract.from_open_clip(str(tiny_config), "none")
+    assert custom.model == "clip-triton-tiny" and custom.embed_dim == 32 and custom.image_size == (32, 32)
+    assert custom.pretrained == "none"
+
+
+@pytest.mark.parametrize("model, pretrained, fragment", [
+    ("ViT-Nope-99", "none", "unknown open_clip architecture"),
+    ("ViT-bigG-14", "laion_does_not_exist", "unknown pretrained tag"),
+    ("RN50", "openai", "ResNet"),
+    ("missing-config.json", "none", "not found"),
+])
+def test_errors_say_what_to_do(model, pretrained, fragment):
+    with pytest.raises(ClipTritonError) as err:
+        C.ModelContract.from_open_clip(model, pretrained)
+    assert fragment in str(err.value)
+    assert err.value.hint
+
+
+def test_batch_profile():
+    profile = C.BatchProfile(1, 16, 64)
+    assert profile.preferred == (16, 32, 64)
+    assert C.BatchProfile(1, 8, 24).preferred == (8, 16, 24)
+    with pytest.raises(ValueError):
+        C.BatchProfile(1, 128, 64)
+
+
+def test_snapshot_file_is_canonical():
+    from importlib import resources
+
+    text = resources.files("clip_triton").joinpath("assets", C.DEFAULT_SNAPSHOT).read_text()
+    assert json.loads(text)["model"] == C.DEFAULT_MODEL

@@ -1,0 +1,195 @@
+"""`clip-triton export`: the real exporter on a tiny open_clip ViT, verified against PyTorch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from clip_triton.contract import ModelContract
+from clip_triton.export import export_model
+from clip_triton.export.graphs import float32_islands
+from clip_triton.export.verify import TOLERANCES
+from clip_triton.ortutil import make_session
+
+from .conftest import SEED, TINY_CONFIG
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "clip_triton.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def run_graph(folder: Path, tower: str, x: np.ndarray) -> np.ndarray:
+    name = "pixel_values" if tower == "vision" else "input_ids"
+    return make_session(folder / f"{tower}.onnx").run(None, {name: x})[0]
+
+
+def test_manifest_records_everything(tiny_export):
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    assert manifest["model"] == "clip-triton-tiny" and manifest["pretrained"] == "none"
+    assert manifest["random_weights"] is True and manifest["seed"] == SEED
+    assert manifest["precision"] == "fp32" and 17 <= manifest["opset"] <= 20
+    assert manifest["embed_dim"] == 32
+    assert manifest["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-6)  # open_clip's initial value
+    contract = ModelContract.from_dict(manifest["contract"])
+    assert contract.preprocess.mean == (0.48145466, 0.4578275, 0.40821073)
+    assert set(manifest["versions"]) >= {"torch", "open_clip", "onnx", "onnxruntime"}
+    verification = manifest["verification"]
+    assert verification["performed"] and verification["passed"]
+    assert verification["tolerance"] == TOLERANCES["fp32"]
+    checks = verification["checks"]
+    assert {c["batch"] for c in checks} >= {1, 3, 8}
+    assert {c["inputs"] for c in checks} == {"random", "photos", "prompts"}
+    assert all(c["min_cosine"] >= 0.99999 and c["max_abs_diff"] <= 1e-4 for c in checks)
+
+
+def test_graphs_follow_the_contract(tiny_export):
+    for tower, (name_in, dtype_in, name_out) in {
+        "vision": ("pixel_values", onnx.TensorProto.FLOAT, "image_embeds"),
+        "text": ("input_ids", onnx.TensorProto.INT32, "text_embeds"),
+    }.items():
+        graph = onnx.load(str(tiny_export / f"{tower}.onnx"), load_external_data=False)
+        assert 17 <= graph.opset_import[0].version <= 20
+        (inp,), (out,) = graph.graph.input, graph.graph.output
+        assert (inp.name, inp.type.tensor_type.elem_type) == (name_in, dtype_in)
+        assert out.name == name_out and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert inp.type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+        assert any(n.op_type == "LayerNormalization" for n in graph.graph.node)  # one op, opset >= 17
+        assert not any(i.name.startswith("input.") for i in graph.graph.input)
+    assert not list(tiny_export.glob("*.data"))  # small graphs stay in one file
+
+
+def test_dynamic_batch_and_normalised_outputs(tiny_export, reference_model):
+    import torch
+
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 5, 17):
+        pixels = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        out = run_graph(tiny_export, "vision", pixels)
+        assert out.shape == (batch, 32)
+        assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+        with torch.no_grad():
+            ref = reference_model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
+        assert np.abs(out - ref).max() < 1e-4
+
+
+def test_text_pools_at_end_of_text_with_int32_ids(tiny_export, reference_model):
+    """EOT pooling (ArgMax over int32 ids) picks the same position as open_clip's int64 path."""
+    import open_clip
+    import torch
+
+    texts = ["a cat", "a much longer caption about a dog in a park", "x " * 200]
+    ids64 = open_clip.get_tokenizer("ViT-B-32")(texts)
+    out = run_graph(tiny_export, "text", ids64.numpy().astype(np.int32))
+    with torch.no_grad():
+        ref = reference_model.encode_text(ids64, normalize=True).numpy()
+    assert np.abs(out - ref).max() < 1e-4
+
+
+def test_external_data_path(tmp_path):
+    """With a lowered threshold, weights go to one .data file beside each graph; the checker and
+    ONNX Runtime load them by path, and verification still passes."""
+    manifest = export_model(str(TINY_CONFIG), "none", tmp_path, precision="fp32", seed=SEED, external_threshold=0,
+                            verify_batches=(1, 3))
+    for tower in ("vision", "text"):
+        data = tmp_path / f"{tower}.onnx.data"
+        assert data.is_file()
+        graph = onnx.load(str(tmp_path / f"{tower}.onnx"), load_external_data=False).graph
+        external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert max(graph.initializer, key=lambda t: np.prod(t.dims)) in external  # the weights live in .data
+        assert sum(np.prod(t.dims) for t in external) * 4 >= 0.9 * data.stat().st_size
+        assert manifest["graphs"][tower]["external_data"] == data.name
+        onnx.checker.check_model(str(tmp_path / f"{tower}.onnx"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "manifest.json", "text.onnx", "text.onnx.data", "vision.onnx", "vision.onnx.data"]
+    assert manifest["verification"]["passed"]
+
+
+def test_fp16_keeps_layernorm_and_softmax_in_float32(tmp_path):
+    manifest = export_model(str(TINY_CONFIG), "none", tmp_path, precision="fp16", seed=SEED, verify_batches=(1, 3))
+    assert manifest["verification"]["passed"]
+    assert all(c["min_cosine"] >= TOLERANCES["fp16"]["min_cosine"] for c in manifest["verification"]["checks"])
+    for tower in ("vision", "text"):
+        islands = float32_islands(tmp_path / f"{tower}.onnx")
+        assert islands["LayerNormalization"] and islands["Softmax"]
+        assert set(islands["LayerNormalization"]) == {"FLOAT"} and set(islands["Softmax"]) == {"FLOAT"}
+    graph = onnx.load(str(tmp_path / "vision.onnx"), load_external_data=False).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer)
+
+
+def test_local_checkpoint_is_reloaded_and_matched(tmp_path, tiny_export, reference_model):
+    """A saved checkpoint file exports to the same graphs as the model it came from."""
+    import torch
+
+    from clip_triton.export.weights import sha256_file
+
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(reference_model.state_dict(), checkpoint)
+    out = tmp_path / "from-file"
+    manifest = export_model(str(TINY_CONFIG), str(checkpoint), out, precision="fp32", verify_batches=(1,))
+    assert manifest["random_weights"] is False and manifest["seed"] is None
+    assert manifest["checkpoint"] == {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
+    ids = np.zeros((2, 77), dtype=np.int32)
+    ids[:, 0], ids[0, 1:4], ids[1, 1] = 49406, [320, 1125, 49407], 49407
+    assert np.abs(run_graph(out, "text", ids) - run_graph(tiny_export, "text", ids)).max() < 1e-6
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "ViT-Nope-99", "--pretrained", "none"], "unknown open_clip architecture"),
+    (["--model", "ViT-B-32", "--pretrained", "no_such_tag"], "unknown pretrained tag"),
+    (["--model", "ViT-B-32", "--pretrained", "/nonexistent/weights.bin"], "checkpoint file /nonexistent/weights.bin not found"),
+    (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "could not download weights"),
+])
+def test_cli_errors_are_one_line_with_next_step(tmp_path, args, fragment):
+    # HF_HUB_OFFLINE makes "no network for a hub tag" fail at once instead of after retries.
+    result = cli("export", *args, "--out", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "(" in lines[0]  # the hint
+    assert not (tmp_path / "out" / "vision.onnx").exists()
+
+
+def test_cli_export_writes_graphs_manifest_and_table(tmp_path):
+    result = cli("export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "RANDOM weights" in result.stderr
+    table = result.stdout.splitlines()
+    assert any(line.startswith("tower") for line in table)
+    assert sum(line.rstrip().endswith("ok") for line in table) == 8
+    assert {p.name for p in tmp_path.iterdir()} == {"vision.onnx", "text.onnx", "manifest.json"}
+
+
+def test_verify_fails_on_a_corrupted_graph(tmp_path, tiny_export):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_export, folder)
+    model = onnx.load(str(folder / "vision.onnx"))
+    biggest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    weights = onnx.numpy_helper.to_array(biggest).copy()
+    weights *= 1.5  # a silently wrong weight: the graph still loads and runs
+    biggest.CopyFrom(onnx.numpy_helper.from_array(weights, biggest.name))
+    onnx.save(model, str(folder / "vision.onnx"))
+    result = cli("verify", str(folder))
+    assert result.returncode == 3, result.stderr
+    assert "verification checks failed" in result.stderr and "FAIL" in result.stdout
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_export, truncated)
+    data = (truncated / "text.onnx").read_bytes()
+    (truncated / "text.onnx").write_bytes(data[: len(data) // 3])
+    result = cli("verify", str(truncated))
+    assert result.returncode != 0 and "error:" in result.stderr
+
+
+def test_verify_fails_against_a_wrong_reference(tiny_export):
+    assert cli("verify", str(tiny_export)).returncode == 0
+    wrong = cli("verify", str(tiny_export), "--seed", "1")  # a different model as the reference
+    assert wrong.returncode == 3 and "verification checks failed" in wrong.stderr

@@ -1,0 +1,142 @@
+"""Server-side preprocessing equals open_clip's transform (PIL + torchvision) on real photographs."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_triton.contract import ModelContract, PreprocessSpec
+from clip_triton.preprocess import ImageError, ImageLimits, Preprocessor, decode_image
+
+TOLERANCE = 1e-5  # max abs difference allowed per pixel value (observed: 0.0)
+
+
+@pytest.fixture(scope="module")
+def spec() -> PreprocessSpec:
+    return ModelContract.default().preprocess
+
+
+@pytest.fixture(scope="module")
+def reference(spec):
+    import open_clip
+
+    transform = open_clip.image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
+                                          interpolation=spec.interpolation, resize_mode=spec.resize_mode)
+    return lambda data: transform(Image.open(io.BytesIO(data))).numpy()
+
+
+def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def variants(photo: Image.Image) -> dict[str, bytes]:
+    """One photograph in every accepted container and pixel mode."""
+    gray16 = np.asarray(photo.convert("L"), dtype=np.uint16) * 257
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(photo.size))
+    return {
+        "jpeg": encode(photo, "JPEG", quality=92),
+        "png": encode(photo, "PNG"),
+        "webp": encode(photo, "WEBP", quality=90),
+        "gif_palette": encode(photo.convert("P", palette=Image.Palette.ADAPTIVE), "GIF"),
+        "bmp": encode(photo, "BMP"),
+        "tiff": encode(photo, "TIFF"),
+        "grayscale_jpeg": encode(photo.convert("L"), "JPEG"),
+        "grayscale_alpha_png": encode(photo.convert("LA"), "PNG"),
+        "rgba_png": encode(rgba, "PNG"),
+        "palette_png": encode(photo.convert("P"), "PNG"),
+        "cmyk_jpeg": encode(photo.convert("CMYK"), "JPEG"),
+        "cmyk_tiff": encode(photo.convert("CMYK"), "TIFF"),
+        "bilevel_png": encode(photo.convert("1"), "PNG"),
+        "gray16_png": encode(Image.fromarray(gray16), "PNG"),
+        "portrait_crop": encode(photo.crop((0, 0, photo.width // 3, photo.height)), "PNG"),
+        "tiny_upscaled": encode(photo.resize((7, 5)), "PNG"),
+        "one_pixel": encode(photo.resize((1, 1)), "PNG"),
+        "wide_panorama": encode(photo.resize((photo.width * 3, photo.height // 2)), "JPEG"),
+    }
+
+
+@pytest.mark.parametrize("name", ["cat", "coffee", "astronaut", "rocket"])
+def test_real_photographs_match_open_clip(spec, reference, photos, name):
+    data = photos[name]
+    ours = Preprocessor(spec).from_bytes(data)
+    expected = reference(data)
+    assert ours.shape == expected.shape == (3, 224, 224) and ours.dtype == np.float32
+    assert np.abs(ours - expected).max() <= TOLERANCE
+
+
+def test_every_format_and_mode_matches_open_clip(spec, reference, photos):
+    photo = Image.open(io.BytesIO(photos["coffee"]))
+    pre = Preprocessor(spec)
+    diffs = {}
+    for name, data in variants(photo).items():
+        mode = Image.open(io.BytesIO(data)).mode
+        diffs[f"{name} ({mode})"] = float(np.abs(pre.from_bytes(data) - reference(data)).max())
+    assert max(diffs.values()) <= TOLERANCE, diffs
+    modes = " ".join(diffs)
+    for mode in ("(P)", "(L)", "(LA)", "(RGBA)", "(CMYK)", "(1)", "(I;16)"):
+        assert mode in modes  # each pixel mode was really exercised
+
+
+def test_animated_gif_uses_first_frame(spec, reference, photos):
+    photo = Image.open(io.BytesIO(photos["cat"])).convert("RGB")
+    frames = [photo, photo.rotate(90), photo.rotate(180)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    assert np.abs(Preprocessor(spec).from_bytes(data) - reference(data)).max() <= TOLERANCE
+
+
+def test_fp16_output_is_the_rounded_fp32_result(spec, photos):
+    fp32 = Preprocessor(spec).from_bytes(photos["rocket"])
+    fp16 = Preprocessor(spec, dtype="float16").from_bytes(photos["rocket"])
+    assert fp16.dtype == np.float16 and np.array_equal(fp16, fp32.astype(np.float16))
+
+
+def test_squash_resize_mode_matches_open_clip(photos):
+    import open_clip
+
+    spec = PreprocessSpec(image_size=(64, 64), resize_mode="squash", interpolation="bilinear")
+    transform = open_clip.image_transform(64, is_train=False, resize_mode="squash", interpolation="bilinear")
+    data = photos["astronaut"]
+    expected = transform(Image.open(io.BytesIO(data))).numpy()
+    assert np.abs(Preprocessor(spec).from_bytes(data) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"", "empty image"),
+    (b"this is not an image at all", "not a decodable image"),
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a decodable image"),
+    (b"<html><body>hi</body></html>", "not a decodable image"),
+])
+def test_bad_bytes(data, fragment):
+    with pytest.raises(ImageError, match=fragment):
+        decode_image(data)
+
+
+def test_truncated_image(photos):
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode_image(photos["cat"][: len(photos["cat"]) // 2])
+
+
+def test_corrupt_image(photos):
+    data = bytearray(encode(Image.open(io.BytesIO(photos["cat"])), "PNG"))
+    data[100:400] = b"\x00" * 300  # damage the compressed stream (CRC mismatch)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        decode_image(bytes(data))
+
+
+def test_decompression_bomb_refused_before_decoding():
+    bomb = encode(Image.new("1", (15_000, 15_000)), "PNG")  # 225 megapixels in a few kB
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageError, match="over the limit of 50000000 pixels"):
+        decode_image(bomb)
+    with pytest.raises(ImageError, match="over the limit of 100 pixels"):
+        decode_image(encode(Image.new("RGB", (20, 20)), "PNG"), ImageLimits(max_pixels=100))
+
+
+def test_byte_limit():
+    with pytest.raises(ImageError, match="over the limit of 10 bytes"):
+        decode_image(b"x" * 11, ImageLimits(max_bytes=10))

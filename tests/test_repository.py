@@ -1,0 +1,129 @@
+"""The model repository: rendered from the contract through Triton's ModelConfig protobuf; the
+committed `model_repository/` is exactly what the generator produces for the production default."""
+
+from pathlib import Path
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as pb
+
+from clip_triton import contract as C
+from clip_triton.errors import ClipTritonError
+from clip_triton.repository import (
+    MODELS,
+    RepoOptions,
+    ServingFacts,
+    build_configs,
+    parse,
+    render,
+    repository_files,
+    write_repository,
+)
+from clip_triton.server import check_repository
+
+COMMITTED = Path(__file__).resolve().parent.parent / "model_repository"
+
+
+def committed_files() -> dict[str, str]:
+    return {str(p.relative_to(COMMITTED)): p.read_text() for p in sorted(COMMITTED.rglob("*")) if p.is_file()}
+
+
+def test_committed_repository_has_not_drifted_from_the_generator():
+    expected = repository_files(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    assert committed_files() == expected, "regenerate: clip-triton repo --runtime tensorrt --out model_repository --force"
+
+
+def test_committed_configs_parse_as_model_config():
+    contract = C.ModelContract.default()
+    configs = {p.parent.name: parse(p.read_text()) for p in COMMITTED.glob("*/config.pbtxt")}
+    assert set(configs) == set(MODELS)
+    for name, config in configs.items():
+        assert isinstance(config, pb.ModelConfig) and config.name == name
+        assert config.max_batch_size == contract.batch.max  # = TensorRT profile max
+    for name in (C.VISION_MODEL, C.TEXT_MODEL):
+        assert configs[name].platform == "tensorrt_plan" and configs[name].default_model_filename == "model.plan"
+        assert configs[name].instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+        assert configs[name].model_warmup
+    for config in configs.values():
+        if config.platform != "ensemble":
+            assert list(config.dynamic_batching.preferred_batch_size) == [16, 32, 64]
+    params = configs[C.IMAGE_ENSEMBLE].parameters
+    assert params["model"].string_value == "ViT-bigG-14" and params["pretrained"].string_value == "laion2b_s39b_b160k"
+    assert params["precision"].string_value == "fp16" and params["embed_dim"].string_value == "1280"
+    assert float(params["logit_scale"].string_value) == 100.0
+    assert "assumed" in params["logit_scale_source"].string_value
+
+
+def test_ensemble_wiring_matches_the_contract():
+    contract = C.ModelContract.default()
+    configs = {p.parent.name: parse(p.read_text()) for p in COMMITTED.glob("*/config.pbtxt")}
+
+    def io(model, kind):
+        return {t.name: (t.data_type, tuple(t.dims)) for t in getattr(configs[model], kind)}
+
+    for ensemble, first, second, source, middle, encoder_out in (
+        (C.IMAGE_ENSEMBLE, C.PREPROCESS_MODEL, C.VISION_MODEL, contract.image_input, contract.pixels, contract.image_embeds),
+        (C.TEXT_ENSEMBLE, C.TOKENIZER_MODEL, C.TEXT_MODEL, contract.text_input, contract.input_ids, contract.text_embeds),
+    ):
+        steps = configs[ensemble].ensemble_scheduling.step
+        assert [s.model_name for s in steps] == [first, second]
+        assert dict(steps[0].input_map) == {source.name: source.name}
+        assert dict(steps[0].output_map) == {middle.name: middle.name}
+        assert dict(steps[1].input_map) == {middle.name: middle.name}
+        assert dict(steps[1].output_map) == {encoder_out.name: C.EMBEDDING_OUTPUT}
+        # Each hand-over has one name, dtype and shape on both sides.
+        dtype = pb.DataType.Value(middle.config_type)
+        assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
+        assert io(ensemble, "input") == {source.name: (pb.TYPE_STRING, (1,))}
+        assert io(ensemble, "output") == {C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,))}
+        assert io(second, "output") == {encoder_out.name: (pb.TYPE_FP32, (contract.embed_dim,))}
+
+
+@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime", "python"])
+def test_three_runtimes_share_one_signature(runtime):
+    configs = build_configs(ServingFacts.default(), RepoOptions(runtime=runtime))
+    reference = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    for name in (C.VISION_MODEL, C.TEXT_MODEL):
+        assert list(configs[name].input) == list(reference[name].input)
+        assert list(configs[name].output) == list(reference[name].output)
+    encoder = configs[C.VISION_MODEL]
+    assert {"tensorrt": encoder.platform == "tensorrt_plan", "onnxruntime": encoder.platform == "onnxruntime_onnx",
+            "python": encoder.backend == "python"}[runtime]
+    for config in configs.values():
+        assert parse(render(config)) == config  # renders and parses back unchanged
+
+
+def test_max_batch_size_zero_is_written_explicitly():
+    config = pb.ModelConfig(name="unbatched", backend="python", max_batch_size=0)
+    text = render(config)
+    assert "max_batch_size: 0" in text
+    assert parse(text).max_batch_size == 0
+
+
+def test_tensorrt_batch_cannot_exceed_the_profile():
+    with pytest.raises(ClipTritonError, match="exceeds the TensorRT profile maximum"):
+        build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt", max_batch_size=128))
+
+
+def test_python_repository_places_graphs(tiny_export, tmp_path):
+    repo = write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
+    assert (repo / C.VISION_MODEL / "1" / "model.onnx").is_file()
+    assert (repo / C.TEXT_MODEL / "1" / "model.onnx").is_file()
+    assert (repo / C.PREPROCESS_MODEL / "1" / "model.py").read_text().count("import") == 1  # thin
+    assert sorted(check_repository(repo)) == sorted(MODELS)
+
+
+def test_repository_needs_an_export_and_refuses_failed_ones(tmp_path, tiny_export):
+    import json
+    import shutil
+
+    with pytest.raises(ClipTritonError, match="manifest.json not found"):
+        write_repository(tmp_path / "a", onnx_dir=tmp_path, options=RepoOptions(runtime="python"))
+    failed = tmp_path / "failed"
+    shutil.copytree(tiny_export, failed)
+    manifest = json.loads((failed / "manifest.json").read_text())
+    manifest["verification"]["passed"] = False
+    (failed / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ClipTritonError, match="verification failed"):
+        write_repository(tmp_path / "b", onnx_dir=failed, options=RepoOptions(runtime="python"))
+    with pytest.raises(ClipTritonError, match="exists and is not empty"):
+        write_repository(COMMITTED, options=RepoOptions(runtime="tensorrt"))

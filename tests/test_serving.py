@@ -1,0 +1,174 @@
+"""The real tritonserver (pip-installed, CPU) serving the ensembles: bytes and strings in,
+embeddings equal to open_clip PyTorch out; batching; bad input isolated per request."""
+
+import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from clip_triton import contract as C
+
+from .conftest import cos
+
+PARITY = 0.9999  # served path vs open_clip PyTorch in-process, fp32 (observed: 1.0 to 1e-7)
+
+
+def bytes_input(name: str, items: list[bytes]):
+    tensor = grpcclient.InferInput(name, [len(items), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(-1, 1))
+    return tensor
+
+
+def embed(client, model: str, items: list[bytes]) -> np.ndarray:
+    name = C.IMAGE_INPUT if model == C.IMAGE_ENSEMBLE else C.TEXT_INPUT
+    return client.infer(model, [bytes_input(name, items)]).as_numpy(C.EMBEDDING_OUTPUT)
+
+
+def test_images_as_bytes_match_open_clip(grpc, photos, open_clip_reference):
+    blobs = list(photos.values())
+    served = embed(grpc, C.IMAGE_ENSEMBLE, blobs)
+    expected = open_clip_reference.images(blobs)
+    assert served.shape == expected.shape == (4, 32) and served.dtype == np.float32
+    assert cos(served, expected).min() >= PARITY
+    assert np.abs(served - expected).max() < 1e-4
+
+
+def test_texts_as_strings_match_open_clip(grpc, open_clip_reference):
+    texts = ["a photo of a cat", "Ünïcödé 🐱 日本語", "&amp; html &lt;b&gt;", "a long caption " * 40, "x"]
+    served = embed(grpc, C.TEXT_ENSEMBLE, [t.encode() for t in texts])
+    expected = open_clip_reference.texts(texts)
+    assert cos(served, expected).min() >= PARITY
+    assert np.abs(served - expected).max() < 1e-4
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (40 + seed % 7, 50, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_concurrent_requests_are_batched_and_answered_in_kind(triton, open_clip_reference):
+    """Many concurrent single-item requests: the server merges them into batches > 1 and every
+    response carries the embedding of its own request."""
+    blobs = [_png(i) for i in range(48)]
+    expected = open_clip_reference.images(blobs)
+    stats_client = grpcclient.InferenceServerClient(triton.grpc_url)
+    before = _batch_sizes(stats_client, C.VISION_MODEL)
+    local = threading.local()
+
+    def one(i: int) -> np.ndarray:
+        if not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(triton.grpc_url)
+        return embed(local.client, C.IMAGE_ENSEMBLE, [blobs[i]])[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        served = np.stack(list(pool.map(one, range(len(blobs)))))
+    assert cos(served, expected).min() >= PARITY  # row i answers request i
+    after = _batch_sizes(stats_client, C.VISION_MODEL)
+    new = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
+    assert sum(size * count for size, count in new.items()) == len(blobs)
+    assert max(new) > 1, f"no dynamic batch larger than 1: {new}"
+
+
+def _batch_sizes(client, model: str) -> dict[int, int]:
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+
+
+BAD_IMAGES = {
+    "zero bytes": b"",
+    "not an image": b"plain text, not an image",
+    "html": b"<!doctype html><html><body>nope</body></html>",
+    "svg": b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'/>",
+}
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (15_000, 15_000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("label", [*BAD_IMAGES, "truncated jpeg", "decompression bomb"])
+def test_bad_image_fails_its_request_only(grpc, triton, photos, label):
+    data = {"truncated jpeg": photos["cat"][:5000], "decompression bomb": _bomb()}.get(label, BAD_IMAGES.get(label))
+    with pytest.raises(InferenceServerException) as err:
+        embed(grpc, C.IMAGE_ENSEMBLE, [photos["coffee"], data])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "item 1:" in err.value.message()
+    assert triton.ready()
+    assert embed(grpc, C.IMAGE_ENSEMBLE, [photos["coffee"]]).shape == (1, 32)  # the server still serves
+
+
+@pytest.mark.parametrize("data, fragment", [
+    (b"\xff\xfe\xfd", "not valid UTF-8"),
+    (b"", "empty text"),
+    (b"   \n\t", "empty text"),
+    (b"y" * 70_000, "over the limit"),
+])
+def test_bad_text_fails_its_request_only(grpc, triton, data, fragment):
+    with pytest.raises(InferenceServerException) as err:
+        embed(grpc, C.TEXT_ENSEMBLE, [b"fine", data])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "item 1:" in err.value.message() and fragment in err.value.message()
+    assert triton.ready()
+
+
+def test_bad_requests_do_not_fail_their_batch_mates(triton, photos, open_clip_reference):
+    """Good and bad requests arriving together (one dynamic batch): only the bad ones fail."""
+    good = [photos[name] for name in ("cat", "coffee", "astronaut", "rocket")] * 4
+    bad = [b"", b"garbage", photos["cat"][:3000], b"<svg/>"] * 2
+    jobs = [(True, b) for b in good] + [(False, b) for b in bad]
+    order = np.random.default_rng(3).permutation(len(jobs))
+    expected = open_clip_reference.images(good[:4])
+
+    def run(index: int):
+        client = grpcclient.InferenceServerClient(triton.grpc_url)
+        try:
+            return embed(client, C.IMAGE_ENSEMBLE, [jobs[index][1]])[0]
+        except InferenceServerException as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(zip(order, pool.map(run, order)))
+    for index, (is_good, _) in enumerate(jobs):
+        result = results[index]
+        if is_good:
+            assert isinstance(result, np.ndarray), result
+            assert cos(result[None], expected[index % 4][None])[0] >= PARITY
+        else:
+            assert isinstance(result, InferenceServerException)
+            assert result.status() == "StatusCode.INVALID_ARGUMENT"
+    assert triton.ready()
+
+
+def test_wrong_shapes_and_dtypes_are_refused(grpc, triton):
+    pixels = grpcclient.InferInput(C.PIXELS, [1, 3, 16, 16], "FP32")
+    pixels.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+    with pytest.raises(InferenceServerException, match="unexpected shape"):
+        grpc.infer(C.VISION_MODEL, [pixels])
+    ids = grpcclient.InferInput(C.INPUT_IDS, [1, 77], "INT64")
+    ids.set_data_from_numpy(np.zeros((1, 77), np.int64))
+    with pytest.raises(InferenceServerException, match="data-type|datatype|INT64"):
+        grpc.infer(C.TEXT_MODEL, [ids])
+    assert triton.ready()
+
+
+def test_server_exposes_the_export_facts(grpc, tiny_export):
+    import json
+
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    for model in (C.IMAGE_ENSEMBLE, C.TEXT_ENSEMBLE):
+        params = grpc.get_model_config(model).config.parameters
+        assert params["model"].string_value == "clip-triton-tiny"
+        assert float(params["logit_scale"].string_value) == pytest.approx(manifest["logit_scale"])
+        assert int(params["embed_dim"].string_value) == 32
+        assert params["random_weights"].string_value == "true"
+        assert C.ModelContract.from_json(params["contract"].string_value) == C.ModelContract.from_dict(manifest["contract"])
