@@ -15,10 +15,19 @@ install() {
     fi
     local stamp="$VENV/.clip-triton-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
-        echo "[dev] installing clip-triton[export,serve,test] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
+        echo "[dev] installing clip-triton[export,serve,test,bench] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,test]"
+        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,test,bench]"
         touch "$stamp"
+    fi
+    # perf_analyzer (in the tritonclient wheel) links Debian's libb64.
+    if ! ldconfig -p | grep -q "libb64.so.0d"; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "[dev] installing libb64-0d for perf_analyzer"
+            apt-get install -y -q libb64-0d >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }
+        else
+            echo "[dev] note: perf_analyzer needs libb64-0d (sudo apt-get install libb64-0d); its tests will be skipped"
+        fi
     fi
 }
 

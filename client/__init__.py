@@ -3,6 +3,7 @@
 Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
 """
 
+from .aio_client import AsyncClipClient
 from .grpc_client import ClipClient, ClipClientError, ItemErrors, ServerFacts, rank
 
-__all__ = ["ClipClient", "ClipClientError", "ItemErrors", "ServerFacts", "rank"]
+__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "ItemErrors", "ServerFacts", "rank"]

@@ -25,6 +25,8 @@ import numpy as np
 from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+# A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
+LOADING = "has no available versions"
 MAX_URL_BYTES = 20 * 1024 * 1024
 
 
@@ -52,6 +54,50 @@ class ServerFacts:
     logit_bias: float | None
     max_batch_size: int
     random_weights: bool
+
+
+def facts_from_config(response: dict) -> ServerFacts:
+    """Read the deployment's facts from ``get_model_config(clip_image, as_json=True)``."""
+    config = response.get("config", response)
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return ServerFacts(
+        model=params["model"],
+        pretrained=params["pretrained"],
+        embed_dim=int(params["embed_dim"]),
+        logit_scale=float(params["logit_scale"]),
+        logit_bias=float(params["logit_bias"]) if params.get("logit_bias") else None,
+        max_batch_size=int(config.get("max_batch_size", 1)),
+        random_weights=params.get("random_weights") == "true",
+    )
+
+
+def prepare_images(images: Iterable, url_timeout: float) -> list[bytes | Exception]:
+    prepared: list[bytes | Exception] = []
+    for item in images:
+        try:
+            prepared.append(image_bytes(item, url_timeout))
+        except (OSError, ValueError, TypeError) as exc:
+            prepared.append(exc)
+    return prepared
+
+
+def prepare_texts(texts: Iterable[str]) -> list[bytes | Exception]:
+    return [t.encode("utf-8") if isinstance(t, str) else TypeError(f"not a string: {t!r}") for t in texts]
+
+
+def template_texts(prompts: Sequence[str], templates: Sequence[str]) -> list[str]:
+    return [t.format(p) for p in prompts for t in templates]
+
+
+def ensemble_templates(embeddings: np.ndarray, n_prompts: int, n_templates: int) -> np.ndarray:
+    mean = embeddings.reshape(n_prompts, n_templates, -1).mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+def item_error(exc) -> str:
+    """The server's reason for a single-item request, without the ensemble prefix."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    return (message or str(exc)).split("item 0: ", 1)[-1]
 
 
 def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_URL_BYTES) -> bytes:
@@ -88,6 +134,12 @@ def image_bytes(item, url_timeout: float = 10.0) -> bytes:
 def _status(exc) -> str:
     status = getattr(exc, "status", None)
     return str(status() if callable(status) else status)
+
+
+def retryable(exc) -> bool:
+    """Transient: server unreachable, overloaded, or still loading its models."""
+    status = _status(exc)
+    return status in RETRYABLE or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
 
 
 class ClipClient:
@@ -143,17 +195,7 @@ class ClipClient:
     @property
     def facts(self) -> ServerFacts:
         if self._facts is None:
-            config = self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))["config"]
-            params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-            self._facts = ServerFacts(
-                model=params["model"],
-                pretrained=params["pretrained"],
-                embed_dim=int(params["embed_dim"]),
-                logit_scale=float(params["logit_scale"]),
-                logit_bias=float(params["logit_bias"]) if params.get("logit_bias") else None,
-                max_batch_size=int(config.get("max_batch_size", 1)),
-                random_weights=params.get("random_weights") == "true",
-            )
+            self._facts = facts_from_config(self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True)))
         return self._facts
 
     @property
@@ -169,7 +211,7 @@ class ClipClient:
             try:
                 return fn(self._client())
             except InferenceServerException as exc:
-                if _status(exc) not in RETRYABLE or attempt == self.retries:
+                if not retryable(exc) or attempt == self.retries:
                     raise
                 time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
@@ -200,8 +242,7 @@ class ClipClient:
                 if _status(exc) != "StatusCode.INVALID_ARGUMENT":
                     raise ClipClientError(f"{model}: {exc.message()}") from exc
                 if len(chunk) == 1:
-                    message = exc.message() or str(exc)
-                    errors[chunk[0]] = message.split("item 0: ", 1)[-1]
+                    errors[chunk[0]] = item_error(exc)
                     return
                 for index in chunk:  # isolate the bad item(s); the others still get embeddings
                     run([index])
@@ -221,29 +262,19 @@ class ClipClient:
     # -- public API --------------------------------------------------------------------------
     def embed_images(self, images: Iterable) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of paths, bytes, PIL images or http(s) URLs."""
-        prepared: list[bytes | Exception] = []
-        for item in images:
-            try:
-                prepared.append(image_bytes(item, self.url_timeout))
-            except (OSError, ValueError, TypeError) as exc:
-                prepared.append(exc)
-        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepared)
+        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepare_images(images, self.url_timeout))
 
     def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server)."""
-        prepared: list[bytes | Exception] = []
-        for text in texts:
-            prepared.append(text.encode("utf-8") if isinstance(text, str) else TypeError(f"not a string: {text!r}"))
-        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepared)
+        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepare_texts(texts))
 
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
         key = (*prompts, "\x00", *(templates or ()))
         if key not in self._text_cache:
             if templates:
-                texts = [t.format(p) if "{}" in t else t(p) for p in prompts for t in templates]
-                emb = self.embed_texts(texts).reshape(len(prompts), len(templates), -1).mean(axis=1)
-                emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+                texts = template_texts(prompts, templates)
+                emb = ensemble_templates(self.embed_texts(texts), len(prompts), len(templates))
             else:
                 emb = self.embed_texts(list(prompts))
             self._text_cache[key] = emb

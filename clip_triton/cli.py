@@ -78,6 +78,118 @@ def _demo(args) -> int:
                     prompts=args.prompts)
 
 
+def _client(args):
+    from clip_triton.client import ClipClient  # noqa: PLC0415
+
+    urls = [u.strip() for u in args.url.split(",") if u.strip()]
+    client = ClipClient(urls if len(urls) > 1 else urls[0], timeout=args.timeout, concurrency=args.concurrency, batch_size=args.batch_size,
+                        progress=args.progress)
+    client.wait_until_ready(args.timeout)
+    return client
+
+
+def _report_item_errors(err, names) -> None:
+    for index, reason in err.errors.items():
+        print(f"error: item {index} ({names[index]}): {reason}", file=sys.stderr)
+
+
+def _classify(args) -> int:
+    from clip_triton.client import ItemErrors  # noqa: PLC0415
+    from clip_triton.client.zeroshot import templates  # noqa: PLC0415
+
+    with _client(args) as client:
+        try:
+            results = client.classify(args.images, args.prompts, templates(args.templates) if args.templates else None)
+        except ItemErrors as err:
+            _report_item_errors(err, args.images)
+            return 1
+        facts = client.facts
+    if facts.random_weights:
+        print("NOTE: the served model has RANDOM weights; scores carry no meaning", file=sys.stderr)
+    for image, ranked in zip(args.images, results):
+        print(image)
+        print(f"  {'rank':<6}{'prompt':<40}{'cosine':>9}{'probability':>13}")
+        for place, row in enumerate(ranked[: args.top], start=1):
+            print(f"  {place:<6}{row['prompt'][:39]:<40}{row['cosine']:>9.4f}{row['probability']:>13.4f}")
+    return 0
+
+
+def _embed(args) -> int:
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from clip_triton.client import ItemErrors  # noqa: PLC0415
+    from clip_triton.client.zeroshot import IMAGE_SUFFIXES  # noqa: PLC0415
+
+    if args.images:
+        items = sorted(str(p) for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not items:
+            raise ClipTritonError(f"no images under {args.images}", f"accepted suffixes: {sorted(IMAGE_SUFFIXES)}")
+    else:
+        items = [line.rstrip("\n") for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    with _client(args) as client:
+        try:
+            embeddings = client.embed_images(items) if args.images else client.embed_texts(items)
+            failed = {}
+        except ItemErrors as err:
+            _report_item_errors(err, items)
+            if not args.skip_errors:
+                return 1
+            embeddings, failed = err.embeddings, err.errors
+        facts = client.facts
+    keep = [i for i in range(len(items)) if i not in failed]
+    out = Path(args.out)
+    np.save(out, embeddings[keep])
+    meta = {"kind": "image" if args.images else "text", "items": [items[i] for i in keep], "model": facts.model,
+            "pretrained": facts.pretrained, "embed_dim": facts.embed_dim, "failed": {items[i]: r for i, r in failed.items()}}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    print(f"wrote {out} ({len(keep)} x {facts.embed_dim} float32) and {out.with_suffix('.json')}")
+    return 0
+
+
+def _search(args) -> int:
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+
+    from clip_triton.client import ClipClient  # noqa: PLC0415
+
+    index = np.load(args.index)
+    meta = json.loads(Path(args.index).with_suffix(".json").read_text())
+    with _client(args) as client:
+        query = client.embed_texts([args.text]) if args.text else client.embed_images([args.image])
+    top, scores = ClipClient.search(query, index, args.k)
+    print(f"  {'rank':<6}{'cosine':>8}  item")
+    for place, (i, score) in enumerate(zip(top[0], scores[0]), start=1):
+        print(f"  {place:<6}{score:>8.4f}  {meta['items'][i]}")
+    return 0
+
+
+def _eval(args) -> int:
+    from clip_triton.client.zeroshot import evaluate  # noqa: PLC0415
+
+    with _client(args) as client:
+        result = evaluate(client, args.dataset, classnames=args.classnames, template_set=args.templates,
+                          limit=args.limit)
+        random_weights = client.facts.random_weights
+    print(result.table())
+    if random_weights:
+        print("NOTE: the served model has RANDOM weights; accuracy is chance level", file=sys.stderr)
+    return 0
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+                   help="Triton gRPC host:port, dns:///name:port, or several comma-separated")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--batch-size", type=int, default=None, help="items per request (default: server max)")
+    p.add_argument("--progress", action="store_true", help="print progress for long jobs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-triton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +246,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="*", default=None, help="image files (default: bundled photographs)")
     p.add_argument("--prompts", nargs="*", default=None)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("classify", help="zero-shot classify images against prompts (ranked table)")
+    p.add_argument("images", nargs="+", help="image paths or http(s) URLs")
+    p.add_argument("--prompts", nargs="+", required=True)
+    p.add_argument("--templates", choices=["openai", "simple"], default=None, help="ensemble prompt templates")
+    p.add_argument("--top", type=int, default=5)
+    _client_args(p)
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser("embed", help="embed a folder of images or a text file (one text a line) to .npy")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (recursive)")
+    source.add_argument("--texts", help="UTF-8 file, one text per line")
+    p.add_argument("--out", required=True, help="output .npy (items list beside it as .json)")
+    p.add_argument("--skip-errors", action="store_true", help="leave out items the server refuses")
+    _client_args(p)
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("search", help="search an index written by `clip-triton embed`")
+    p.add_argument("--index", required=True, help=".npy written by `clip-triton embed`")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text")
+    query.add_argument("--image")
+    p.add_argument("-k", type=int, default=5)
+    _client_args(p)
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("eval", help="zero-shot top-1/top-5 over an ImageFolder dataset through the deployment")
+    p.add_argument("dataset", help="ROOT/CLASS/IMAGE folders")
+    p.add_argument("--classnames", choices=["folder", "imagenet"], default="folder",
+                   help="imagenet: open_clip's 1000 ImageNet names in sorted-wnid order")
+    p.add_argument("--templates", choices=["openai", "simple", "none"], default="openai")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    _client_args(p)
+    p.set_defaults(func=_eval)
     return parser
 
 
@@ -147,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     except ClipTritonError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as exc:
+        from clip_triton.client import ClipClientError  # noqa: PLC0415
+
+        if isinstance(exc, ClipClientError):
+            print(f"error: {exc} (is the server up? check --url)", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
     except KeyboardInterrupt:
         return 130
 

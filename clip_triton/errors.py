@@ -18,6 +18,9 @@ class ClipTritonError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self):  # keep the hint when raised in a worker process
+        return (type(self), (self.message, self.hint))
+
 
 class VerificationError(ClipTritonError):
     """An exported graph or engine disagrees with the open_clip reference beyond tolerance."""

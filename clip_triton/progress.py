@@ -7,11 +7,11 @@ import time
 
 
 class Progress:
-    def __init__(self, prefix: str, stream=None, enabled: bool = True):
+    def __init__(self, prefix: str, stream=None, enabled: bool = True, start: float | None = None):
         self.prefix = prefix
         self.stream = stream or sys.stderr
         self.enabled = enabled
-        self.start = time.monotonic()
+        self.start = time.monotonic() if start is None else start  # monotonic: shared across processes
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start

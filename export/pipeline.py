@@ -1,19 +1,23 @@
 """``clip-triton export``: weights -> two verified ONNX graphs -> manifest.json.
 
-Memory plan for bigG (2.54 B parameters, ~10 GB in fp32) on a 24 GiB machine: the fp32 PyTorch
-references are computed first; then the text tower is exported and deleted from the model, then the
-vision tower is exported and the model is dropped; only then are ONNX Runtime sessions created, one
-tower at a time. No two towers' export state (or a graph's session and its PyTorch tower) are ever
-held at once.
+Memory plan for bigG (2.54 B parameters, ~10 GB in fp32) on a 24 GiB machine. A child process builds
+the model, computes the fp32 PyTorch references, exports the text tower, deletes it, exports the
+vision tower, and exits: its memory returns to the system. Only then does ONNX Runtime load the
+graphs, one tower at a time, and compare them with the saved references. No two towers' export state,
+and never a graph's session beside its PyTorch tower, are held at once.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from clip_triton.contract import MANIFEST, ModelContract, register_model_cfg
 from clip_triton.errors import ClipTritonError
@@ -52,6 +56,66 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
+def _export_stage(job: dict) -> dict:
+    """Child process: weights -> fp32 references -> both graphs. Its exit returns every byte of torch,
+    dynamo and onnx_ir state to the system (deleting the model in-process does not: the exporter's IR
+    keeps references to the weights)."""
+    log = Progress("export", start=job["start"])
+    out = Path(job["out"])
+    loaded = load_model(job["model"], job["pretrained"], precision=job["precision"], seed=job["seed"],
+                        cache_dir=job["cache_dir"], log=log)
+    contract: ModelContract = loaded.contract
+    net = loaded.model
+    log(f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
+        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}")
+    if job["verify"]:
+        inputs = V.verification_inputs(contract, tuple(job["verify_batches"]))
+        arrays = {}
+        for tower in ("text", "vision"):
+            log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
+            for i, ((label, x), ref) in enumerate(zip(inputs[tower], V.torch_reference(net, tower, inputs[tower]))):
+                arrays[f"{tower}/{i}/{label}/input"], arrays[f"{tower}/{i}/{label}/reference"] = x, ref
+        np.savez(job["references"], **arrays)
+    if job["precision"] == "fp16":
+        log("converting weights to fp16 (LayerNorm kept in float32)")
+        to_half(net)
+    graphs = {}
+    for tower in ("text", "vision"):
+        log(f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {job['opset']}, "
+            f"{job['precision']})")
+        graphs[tower] = export_tower(net, contract, tower, out, opset=job["opset"],
+                                     external_threshold=job["external_threshold"])
+        mib = (graphs[tower]["graph_bytes"] + graphs[tower]["data_bytes"]) / 1024**2
+        log(f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})")
+        if tower == "text":  # the vision export needs no text weights
+            for name in TEXT_ATTRIBUTES:
+                if hasattr(net, name):
+                    delattr(net, name)
+            gc.collect()
+    return {
+        "contract": contract.to_dict(),
+        "graphs": graphs,
+        "random_weights": loaded.random_weights,
+        "seed": loaded.seed,
+        "checkpoint": {"path": loaded.checkpoint_path, "sha256": loaded.checkpoint_sha256},
+        "logit_scale": loaded.logit_scale,
+        "logit_bias": loaded.logit_bias,
+        "versions": _versions(),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
+    }
+
+
+def _load_references(path: Path) -> dict[str, list]:
+    """{tower: [(label, input, reference), ...]} in the order they were computed."""
+    with np.load(path) as data:
+        keys = sorted(data.files, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
+        found: dict[str, dict[int, list]] = {"text": {}, "vision": {}}
+        for key in keys:
+            tower, index, label, kind = key.split("/")
+            found[tower].setdefault(int(index), [label, None, None])[1 if kind == "input" else 2] = data[key]
+    return {tower: [tuple(found[tower][i]) for i in sorted(found[tower])] for tower in found}
+
+
 def export_model(
     model: str,
     pretrained: str | None,
@@ -66,48 +130,32 @@ def export_model(
     cache_dir: str | None = None,
     log: Progress | None = None,
 ) -> dict:
-    """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written)."""
+    """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written).
+
+    The PyTorch work runs in a child process; ONNX Runtime then verifies one tower at a time here.
+    """
     log = log or Progress("export")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    loaded = load_model(model, pretrained, precision=precision, seed=seed, cache_dir=cache_dir, log=log)
-    contract: ModelContract = loaded.contract
-    net = loaded.model
-    log(f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
-        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}")
-
-    inputs, references = {}, {}
-    if verify:
-        inputs = V.verification_inputs(contract, tuple(verify_batches))
-        for tower in ("text", "vision"):
-            log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
-            references[tower] = V.torch_reference(net, tower, inputs[tower])
-
-    if precision == "fp16":
-        log("converting weights to fp16 (LayerNorm kept in float32)")
-        to_half(net)
-
-    graphs = {}
-    for tower in ("text", "vision"):
-        log(f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {opset}, {precision})")
-        graphs[tower] = export_tower(net, contract, tower, out, opset=opset, external_threshold=external_threshold)
-        mib = (graphs[tower]["graph_bytes"] + graphs[tower]["data_bytes"]) / 1024**2
-        log(f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})")
-        if tower == "text":
-            for name in TEXT_ATTRIBUTES:
-                if hasattr(net, name):
-                    delattr(net, name)
-            gc.collect()
-    del net, loaded.model
-    gc.collect()
+    references = out / ".verification-references.npz"
+    job = {"model": model, "pretrained": pretrained, "out": str(out), "precision": precision, "opset": opset,
+           "seed": seed, "verify": verify, "verify_batches": list(verify_batches), "cache_dir": cache_dir,
+           "external_threshold": external_threshold, "references": str(references), "start": log.start}
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        facts = pool.submit(_export_stage, job).result()
+    contract = ModelContract.from_dict(facts["contract"])
 
     checks = []
     if verify:
+        batches = _load_references(references)
+        references.unlink()
         for tower in ("text", "vision"):
             log(f"verifying {tower}.onnx with ONNX Runtime at batch sizes {list(verify_batches)} and real inputs")
-            outputs = V.run_graph(out / GRAPH_FILES[tower], contract, tower, inputs[tower], log=log)
-            checks += V.compare(tower, inputs[tower], references[tower], outputs, precision)
+            cases = [(label, x) for label, x, _ in batches[tower]]
+            outputs = V.run_graph(out / GRAPH_FILES[tower], contract, tower, cases, log=log)
+            checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, precision)
+            del outputs
             gc.collect()
         V.report(checks, precision)
     else:
@@ -117,16 +165,16 @@ def export_model(
         "format": 1,
         "model": contract.model,
         "pretrained": contract.pretrained,
-        "random_weights": loaded.random_weights,
-        "seed": loaded.seed,
-        "checkpoint": {"path": loaded.checkpoint_path, "sha256": loaded.checkpoint_sha256},
+        "random_weights": facts["random_weights"],
+        "seed": facts["seed"],
+        "checkpoint": facts["checkpoint"],
         "precision": precision,
         "opset": opset,
         "embed_dim": contract.embed_dim,
-        "logit_scale": loaded.logit_scale,
-        "logit_bias": loaded.logit_bias,
-        "contract": contract.to_dict(),
-        "graphs": graphs,
+        "logit_scale": facts["logit_scale"],
+        "logit_bias": facts["logit_bias"],
+        "contract": facts["contract"],
+        "graphs": facts["graphs"],
         "verification": {
             "performed": verify,
             "passed": all(c.passed for c in checks) if verify else None,
@@ -134,12 +182,13 @@ def export_model(
             "reference": "open_clip PyTorch fp32",
             "checks": V.as_dicts(checks),
         },
-        "versions": _versions(),
+        "versions": facts["versions"],
         "export_seconds": round(time.monotonic() - started, 1),
-        "peak_rss_gib": round(_peak_rss_gib(), 2),
+        "peak_rss_gib": {"export_process": facts["peak_rss_gib"], "verification_process": round(_peak_rss_gib(), 2)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"wrote {out / MANIFEST} (peak RSS {manifest['peak_rss_gib']} GiB)")
+    log(f"wrote {out / MANIFEST} (peak RSS: export {facts['peak_rss_gib']} GiB, "
+        f"verification {manifest['peak_rss_gib']['verification_process']} GiB)")
     if verify:
         V.raise_on_failure(checks)
     return manifest

@@ -1,0 +1,155 @@
+"""``AsyncClipClient``: the ``ClipClient`` API on ``tritonclient.grpc.aio`` (for asyncio services)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+
+from .grpc_client import (
+    ClipClientError,
+    ItemErrors,
+    ServerFacts,
+    _status,
+    ensemble_templates,
+    facts_from_config,
+    item_error,
+    prepare_images,
+    prepare_texts,
+    rank,
+    retryable,
+    template_texts,
+)
+
+
+class AsyncClipClient:
+    """Same behaviour as :class:`ClipClient`; every call is a coroutine.
+
+    ``await client.embed_images(items)``, ``await client.embed_texts(texts)``,
+    ``await client.classify(images, prompts)``, ``await client.get_facts()``.
+    """
+
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
+                 url_timeout: float = 10.0):
+        import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
+
+        self._grpc = aioclient
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("AsyncClipClient needs at least one server URL")
+        self.clients = [aioclient.InferenceServerClient(u, channel_args=[("grpc.lb_policy_name", "round_robin")]
+                                                        if u.startswith("dns:") else None) for u in urls]
+        self._next = itertools.cycle(range(len(self.clients)))
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.concurrency = max(1, concurrency)
+        self.url_timeout = url_timeout
+        self._batch_size = batch_size
+        self._facts: ServerFacts | None = None
+        self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
+
+    async def _call(self, fn):
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        for attempt in range(self.retries + 1):
+            try:
+                return await fn(self.clients[next(self._next)])
+            except InferenceServerException as exc:
+                if not retryable(exc) or attempt == self.retries:
+                    raise
+                await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def get_facts(self) -> ServerFacts:
+        if self._facts is None:
+            self._facts = facts_from_config(
+                await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True)))
+        return self._facts
+
+    async def _infer(self, model: str, input_name: str, items: list[bytes]) -> np.ndarray:
+        array = np.array(items, dtype=object).reshape(-1, 1)
+        tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
+        tensor.set_data_from_numpy(array)
+        output = self._grpc.InferRequestedOutput(EMBEDDING_OUTPUT)
+        result = await self._call(lambda c: c.infer(model, [tensor], outputs=[output], client_timeout=self.timeout))
+        return result.as_numpy(EMBEDDING_OUTPUT)
+
+    async def _embed(self, model: str, input_name: str, items: list) -> np.ndarray:
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        facts = await self.get_facts()
+        size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
+        out = np.full((len(items), facts.embed_dim), np.nan, dtype=np.float32)
+        errors = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
+        good = [i for i in range(len(items)) if i not in errors]
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def run(chunk: list[int]) -> None:
+            try:
+                async with gate:
+                    out[chunk] = await self._infer(model, input_name, [items[i] for i in chunk])
+            except InferenceServerException as exc:
+                if _status(exc) != "StatusCode.INVALID_ARGUMENT":
+                    raise ClipClientError(f"{model}: {exc.message()}") from exc
+                if len(chunk) == 1:
+                    errors[chunk[0]] = item_error(exc)
+                    return
+                await asyncio.gather(*(run([i]) for i in chunk))
+
+        await asyncio.gather(*(run(good[i : i + size]) for i in range(0, len(good), size)))
+        if errors:
+            raise ItemErrors(errors, out)
+        return out
+
+    async def embed_images(self, images: Iterable) -> np.ndarray:
+        return await self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepare_images(images, self.url_timeout))
+
+    async def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
+        return await self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepare_texts(texts))
+
+    async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        key = (*prompts, "\x00", *(templates or ()))
+        if key not in self._text_cache:
+            if templates:
+                emb = ensemble_templates(await self.embed_texts(template_texts(prompts, templates)),
+                                         len(prompts), len(templates))
+            else:
+                emb = await self.embed_texts(list(prompts))
+            self._text_cache[key] = emb
+        return self._text_cache[key]
+
+    async def classify(self, images: Sequence, prompts: Sequence[str],
+                       templates: Sequence[str] | None = None) -> list[list[dict]]:
+        if not prompts:
+            raise ValueError("classify needs at least one prompt")
+        text = await self.prompt_embeddings(list(prompts), templates)
+        image = await self.embed_images(images)
+        facts = await self.get_facts()
+        return rank(image @ text.T, prompts, facts.logit_scale, facts.logit_bias)
+
+    async def wait_until_ready(self, timeout: float = 120.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                if all([await c.is_model_ready(IMAGE_ENSEMBLE) and await c.is_model_ready(TEXT_ENSEMBLE)
+                        for c in self.clients]):
+                    return
+            except Exception:  # noqa: BLE001 (not up yet)
+                pass
+            await asyncio.sleep(0.25)
+        raise ClipClientError(f"clip-triton not ready after {timeout:.0f}s")
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+
+    async def __aenter__(self) -> "AsyncClipClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,109 @@
+"""Run Triton's ``perf_analyzer`` (shipped in the ``tritonclient==2.51.0`` wheel) against the ensembles
+with real input data (JPEG bytes for ``clip_image``, prompts for ``clip_text``), and read its CSV.
+
+perf_analyzer needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (from the
+``nvidia-cuda-runtime-cu12`` wheel, found automatically when installed) on this CPU machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import ctypes.util
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .contract import IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from .errors import ClipTritonError
+
+SAMPLE_PROMPTS = ("a photo of a cat", "a photo of a dog", "a diagram", "an astronaut on the moon",
+                  "a cup of coffee", "a rocket launch at night", "a bowl of soup", "a city street in the rain")
+
+
+@dataclass
+class PerfResult:
+    model: str
+    batch_size: int
+    concurrency: int
+    requests_per_sec: float
+    items_per_sec: float
+    p50_ms: float
+    p99_ms: float
+
+
+def perf_analyzer_binary() -> Path:
+    candidates = [Path(sys.prefix) / "bin" / "perf_analyzer", Path(shutil.which("perf_analyzer") or "")]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise ClipTritonError("perf_analyzer not found", "pip install 'clip-triton[bench]' (tritonclient 2.51.0 ships the binary)")
+
+
+def perf_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    dirs = []
+    try:
+        import nvidia.cuda_runtime  # noqa: PLC0415 (nvidia-cuda-runtime-cu12 wheel)
+
+        dirs.append(str(Path(nvidia.cuda_runtime.__path__[0]) / "lib"))
+    except ImportError:
+        pass
+    if not ctypes.util.find_library("b64"):
+        raise ClipTritonError("perf_analyzer needs libb64.so.0d", "apt-get install libb64-0d")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*dirs, env.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)
+    return env
+
+
+def input_data(model: str, images: list[bytes] | None = None, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> dict:
+    """perf_analyzer's --input-data JSON: one entry per real item, cycled through by perf_analyzer."""
+    if model == IMAGE_ENSEMBLE:
+        if images is None:
+            folder = resources.files("clip_triton").joinpath("assets", "images")
+            images = [folder.joinpath(n).read_bytes() for n in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+        name, items = IMAGE_INPUT, images
+    elif model == TEXT_ENSEMBLE:
+        name, items = TEXT_INPUT, [p.encode() for p in prompts]
+    else:
+        raise ValueError(f"no sample data for {model}")
+    # "b64" holds the raw tensor: for BYTES, each element is a 4-byte little-endian length + the bytes.
+    return {"data": [{name: {"b64": base64.b64encode(struct.pack("<I", len(b)) + b).decode("ascii")}} for b in items]}
+
+
+def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency: int = 1,
+                      measurement_ms: int = 4000, protocol: str = "grpc", images: list[bytes] | None = None,
+                      timeout: float = 600) -> PerfResult:
+    """One perf_analyzer measurement at one batch size and concurrency.
+
+    perf_analyzer stops with a non-zero exit at the first failed request, which raises here: a
+    returned result means every request of the measurement succeeded.
+    """
+    name = IMAGE_INPUT if model == IMAGE_ENSEMBLE else TEXT_INPUT
+    with tempfile.TemporaryDirectory(prefix="clip-triton-perf-") as tmp:
+        data_file = Path(tmp) / "input.json"
+        data_file.write_text(json.dumps(input_data(model, images)))
+        csv_file = Path(tmp) / "result.csv"
+        command = [
+            str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
+            f"--concurrency-range={concurrency}", f"--input-data={data_file}", f"--shape={name}:1",
+            f"--measurement-interval={measurement_ms}", "--stability-percentage=50", "--max-trials=6",
+            "--percentile=99", "-f", str(csv_file), "--verbose-csv",
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, env=perf_environment(), timeout=timeout)
+        if done.returncode != 0 or not csv_file.exists():
+            raise ClipTritonError(f"perf_analyzer failed ({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
+        rows = list(csv.DictReader(csv_file.open()))
+    row = rows[0]
+    infer = float(row["Inferences/Second"])
+    # perf_analyzer counts an inference per batch item; requests/s = inferences/s / batch size.
+    return PerfResult(
+        model=model, batch_size=batch_size, concurrency=concurrency, requests_per_sec=infer / batch_size,
+        items_per_sec=infer, p50_ms=float(row["p50 latency"]) / 1000, p99_ms=float(row["p99 latency"]) / 1000,
+    )

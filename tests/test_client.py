@@ -1,0 +1,201 @@
+"""ClipClient against the real server: open_clip parity, order, per-item errors, server facts."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clip_triton.client import ClipClient, ItemErrors, rank
+
+from .conftest import cos
+
+
+@pytest.fixture()
+def client(triton):
+    with ClipClient(triton.grpc_url, batch_size=4, concurrency=3) as c:
+        yield c
+
+
+def _images(n: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(100 + i)
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (30 + i % 5, 41, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def test_facts_come_from_the_server(client, tiny_export):
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
+    facts = client.facts
+    assert facts.logit_scale == pytest.approx(manifest["logit_scale"])
+    assert (facts.embed_dim, facts.max_batch_size, facts.random_weights) == (32, 64, True)
+
+
+def test_embeddings_equal_open_clip_in_input_order_across_batches(client, open_clip_reference):
+    blobs = _images(19)  # 5 batches of <= 4, three in flight
+    served = client.embed_images(blobs)
+    assert served.shape == (19, 32) and served.dtype == np.float32
+    assert cos(served, open_clip_reference.images(blobs)).min() >= 0.9999
+    texts = [f"a photo of number {i}" for i in range(11)]
+    assert cos(client.embed_texts(texts), open_clip_reference.texts(texts)).min() >= 0.9999
+
+
+def test_inputs_as_paths_pil_and_bytes(client, photos, tmp_path):
+    path = tmp_path / "cat.jpg"
+    path.write_bytes(photos["cat"])
+    pil = Image.open(io.BytesIO(photos["cat"]))
+    out = client.embed_images([str(path), path, photos["cat"], pil])
+    assert cos(out, np.repeat(out[:1], 4, axis=0)).min() >= 0.99999
+
+
+def test_bad_items_are_named_and_the_rest_kept(client, open_clip_reference):
+    blobs = _images(10)
+    items = list(blobs)
+    items[7] = b"not an image"
+    items[2] = b""
+    with pytest.raises(ItemErrors) as err:
+        client.embed_images(items)
+    assert set(err.value.errors) == {2, 7}
+    assert "not a decodable image" in err.value.errors[7] and "empty image" in err.value.errors[2]
+    good = [i for i in range(10) if i not in (2, 7)]
+    kept = err.value.embeddings
+    assert np.isnan(kept[[2, 7]]).all()
+    assert cos(kept[good], open_clip_reference.images([blobs[i] for i in good])).min() >= 0.9999
+    with pytest.raises(ItemErrors) as err:
+        client.embed_images(["/no/such/file.jpg", blobs[0]])
+    assert set(err.value.errors) == {0}
+
+
+def test_classify_uses_the_server_logit_scale(client, photos):
+    prompts = ["a cat", "a dog", "a rocket"]
+    result = client.classify([photos["cat"], photos["rocket"]], prompts)
+    image = client.embed_images([photos["cat"], photos["rocket"]])
+    text = client.embed_texts(prompts)
+    logits = client.facts.logit_scale * image @ text.T
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    for row, probs in zip(result, expected):
+        assert [r["probability"] for r in row] == sorted((r["probability"] for r in row), reverse=True)
+        for r in row:
+            assert r["probability"] == pytest.approx(probs[prompts.index(r["prompt"])], rel=1e-5)
+
+
+def test_templates_are_ensembled(client):
+    emb = client.prompt_embeddings(["cat", "dog"], ["a photo of a {}.", "a drawing of a {}."])
+    manual = client.embed_texts(["a photo of a cat.", "a drawing of a cat."]).mean(0)
+    assert cos(emb[:1], (manual / np.linalg.norm(manual))[None])[0] > 0.99999
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_search_and_rank_helpers():
+    index = np.eye(4, dtype=np.float32)
+    top, scores = ClipClient.search(index[2], index, k=2)
+    assert top[0, 0] == 2 and scores[0, 0] == pytest.approx(1.0)
+    ranked = rank(np.array([[0.1, 0.3]]), ["a", "b"], logit_scale=100.0)
+    assert ranked[0][0]["prompt"] == "b" and ranked[0][0]["probability"] > 0.99
+
+
+def test_async_client_agrees_with_sync(client, triton, photos):
+    import asyncio
+
+    from clip_triton.client import AsyncClipClient
+
+    blobs = _images(9) + [photos["cat"]]
+    texts = ["a cat", "a dog", "a rocket"]
+
+    async def run():
+        async with AsyncClipClient(triton.grpc_url, batch_size=4, concurrency=3) as aclient:
+            images = await aclient.embed_images(blobs)
+            words = await aclient.embed_texts(texts)
+            ranked = await aclient.classify([photos["cat"]], texts)
+            bad = None
+            try:
+                await aclient.embed_images([blobs[0], b"junk", blobs[1]])
+            except ItemErrors as err:
+                bad = err
+            return images, words, ranked, bad
+
+    images, words, ranked, bad = asyncio.run(run())
+    assert np.abs(images - client.embed_images(blobs)).max() < 1e-6
+    assert np.abs(words - client.embed_texts(texts)).max() < 1e-6
+    assert ranked == client.classify([photos["cat"]], texts)
+    assert bad is not None and set(bad.errors) == {1} and not np.isnan(bad.embeddings[[0, 2]]).any()
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "clip_triton.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_classify_embed_search(triton, photos, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, data in photos.items():
+        (folder / f"{name}.jpg").write_bytes(data)
+    url = ["--url", triton.grpc_url]
+    result = _cli("classify", str(folder / "cat.jpg"), str(folder / "rocket.jpg"), "--prompts", "a cat", "a rocket", *url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("a cat") == 2 and "probability" in result.stdout and "RANDOM" in result.stderr
+
+    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "index.npy"), *url)
+    assert result.returncode == 0, result.stderr
+    index = np.load(tmp_path / "index.npy")
+    meta = json.loads((tmp_path / "index.json").read_text())
+    assert index.shape == (4, 32) and [p.rsplit("/", 1)[-1] for p in meta["items"]] == sorted(f"{n}.jpg" for n in photos)
+
+    result = _cli("search", "--index", str(tmp_path / "index.npy"), "--image", str(folder / "coffee.jpg"), "-k", "2", *url)
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[1].split()
+    assert first[-1].endswith("coffee.jpg") and float(first[1]) == pytest.approx(1.0, abs=1e-5)
+
+    (folder / "broken.jpg").write_bytes(b"nope")
+    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "x.npy"), *url)
+    assert result.returncode == 1 and "broken.jpg" in result.stderr and "not a decodable image" in result.stderr
+    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "x.npy"), "--skip-errors", *url)
+    assert result.returncode == 0 and np.load(tmp_path / "x.npy").shape == (4, 32)
+
+
+def test_cli_reports_an_unreachable_server():
+    from clip_triton.server import free_port
+
+    result = _cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert result.returncode == 2 and "not ready" in result.stderr
+
+
+def test_zero_shot_eval_on_an_image_folder(client, tmp_path, photos):
+    """Accuracy through the deployment equals the accuracy computed from its own embeddings."""
+    from clip_triton.client.zeroshot import evaluate, templates, topk_accuracy
+
+    root = tmp_path / "dataset"
+    for label, name in enumerate(["cat", "cup_of_coffee", "rocket"]):
+        (root / name).mkdir(parents=True)
+        source = photos["coffee" if name == "cup_of_coffee" else name]
+        img = Image.open(io.BytesIO(source))
+        for k in range(3):
+            buffer = io.BytesIO()
+            img.rotate(k * 7).save(buffer, format="JPEG")
+            (root / name / f"{k}.jpg").write_bytes(buffer.getvalue())
+    result = evaluate(client, root, template_set="simple")
+    assert (result.images, result.classes, result.failed) == (9, 3, 0)
+    classifier = client.prompt_embeddings(["cat", "cup of coffee", "rocket"], templates("simple"))
+    paths = sorted(root.rglob("*.jpg"))
+    logits = client.embed_images(paths) @ classifier.T
+    labels = np.array([["cat", "cup_of_coffee", "rocket"].index(p.parent.name) for p in paths])
+    assert result.top1 == pytest.approx(topk_accuracy(logits, labels, 1))
+    assert result.top5 == 1.0  # 3 classes: the true one is always in the top 5
+
+
+def test_zeroshot_metadata_is_open_clips():
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    from clip_triton.client.zeroshot import templates, zeroshot_metadata
+
+    assert zeroshot_metadata()["classnames"] == list(IMAGENET_CLASSNAMES)
+    assert templates("openai") == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    assert len(templates("openai")) == 80

@@ -1,0 +1,87 @@
+"""`clip-triton serve` and `clip-triton demo` as a user runs them."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from clip_triton.errors import ClipTritonError
+from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.server import TritonServer, check_repository
+
+from .conftest import TINY_CONFIG
+
+
+def test_repository_without_graphs_is_refused_with_the_fix(tmp_path, tiny_export):
+    repo = write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
+    (repo / "vision_encoder" / "1" / "model.onnx").unlink()
+    with pytest.raises(ClipTritonError, match="no exported graph") as err:
+        check_repository(repo)
+    assert "clip-triton export" in err.value.hint
+
+
+def test_tensorrt_repository_is_refused_on_the_pip_triton():
+    from pathlib import Path
+
+    committed = Path(__file__).resolve().parent.parent / "model_repository"
+    with pytest.raises(ClipTritonError, match="no TensorRT backend") as err:
+        check_repository(committed)
+    assert "--runtime python" in err.value.hint
+
+
+def test_port_in_use_is_reported(tiny_repo):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ClipTritonError, match=f"grpc port {port} .* already in use"):
+            TritonServer(tiny_repo, grpc_port=port).start(timeout=30)
+
+
+def test_serve_command_runs_until_ctrl_c(tiny_repo):
+    from clip_triton.server import free_port
+
+    http = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clip_triton.cli", "serve", "--repo", str(tiny_repo), "--http-port", str(http),
+         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            try:
+                ready = urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200
+            except OSError:
+                time.sleep(0.5)
+        assert ready
+        process.send_signal(signal.SIGINT)
+        assert process.wait(60) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "ready; Ctrl-C stops the server" in process.stdout.read()
+
+
+def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
+    """The README's main job, on the tiny architecture to keep the suite fast."""
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_triton.cli", "demo", "--model", str(TINY_CONFIG), "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "RANDOM" in out
+    for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg"):
+        assert name in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("a photo of")]
+    assert len(rows) == 4 * 5
+    probabilities = [float(row[-1]) for row in rows]
+    assert all(0 <= p <= 1 for p in probabilities)
+    assert abs(sum(probabilities[:5]) - 1) < 1e-3  # one image's prompts sum to 1
