@@ -267,7 +267,16 @@ def parse(text: str):
 def python_entry_point(module: str) -> str:
     return (
         f'"""Triton python-backend entry point, written by `clip-triton repo`. The logic lives in {module}."""\n\n'
-        f"from {module} import TritonPythonModel  # noqa: F401\n"
+        "import os\n"
+        "import site\n"
+        "import sys\n\n"
+        "# Triton's python stub starts without PYTHONPATH on sys.path; `clip-triton serve` points it at this\n"
+        "# package's environment. addsitedir also runs .pth files (editable installs). Added paths go first.\n"
+        "_known = set(sys.path)\n"
+        'for _path in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):\n'
+        "    site.addsitedir(_path)\n"
+        "sys.path.sort(key=lambda path: path in _known)\n\n"
+        f"from {module} import TritonPythonModel  # noqa: E402,F401\n"
     )
 
 
