@@ -291,6 +291,13 @@ class ClipClient:
         image = self.embed_images(images)
         return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
 
+    def index_folder(self, folder: str | os.PathLike, suffixes: Iterable[str] = (".jpg", ".jpeg", ".png", ".webp",
+                     ".bmp", ".gif", ".tif", ".tiff")) -> tuple[list[Path], np.ndarray]:
+        """Embed every image under ``folder`` (recursive, sorted): ``(paths, embeddings)`` for :meth:`search`."""
+        allowed = {s.lower() for s in suffixes}
+        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in allowed)
+        return paths, self.embed_images(paths)
+
     @staticmethod
     def search(query: np.ndarray, index: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` rows of ``index`` by cosine to each query row: ``(indices, scores)``."""

@@ -199,3 +199,65 @@ def test_zeroshot_metadata_is_open_clips():
     assert zeroshot_metadata()["classnames"] == list(IMAGENET_CLASSNAMES)
     assert templates("openai") == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     assert len(templates("openai")) == 80
+
+
+@pytest.fixture()
+def http_server(photos):
+    """A local HTTP server (loopback) serving a photo, a large body, and a 404."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = {"/cat.jpg": photos["cat"], "/huge.jpg": b"\xff" * (3 * 1024 * 1024)}.get(self.path)
+            if body is None:
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_are_fetched_with_limits(triton, http_server, photos):
+    from clip_triton.client import grpc_client
+
+    with ClipClient(triton.grpc_url) as client:
+        from_url = client.embed_images([f"{http_server}/cat.jpg"])
+        assert np.abs(from_url - client.embed_images([photos["cat"]])).max() < 1e-6
+        with pytest.raises(ItemErrors) as err:
+            client.embed_images([f"{http_server}/missing.jpg", photos["cat"]])
+        assert set(err.value.errors) == {0} and "404" in err.value.errors[0]
+    with pytest.raises(ValueError, match="byte limit"):
+        grpc_client.fetch_url(f"{http_server}/huge.jpg", max_bytes=1024 * 1024)
+    with pytest.raises(ValueError, match="not an http"):
+        grpc_client.fetch_url("file:///etc/passwd")
+
+
+def test_dns_target_and_several_urls(triton):
+    with ClipClient(f"dns:///localhost:{triton.grpc_port}") as client:
+        a = client.embed_texts(["a cat"])
+    with ClipClient([triton.grpc_url, triton.grpc_url]) as client:
+        b = client.embed_texts(["a cat", "a cat", "a cat"])
+        assert len(client.clients) == 2
+    assert np.abs(b - a).max() < 1e-6
+
+
+def test_index_folder_and_search(client, photos, tmp_path):
+    for name, data in photos.items():
+        (tmp_path / f"{name}.jpg").write_bytes(data)
+    paths, index = client.index_folder(tmp_path)
+    assert [p.name for p in paths] == sorted(f"{n}.jpg" for n in photos)
+    top, _ = client.search(client.embed_images([photos["rocket"]]), index, k=1)
+    assert paths[top[0, 0]].name == "rocket.jpg"
