@@ -39,6 +39,24 @@ def _verify(args) -> int:
     return 0
 
 
+def _build_engines(args) -> int:
+    from clip_triton.export.engines import BuildOptions, build_engines  # noqa: PLC0415
+
+    options = BuildOptions(optimization_level=args.optimization_level, workspace_gib=args.workspace_gib,
+                           timing_cache=args.timing_cache,
+                           strongly_typed=None if args.typing == "auto" else args.typing == "strong")
+    build_engines(args.onnx_dir, args.repo, options)
+    return 0
+
+
+def _check_engines(args) -> int:
+    from clip_triton.export.engines import check_repository_engines  # noqa: PLC0415
+
+    for model in check_repository_engines(args.repo):
+        print(f"{model}: engine matches this TensorRT and GPU")
+    return 0
+
+
 def _repo(args) -> int:
     from .repository import RepoOptions, write_repository  # noqa: PLC0415
 
@@ -228,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_repo)
+
+    p = sub.add_parser("build-engines", help="build and validate TensorRT engines (GPU host, TensorRT container)")
+    p.add_argument("--onnx-dir", required=True, help="export folder (graphs, manifest.json, references.npz)")
+    p.add_argument("--repo", required=True, help="repository written by `clip-triton repo --runtime tensorrt`")
+    p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
+    p.add_argument("--workspace-gib", type=float, default=8.0)
+    p.add_argument("--timing-cache", default=None, help="timing cache file (default: REPO/timing.cache, reused)")
+    p.add_argument("--typing", choices=["auto", "strong", "weak"], default="auto",
+                   help="auto: strongly typed on TensorRT >= 10.12, else the weakly typed FP16 fallback")
+    p.set_defaults(func=_build_engines)
+
+    p = sub.add_parser("check-engines", help="refuse engines built for another TensorRT version or GPU")
+    p.add_argument("--repo", required=True)
+    p.set_defaults(func=_check_engines)
 
     p = sub.add_parser("serve", help="run the pip-installed tritonserver on a model repository (CPU)")
     p.add_argument("--repo", required=True)

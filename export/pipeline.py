@@ -30,6 +30,9 @@ from .weights import load_model
 TEXT_ATTRIBUTES = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection",
                    "attn_mask", "text")
 DEFAULT_VERIFY_BATCHES = (1, 3, 8)
+# Inputs and open_clip PyTorch fp32 outputs of the verification, kept so that TensorRT engines built
+# later are checked against PyTorch itself (a few MB, even for bigG).
+REFERENCES = "references.npz"
 
 
 def _versions() -> dict:
@@ -105,7 +108,7 @@ def _export_stage(job: dict) -> dict:
     }
 
 
-def _load_references(path: Path) -> dict[str, list]:
+def load_references(path: Path) -> dict[str, list]:
     """{tower: [(label, input, reference), ...]} in the order they were computed."""
     with np.load(path) as data:
         keys = sorted(data.files, key=lambda k: (k.split("/")[0], int(k.split("/")[1])))
@@ -138,7 +141,7 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    references = out / ".verification-references.npz"
+    references = out / REFERENCES
     job = {"model": model, "pretrained": pretrained, "out": str(out), "precision": precision, "opset": opset,
            "seed": seed, "verify": verify, "verify_batches": list(verify_batches), "cache_dir": cache_dir,
            "external_threshold": external_threshold, "references": str(references), "start": log.start}
@@ -148,8 +151,7 @@ def export_model(
 
     checks = []
     if verify:
-        batches = _load_references(references)
-        references.unlink()
+        batches = load_references(references)
         for tower in ("text", "vision"):
             log(f"verifying {tower}.onnx with ONNX Runtime at batch sizes {list(verify_batches)} and real inputs")
             cases = [(label, x) for label, x, _ in batches[tower]]
@@ -175,6 +177,7 @@ def export_model(
         "logit_bias": facts["logit_bias"],
         "contract": facts["contract"],
         "graphs": facts["graphs"],
+        "references": REFERENCES if verify else None,
         "verification": {
             "performed": verify,
             "passed": all(c.passed for c in checks) if verify else None,

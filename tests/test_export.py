@@ -107,7 +107,7 @@ def test_external_data_path(tmp_path):
         assert manifest["graphs"][tower]["external_data"] == data.name
         onnx.checker.check_model(str(tmp_path / f"{tower}.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "text.onnx", "text.onnx.data", "vision.onnx", "vision.onnx.data"]
+        "manifest.json", "references.npz", "text.onnx", "text.onnx.data", "vision.onnx", "vision.onnx.data"]
     assert manifest["verification"]["passed"]
 
 
@@ -165,7 +165,7 @@ def test_cli_export_writes_graphs_manifest_and_table(tmp_path):
     table = result.stdout.splitlines()
     assert any(line.startswith("tower") for line in table)
     assert sum(line.rstrip().endswith("ok") for line in table) == 8
-    assert {p.name for p in tmp_path.iterdir()} == {"vision.onnx", "text.onnx", "manifest.json"}
+    assert {p.name for p in tmp_path.iterdir()} == {"vision.onnx", "text.onnx", "manifest.json", "references.npz"}
 
 
 def test_verify_fails_on_a_corrupted_graph(tmp_path, tiny_export):

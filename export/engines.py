@@ -1,0 +1,301 @@
+"""``clip-triton build-engines``: TensorRT engines for both towers, validated against PyTorch.
+
+Runs on a GPU host inside the TensorRT container of the same NGC release as the Triton image that
+will serve the engines (engines are tied to the TensorRT version and the GPU). The ONNX graphs are
+parsed by file path, so their external data loads. One declaration, the contract's batch profile,
+drives the ONNX export's dynamic axis, the TensorRT optimisation profile and Triton's
+``max_batch_size``.
+
+Strongly typed networks (TensorRT >= 10.12) take their precision from the fp16 ONNX graph, which
+keeps LayerNorm and Softmax in float32; on older TensorRT the weakly typed fallback sets the FP16
+builder flag instead (deprecated in 10.12, removed in 11).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clip_triton.contract import MANIFEST, TEXT_MODEL, VISION_MODEL, ModelContract, cosine
+from clip_triton.errors import ClipTritonError, VerificationError
+from clip_triton.progress import Progress
+
+from .graphs import GRAPH_FILES
+
+ENGINE_MANIFEST = "engine.json"
+PLAN_FILE = "model.plan"
+TIMING_CACHE = "timing.cache"
+MIN_ENGINE_COSINE = 0.999
+STRONGLY_TYPED_SINCE = (10, 12)
+TOWER_MODELS = {"vision": VISION_MODEL, "text": TEXT_MODEL}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One TensorRT optimisation profile: (min, opt, max) shapes for the encoder's input."""
+
+    input_name: str
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+
+def profile_for(contract: ModelContract, tower: str) -> Profile:
+    spec, _ = contract.encoder_io(tower)
+    batch = contract.batch
+    return Profile(spec.name, (batch.min, *spec.shape), (batch.opt, *spec.shape), (batch.max, *spec.shape))
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def strongly_typed_supported(version: str) -> bool:
+    return parse_version(version)[:2] >= STRONGLY_TYPED_SINCE
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What an engine is tied to."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str
+
+
+def gpu_identity() -> tuple[str, str]:
+    """(name, compute capability) of GPU 0, from nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        raise ClipTritonError("no NVIDIA GPU found (nvidia-smi failed)",
+                              "build engines on the GPU host that will serve them, in the TensorRT container") from None
+    name, capability = (field.strip() for field in out.splitlines()[0].split(","))
+    return name, capability
+
+
+def tensorrt_version() -> str:
+    """The TensorRT in this environment: the Python package, else libnvinfer itself (the Triton
+    container has the library, not the bindings), else the NGC containers' TRT_VERSION variable."""
+    try:
+        import tensorrt  # noqa: PLC0415
+
+        return tensorrt.__version__
+    except ImportError:
+        pass
+    for soname in ("libnvinfer.so.11", "libnvinfer.so.10"):
+        try:
+            code = ctypes.CDLL(soname).getInferLibVersion()  # major * 10000 + minor * 100 + patch
+        except (OSError, AttributeError):
+            continue
+        return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
+    if os.environ.get("TRT_VERSION"):
+        return os.environ["TRT_VERSION"]
+    raise ClipTritonError("TensorRT is not installed",
+                          "run inside nvcr.io/nvidia/tensorrt:<release>-py3 (docker compose run engines) "
+                          "or pip install 'clip-triton[gpu]'")
+
+
+def current_platform() -> Platform:
+    version = tensorrt_version()
+    name, capability = gpu_identity()
+    return Platform(version, name, capability)
+
+
+def check_engine_manifest(manifest: dict, platform: Platform) -> None:
+    """Refuse an engine built for another TensorRT version or GPU: engines are not portable."""
+    built = Platform(**manifest["platform"])
+    if parse_version(built.tensorrt)[:3] != parse_version(platform.tensorrt)[:3]:
+        raise ClipTritonError(
+            f"engine built with TensorRT {built.tensorrt}, but this environment has TensorRT {platform.tensorrt}",
+            "rebuild with `clip-triton build-engines` in the TensorRT container of the serving Triton release")
+    if built.compute_capability != platform.compute_capability or built.gpu != platform.gpu:
+        raise ClipTritonError(
+            f"engine built for {built.gpu} (sm {built.compute_capability}), this GPU is "
+            f"{platform.gpu} (sm {platform.compute_capability})",
+            "rebuild the engines on the GPU type that will serve them")
+
+
+def check_repository_engines(repo: str | Path, platform: Platform | None = None) -> list[str]:
+    """Check every engine in a repository against this host before Triton loads them."""
+    platform = platform or current_platform()
+    checked = []
+    for model in TOWER_MODELS.values():
+        folder = Path(repo) / model / "1"
+        plan, manifest = folder / PLAN_FILE, folder / ENGINE_MANIFEST
+        if not plan.is_file() or not manifest.is_file():
+            raise ClipTritonError(f"{plan} or its {ENGINE_MANIFEST} is missing", "run `clip-triton build-engines` first")
+        check_engine_manifest(json.loads(manifest.read_text()), platform)
+        checked.append(model)
+    return checked
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(16 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class BuildOptions:
+    optimization_level: int = 3  # TensorRT builder optimisation level, 0-5
+    workspace_gib: float = 8.0
+    timing_cache: str | None = None  # default: <repo>/timing.cache, reused across builds
+    strongly_typed: bool | None = None  # default: when TensorRT >= 10.12
+
+    def __post_init__(self):
+        if not 0 <= self.optimization_level <= 5:
+            raise ClipTritonError(f"optimization level {self.optimization_level} is outside 0-5")
+        if self.workspace_gib <= 0:
+            raise ClipTritonError("workspace must be positive")
+
+
+def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: str, options: BuildOptions,
+                 cache_path: Path, log: Progress) -> dict:  # pragma: no cover - needs a GPU and TensorRT
+    import tensorrt as trt  # noqa: PLC0415
+
+    strongly = options.strongly_typed if options.strongly_typed is not None else strongly_typed_supported(trt.__version__)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    log(f"parsing {onnx_path} ({'strongly' if strongly else 'weakly'} typed)")
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ClipTritonError(f"TensorRT could not parse {onnx_path}: {errors}", "re-export with a supported opset")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
+    config.builder_optimization_level = options.optimization_level
+    if not strongly and precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)  # weakly typed fallback for TensorRT < 10.12
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    trt_profile = builder.create_optimization_profile()
+    trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+    config.add_optimization_profile(trt_profile)
+    if hasattr(trt, "IProgressMonitor"):
+        config.progress_monitor = _progress_monitor(trt, log)
+    started = time.monotonic()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ClipTritonError(f"TensorRT failed to build {plan_path}", "see the TensorRT log above")
+    plan_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return {"strongly_typed": strongly, "build_seconds": round(time.monotonic() - started, 1)}
+
+
+def _progress_monitor(trt, log: Progress):  # pragma: no cover - needs TensorRT
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.last = 0.0
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                log(f"TensorRT: {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            return True
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return Monitor()
+
+
+def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover
+    """Execute an engine on host arrays (Polygraphy handles device buffers and streams)."""
+    from polygraphy.backend.common import BytesFromPath  # noqa: PLC0415
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # noqa: PLC0415
+
+    outputs = []
+    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)))) as runner:
+        for x in batches:
+            result = runner.infer({profile.input_name: x})
+            outputs.append(np.asarray(next(iter(result.values())), dtype=np.float32))
+    return outputs
+
+
+def validate_engine(tower: str, cases, reference, outputs) -> list[dict]:
+    """Engine outputs vs open_clip PyTorch fp32: cosine >= MIN_ENGINE_COSINE for every embedding."""
+    rows = []
+    for (label, x), ref, out in zip(cases, reference, outputs):
+        cos = float(cosine(ref, out).min())
+        rows.append({"tower": tower, "inputs": label, "batch": int(x.shape[0]), "min_cosine": cos,
+                     "max_abs_diff": float(np.abs(ref - out).max()),
+                     "passed": bool(np.isfinite(out).all() and cos >= MIN_ENGINE_COSINE)})
+    return rows
+
+
+def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(),
+                  log: Progress | None = None) -> dict:  # pragma: no cover - needs a GPU and TensorRT
+    """Build, place and validate ``vision_encoder/1/model.plan`` and ``text_encoder/1/model.plan``."""
+    from .pipeline import REFERENCES, load_references, read_manifest  # noqa: PLC0415
+
+    log = log or Progress("engines")
+    onnx_dir, repo = Path(onnx_dir), Path(repo)
+    manifest = read_manifest(onnx_dir)
+    contract = ModelContract.from_dict(manifest["contract"])
+    platform = current_platform()
+    log(f"TensorRT {platform.tensorrt} on {platform.gpu} (sm {platform.compute_capability})")
+    references = load_references(onnx_dir / REFERENCES) if (onnx_dir / REFERENCES).exists() else None
+    if references is None:
+        raise ClipTritonError(f"{onnx_dir / REFERENCES} missing", "re-run `clip-triton export` with verification on")
+    cache_path = Path(options.timing_cache) if options.timing_cache else repo / TIMING_CACHE
+    report = {}
+    for tower, model in TOWER_MODELS.items():
+        folder = repo / model / "1"
+        if not (repo / model / "config.pbtxt").is_file():
+            raise ClipTritonError(f"{repo / model} is not a model folder",
+                                  "write the repository first: clip-triton repo --runtime tensorrt --onnx-dir DIR --out REPO")
+        folder.mkdir(parents=True, exist_ok=True)
+        profile = profile_for(contract, tower)
+        onnx_path = onnx_dir / GRAPH_FILES[tower]
+        log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
+        built = build_engine(onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path, log)
+        cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references[tower]]
+        outputs = run_engine(folder / PLAN_FILE, profile, [x for _, x in cases])
+        checks = validate_engine(tower, cases, [ref for _, _, ref in references[tower]], outputs)
+        engine_manifest = {
+            "platform": asdict(platform),
+            "onnx": {"file": str(onnx_path), "sha256": sha256(onnx_path)},
+            "profile": asdict(profile),
+            "precision": contract.precision,
+            "builder": {**asdict(options), **built},
+            "validation": {"reference": "open_clip PyTorch fp32", "min_cosine": MIN_ENGINE_COSINE, "checks": checks},
+            "model": manifest["model"],
+            "pretrained": manifest["pretrained"],
+        }
+        (folder / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest, indent=2) + "\n")
+        for row in checks:
+            log(f"{tower} {row['inputs']} batch {row['batch']}: cosine {row['min_cosine']:.6f} "
+                f"{'ok' if row['passed'] else 'FAIL'}")
+        if not all(row["passed"] for row in checks):
+            raise VerificationError(f"{model} engine disagrees with open_clip PyTorch (cosine < {MIN_ENGINE_COSINE})",
+                                    "do not serve it; try --optimization-level 5 or an fp32 export")
+        report[model] = engine_manifest
+    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def profile_dtype(contract: ModelContract, tower: str) -> str:
+    spec, _ = contract.encoder_io(tower)
+    return spec.dtype
