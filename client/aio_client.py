@@ -132,15 +132,21 @@ class AsyncClipClient:
         facts = await self.get_facts()
         return rank(image @ text.T, prompts, facts.logit_scale, facts.logit_bias)
 
+    async def is_ready(self) -> bool:
+        """Both ensembles ready on every server."""
+        try:
+            for client in self.clients:
+                if not (await client.is_model_ready(IMAGE_ENSEMBLE) and await client.is_model_ready(TEXT_ENSEMBLE)):
+                    return False
+            return True
+        except Exception:  # noqa: BLE001 (unreachable counts as not ready)
+            return False
+
     async def wait_until_ready(self, timeout: float = 120.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            try:
-                if all([await c.is_model_ready(IMAGE_ENSEMBLE) and await c.is_model_ready(TEXT_ENSEMBLE)
-                        for c in self.clients]):
-                    return
-            except Exception:  # noqa: BLE001 (not up yet)
-                pass
+            if await self.is_ready():
+                return
             await asyncio.sleep(0.25)
         raise ClipClientError(f"clip-triton not ready after {timeout:.0f}s")
 

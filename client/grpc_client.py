@@ -54,6 +54,7 @@ class ServerFacts:
     logit_bias: float | None
     max_batch_size: int
     random_weights: bool
+    contract: str = ""  # the served ModelContract as JSON (tokenizer, preprocessing, tensor specs)
 
 
 def facts_from_config(response: dict) -> ServerFacts:
@@ -68,6 +69,7 @@ def facts_from_config(response: dict) -> ServerFacts:
         logit_bias=float(params["logit_bias"]) if params.get("logit_bias") else None,
         max_batch_size=int(config.get("max_batch_size", 1)),
         random_weights=params.get("random_weights") == "true",
+        contract=params.get("contract", ""),
     )
 
 

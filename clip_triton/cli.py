@@ -96,6 +96,22 @@ def _demo(args) -> int:
                     prompts=args.prompts)
 
 
+def _gateway(args) -> int:
+    from .gateway import FetchPolicy, GatewaySettings, serve_gateway  # noqa: PLC0415
+
+    keys = tuple(k.strip() for k in os.environ.get("CLIP_TRITON_API_KEYS", "").split(",") if k.strip())
+    if args.api_key_file:
+        with open(args.api_key_file, encoding="utf-8") as handle:
+            keys += tuple(line.strip() for line in handle if line.strip())
+    settings = GatewaySettings(
+        triton_url=args.url, api_keys=keys, auth=not args.no_auth,
+        max_body_bytes=int(args.max_body_mib * 1024**2), max_items=args.max_items,
+        fetch=FetchPolicy(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mib * 1024**2),
+                          allow_private=args.allow_private_urls))
+    serve_gateway(settings, host=args.host, port=args.port)
+    return 0
+
+
 def _client(args):
     from clip_triton.client import ClipClient  # noqa: PLC0415
 
@@ -278,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", nargs="*", default=None, help="image files (default: bundled photographs)")
     p.add_argument("--prompts", nargs="*", default=None)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API in front of Triton")
+    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+                   help="Triton gRPC host:port, dns:///name:port, or several comma-separated")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key-file", default=None, help="file with one API key per line (also: $CLIP_TRITON_API_KEYS)")
+    p.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use only)")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="let image URLs point at private, loopback or link-local addresses")
+    p.add_argument("--max-body-mib", type=float, default=64)
+    p.add_argument("--max-items", type=int, default=256, help="items per request")
+    p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per image URL")
+    p.add_argument("--fetch-max-mib", type=float, default=20.0, help="bytes per image URL")
+    p.set_defaults(func=_gateway)
 
     p = sub.add_parser("classify", help="zero-shot classify images against prompts (ranked table)")
     p.add_argument("images", nargs="+", help="image paths or http(s) URLs")

@@ -76,7 +76,7 @@ def test_images_are_pinned_in_one_place():
     releases = re.findall(r"^ARG TRITON_RELEASE=(\S+)$", DOCKERFILE, flags=re.M)
     assert len(releases) == 1 and re.fullmatch(r"\d\d\.\d\d", releases[0])
     bases = re.findall(r"^FROM (\S+)", DOCKERFILE, flags=re.M)
-    assert len(bases) == 4
+    assert len(bases) == 5
     for base in bases:
         assert ":" in base and not base.endswith(":latest")
         if base.startswith("nvcr.io/"):
@@ -86,6 +86,15 @@ def test_images_are_pinned_in_one_place():
         assert not service["image"].endswith(":latest")
     code = [line.split("#", 1)[0] for line in (ROOT / "docker-compose.yml").read_text().splitlines()]
     assert not any("TRITON_RELEASE" in line or "nvcr.io" in line for line in code)  # only the Dockerfile pins it
+
+
+def test_gateway_service():
+    gateway = COMPOSE["services"]["gateway"]
+    assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert gateway["ports"] == ["127.0.0.1:8080:8080"]
+    assert "--url=triton:8001" in gateway["command"] and "/readyz" in " ".join(gateway["healthcheck"]["test"])
+    assert gateway["environment"]["CLIP_TRITON_API_KEYS"].startswith("${CLIP_TRITON_API_KEYS:?")  # no default key
+    assert "deploy" not in gateway  # no GPU
 
 
 def test_serving_image_installs_no_torch():

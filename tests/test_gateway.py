@@ -1,0 +1,250 @@
+"""The OpenAI-compatible gateway, live on loopback in front of the live Triton, driven by the
+official `openai` package (and httpx for the endpoints OpenAI's client has no method for)."""
+
+import base64
+import http.server
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from clip_triton.client import ClipClient
+from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
+from clip_triton.server import free_port
+
+from .conftest import cos
+
+KEY = "sk-test-key-123"
+
+
+class LiveGateway:
+    def __init__(self, settings: GatewaySettings):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def gateway(triton):
+    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), max_body_bytes=2 * 1024 * 1024))
+    yield live
+    live.stop()
+
+
+@pytest.fixture()
+def oai(gateway):
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(triton):
+    with ClipClient(triton.grpc_url) as client:
+        yield client
+
+
+def data_url(data: bytes, kind: str = "image/jpeg") -> str:
+    return f"data:{kind};base64,{base64.b64encode(data).decode()}"
+
+
+def test_text_embeddings_match_the_client(oai, reference):
+    texts = ["a photo of a cat", "Ünïcödé 🐱"]
+    result = oai.embeddings.create(model="clip-triton-tiny", input=texts, encoding_format="float")
+    got = np.array([d.embedding for d in result.data], dtype=np.float32)
+    assert [d.index for d in result.data] == [0, 1]
+    assert cos(got, reference.embed_texts(texts)).min() > 0.99999
+    assert result.usage.prompt_tokens == result.usage.total_tokens > 4
+    single = oai.embeddings.create(model="clip-triton-tiny", input="a photo of a cat")  # openai asks for base64
+    assert np.abs(np.array(single.data[0].embedding, np.float32) - got[0]).max() < 1e-6
+
+
+def test_data_url_images_and_mixed_lists(oai, reference, photos):
+    items = ["a rocket", data_url(photos["rocket"]), data_url(photos["cat"]), "a cat"]
+    result = oai.embeddings.create(model="clip-triton-tiny", input=items)
+    got = np.array([d.embedding for d in result.data], dtype=np.float32)
+    expected = np.concatenate([reference.embed_texts(["a rocket"]), reference.embed_images([photos["rocket"], photos["cat"]]),
+                               reference.embed_texts(["a cat"])])
+    assert got.shape == (4, 32) and cos(got, expected).min() > 0.99999
+
+
+def test_base64_encoding_is_little_endian_float32(gateway, reference):
+    response = httpx.post(f"{gateway.url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "clip-triton-tiny", "input": "a cat", "encoding_format": "base64"})
+    assert response.status_code == 200
+    vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+    assert np.abs(vector - reference.embed_texts(["a cat"])[0]).max() < 1e-6
+
+
+def test_zero_shot_endpoint(gateway, reference, photos):
+    prompts = ["a cat", "a rocket", "a cup of coffee"]
+    response = httpx.post(f"{gateway.url}/v1/classify", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "clip-triton-tiny", "images": [data_url(photos["cat"]), data_url(photos["coffee"])],
+                                "prompts": prompts}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["logit_scale"] == pytest.approx(reference.facts.logit_scale)
+    expected = reference.classify([photos["cat"], photos["coffee"]], prompts)
+    for item, ranked in zip(body["data"], expected):
+        assert [s["prompt"] for s in item["scores"]] == [r["prompt"] for r in ranked]
+        assert [s["probability"] for s in item["scores"]] == pytest.approx([r["probability"] for r in ranked], rel=1e-5)
+        assert sum(s["probability"] for s in item["scores"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_models_health_and_metrics(oai, gateway):
+    assert [m.id for m in oai.models.list().data] == ["clip-triton-tiny"]
+    assert httpx.get(f"{gateway.url}/healthz").status_code == 200
+    assert httpx.get(f"{gateway.url}/readyz").json() == {"status": "ready"}
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert 'clip_gateway_requests_total{endpoint="/v1/embeddings",status="200"}' in metrics
+    assert "clip_gateway_request_seconds_bucket" in metrics
+
+
+def test_auth_failures(gateway):
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.embeddings.create(model="clip-triton-tiny", input="x")
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
+        response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": "x"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
+    assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
+
+
+def test_bad_items_are_400_naming_the_index(oai, photos):
+    cases = [
+        (["fine", data_url(b"not an image")], "input[1]", "not a decodable image"),
+        (["fine", "data:image/png;base64,@@@"], "input[1]", "invalid base64"),
+        (["fine", "data:text/plain;base64,aGVsbG8="], "input[1]", "not an image"),
+        (["fine", ""], "input[1]", "empty text"),
+        ([data_url(photos["cat"]), "x" * 70_000], "input[1]", "over the limit"),
+        (["a", "b", data_url(photos["cat"][:4000])], "input[2]", "corrupt or truncated"),
+    ]
+    for items, param, fragment in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.embeddings.create(model="clip-triton-tiny", input=items)
+        assert err.value.status_code == 400
+        assert err.value.body["param"] == param and fragment in err.value.body["message"], err.value.body
+
+
+def test_schema_model_and_size_errors(gateway, oai):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    missing = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "input"
+    tokens = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": [[1, 2]]})
+    assert tokens.status_code == 400 and tokens.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.embeddings.create(model="text-embedding-3-small", input="x")
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        oai.embeddings.create(model="clip-triton-tiny", input="x", dimensions=8)
+    huge = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers,
+                      json={"model": "clip-triton-tiny", "input": "y" * (3 * 1024 * 1024)})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
+    empty = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": []})
+    assert empty.status_code == 400
+
+
+def test_triton_down_is_503(photos):
+    live = LiveGateway(GatewaySettings(triton_url=f"127.0.0.1:{free_port()}", api_keys=(KEY,)))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.embeddings.create(model="clip-triton-tiny", input="x")
+        assert err.value.status_code == 503 and err.value.body["code"] == "triton_unavailable"
+        assert httpx.get(f"{live.url}/readyz").status_code == 503
+        assert httpx.get(f"{live.url}/healthz").status_code == 200
+    finally:
+        live.stop()
+
+
+def test_auth_is_required_unless_disabled():
+    from clip_triton.errors import ClipTritonError
+
+    with pytest.raises(ClipTritonError, match="no API keys"):
+        GatewaySettings(triton_url="x:1")
+    assert GatewaySettings(triton_url="x:1", auth=False).auth is False
+
+
+@pytest.fixture(scope="module")
+def image_host(photos):
+    """A local HTTP server (loopback) that serves an image, a redirect, HTML and a huge body."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            routes = {
+                "/cat.jpg": (200, "image/jpeg", photos["cat"]),
+                "/page.html": (200, "text/html", b"<html></html>"),
+                "/huge.jpg": (200, "image/jpeg", b"\xff" * (2 * 1024 * 1024)),
+            }
+            if self.path.startswith("/hop"):
+                hops = int(self.path[4:] or 0)
+                self.send_response(302)
+                self.send_header("Location", "/cat.jpg" if hops == 0 else f"/hop{hops - 1}")
+                self.end_headers()
+                return
+            status, kind, body = routes.get(self.path, (404, "text/plain", b"missing"))
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_to_loopback_are_refused_by_default(oai, image_host):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.embeddings.create(model="clip-triton-tiny", input=["a cat", f"{image_host}/cat.jpg"])
+    assert err.value.body["param"] == "input[1]" and "private, loopback or link-local" in err.value.body["message"]
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg", "http://[::1]/x.jpg",
+                "http://localhost/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg"):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.embeddings.create(model="clip-triton-tiny", input=[url])
+        assert "refused" in err.value.body["message"]
+
+
+def test_other_schemes_are_text_never_fetched(oai, reference):
+    """Only data:image and http(s) items are images (NV-CLIP's convention); file:// is plain text."""
+    items = ["file:///etc/passwd", "ftp://example.com/x.jpg"]
+    got = oai.embeddings.create(model="clip-triton-tiny", input=items)
+    vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+    assert cos(vectors, reference.embed_texts(items)).min() > 0.99999
+
+
+def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, photos):
+    settings = GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,),
+                               fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2))
+    live = LiveGateway(settings)
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+        got = client.embeddings.create(model="clip-triton-tiny", input=[f"{image_host}/cat.jpg", f"{image_host}/hop1"])
+        vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+        assert cos(vectors, reference.embed_images([photos["cat"]] * 2)).min() > 0.99999
+        for path, fragment in (("/page.html", "not image/*"), ("/huge.jpg", "byte limit"), ("/missing.jpg", "HTTP 404"),
+                               ("/hop5", "redirects")):
+            with pytest.raises(openai.BadRequestError) as err:
+                client.embeddings.create(model="clip-triton-tiny", input=["ok", f"{image_host}{path}"])
+            assert err.value.body["param"] == "input[1]" and fragment in err.value.body["message"], err.value.body
+    finally:
+        live.stop()
