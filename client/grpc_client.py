@@ -27,6 +27,9 @@ from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 # A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
 LOADING = "has no available versions"
+# A python-backend stub that died answers INTERNAL with this until the server is restarted (by
+# `clip-triton serve`'s watchdog or the orchestrator's liveness probe): worth waiting for.
+STUB_DOWN = "is not healthy"
 MAX_URL_BYTES = 20 * 1024 * 1024
 
 
@@ -141,7 +144,8 @@ def _status(exc) -> str:
 def retryable(exc) -> bool:
     """Transient: server unreachable, overloaded, or still loading its models."""
     status = _status(exc)
-    return status in RETRYABLE or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
+    return (status in RETRYABLE or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
+            or (status == "StatusCode.INTERNAL" and STUB_DOWN in str(exc)))
 
 
 class ClipClient:

@@ -86,7 +86,15 @@ def _serve(args) -> int:
         host=args.host,
         log_verbose=args.log_verbose,
     )
-    return server.run_foreground(timeout=args.startup_timeout)
+    return server.run_foreground(timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval)
+
+
+def _health(args) -> int:
+    from .health import canary  # noqa: PLC0415
+
+    healthy, reason = canary(args.url, timeout=args.timeout)
+    print(("healthy" if healthy else "UNHEALTHY") + f": {reason}", file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
 
 
 def _demo(args) -> int:
@@ -285,7 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=300)
+    p.add_argument("--watchdog-interval", type=float, default=15.0,
+                   help="seconds between canary requests; 2 failures in a row restart tritonserver (0: off)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("health", help="canary: one real request through each ensemble (liveness check)")
+    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"))
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=_health)
 
     p = sub.add_parser("demo", help="offline main job: export a small model, serve it, classify sample photos")
     p.add_argument("--model", default="ViT-B-32")

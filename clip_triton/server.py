@@ -236,8 +236,37 @@ class TritonServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def run_foreground(self, timeout: float = 300) -> int:
-        """``clip-triton serve``: start, print the endpoints, stop cleanly on Ctrl-C/SIGTERM."""
+    def restart(self, timeout: float = 300, grace: float = 5.0) -> None:
+        """Stop and start again on the same ports (clients retrying UNAVAILABLE reconnect).
+
+        A server being restarted is broken: it gets ``grace`` seconds, not Triton's 30 s exit timeout
+        (which a model with a dead stub always runs out), before it is killed.
+        """
+        self.stop(timeout=grace)
+        self.start(timeout)
+
+    def watchdog_step(self, state: dict, failures_before_restart: int = 2, timeout: float = 300) -> bool:
+        """One canary check; restart after ``failures_before_restart`` failures in a row. True if restarted."""
+        from .health import canary  # noqa: PLC0415
+
+        healthy, reason = canary(self.grpc_url)
+        state["failures"] = 0 if healthy else state.get("failures", 0) + 1
+        if state["failures"] >= failures_before_restart:
+            print(f"watchdog: canary failed {state['failures']} times ({reason}); restarting tritonserver",
+                  file=sys.stderr, flush=True)
+            self.restart(timeout)
+            state["failures"] = 0
+            state["restarts"] = state.get("restarts", 0) + 1
+            return True
+        return False
+
+    def run_foreground(self, timeout: float = 300, watchdog_interval: float = 15.0) -> int:
+        """``clip-triton serve``: start, print the endpoints, watch, stop cleanly on Ctrl-C/SIGTERM.
+
+        Every ``watchdog_interval`` seconds a canary request goes through both ensembles; two failures
+        in a row (e.g. a python stub that died, which Triton neither restarts nor reports) restart the
+        server on the same ports. 0 disables the watchdog.
+        """
         self.log_file = None
         print(f"starting tritonserver on {self.repo} ...", flush=True)
         self.start(timeout)
@@ -245,9 +274,14 @@ class TritonServer:
                           "log": str(self.log_file)}), flush=True)
         print("ready; Ctrl-C stops the server", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        state: dict = {}
+        next_check = time.monotonic() + watchdog_interval
         try:
             while self.process is not None and self.process.poll() is None:
                 time.sleep(0.5)
+                if watchdog_interval and time.monotonic() >= next_check:
+                    self.watchdog_step(state, timeout=timeout)
+                    next_check = time.monotonic() + watchdog_interval
             code = self.process.returncode if self.process else 0
             print(f"tritonserver exited with code {code}:\n{self.log_tail()}", file=sys.stderr)
             return code or 1

@@ -54,7 +54,7 @@ def test_triton_service():
     assert sorted(p.split(":")[-1] for p in triton["ports"]) == ["8000", "8001", "8002"]
     assert "--http-port=8000" in text and "--grpc-port=8001" in text and "--metrics-port=8002" in text
     health = triton["healthcheck"]
-    assert "http://localhost:8000/v2/health/ready" in health["test"]
+    assert "http://localhost:8000/v2/health/ready" in health["test"][1] and "clip-triton health" in health["test"][1]
     assert int(health["start_period"].rstrip("s")) >= 300
     size = triton["shm_size"]
     assert size.endswith("gb") and int(size[:-2]) >= 1

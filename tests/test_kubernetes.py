@@ -58,7 +58,8 @@ def test_probes_and_termination(docs):
     container = triton(docs)
     startup, ready, live = container["startupProbe"], container["readinessProbe"], container["livenessProbe"]
     assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == "/v2/health/ready"
-    assert live["httpGet"]["path"] == "/v2/health/live"
+    assert live["exec"]["command"][:2] == ["clip-triton", "health"]  # canary: a dead python stub fails it
+    assert "--url=localhost:8001" in live["exec"]["command"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # multi-GB engines load
     spec = pod_spec(docs[("Deployment", "clip-triton-triton")])
     assert spec["terminationGracePeriodSeconds"] >= 30

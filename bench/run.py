@@ -1,0 +1,154 @@
+"""Side-by-side throughput on this machine, one run, one model (random weights, so offline):
+
+    python bench/run.py [--model ViT-B-32] [--concurrency 1,4,8,16]
+
+rows: open_clip PyTorch eager in-process (PIL preprocess + forward; the baseline), ONNX Runtime
+in-process on the exported graphs (clip-triton's preprocess/tokenizer), and the Triton ensembles over
+gRPC (JPEG bytes in for ``clip_image``, strings in for ``clip_text``) through perf_analyzer and
+through ``ClipClient``. Every row includes preprocessing or tokenization. Each row's ratio is to the
+PyTorch baseline. Steps run one after another so they do not compete for the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+PROMPTS = ("a photo of a cat", "a photo of a dog", "a diagram of a neural network", "an astronaut on the moon",
+           "a cup of coffee on a wooden table", "a rocket launch at night", "a bowl of soup", "a rainy city street")
+
+
+def photos() -> list[bytes]:
+    folder = resources.files("clip_triton").joinpath("assets", "images")
+    return [folder.joinpath(name).read_bytes() for name in PHOTOS]
+
+
+def timed(fn, items: list, batch: int, seconds: float) -> tuple[float, float, float]:
+    """(items/s, p50 ms, p99 ms per batch) of fn over consecutive batches for about `seconds`."""
+    fn(items[:batch])  # warm-up
+    latencies, done, start = [], 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or len(latencies) < 3:
+        chunk = [items[(done + k) % len(items)] for k in range(batch)]
+        t0 = time.perf_counter()
+        fn(chunk)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        done += batch
+    elapsed = time.perf_counter() - start
+    return done / elapsed, statistics.median(latencies), float(np.percentile(latencies, 99))
+
+
+def best(fn, items, batches, seconds):
+    results = {b: timed(fn, items, b, seconds) for b in batches}
+    batch = max(results, key=lambda b: results[b][0])
+    return batch, results[batch]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batches", default="8,16,32", help="in-process batch sizes tried (best is reported)")
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per in-process measurement")
+    parser.add_argument("--client-items", type=int, default=400)
+    parser.add_argument("--workdir", default=".clip-triton/bench")
+    parser.add_argument("--queue-delay-us", type=int, default=None)
+    parser.add_argument("--preprocess-instances", type=int, default=None)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from clip_triton.client import ClipClient
+    from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
+    from clip_triton.demo import _export_is_current
+    from clip_triton.export import export_model
+    from clip_triton.export.weights import load_model
+    from clip_triton.ortutil import make_session
+    from clip_triton.perf import run_perf_analyzer
+    from clip_triton.preprocess import Preprocessor
+    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.server import TritonServer
+    from clip_triton.tokenizer import ClipTokenizer
+
+    work = Path(args.workdir)
+    onnx_dir = work / f"onnx-{Path(args.model).stem}"
+    if not _export_is_current(onnx_dir, args.model, "none"):
+        export_model(args.model, "none", onnx_dir)
+    images = photos() * 8
+    texts = [f"{PROMPTS[i % len(PROMPTS)]} number {i}" for i in range(256)]
+    rows = []
+
+    # 1. open_clip PyTorch eager: the baseline.
+    loaded = load_model(args.model, "none")
+    model, contract = loaded.model, loaded.contract
+    pre = contract.preprocess
+    transform = open_clip.image_transform(pre.image_size, is_train=False, mean=pre.mean, std=pre.std,
+                                          interpolation=pre.interpolation, resize_mode=pre.resize_mode)
+    tokenizer = open_clip.get_tokenizer(contract.model)
+
+    @torch.inference_mode()
+    def torch_images(blobs):
+        model.encode_image(torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs]), normalize=True)
+
+    @torch.inference_mode()
+    def torch_texts(strings):
+        model.encode_text(tokenizer(strings), normalize=True)
+
+    bi, (img_rate, img_p50, img_p99) = best(torch_images, images, batches, args.seconds)
+    bt, (txt_rate, txt_p50, txt_p99) = best(torch_texts, texts, batches, args.seconds)
+    rows.append((f"PyTorch eager in-process (batch {bi}/{bt})", img_rate, txt_rate, img_p50, img_p99))
+    baseline = (img_rate, txt_rate)
+    del model, loaded
+
+    # 2. ONNX Runtime in-process, clip-triton's preprocessing and tokenizer.
+    vision, text = make_session(onnx_dir / "vision.onnx"), make_session(onnx_dir / "text.onnx")
+    ours, tok = Preprocessor(pre), ClipTokenizer(contract.tokenizer)
+    bi, (o_img, o_p50, o_p99) = best(lambda b: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
+                                     images, batches, args.seconds)
+    bt, (o_txt, _, _) = best(lambda s: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds)
+    rows.append((f"ONNX Runtime in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
+    del vision, text
+
+    # 3. Triton over gRPC: perf_analyzer (single-item requests, the server batches) and ClipClient.
+    options = RepoOptions(runtime="python", queue_delay_us=args.queue_delay_us,
+                          preprocess_instances=args.preprocess_instances)
+    repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
+    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            pi = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency)
+            pt = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=concurrency)
+            rows.append((f"Triton perf_analyzer, concurrency {concurrency}", pi.items_per_sec, pt.items_per_sec,
+                         pi.p50_ms, pi.p99_ms))
+        concurrency = max(int(c) for c in args.concurrency.split(","))
+        with ClipClient(server.grpc_url, batch_size=1, concurrency=concurrency) as client:
+            for embed, items, slot in ((client.embed_images, images, 1), (client.embed_texts, texts, 2)):
+                embed(items[:concurrency])
+                work_items = [items[i % len(items)] for i in range(args.client_items)]
+                t0 = time.perf_counter()
+                embed(work_items)
+                rate = len(work_items) / (time.perf_counter() - t0)
+                if slot == 1:
+                    c_img = rate
+                else:
+                    c_txt = rate
+        rows.append((f"Triton ClipClient, concurrency {concurrency}", c_img, c_txt, float("nan"), float("nan")))
+
+    print(f"\n{args.model}, random weights, {contract.image_size[0]}px; this machine "
+          f"({__import__('os').cpu_count()} CPU cores); JPEG bytes / strings in, embeddings out")
+    print(f"{'path':<44}{'images/s':>10}{'x base':>8}{'texts/s':>10}{'x base':>8}{'img p50 ms':>12}{'img p99 ms':>12}")
+    for name, ir, tr, p50, p99 in rows:
+        print(f"{name:<44}{ir:>10.1f}{ir / baseline[0]:>8.2f}{tr:>10.1f}{tr / baseline[1]:>8.2f}{p50:>12.1f}{p99:>12.1f}")
+    print("latency: per request (Triton rows) or per in-process batch (in-process rows)")
+
+
+if __name__ == "__main__":
+    main()

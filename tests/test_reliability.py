@@ -1,0 +1,300 @@
+"""Load and fault tests against a real tritonserver on loopback (bounded in count and time).
+
+* soak: 64 concurrent clients, 10,000 mixed requests (a fifth of them invalid): every valid request
+  gets the embedding its item gets alone, every invalid one a clear INVALID_ARGUMENT, none lost, the
+  server ready throughout, and the server's resident memory flat after warm-up;
+* a python-backend stub killed mid-job: the canary notices, the watchdog restarts the server, the
+  ClipClient job finishes with every item answered once;
+* a corpus of 30+ bad inputs, each with its expected error.
+"""
+
+import io
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from clip_triton import contract as C
+from clip_triton.client import ClipClient
+from clip_triton.health import canary
+from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.server import TritonServer
+
+
+def png(seed: int, size=(40, 30)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants (tritonserver + python stubs)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,rss="], capture_output=True, text=True, check=True).stdout
+    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()]
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in rows:
+        children.setdefault(parent, []).append(child)
+    rss = {p: r for p, _, r in rows}
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += rss.get(current, 0)
+        stack.extend(children.get(current, []))
+    return total / 1024
+
+
+@pytest.fixture(scope="module")
+def soak_server(tiny_export, tmp_path_factory):
+    """The CPU defaults (2 ms queue delay, one preprocess instance per core), as `clip-triton repo` writes."""
+    folder = tmp_path_factory.mktemp("soak")
+    repo = write_repository(folder / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
+    server = TritonServer(repo, log_file=folder / "triton.log").start(timeout=120)
+    yield server
+    server.stop()
+
+
+def test_soak_mixed_valid_and_invalid(soak_server):
+    images = [png(i, (24 + i % 13, 30)) for i in range(24)]
+    texts = [f"caption {i}: a photo of thing number {i}" for i in range(24)]
+    bad = [("IMAGE", b""), ("IMAGE", b"<html>nope</html>"), ("IMAGE", images[0][:60]),
+           ("TEXT", b"\xff\xfe"), ("TEXT", b"   ")]
+    client = grpcclient.InferenceServerClient(soak_server.grpc_url)
+
+    def send(c, kind, item):
+        model = C.IMAGE_ENSEMBLE if kind == "IMAGE" else C.TEXT_ENSEMBLE
+        tensor = grpcclient.InferInput(kind, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[item]], dtype=object))
+        return c.infer(model, [tensor], client_timeout=60).as_numpy(C.EMBEDDING_OUTPUT)[0]
+
+    alone = {("IMAGE", i): send(client, "IMAGE", b) for i, b in enumerate(images)}  # each item sent alone
+    alone.update({("TEXT", i): send(client, "TEXT", t.encode()) for i, t in enumerate(texts)})
+
+    rng = np.random.default_rng(0)
+    jobs = []
+    for n in range(10_000):
+        if n % 5 == 4:
+            jobs.append(("bad", *bad[int(rng.integers(len(bad)))]))
+        elif rng.random() < 0.5:
+            i = int(rng.integers(len(images)))
+            jobs.append((("IMAGE", i), "IMAGE", images[i]))
+        else:
+            i = int(rng.integers(len(texts)))
+            jobs.append((("TEXT", i), "TEXT", texts[i].encode()))
+
+    ready_samples, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            ready_samples.append(soak_server.ready())
+            time.sleep(0.25)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    local = threading.local()
+    rss = {}
+
+    def run(index):
+        if not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(soak_server.grpc_url)
+        if index == 2_000:
+            rss["warm"] = tree_rss_mib(soak_server.process.pid)
+        key, kind, item = jobs[index]
+        try:
+            return send(local.client, kind, item)
+        except InferenceServerException as exc:
+            return exc
+
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(run, range(len(jobs))))
+    finally:
+        stop.set()
+        watcher.join()
+    elapsed = time.monotonic() - started
+    rss["end"] = tree_rss_mib(soak_server.process.pid)
+
+    assert len(results) == len(jobs) == 10_000  # none lost
+    worst = 0.0
+    for (key, kind, _), result in zip(jobs, results):
+        if key == "bad":
+            assert isinstance(result, InferenceServerException), "an invalid request was answered"
+            assert result.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in result.message()
+        else:
+            assert isinstance(result, np.ndarray), f"valid request failed: {result}"
+            worst = max(worst, float(np.abs(result - alone[key]).max()))
+    assert worst < 1e-5  # each answer is its own item's embedding, whatever it was batched with
+    assert ready_samples and all(ready_samples)
+    assert rss["end"] - rss["warm"] < max(64.0, 0.1 * rss["warm"]), rss  # flat after warm-up
+    print(f"\nsoak: 10,000 requests (2,000 invalid) from 64 clients in {elapsed:.1f} s "
+          f"({10_000 / elapsed:.0f} req/s); max |diff| vs alone {worst:.2e}; "
+          f"server RSS {rss['warm']:.0f} MiB after warm-up, {rss['end']:.0f} MiB at the end")
+
+
+def stub_pids(server: TritonServer, model: str) -> list[int]:
+    """Python-backend stub processes serving `model` from this server's repository (from /proc, since
+    `ps` cuts long command lines to the terminal width)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                args = handle.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if args and args[0].endswith("triton_python_backend_stub") and len(args) > 1 and \
+                args[1].startswith(f"{server.repo}/{model}/"):
+            found.append(int(entry))
+    return found
+
+
+def test_killed_stub_fails_the_canary_while_triton_says_ready(tiny_repo, tmp_path):
+    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+    try:
+        assert canary(server.grpc_url) == (True, "ok")
+        (pid,) = stub_pids(server, "tokenizer")
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        healthy, reason = canary(server.grpc_url)
+        assert not healthy and "not healthy" in reason
+        assert server.ready()  # Triton itself still reports ready: why the canary exists
+        state = {}
+        assert server.watchdog_step(state) is False and state["failures"] == 1
+        assert server.watchdog_step(state) is True and state["restarts"] == 1  # second failure: restart
+        assert canary(server.grpc_url) == (True, "ok")
+    finally:
+        server.stop()
+
+
+def test_job_survives_a_killed_stub(tiny_repo, tmp_path, open_clip_reference):
+    """A ClipClient job keeps going while a stub is killed and the watchdog restarts the server."""
+    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+    texts = [f"text number {i}" for i in range(60)]
+    expected = open_clip_reference.texts(texts)
+    stop, state = threading.Event(), {}
+
+    def chaos_and_watchdog():
+        time.sleep(0.5)
+        os.kill(stub_pids(server, "tokenizer")[0], signal.SIGKILL)
+        state["killed"] = time.monotonic()
+        while not stop.is_set() and not state.get("restarts"):
+            server.watchdog_step(state, failures_before_restart=1)
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=chaos_and_watchdog)
+    thread.start()
+    rows, finished = [], []
+    try:
+        with ClipClient(server.grpc_url, retries=12, backoff=0.25) as client:
+            for start in range(0, len(texts), 3):
+                rows.append(client.embed_texts(texts[start : start + 3]))
+                finished.append(time.monotonic())
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join()
+        server.stop()
+    assert state.get("restarts") == 1
+    assert any(t < state["killed"] for t in finished) and any(t > state["killed"] for t in finished)
+    served = np.concatenate(rows)
+    assert served.shape == (60, 32)
+    assert np.abs(served - expected).max() < 1e-4  # every item answered once, in order
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad-input corpus: (label, model, input name, datatype, array, expected status, message fragment)
+# ------------------------------------------------------------------------------------------------
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def _corpus():
+    photo = Image.open(io.BytesIO(png(7, (64, 48)))).convert("RGB")
+    jpeg, png_bytes = _encode(photo, "JPEG"), _encode(photo, "PNG")
+    bad_crc = bytearray(png_bytes)
+    bad_crc[60:90] = b"\x00" * 30
+    frames = [photo, photo.rotate(90), photo.rotate(180)]
+    animated = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    ok, bad = "ok", "StatusCode.INVALID_ARGUMENT"
+    img, txt = (C.IMAGE_ENSEMBLE, "IMAGE"), (C.TEXT_ENSEMBLE, "TEXT")
+    one = lambda item: np.array([[item]], dtype=object)  # noqa: E731
+    cases = [
+        ("zero bytes", *img, "BYTES", one(b""), bad, "empty image"),
+        ("random bytes", *img, "BYTES", one(os.urandom(2048)), bad, "not a decodable image"),
+        ("plain text", *img, "BYTES", one(b"hello, I am not an image"), bad, "not a decodable image"),
+        ("html", *img, "BYTES", one(b"<!doctype html><html><body>x</body></html>"), bad, "not a decodable image"),
+        ("svg", *img, "BYTES", one(b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>"), bad,
+         "not a decodable image"),
+        ("pdf header", *img, "BYTES", one(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj"), bad, "not a decodable image"),
+        ("jpeg magic only", *img, "BYTES", one(b"\xff\xd8\xff\xe0"), bad, "image"),
+        ("truncated jpeg", *img, "BYTES", one(jpeg[: len(jpeg) // 2]), bad, "corrupt or truncated"),
+        ("truncated png", *img, "BYTES", one(png_bytes[: len(png_bytes) // 2]), bad, "corrupt or truncated"),
+        ("png with bad crc", *img, "BYTES", one(bytes(bad_crc)), bad, "corrupt or truncated"),
+        ("truncated webp", *img, "BYTES", one(_encode(photo, "WEBP")[:40]), bad, "image"),
+        ("truncated bmp", *img, "BYTES", one(_encode(photo, "BMP")[:100]), bad, "corrupt or truncated"),
+        ("truncated tiff", *img, "BYTES", one(_encode(photo, "TIFF")[:200]), bad, "image"),
+        ("png decompression bomb", *img, "BYTES", one(_encode(Image.new("1", (12_000, 12_000)), "PNG")), bad,
+         "over the limit"),
+        ("gif decompression bomb", *img, "BYTES", one(_encode(Image.new("P", (9_000, 9_000)), "GIF")), bad,
+         "over the limit"),
+        ("1x1 image", *img, "BYTES", one(_encode(photo.resize((1, 1)), "PNG")), ok, ""),
+        ("animated gif (first frame)", *img, "BYTES", one(animated), ok, ""),
+        ("16-bit grayscale png", *img, "BYTES", one(_encode(Image.fromarray(np.full((9, 9), 40000, np.uint16)), "PNG")),
+         ok, ""),
+        ("cmyk jpeg", *img, "BYTES", one(_encode(photo.convert("CMYK"), "JPEG")), ok, ""),
+        ("one bad item in a batch", *img, "BYTES", np.array([[jpeg], [b"junk"], [jpeg]], dtype=object), bad, "item 1:"),
+        ("invalid utf-8", *txt, "BYTES", one(b"\xff\xfe\xfd"), bad, "not valid UTF-8"),
+        ("truncated utf-8 sequence", *txt, "BYTES", one("café".encode()[:-1]), bad, "not valid UTF-8"),
+        ("utf-16 text", *txt, "BYTES", one("hello".encode("utf-16")), bad, "not valid UTF-8"),
+        ("empty text", *txt, "BYTES", one(b""), bad, "empty text"),
+        ("whitespace text", *txt, "BYTES", one(b" \t\n "), bad, "empty text"),
+        ("huge text", *txt, "BYTES", one(b"z" * 100_000), bad, "over the limit"),
+        ("long text is truncated, not refused", *txt, "BYTES", one(b"word " * 2000), ok, ""),
+        ("nul bytes in text", *txt, "BYTES", one(b"a\x00b"), ok, ""),
+        ("image input as FP32", C.IMAGE_ENSEMBLE, "IMAGE", "FP32", np.zeros((1, 1), np.float32), bad, "data-type"),
+        ("image input wrong shape", C.IMAGE_ENSEMBLE, "IMAGE", "BYTES", np.array([[b"a", b"b"]], dtype=object), bad,
+         "unexpected shape"),
+        ("text input as INT32", C.TEXT_ENSEMBLE, "TEXT", "INT32", np.zeros((1, 1), np.int32), bad, "data-type"),
+        ("unknown input name", C.TEXT_ENSEMBLE, "PROMPT", "BYTES", one(b"x"), bad, "PROMPT"),
+        ("batch over max_batch_size", *txt, "BYTES", np.array([[b"x"]] * 65, dtype=object), bad, "batch"),
+        ("pixels of the wrong size to the encoder", C.VISION_MODEL, C.PIXELS, "FP32",
+         np.zeros((1, 3, 16, 16), np.float32), bad, "unexpected shape"),
+        ("int64 ids to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT64", np.zeros((1, 77), np.int64), bad,
+         "data-type"),
+    ]
+    return cases
+
+
+CORPUS = _corpus()
+
+
+def test_corpus_is_large_enough():
+    assert len(CORPUS) >= 30
+    assert sum(case[5] != "ok" for case in CORPUS) >= 28
+
+
+@pytest.mark.parametrize("label, model, name, datatype, array, status, fragment", CORPUS, ids=[c[0] for c in CORPUS])
+def test_bad_input_corpus(grpc, triton, label, model, name, datatype, array, status, fragment):
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    if status == "ok":
+        out = grpc.infer(model, [tensor]).as_numpy(C.EMBEDDING_OUTPUT)
+        assert out.shape == (array.shape[0], 32) and np.isfinite(out).all()
+    else:
+        with pytest.raises(InferenceServerException) as err:
+            grpc.infer(model, [tensor])
+        assert err.value.status() == status, err.value.message()
+        assert fragment.lower() in err.value.message().lower(), err.value.message()
+    assert triton.ready()
