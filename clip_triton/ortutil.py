@@ -8,12 +8,15 @@ from pathlib import Path
 from .errors import ClipTritonError
 
 
-def make_session(path: str | Path, threads: int | None = None, fp16: bool | None = None, device: str = "cpu"):
+def make_session(path: str | Path, threads: int | None = None, fp16: bool | None = None, device: str = "cpu",
+                 spinning: bool | None = None):
     """An ``InferenceSession`` for an exported encoder.
 
     ``fp16`` graphs on the CPU provider are created with the ``NchwcTransformer`` disabled: with it,
     ONNX Runtime crashes while creating the session (seen with ORT 1.2x on x86-64).
-    ``threads`` sets intra-op threads (default: ORT's choice, one per core).
+    ``threads`` sets intra-op threads (default: ORT's choice, one per core). ``spinning=False`` stops
+    idle ORT threads from busy-waiting, which matters when other processes (Triton's preprocessing
+    instances) share the cores.
     """
     import onnxruntime as ort  # noqa: PLC0415 (only the roles that run graphs need it)
 
@@ -26,6 +29,8 @@ def make_session(path: str | Path, threads: int | None = None, fp16: bool | None
     if threads:
         options.intra_op_num_threads = int(threads)
     options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         providers.insert(0, "CUDAExecutionProvider")

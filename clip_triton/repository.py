@@ -68,6 +68,7 @@ class RepoOptions:
     preprocess_instances: int | None = None  # default: 8 on GPU runtimes, one per core for --runtime python
     tokenizer_instances: int = 1
     ort_threads: int = 0  # python encoders: ONNX Runtime intra-op threads, 0 = all cores
+    ort_spinning: bool = True  # python encoders: let idle ORT threads busy-wait (ORT's default)
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
     max_text_chars: int = 65536
@@ -227,6 +228,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.backend = "python"
             enc.parameters["onnx_file"].string_value = ONNX_FILE
             enc.parameters["ort_threads"].string_value = str(options.ort_threads)
+            enc.parameters["ort_spinning"].string_value = "true" if options.ort_spinning else "false"
             _instances(enc, options.encoder_instances, "KIND_CPU")
         _batching(enc, preferred, delay)
         if options.warmup:

@@ -97,10 +97,22 @@ def check_repository(repo: Path) -> list[str]:
     return models
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports: all probe sockets stay open until every port is chosen."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def _check_port(host: str, port: int, what: str) -> None:
@@ -129,9 +141,10 @@ class TritonServer:
                  extra_args: tuple[str, ...] = ()):
         self.repo = Path(repo).resolve()
         self.host = host
-        self.http_port = http_port or free_port(host)
-        self.grpc_port = grpc_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        spare = iter(free_ports(3, host))
+        self.http_port = http_port or next(spare)
+        self.grpc_port = grpc_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = tuple(extra_args)

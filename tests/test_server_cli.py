@@ -44,12 +44,12 @@ def test_port_in_use_is_reported(tiny_repo):
 
 
 def test_serve_command_runs_until_ctrl_c(tiny_repo):
-    from clip_triton.server import free_port
+    from clip_triton.server import free_ports
 
-    http = free_port()
+    http, grpc_port, metrics = free_ports(3)
     process = subprocess.Popen(
         [sys.executable, "-m", "clip_triton.cli", "serve", "--repo", str(tiny_repo), "--http-port", str(http),
-         "--grpc-port", str(free_port()), "--metrics-port", str(free_port())],
+         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

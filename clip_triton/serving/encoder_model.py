@@ -22,8 +22,9 @@ class TritonPythonModel:
         self.spec_in, self.spec_out = contract.encoder_io(tower)
         folder = os.path.join(args["model_repository"], args["model_version"])
         threads = int(params.get("ort_threads", "0")) or None
+        spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""), None)
         self.session = make_session(os.path.join(folder, params["onnx_file"]), threads=threads,
-                                    fp16=contract.precision == "fp16")
+                                    fp16=contract.precision == "fp16", spinning=spinning)
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415

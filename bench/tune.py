@@ -1,0 +1,59 @@
+"""Sweep the serving knobs of the CPU repository and print clip_image/clip_text throughput per setting.
+
+    python bench/tune.py [--model ViT-B-32] [--concurrency 8]
+
+Each row writes a repository with one change from the default, restarts tritonserver and measures
+both ensembles with perf_analyzer (real JPEGs / prompts, single-item requests) in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
+from clip_triton.demo import _export_is_current
+from clip_triton.perf import run_perf_analyzer
+from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.server import TritonServer
+
+SETTINGS = {
+    "default (2 ms delay, ORT spinning, 2 threads)": {},
+    "ORT threads do not spin": {"ort_spinning": False},
+    "no spinning, 10 ms queue delay": {"ort_spinning": False, "queue_delay_us": 10_000},
+    "no spinning, 1 preprocess instance": {"ort_spinning": False, "preprocess_instances": 1},
+    "no spinning, 2 encoder instances x 1 thread": {"ort_spinning": False, "encoder_instances": 2, "ort_threads": 1},
+    "no spinning, 0.5 ms queue delay": {"ort_spinning": False, "queue_delay_us": 500},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--workdir", default=".clip-triton/bench")
+    args = parser.parse_args()
+    from clip_triton.export import export_model
+
+    work = Path(args.workdir)
+    onnx_dir = work / f"onnx-{Path(args.model).stem}"
+    if not _export_is_current(onnx_dir, args.model, "none"):
+        export_model(args.model, "none", onnx_dir)
+    rows = []
+    for name, change in SETTINGS.items():
+        options = replace(RepoOptions(runtime="python"), **change)
+        repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
+        with TritonServer(repo, log_file=work / "tune-triton.log") as server:
+            image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency)
+            text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency)
+        rows.append((name, image, text))
+        print(f"{name:<46}{image.items_per_sec:>9.1f} img/s{text.items_per_sec:>9.1f} txt/s", flush=True)
+    print(f"\n{args.model}, concurrency {args.concurrency}, single-item requests")
+    print(f"{'setting':<46}{'images/s':>10}{'p99 ms':>9}{'texts/s':>10}{'p99 ms':>9}")
+    for name, image, text in rows:
+        print(f"{name:<46}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
