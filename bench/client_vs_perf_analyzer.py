@@ -17,10 +17,11 @@ from pathlib import Path
 
 from clip_triton.client import ClipClient
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
-from clip_triton.demo import _export_is_current
 from clip_triton.perf import SAMPLE_PROMPTS, run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer
+
+from common import prepared_export  # bench/common.py
 
 
 def main() -> None:
@@ -32,12 +33,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=".clip-triton/bench")
     args = parser.parse_args()
 
-    from clip_triton.export import export_model  # noqa: PLC0415
-
     work = Path(args.workdir)
-    onnx_dir = work / f"onnx-{Path(args.model).stem}"
-    if not _export_is_current(onnx_dir, args.model, "none"):
-        export_model(args.model, "none", onnx_dir)
+    onnx_dir = prepared_export(args.model, work)
     repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
     folder = resources.files("clip_triton").joinpath("assets", "images")
     photos = [folder.joinpath(n).read_bytes() for n in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]

@@ -20,6 +20,11 @@ def rate(fn, items, seconds: float = 3.0) -> float:
     return done / (time.perf_counter() - start)
 
 
+def _clear(tokenizer) -> None:
+    """Empty open_clip's BPE cache (it starts with the special tokens only)."""
+    tokenizer.cache = {t: t for t in ("<start_of_text>", "<end_of_text>")}
+
+
 def main() -> None:
     import open_clip
     from PIL import Image
@@ -43,7 +48,7 @@ def main() -> None:
     rows = [
         ("preprocess JPEG -> [3,224,224]", rate(lambda b: transform(Image.open(io.BytesIO(b))), blobs),
          rate(ours.from_bytes, blobs)),
-        ("tokenize (cold cache, unique texts)", rate(lambda t: reference_tok([t]), corpus),
+        ("tokenize (word caches cleared per text)", rate(lambda t: (_clear(reference_tok), reference_tok([t])), corpus),
          rate(lambda t: (tok._words.clear(), tok.ids(t)), corpus)),
         ("tokenize (warm word cache)", rate(lambda t: reference_tok([t]), corpus), rate(tok.ids, corpus)),
     ]

@@ -69,8 +69,6 @@ def main() -> None:
 
     from clip_triton.client import ClipClient
     from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
-    from clip_triton.demo import _export_is_current
-    from clip_triton.export import export_model
     from clip_triton.export.weights import load_model
     from clip_triton.ortutil import make_session
     from clip_triton.perf import run_perf_analyzer
@@ -78,11 +76,10 @@ def main() -> None:
     from clip_triton.repository import RepoOptions, write_repository
     from clip_triton.server import TritonServer
     from clip_triton.tokenizer import ClipTokenizer
+    from common import prepared_export  # bench/common.py
 
     work = Path(args.workdir)
-    onnx_dir = work / f"onnx-{Path(args.model).stem}"
-    if not _export_is_current(onnx_dir, args.model, "none"):
-        export_model(args.model, "none", onnx_dir)
+    onnx_dir = prepared_export(args.model, work)
     images = photos() * 8
     texts = [f"{PROMPTS[i % len(PROMPTS)]} number {i}" for i in range(256)]
     rows = []

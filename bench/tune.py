@@ -13,10 +13,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
-from clip_triton.demo import _export_is_current
 from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer
+
+from common import prepared_export  # bench/common.py
 
 SETTINGS = {
     "default (2 ms delay, ORT spinning, 2 threads)": {},
@@ -34,12 +35,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--workdir", default=".clip-triton/bench")
     args = parser.parse_args()
-    from clip_triton.export import export_model
-
     work = Path(args.workdir)
-    onnx_dir = work / f"onnx-{Path(args.model).stem}"
-    if not _export_is_current(onnx_dir, args.model, "none"):
-        export_model(args.model, "none", onnx_dir)
+    onnx_dir = prepared_export(args.model, work)
     rows = []
     for name, change in SETTINGS.items():
         options = replace(RepoOptions(runtime="python"), **change)

@@ -97,6 +97,11 @@ def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency:
             "--percentile=99", "-f", str(csv_file), "--verbose-csv",
         ]
         done = subprocess.run(command, capture_output=True, text=True, env=perf_environment(), timeout=timeout)
+        if done.returncode != 0 and "stable measurement" in done.stdout + done.stderr:
+            # noisy machine: one more try with windows twice as long
+            command[command.index(f"--measurement-interval={measurement_ms}")] = \
+                f"--measurement-interval={2 * measurement_ms}"
+            done = subprocess.run(command, capture_output=True, text=True, env=perf_environment(), timeout=timeout)
         if done.returncode != 0 or not csv_file.exists():
             raise ClipTritonError(f"perf_analyzer failed ({done.returncode}): {(done.stderr or done.stdout)[-1500:]}")
         rows = list(csv.DictReader(csv_file.open()))

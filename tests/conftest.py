@@ -8,7 +8,10 @@ test is bit-for-bit the model that was exported.
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,3 +127,31 @@ def cos(a, b) -> np.ndarray:
     from clip_triton.contract import cosine
 
     return cosine(a, b)
+
+
+@contextlib.contextmanager
+def local_http_server(route):
+    """A loopback HTTP server for URL-fetching tests; ``route(path) -> (status, headers, body)``."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            status, headers, body = route(self.path)
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # clients that stop reading (byte caps) break the pipe: expected here
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from clip_triton.client import ClipClient, ItemErrors, rank
 
-from .conftest import cos
+from .conftest import cos, local_http_server
 
 
 @pytest.fixture()
@@ -203,31 +203,16 @@ def test_zeroshot_metadata_is_open_clips():
 
 @pytest.fixture()
 def http_server(photos):
-    """A local HTTP server (loopback) serving a photo, a large body, and a 404."""
-    import http.server
-    import threading
+    """A loopback HTTP server serving a photo, a large body, and a 404."""
+    bodies = {"/cat.jpg": photos["cat"], "/huge.jpg": b"\xff" * (3 * 1024 * 1024)}
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = {"/cat.jpg": photos["cat"], "/huge.jpg": b"\xff" * (3 * 1024 * 1024)}.get(self.path)
-            if body is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def route(path):
+        if path in bodies:
+            return 200, {"Content-Type": "image/jpeg"}, bodies[path]
+        return 404, {}, b""
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(route) as url:
+        yield url
 
 
 def test_urls_are_fetched_with_limits(triton, http_server, photos):

@@ -2,7 +2,6 @@
 official `openai` package (and httpx for the endpoints OpenAI's client has no method for)."""
 
 import base64
-import http.server
 import threading
 import time
 
@@ -15,7 +14,7 @@ from clip_triton.client import ClipClient
 from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
 from clip_triton.server import free_port
 
-from .conftest import cos
+from .conftest import cos, local_http_server
 
 KEY = "sk-test-key-123"
 
@@ -182,35 +181,21 @@ def test_auth_is_required_unless_disabled():
 
 @pytest.fixture(scope="module")
 def image_host(photos):
-    """A local HTTP server (loopback) that serves an image, a redirect, HTML and a huge body."""
+    """A loopback HTTP server that serves an image, redirect chains, HTML and a huge body."""
+    routes = {
+        "/cat.jpg": (200, {"Content-Type": "image/jpeg"}, photos["cat"]),
+        "/page.html": (200, {"Content-Type": "text/html"}, b"<html></html>"),
+        "/huge.jpg": (200, {"Content-Type": "image/jpeg"}, b"\xff" * (2 * 1024 * 1024)),
+    }
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            routes = {
-                "/cat.jpg": (200, "image/jpeg", photos["cat"]),
-                "/page.html": (200, "text/html", b"<html></html>"),
-                "/huge.jpg": (200, "image/jpeg", b"\xff" * (2 * 1024 * 1024)),
-            }
-            if self.path.startswith("/hop"):
-                hops = int(self.path[4:] or 0)
-                self.send_response(302)
-                self.send_header("Location", "/cat.jpg" if hops == 0 else f"/hop{hops - 1}")
-                self.end_headers()
-                return
-            status, kind, body = routes.get(self.path, (404, "text/plain", b"missing"))
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def route(path):
+        if path.startswith("/hop"):
+            hops = int(path[4:] or 0)
+            return 302, {"Location": "/cat.jpg" if hops == 0 else f"/hop{hops - 1}"}, b""
+        return routes.get(path, (404, {"Content-Type": "text/plain"}, b"missing"))
 
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with local_http_server(route) as url:
+        yield url
 
 
 def test_urls_to_loopback_are_refused_by_default(oai, image_host):

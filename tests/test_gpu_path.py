@@ -76,8 +76,8 @@ def test_images_are_pinned_in_one_place():
     releases = re.findall(r"^ARG TRITON_RELEASE=(\S+)$", DOCKERFILE, flags=re.M)
     assert len(releases) == 1 and re.fullmatch(r"\d\d\.\d\d", releases[0])
     bases = re.findall(r"^FROM (\S+)", DOCKERFILE, flags=re.M)
-    assert len(bases) == 5
-    for base in bases:
+    assert len(bases) == 6 and bases[0] == "scratch"
+    for base in bases[1:]:
         assert ":" in base and not base.endswith(":latest")
         if base.startswith("nvcr.io/"):
             assert "${TRITON_RELEASE}" in base  # Triton, TensorRT and SDK from the same release

@@ -153,13 +153,24 @@ def stub_pids(server: TritonServer, model: str) -> list[int]:
         except OSError:
             continue
         if args and args[0].endswith("triton_python_backend_stub") and len(args) > 1 and \
-                args[1].startswith(f"{server.repo}/{model}/"):
+                args[1].startswith(f"{server.repo}/{model}/") and _parent(int(entry)) == server.process.pid:
             found.append(int(entry))
     return found
 
 
-def test_killed_stub_fails_the_canary_while_triton_says_ready(tiny_repo, tmp_path):
-    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture()
+def own_repo(tiny_export, tmp_path):
+    """A repository of the test's own: killing its stubs cannot touch the session's server."""
+    return write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
+
+
+def test_killed_stub_fails_the_canary_while_triton_says_ready(own_repo, tmp_path):
+    server = TritonServer(own_repo, log_file=tmp_path / "triton.log").start(timeout=120)
     try:
         assert canary(server.grpc_url) == (True, "ok")
         (pid,) = stub_pids(server, "tokenizer")
@@ -176,9 +187,9 @@ def test_killed_stub_fails_the_canary_while_triton_says_ready(tiny_repo, tmp_pat
         server.stop()
 
 
-def test_job_survives_a_killed_stub(tiny_repo, tmp_path, open_clip_reference):
+def test_job_survives_a_killed_stub(own_repo, tmp_path, open_clip_reference):
     """A ClipClient job keeps going while a stub is killed and the watchdog restarts the server."""
-    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+    server = TritonServer(own_repo, log_file=tmp_path / "triton.log").start(timeout=120)
     texts = [f"text number {i}" for i in range(60)]
     expected = open_clip_reference.texts(texts)
     stop, state = threading.Event(), {}
