@@ -201,7 +201,11 @@ class TritonServer:
         self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # Ctrl-C or a failed start: never leave the server (own session) behind
+            self.stop(timeout=5)
+            raise
         return self
 
     def ready(self) -> bool:
@@ -281,15 +285,15 @@ class TritonServer:
         server on the same ports. 0 disables the watchdog.
         """
         self.log_file = None
-        print(f"starting tritonserver on {self.repo} ...", flush=True)
-        self.start(timeout)
-        print(json.dumps({"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
-                          "log": str(self.log_file)}), flush=True)
-        print("ready; Ctrl-C stops the server", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         state: dict = {}
-        next_check = time.monotonic() + watchdog_interval
         try:
+            print(f"starting tritonserver on {self.repo} ...", flush=True)
+            self.start(timeout)
+            print(json.dumps({"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
+                              "log": str(self.log_file)}), flush=True)
+            print("ready; Ctrl-C stops the server", flush=True)
+            next_check = time.monotonic() + watchdog_interval
             while self.process is not None and self.process.poll() is None:
                 time.sleep(0.5)
                 if watchdog_interval and time.monotonic() >= next_check:
