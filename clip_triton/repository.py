@@ -333,7 +333,8 @@ def write_repository(out: str | Path, *, onnx_dir: str | Path | None = None, opt
     if out.exists():
         if not force and any(out.iterdir()):
             raise ClipTritonError(f"{out} exists and is not empty", "pass --force to replace it")
-        shutil.rmtree(out)
+        for child in out.iterdir():  # empty it in place: the folder may be a mounted volume
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     for rel, text in repository_files(facts, options).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,9 @@ def test_export_and_engines_jobs():
     engines = command_text("engines")
     assert "clip-triton repo --runtime tensorrt --onnx-dir /exports/current --out /models" in engines
     assert "clip-triton build-engines --onnx-dir /exports/current --repo /models" in engines
-    assert set(COMPOSE["volumes"]) == {"hf-cache", "exports", "models"}
+    assert "--timing-cache /trt-cache/timing.cache" in engines and "trt-cache:/trt-cache" in \
+        COMPOSE["services"]["engines"]["volumes"]
+    assert set(COMPOSE["volumes"]) == {"hf-cache", "exports", "models", "trt-cache"}
 
 
 def test_images_are_pinned_in_one_place():

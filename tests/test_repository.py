@@ -128,3 +128,17 @@ def test_repository_needs_an_export_and_refuses_failed_ones(tmp_path, tiny_expor
         write_repository(tmp_path / "b", onnx_dir=failed, options=RepoOptions(runtime="python"))
     with pytest.raises(ClipTritonError, match="exists and is not empty"):
         write_repository(COMMITTED, options=RepoOptions(runtime="tensorrt"))
+
+
+def test_force_empties_the_folder_in_place(tmp_path, tiny_export):
+    """--force keeps the folder itself (it may be a mounted volume) and replaces its content."""
+    out = tmp_path / "mounted"
+    out.mkdir()
+    (out / "stale").mkdir()
+    (out / "stale" / "old.txt").write_text("x")
+    (out / "old-file").write_text("x")
+    inode = out.stat().st_ino
+    write_repository(out, onnx_dir=tiny_export, options=RepoOptions(runtime="python"), force=True)
+    assert out.stat().st_ino == inode
+    assert not (out / "stale").exists() and not (out / "old-file").exists()
+    assert (out / "clip_image" / "config.pbtxt").is_file()

@@ -87,6 +87,8 @@ def create_app(settings: GatewaySettings):
     from pydantic import BaseModel, Field  # noqa: PLC0415
     from starlette.exceptions import HTTPException  # noqa: PLC0415
 
+    from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
     from clip_triton.client import AsyncClipClient, ClipClientError, ItemErrors  # noqa: PLC0415
 
     registry = CollectorRegistry()
@@ -155,7 +157,7 @@ def create_app(settings: GatewaySettings):
     async def facts(request: Request):
         try:
             return await request.app.state.client.get_facts()
-        except Exception as exc:  # noqa: BLE001 (any transport failure means: not available)
+        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:
             raise ApiError(503, f"the model server is unavailable ({type(exc).__name__})", type_="server_error",
                            code="triton_unavailable") from None
 
@@ -196,9 +198,7 @@ def create_app(settings: GatewaySettings):
         except ItemErrors as exc:
             index, reason = next(iter(exc.errors.items()))
             raise _item_error(positions[index], reason, name) from None
-        except (ClipClientError, Exception) as exc:  # noqa: BLE001 (transport: the server is down or failing)
-            if isinstance(exc, ApiError):
-                raise
+        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:  # transport failures
             raise ApiError(503, f"the model server is unavailable ({str(exc)[:200]})", type_="server_error",
                            code="triton_unavailable") from None
 
