@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
                                         "ms_per_batch": ms, "tflops": tflops, "ceiling_items_per_s": ceiling})
                 print(f"{dtype_name:<6}{tower:<8}{batch:>6}{rate:>11.1f}{ms:>10.2f}{tflops:>9.1f}{ceiling:>11.0f}"
                       f"{rate / ceiling:>12.1%}", flush=True)
-        del model
+        model = None  # free it before the next dtype
         if args.device == "cuda":
             torch.cuda.empty_cache()
     if args.json:

@@ -104,7 +104,7 @@ def main() -> None:
     bt, (txt_rate, txt_p50, txt_p99) = best(torch_texts, texts, batches, args.seconds)
     rows.append((f"PyTorch eager in-process (batch {bi}/{bt})", img_rate, txt_rate, img_p50, img_p99))
     baseline = (img_rate, txt_rate)
-    del model, loaded
+    model = loaded = None  # free it before the next row
 
     # 2. ONNX Runtime in-process, clip-triton's preprocessing and tokenizer.
     vision, text = make_session(onnx_dir / "vision.onnx"), make_session(onnx_dir / "text.onnx")
@@ -113,7 +113,7 @@ def main() -> None:
                                      images, batches, args.seconds)
     bt, (o_txt, _, _) = best(lambda s: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds)
     rows.append((f"ONNX Runtime in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
-    del vision, text
+    vision = text = None
 
     # 3. Triton over gRPC: perf_analyzer (single-item requests, the server batches) and ClipClient.
     options = RepoOptions(runtime="python", queue_delay_us=args.queue_delay_us,

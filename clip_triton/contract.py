@@ -12,7 +12,6 @@ as a snapshot shipped in this package) so that serving code and clients read it 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -392,8 +391,3 @@ def cosine(a, b) -> "Any":
     num = (a * b).sum(-1)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return num / np.maximum(den, 1e-30)
-
-
-def logit_scale_value(raw: float) -> float:
-    """open_clip stores log(scale); the similarity multiplier is exp of it."""
-    return float(math.exp(raw))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -88,7 +88,6 @@ class ServingFacts:
     logit_bias: float | None = None
     random_weights: bool = False
     logit_scale_source: str = "checkpoint"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ServingFacts":

@@ -153,7 +153,7 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
     optimization_level: int = 3  # TensorRT builder optimisation level, 0-5
     workspace_gib: float = 8.0
