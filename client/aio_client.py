@@ -15,13 +15,13 @@ from .grpc_client import (
     ClipClientError,
     ItemErrors,
     ServerFacts,
-    _status,
     ensemble_templates,
     facts_from_config,
-    item_error,
+    plan_batches,
     prepare_images,
     prepare_texts,
     rank,
+    record_or_split,
     retryable,
     template_texts,
 )
@@ -84,9 +84,7 @@ class AsyncClipClient:
 
         facts = await self.get_facts()
         size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
-        out = np.full((len(items), facts.embed_dim), np.nan, dtype=np.float32)
-        errors = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
-        good = [i for i in range(len(items)) if i not in errors]
+        out, errors, chunks = plan_batches(items, facts.embed_dim, size)
         gate = asyncio.Semaphore(self.concurrency)
 
         async def run(chunk: list[int]) -> None:
@@ -94,14 +92,10 @@ class AsyncClipClient:
                 async with gate:
                     out[chunk] = await self._infer(model, input_name, [items[i] for i in chunk])
             except InferenceServerException as exc:
-                if _status(exc) != "StatusCode.INVALID_ARGUMENT":
-                    raise ClipClientError(f"{model}: {exc.message()}") from exc
-                if len(chunk) == 1:
-                    errors[chunk[0]] = item_error(exc)
-                    return
-                await asyncio.gather(*(run([i]) for i in chunk))
+                if record_or_split(exc, model, chunk, errors):
+                    await asyncio.gather(*(run([i]) for i in chunk))
 
-        await asyncio.gather(*(run(good[i : i + size]) for i in range(0, len(good), size)))
+        await asyncio.gather(*(run(chunk) for chunk in chunks))
         if errors:
             raise ItemErrors(errors, out)
         return out

@@ -105,6 +105,29 @@ def item_error(exc) -> str:
     return (message or str(exc)).split("item 0: ", 1)[-1]
 
 
+def plan_batches(items: list, embed_dim: int, batch_size: int) -> tuple[np.ndarray, dict[int, str], list[list[int]]]:
+    """NaN-filled output rows, the items that already failed on the client (index -> reason), and
+    the other indices split into batches of ``batch_size``."""
+    out = np.full((len(items), embed_dim), np.nan, dtype=np.float32)
+    errors = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
+    good = [i for i in range(len(items)) if i not in errors]
+    return out, errors, [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
+
+
+def record_or_split(exc, model: str, chunk: list[int], errors: dict[int, str]) -> bool:
+    """After a failed batch: True means resend its items one by one to find the bad one(s).
+
+    INVALID_ARGUMENT on a single item records that item's reason; any other status is a transport
+    or server failure and raises :class:`ClipClientError`.
+    """
+    if _status(exc) != "StatusCode.INVALID_ARGUMENT":
+        raise ClipClientError(f"{model}: {exc.message()}") from exc
+    if len(chunk) == 1:
+        errors[chunk[0]] = item_error(exc)
+        return False
+    return True
+
+
 def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_URL_BYTES) -> bytes:
     """Download an http(s) image with a time and size limit."""
     if not url.lower().startswith(("http://", "https://")):
@@ -234,31 +257,24 @@ class ClipClient:
         """Embed items in batches, several in flight; bad items are isolated and reported by index."""
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-        n = len(items)
-        out = np.full((n, self.facts.embed_dim), np.nan, dtype=np.float32)
-        errors: dict[int, str] = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
-        good = [i for i in range(n) if i not in errors]
         size = self.batch_size
-        chunks = [good[i : i + size] for i in range(0, len(good), size)]
+        out, errors, chunks = plan_batches(items, self.facts.embed_dim, size)
+        total = sum(len(chunk) for chunk in chunks)
 
         def run(chunk: list[int]) -> None:
             try:
                 out[chunk] = self._infer(model, input_name, [items[i] for i in chunk])
             except InferenceServerException as exc:
-                if _status(exc) != "StatusCode.INVALID_ARGUMENT":
-                    raise ClipClientError(f"{model}: {exc.message()}") from exc
-                if len(chunk) == 1:
-                    errors[chunk[0]] = item_error(exc)
-                    return
-                for index in chunk:  # isolate the bad item(s); the others still get embeddings
-                    run([index])
+                if record_or_split(exc, model, chunk, errors):
+                    for index in chunk:  # isolate the bad item(s); the others still get embeddings
+                        run([index])
 
         done = 0
         with ThreadPoolExecutor(self.concurrency) as pool:
             for _ in pool.map(run, chunks):
                 done += 1
                 if self.progress:
-                    print(f"\r{model}: {min(done * size, len(good))}/{len(good)} items", end="", flush=True)
+                    print(f"\r{model}: {min(done * size, total)}/{total} items", end="", flush=True)
         if self.progress and chunks:
             print()
         if errors:

@@ -17,7 +17,7 @@ DEFAULT_PROMPTS = ("a photo of a cat", "a photo of a cup of coffee", "a photo of
                    "a photo of a rocket launch", "a photo of a dog")
 
 
-def _export_is_current(folder: Path, model: str, pretrained: str) -> bool:
+def export_is_current(folder: Path, model: str, pretrained: str) -> bool:
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return False
@@ -37,7 +37,7 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
     log = Progress("demo")
     work = Path(workdir)
     onnx_dir, repo = work / "onnx", work / "model_repository"
-    if _export_is_current(onnx_dir, model, pretrained):
+    if export_is_current(onnx_dir, model, pretrained):
         log(f"reusing the verified export in {onnx_dir}")
     else:
         log(f"exporting {model} ({pretrained}) to {onnx_dir}")

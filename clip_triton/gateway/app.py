@@ -255,11 +255,9 @@ def create_app(settings: GatewaySettings):
         tokens = await count_tokens(request, texts, "input")
         images = await load_images(refs, "input")
         client = request.app.state.client
-        text_vectors, image_vectors = await asyncio.gather(
-            triton_call(client.embed_texts([t for _, t in texts]), [i for i, _ in texts], "input")
-            if texts else _empty(served.embed_dim),
-            triton_call(client.embed_images(images), [i for i, _ in refs], "input")
-            if refs else _empty(served.embed_dim),
+        text_vectors, image_vectors = await asyncio.gather(  # an empty side returns a (0, D) array
+            triton_call(client.embed_texts([t for _, t in texts]), [i for i, _ in texts], "input"),
+            triton_call(client.embed_images(images), [i for i, _ in refs], "input"),
         )
         vectors = np.empty((len(items), served.embed_dim), dtype=np.float32)
         vectors[[i for i, _ in texts]] = text_vectors
@@ -299,7 +297,3 @@ def create_app(settings: GatewaySettings):
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
-
-
-async def _empty(dim: int) -> np.ndarray:
-    return np.zeros((0, dim), dtype=np.float32)
