@@ -17,7 +17,7 @@ install() {
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
         echo "[dev] installing clip-triton[export,serve,test,bench,gateway] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,test,bench,gateway]"
+        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,cpu,test,bench,gateway]"
         touch "$stamp"
     fi
     # perf_analyzer (in the tritonclient wheel) links Debian's libb64.

@@ -24,7 +24,7 @@ SETTINGS = {
     "ORT threads do not spin": {"ort_spinning": False},
     "no spinning, 10 ms queue delay": {"ort_spinning": False, "queue_delay_us": 10_000},
     "no spinning, 1 preprocess instance": {"ort_spinning": False, "preprocess_instances": 1},
-    "no spinning, 2 encoder instances x 1 thread": {"ort_spinning": False, "encoder_instances": 2, "ort_threads": 1},
+    "no spinning, 2 encoder instances x 1 thread": {"ort_spinning": False, "encoder_instances": 2, "encoder_threads": 1},
     "no spinning, 0.5 ms queue delay": {"ort_spinning": False, "queue_delay_us": 500},
 }
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .contract import DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, RUNTIMES
+from .contract import CPU_ENGINES, CPU_PRECISIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, RUNTIMES
 from .errors import ClipTritonError, VerificationError
 
 EXIT_USER_ERROR = 2
@@ -35,7 +35,8 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from clip_triton.export import verify_export  # noqa: PLC0415
 
-    verify_export(args.onnx_dir, seed=args.seed, checkpoint=args.checkpoint)
+    verify_export(args.onnx_dir, seed=args.seed, checkpoint=args.checkpoint, engine=args.engine,
+                  cpu_precision=args.cpu_precision)
     return 0
 
 
@@ -67,7 +68,9 @@ def _repo(args) -> int:
         encoder_instances=args.encoder_instances,
         preprocess_instances=args.preprocess_instances,
         tokenizer_instances=args.tokenizer_instances,
-        ort_threads=args.ort_threads,
+        cpu_engine=args.cpu_engine,
+        cpu_precision=args.cpu_precision,
+        encoder_threads=args.encoder_threads,
         max_image_pixels=args.max_image_pixels,
     )
     path = write_repository(args.out, onnx_dir=args.onnx_dir, options=options, force=args.force)
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx_dir")
     p.add_argument("--seed", type=int, default=None, help="override the recorded seed (random-weight exports)")
     p.add_argument("--checkpoint", default=None, help="override the recorded checkpoint path")
+    p.add_argument("--engine", choices=CPU_ENGINES, default="onnxruntime", help="CPU engine that runs the graphs")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="fp32",
+                   help="bf16: check OpenVINO's bf16 compute (tolerance: cosine >= 0.999)")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("repo", help="write a Triton model repository (ensemble) for an export")
@@ -266,7 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-instances", type=int, default=1)
     p.add_argument("--preprocess-instances", type=int, default=None)
     p.add_argument("--tokenizer-instances", type=int, default=1)
-    p.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: all cores)")
+    p.add_argument("--cpu-engine", choices=CPU_ENGINES, default="onnxruntime",
+                   help="--runtime python: run the graphs with ONNX Runtime or OpenVINO")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="fp32",
+                   help="CPU encoders compute in fp32 (exact) or bf16 (OpenVINO on AMX/AVX512-BF16 CPUs)")
+    p.add_argument("--encoder-threads", "--ort-threads", type=int, default=0,
+                   help="CPU encoders: threads per instance (0: all cores)")
     p.add_argument("--max-image-pixels", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=_repo)

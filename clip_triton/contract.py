@@ -46,8 +46,12 @@ VISION_ONNX = "vision.onnx"
 TEXT_ONNX = "text.onnx"
 MANIFEST = "manifest.json"
 
-PRECISIONS = ("fp32", "fp16")
-RUNTIMES = ("tensorrt", "onnxruntime", "python")
+PRECISIONS = ("fp32", "fp16")  # of the exported graphs
+# Encoder runtimes: tensorrt (GPU), onnxruntime (Triton's ORT backend), openvino (Triton's OpenVINO
+# backend, CPU), python (python-backend models running the graphs with a CPU engine, below).
+RUNTIMES = ("tensorrt", "onnxruntime", "openvino", "python")
+CPU_ENGINES = ("onnxruntime", "openvino")  # what --runtime python runs the graphs with
+CPU_PRECISIONS = ("fp32", "bf16")  # compute precision on the CPU; bf16 needs OpenVINO
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

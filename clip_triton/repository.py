@@ -6,9 +6,10 @@ The folder tree is the serving graph::
     clip_text   (ensemble)  TEXT strings --> tokenizer --> input_ids   --> text_encoder   --> EMBEDDING
 
 ``preprocess`` and ``tokenizer`` are python-backend models (PIL/numpy, no torch). The encoders come in
-three interchangeable runtimes with one signature: ``tensorrt`` (``tensorrt_plan``, GPU),
-``onnxruntime`` (Triton's ONNX Runtime backend, NGC container) and ``python`` (a python-backend model
-running the exported ONNX with onnxruntime: the pip-installed Triton has no ORT backend).
+four interchangeable runtimes with one signature: ``tensorrt`` (``tensorrt_plan``, GPU),
+``onnxruntime`` (Triton's ONNX Runtime backend, NGC container), ``openvino`` (Triton's OpenVINO
+backend, CPU, bf16) and ``python`` (python-backend models running the exported ONNX with ONNX Runtime
+or OpenVINO: the pip-installed Triton has neither backend).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from .contract import (
+    CPU_ENGINES,
+    CPU_PRECISIONS,
     IMAGE_ENSEMBLE,
     MANIFEST,
     PREPROCESS_MODEL,
@@ -67,8 +70,10 @@ class RepoOptions:
     encoder_instances: int = 1
     preprocess_instances: int | None = None  # default: 8 on GPU runtimes, one per core for --runtime python
     tokenizer_instances: int = 1
-    ort_threads: int = 0  # python encoders: ONNX Runtime intra-op threads, 0 = all cores
-    ort_spinning: bool = True  # python encoders: let idle ORT threads busy-wait (ORT's default)
+    cpu_engine: str = "onnxruntime"  # --runtime python: what runs the graphs (onnxruntime | openvino)
+    cpu_precision: str = "fp32"  # CPU encoders: fp32, or bf16 (OpenVINO; AMX/AVX512-BF16 CPUs)
+    encoder_threads: int = 0  # CPU encoders: threads per instance, 0 = all cores
+    ort_spinning: bool = True  # ONNX Runtime encoders: let idle threads busy-wait (ORT's default)
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
     max_text_chars: int = 65536
@@ -77,6 +82,27 @@ class RepoOptions:
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ClipTritonError(f"unknown runtime {self.runtime!r}", f"choose one of {RUNTIMES}")
+        if self.cpu_engine not in CPU_ENGINES:
+            raise ClipTritonError(f"unknown CPU engine {self.cpu_engine!r}", f"choose one of {CPU_ENGINES}")
+        if self.cpu_precision not in CPU_PRECISIONS:
+            raise ClipTritonError(f"unknown CPU precision {self.cpu_precision!r}", f"choose one of {CPU_PRECISIONS}")
+        if self.cpu_precision == "bf16" and not (self.runtime == "openvino" or self.cpu_engine == "openvino"):
+            raise ClipTritonError("bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
+                                  "add --cpu-engine openvino (with --runtime python), or use --runtime openvino")
+        if self.runtime == "openvino" and self.cpu_precision != "bf16":
+            raise ClipTritonError(
+                "Triton's OpenVINO backend cannot force fp32: on bf16-capable CPUs OpenVINO computes in bf16",
+                "pass --cpu-precision bf16 to state it, or serve exact fp32 with --runtime python",
+            )
+
+    @property
+    def encoder_runtime(self) -> str:
+        """What computes the embeddings, in words clients can read (an ensemble parameter)."""
+        if self.runtime == "python":
+            return f"{self.cpu_engine} (python backend), {self.cpu_precision}"
+        if self.runtime == "openvino":
+            return "openvino, bf16"
+        return self.runtime
 
 
 @dataclass
@@ -187,6 +213,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     preferred = tuple(size for size in c.batch.preferred if size <= max_batch) or (max_batch,)
     gpu = options.runtime in ("tensorrt", "onnxruntime")
     delay = options.queue_delay_us if options.queue_delay_us is not None else (500 if gpu else 2000)
+    threads = str(options.encoder_threads)
     cores = os.cpu_count() or 1
     contract_json = c.to_json()
     configs = {}
@@ -223,10 +250,22 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.platform = "onnxruntime_onnx"
             enc.default_model_filename = ONNX_FILE
             _instances(enc, options.encoder_instances, "KIND_GPU")
+        elif options.runtime == "openvino":
+            # Triton's OpenVINO backend reads ONNX directly; the keys are the backend's own.
+            enc.backend = "openvino"
+            enc.default_model_filename = ONNX_FILE
+            enc.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
+            enc.parameters["NUM_STREAMS"].string_value = "1"
+            enc.parameters["HINT_BF16"].string_value = "YES"
+            if options.encoder_threads:
+                enc.parameters["INFERENCE_NUM_THREADS"].string_value = threads
+            _instances(enc, options.encoder_instances, "KIND_CPU")
         else:
             enc.backend = "python"
             enc.parameters["onnx_file"].string_value = ONNX_FILE
-            enc.parameters["ort_threads"].string_value = str(options.ort_threads)
+            enc.parameters["engine"].string_value = options.cpu_engine
+            enc.parameters["precision"].string_value = options.cpu_precision
+            enc.parameters["threads"].string_value = threads
             enc.parameters["ort_spinning"].string_value = "true" if options.ort_spinning else "false"
             _instances(enc, options.encoder_instances, "KIND_CPU")
         _batching(enc, preferred, delay)
@@ -234,7 +273,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _warmup(enc, spec_in, sorted({1, preferred[0]}))
         configs[name] = enc
 
-    facts_params = facts.parameters()
+    facts_params = {**facts.parameters(), "encoder_runtime": options.encoder_runtime}
     for name, spec_in, first, mid, second, spec_mid, spec_enc_out in (
         (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, c.pixels, VISION_MODEL, c.pixels, c.image_embeds),
         (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, c.input_ids, TEXT_MODEL, c.input_ids, c.text_embeds),
@@ -290,7 +329,7 @@ def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str
         if config.backend == "python":
             module = PYTHON_MODELS.get(name, PYTHON_MODELS["encoder"])
             files[f"{name}/1/model.py"] = python_entry_point(module)
-        elif not (config.platform in ("tensorrt_plan", "onnxruntime_onnx")):
+        elif config.platform == "ensemble":
             files[f"{name}/1/.gitkeep"] = ""  # ensembles need a version folder
     if options.runtime == "tensorrt":
         for name in ENCODERS:
@@ -338,7 +377,7 @@ def write_repository(out: str | Path, *, onnx_dir: str | Path | None = None, opt
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    if onnx_dir is not None and options.runtime in ("onnxruntime", "python"):
+    if onnx_dir is not None and options.runtime in ("onnxruntime", "openvino", "python"):
         for name, (_, graph) in ENCODERS.items():
             _place_graph(onnx_dir, graph, out / name / "1")
     if onnx_dir is not None:

@@ -118,21 +118,24 @@ def load_references(path: Path) -> dict[str, list]:
     return {tower: [tuple(found[tower][i]) for i in sorted(found[tower])] for tower in found}
 
 
-def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, list], log: Progress) -> list:
-    """ONNX Runtime vs the references, one tower's session at a time; prints the table.
+def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, list], log: Progress,
+                 engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list:
+    """A CPU engine (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
 
     ``batches`` is ``{tower: [(label, input, reference), ...]}``.
     """
     checks = []
+    tolerance = V.tolerance_key(contract.precision, cpu_precision)
     sizes = sorted({x.shape[0] for label, x, _ in batches["vision"] if label == "random"})
     for tower in ("text", "vision"):
-        log(f"verifying {tower}.onnx with ONNX Runtime at batch sizes {sizes} and real inputs")
+        log(f"verifying {tower}.onnx with {engine} ({cpu_precision}) at batch sizes {sizes} and real inputs")
         cases = [(label, x) for label, x, _ in batches[tower]]
-        outputs = V.run_graph(Path(onnx_dir) / GRAPH_FILES[tower], contract, tower, cases, log=log)
-        checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, contract.precision)
+        outputs = V.run_graph(Path(onnx_dir) / GRAPH_FILES[tower], contract, tower, cases, log=log,
+                              engine=engine, cpu_precision=cpu_precision)
+        checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
         del outputs
         gc.collect()
-    V.report(checks, contract.precision)
+    V.report(checks, tolerance, engine_note=f"; engine: {engine} {cpu_precision}")
     return checks
 
 
@@ -214,7 +217,8 @@ def read_manifest(onnx_dir: str | Path) -> dict:
 
 
 def verify_export(onnx_dir: str | Path, *, seed: int | None = None, checkpoint: str | None = None,
-                  batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES, log: Progress | None = None) -> list:
+                  batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES, log: Progress | None = None,
+                  engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list:
     """Re-check an existing export against open_clip rebuilt from its manifest.
 
     Random-weight exports are rebuilt from their recorded seed (``seed`` overrides it); exports of
@@ -235,6 +239,6 @@ def verify_export(onnx_dir: str | Path, *, seed: int | None = None, checkpoint: 
              for tower in ("text", "vision")}
     del loaded  # no export ran here, so this frees the weights before ONNX Runtime loads the graphs
     gc.collect()
-    checks = check_graphs(Path(onnx_dir), contract, cases, log)
+    checks = check_graphs(Path(onnx_dir), contract, cases, log, engine=engine, cpu_precision=cpu_precision)
     V.raise_on_failure(checks)
     return checks

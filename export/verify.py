@@ -18,7 +18,14 @@ from clip_triton.errors import VerificationError
 TOLERANCES = {
     "fp32": {"min_cosine": 0.99999, "max_abs_diff": 1e-4},
     "fp16": {"min_cosine": 0.9995, "max_abs_diff": 1e-2},  # against the fp32 PyTorch reference
+    # bf16 compute (OpenVINO on the CPU) keeps 8 mantissa bits to fp16's 11.
+    "bf16": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
 }
+
+
+def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:
+    """Which tolerance applies: the graph's precision, or bf16 when the engine computes in bf16."""
+    return "bf16" if cpu_precision == "bf16" else graph_precision
 
 SAMPLE_IMAGES = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
 SAMPLE_PROMPTS = (
@@ -90,13 +97,13 @@ def torch_reference(model, tower: str, batches: list[tuple[str, np.ndarray]]) ->
 
 
 def run_graph(path, contract: ModelContract, tower: str, batches, threads: int | None = None,
-              log=None) -> list[np.ndarray]:
-    from clip_triton.ortutil import make_session  # noqa: PLC0415
+              log=None, engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list[np.ndarray]:
+    from clip_triton.cpuengine import open_session  # noqa: PLC0415
 
     spec_in, _ = contract.encoder_io(tower)
-    session = make_session(path, threads=threads, fp16=contract.precision == "fp16")
+    session = open_session(path, engine, cpu_precision, threads=threads, fp16_graph=contract.precision == "fp16")
     if log:
-        log(f"ONNX Runtime session ready for {tower}")
+        log(f"{engine} session ready for {tower} ({getattr(session, 'effective_precision', cpu_precision)})")
     outputs = []
     for _, x in batches:
         x = x.astype(spec_in.dtype)
@@ -120,13 +127,13 @@ def compare(tower: str, batches, reference, outputs, precision: str) -> list[Che
     return checks
 
 
-def report(checks: list[Check], precision: str, stream=None) -> None:
+def report(checks: list[Check], precision: str, stream=None, engine_note: str = "") -> None:
     import sys  # noqa: PLC0415
 
     stream = stream or sys.stdout
     tol = TOLERANCES[precision]
     print(f"verification ({precision}; pass: cosine >= {tol['min_cosine']}, max |diff| <= {tol['max_abs_diff']:g},"
-          " reference: open_clip PyTorch fp32)", file=stream)
+          f" reference: open_clip PyTorch fp32){engine_note}", file=stream)
     print(HEADER, file=stream)
     for check in checks:
         print(check.row(), file=stream)

@@ -78,18 +78,57 @@ def test_ensemble_wiring_matches_the_contract():
         assert io(second, "output") == {encoder_out.name: (pb.TYPE_FP32, (contract.embed_dim,))}
 
 
-@pytest.mark.parametrize("runtime", ["tensorrt", "onnxruntime", "python"])
-def test_three_runtimes_share_one_signature(runtime):
-    configs = build_configs(ServingFacts.default(), RepoOptions(runtime=runtime))
+RUNTIME_OPTIONS = {
+    "tensorrt": RepoOptions(runtime="tensorrt"),
+    "onnxruntime": RepoOptions(runtime="onnxruntime"),
+    "openvino": RepoOptions(runtime="openvino", cpu_precision="bf16"),
+    "python": RepoOptions(runtime="python"),
+    "python-openvino": RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16"),
+}
+
+
+@pytest.mark.parametrize("runtime", sorted(RUNTIME_OPTIONS))
+def test_all_runtimes_share_one_signature(runtime):
+    options = RUNTIME_OPTIONS[runtime]
+    configs = build_configs(ServingFacts.default(), options)
     reference = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
     for name in (C.VISION_MODEL, C.TEXT_MODEL):
         assert list(configs[name].input) == list(reference[name].input)
         assert list(configs[name].output) == list(reference[name].output)
     encoder = configs[C.VISION_MODEL]
     assert {"tensorrt": encoder.platform == "tensorrt_plan", "onnxruntime": encoder.platform == "onnxruntime_onnx",
-            "python": encoder.backend == "python"}[runtime]
+            "openvino": encoder.backend == "openvino", "python": encoder.backend == "python",
+            "python-openvino": encoder.backend == "python"}[runtime]
     for config in configs.values():
         assert parse(render(config)) == config  # renders and parses back unchanged
+    ensemble = configs[C.IMAGE_ENSEMBLE].parameters
+    assert ensemble["encoder_runtime"].string_value == options.encoder_runtime
+
+
+def test_openvino_configs_carry_the_backends_own_keys():
+    native = build_configs(ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16",
+                                                                encoder_threads=2))[C.TEXT_MODEL]
+    assert native.backend == "openvino" and native.default_model_filename == "model.onnx"
+    assert native.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    params = {k: v.string_value for k, v in native.parameters.items()}
+    # The keys Triton's OpenVINO backend reads (openvino_backend README): anything else is ignored.
+    assert {k: params[k] for k in ("PERFORMANCE_HINT", "NUM_STREAMS", "HINT_BF16", "INFERENCE_NUM_THREADS")} == {
+        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "HINT_BF16": "YES", "INFERENCE_NUM_THREADS": "2"}
+    python = build_configs(ServingFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
+    params = {k: v.string_value for k, v in python.parameters.items()}
+    assert (params["engine"], params["precision"], params["threads"]) == ("openvino", "bf16", "0")
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (dict(runtime="python", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
+    (dict(runtime="openvino"), "cannot force fp32"),
+    (dict(runtime="python", cpu_engine="tvm"), "unknown CPU engine"),
+    (dict(runtime="python", cpu_precision="int8"), "unknown CPU precision"),
+])
+def test_impossible_cpu_settings_are_refused_with_the_next_step(options, fragment):
+    with pytest.raises(ClipTritonError, match=fragment) as caught:
+        RepoOptions(**options)
+    assert caught.value.hint
 
 
 def test_max_batch_size_zero_is_written_explicitly():

@@ -1,7 +1,8 @@
-"""Triton python model ``vision_encoder``/``text_encoder``: the exported ONNX graph under onnxruntime.
+"""Triton python model ``vision_encoder``/``text_encoder``: the exported ONNX graph on a CPU engine.
 
-For the pip-installed Triton, which has no ONNX Runtime backend. All requests of a dynamic batch
-run as one ONNX Runtime call, then the rows are handed back to their requests.
+For the pip-installed Triton, which has neither an ONNX Runtime nor an OpenVINO backend. The engine
+is ONNX Runtime (fp32, exact) or OpenVINO (fp32, or bf16 on CPUs with native bf16). All requests of a
+dynamic batch run as one call, then the rows are handed back to their requests.
 """
 
 from __future__ import annotations
@@ -10,21 +11,28 @@ import os
 
 import numpy as np
 
-from ..ortutil import make_session
+from ..cpuengine import open_session
 from .common import contract_from, parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        import triton_python_backend_utils as pb_utils  # noqa: PLC0415
+
         params = parameters(args)
         contract = contract_from(params)
         tower = "vision" if args["model_name"].startswith("vision") else "text"
         self.spec_in, self.spec_out = contract.encoder_io(tower)
-        folder = os.path.join(args["model_repository"], args["model_version"])
-        threads = int(params.get("ort_threads", "0")) or None
+        path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
+        threads = int(params.get("threads", "0")) or None
+        engine, precision = params.get("engine", "onnxruntime"), params.get("precision", "fp32")
         spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""), None)
-        self.session = make_session(os.path.join(folder, params["onnx_file"]), threads=threads,
-                                    fp16=contract.precision == "fp16", spinning=spinning)
+        self.session = open_session(path, engine, precision, threads=threads, spinning=spinning,
+                                    fp16_graph=contract.precision == "fp16")
+        effective = getattr(self.session, "effective_precision", precision)
+        if effective != precision:
+            pb_utils.Logger.log_warn(f"{args['model_name']}: this CPU has no native {precision}; "
+                                     f"{engine} computes in {effective}")
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415

@@ -1,0 +1,89 @@
+"""The CPU engines that run the exported graphs, behind one ``run(output_names, feeds)`` call.
+
+ONNX Runtime (fp32, the exact reference path) or OpenVINO (fp32 or bf16).
+
+OpenVINO reads the exported ONNX graphs as they are (external data included). Its CPU plugin runs
+bf16 on processors with native bf16 (AVX512-BF16, AMX): there the matrix products go through AMX
+tiles, which fp32 cannot use. ``precision="fp32"`` forces fp32 everywhere; ``"bf16"`` asks for bf16
+and falls back to fp32 on CPUs without it (``effective_precision`` says which one runs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .contract import CPU_ENGINES, CPU_PRECISIONS
+from .errors import ClipTritonError
+
+_OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU executes bf16 natively (OpenVINO's CPU plugin reports it as a capability)."""
+    try:
+        import openvino as ov  # noqa: PLC0415
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVINOSession:
+    """A compiled OpenVINO model with one infer request, called like ``onnxruntime.InferenceSession``.
+
+    ``threads``: inference threads (default: all cores). ``streams``: parallel executors inside this
+    model (default 1: one request at a time, all threads on it, which is what one Triton instance needs).
+    """
+
+    def __init__(self, path: str | Path, precision: str = "bf16", threads: int | None = None, streams: int = 1):
+        try:
+            import openvino as ov  # noqa: PLC0415
+        except ImportError as exc:
+            raise ClipTritonError("OpenVINO is not installed", "pip install 'clip-triton[cpu]'") from exc
+        if precision not in CPU_PRECISIONS:
+            raise ClipTritonError(f"unknown CPU precision {precision!r}", f"choose one of {CPU_PRECISIONS}")
+        path = Path(path)
+        if not path.is_file():
+            raise ClipTritonError(f"ONNX graph {path} not found", "run `clip-triton export` first")
+        config = {
+            "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": str(int(streams)),
+        }
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = str(int(threads))
+        core = ov.Core()
+        try:
+            self.compiled = core.compile_model(core.read_model(os.fspath(path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with a multi-line message
+            raise ClipTritonError(
+                f"OpenVINO could not load {path}: {str(exc).strip().splitlines()[0][:300]}",
+                "the graph may be corrupt or incomplete; re-run `clip-triton export`",
+            ) from exc
+        self.request = self.compiled.create_infer_request()
+        effective = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.effective_precision = "bf16" if effective == ov.Type.bf16 else "fp32"
+        self._outputs = {port.get_any_name(): port for port in self.compiled.outputs}
+
+    def run(self, output_names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self.request.infer(feeds)
+        names = output_names or list(self._outputs)
+        # The arrays alias the request's output buffers, which the next call overwrites: copy them.
+        return [np.array(result[self._outputs[name]], copy=True) for name in names]
+
+
+def open_session(path: str | Path, engine: str = "onnxruntime", precision: str = "fp32", threads: int | None = None,
+                 spinning: bool | None = None, fp16_graph: bool | None = None):
+    """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph."""
+    if engine not in CPU_ENGINES:
+        raise ClipTritonError(f"unknown CPU engine {engine!r}", f"choose one of {CPU_ENGINES}")
+    if engine == "openvino":
+        return OpenVINOSession(path, precision=precision, threads=threads)
+    if precision != "fp32":
+        raise ClipTritonError(f"ONNX Runtime runs these graphs in fp32 on the CPU, not {precision}",
+                              "use the OpenVINO engine for bf16")
+    from .ortutil import make_session  # noqa: PLC0415
+
+    return make_session(path, threads=threads, fp16=fp16_graph, spinning=spinning)

@@ -1,0 +1,78 @@
+"""The served path with OpenVINO bf16 encoders (python backend, real tritonserver): the fast CPU
+path must still answer each request with its own embedding, within bf16's stated tolerance of
+open_clip PyTorch fp32, and isolate bad input like the exact fp32 path does."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from clip_triton import contract as C
+from clip_triton.export.verify import TOLERANCES
+
+from .conftest import cos
+from .test_serving import _png, embed
+
+BF16 = TOLERANCES["bf16"]["min_cosine"]  # 0.999 vs open_clip PyTorch fp32
+
+
+@pytest.fixture(scope="module")
+def ov_triton(tiny_export, tmp_path_factory):
+    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.server import TritonServer
+
+    root = tmp_path_factory.mktemp("ov-repo")
+    options = RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16", queue_delay_us=20000,
+                          preprocess_instances=2)
+    repo = write_repository(root / "model_repository", onnx_dir=tiny_export, options=options)
+    server = TritonServer(repo, log_file=root / "tritonserver.log")
+    server.start(timeout=180)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def ov_grpc(ov_triton):
+    client = grpcclient.InferenceServerClient(ov_triton.grpc_url)
+    yield client
+    client.close()
+
+
+def test_openvino_bf16_serves_open_clip_embeddings_within_tolerance(ov_grpc, photos, open_clip_reference):
+    blobs = list(photos.values())
+    images = embed(ov_grpc, C.IMAGE_ENSEMBLE, blobs)
+    assert images.shape == (4, 32) and images.dtype == np.float32
+    assert cos(images, open_clip_reference.images(blobs)).min() >= BF16
+    texts = ["a photo of a cat", "Ünïcödé 🐱 日本語", "a long caption " * 40, "x"]
+    served = embed(ov_grpc, C.TEXT_ENSEMBLE, [t.encode() for t in texts])
+    assert cos(served, open_clip_reference.texts(texts)).min() >= BF16
+    params = ov_grpc.get_model_config(C.IMAGE_ENSEMBLE).config.parameters
+    assert params["encoder_runtime"].string_value == "openvino (python backend), bf16"
+
+
+def test_openvino_batches_keep_each_request_its_own_embedding(ov_triton, open_clip_reference):
+    blobs = [_png(i) for i in range(32)]
+    expected = open_clip_reference.images(blobs)
+
+    def run(blob: bytes) -> np.ndarray:
+        client = grpcclient.InferenceServerClient(ov_triton.grpc_url)
+        try:
+            return embed(client, C.IMAGE_ENSEMBLE, [blob])[0]
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(len(blobs)) as pool:
+        served = np.stack(list(pool.map(run, blobs)))
+    assert cos(served, expected).min() >= BF16
+    # No mix-ups: each answer is nearest to its own reference among all 32.
+    assert (np.argmax(served @ expected.T, axis=1) == np.arange(len(blobs))).all()
+
+
+def test_openvino_path_isolates_bad_items(ov_grpc, ov_triton, photos):
+    with pytest.raises(InferenceServerException) as err:
+        embed(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"], b"<html>not an image</html>"])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 1:" in err.value.message()
+    assert ov_triton.ready()
+    assert embed(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"]]).shape == (1, 32)
