@@ -2,17 +2,20 @@
 
     python bench/run.py [--model ViT-B-32] [--concurrency 1,4,8,16]
 
-rows: open_clip PyTorch eager in-process (PIL preprocess + forward; the baseline), ONNX Runtime
-in-process on the exported graphs (clip-triton's preprocess/tokenizer), and the Triton ensembles over
-gRPC (JPEG bytes in for ``clip_image``, strings in for ``clip_text``) through perf_analyzer and
-through ``ClipClient``. Every row includes preprocessing or tokenization. Each row's ratio is to the
-PyTorch baseline. Steps run one after another so they do not compete for the CPU.
+rows, at each precision (fp32; bf16 where OpenVINO is installed): open_clip PyTorch eager in-process
+(its own PIL transform and tokenizer + forward; fp32 is the baseline), the CPU engine in-process on the
+exported graphs (ONNX Runtime fp32, OpenVINO bf16; clip-triton's preprocess/tokenizer), and the Triton
+ensembles over gRPC (JPEG bytes in for ``clip_image``, strings in for ``clip_text``) through
+perf_analyzer and through ``ClipClient``. Every row includes preprocessing or tokenization. Each row
+has two ratios: to PyTorch eager fp32 (the baseline) and to PyTorch eager at the row's own precision.
+Steps run one after another so they do not compete for the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import time
 from importlib import resources
@@ -50,100 +53,142 @@ def best(fn, items, batches, seconds):
     return batch, results[batch]
 
 
+def triton_rows(label: str, repo: Path, work: Path, concurrencies: list[int], images, texts, client_items: int,
+                measurement_ms: int = 4000):
+    """perf_analyzer at each concurrency, then ClipClient at the highest, against one repository."""
+    from clip_triton.client import ClipClient
+    from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
+    from clip_triton.perf import run_perf_analyzer
+    from clip_triton.server import TritonServer
+
+    rows = []
+    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
+        for concurrency in concurrencies:
+            pi = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency,
+                                   measurement_ms=measurement_ms)
+            pt = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=concurrency,
+                                   measurement_ms=measurement_ms)
+            rows.append((f"Triton {label}, perf_analyzer c{concurrency}", pi.items_per_sec, pt.items_per_sec,
+                         pi.p50_ms, pi.p99_ms))
+        concurrency = max(concurrencies)
+        rates = []
+        with ClipClient(server.grpc_url, batch_size=1, concurrency=concurrency) as client:
+            for embed, items in ((client.embed_images, images), (client.embed_texts, texts)):
+                embed(items[:concurrency])
+                work_items = [items[i % len(items)] for i in range(client_items)]
+                t0 = time.perf_counter()
+                embed(work_items)
+                rates.append(len(work_items) / (time.perf_counter() - t0))
+        rows.append((f"Triton {label}, ClipClient c{concurrency}", rates[0], rates[1], float("nan"), float("nan")))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batches", default="8,16,32", help="in-process batch sizes tried (best is reported)")
-    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--precisions", default=None,
+                        help="fp32 and/or bf16 (default: both where OpenVINO is installed, else fp32)")
     parser.add_argument("--seconds", type=float, default=6.0, help="per in-process measurement")
     parser.add_argument("--client-items", type=int, default=400)
+    parser.add_argument("--measurement-ms", type=int, default=4000, help="perf_analyzer measurement window")
     parser.add_argument("--workdir", default=".clip-triton/bench")
     parser.add_argument("--queue-delay-us", type=int, default=None)
     parser.add_argument("--preprocess-instances", type=int, default=None)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     import open_clip
     import torch
     from PIL import Image
 
-    from clip_triton.client import ClipClient
-    from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
+    from clip_triton.cpuengine import cpu_supports_bf16, open_session
     from clip_triton.export.weights import load_model
-    from clip_triton.ortutil import make_session
-    from clip_triton.perf import run_perf_analyzer
     from clip_triton.preprocess import Preprocessor
     from clip_triton.repository import RepoOptions, write_repository
-    from clip_triton.server import TritonServer
     from clip_triton.tokenizer import ClipTokenizer
     from common import prepared_export  # bench/common.py
 
+    try:
+        import openvino  # noqa: F401
+        have_openvino = True
+    except ImportError:
+        have_openvino = False
+    precisions = (args.precisions or ("fp32,bf16" if have_openvino else "fp32")).split(",")
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     images = photos() * 8
     texts = [f"{PROMPTS[i % len(PROMPTS)]} number {i}" for i in range(256)]
-    rows = []
+    rows = []  # (precision, name, images/s, texts/s, p50, p99)
+    baseline = {}
 
-    # 1. open_clip PyTorch eager: the baseline.
+    def add(row):
+        rows.append(row)
+        print(f"[bench] {row[1]} ({row[0]}): {row[2]:.1f} images/s, {row[3]:.1f} texts/s", flush=True)
+
+    # 1. open_clip PyTorch eager, its own transform and tokenizer: fp32 is the baseline, bf16 the
+    #    same-precision reference for the bf16 rows.
     loaded = load_model(args.model, "none")
     model, contract = loaded.model, loaded.contract
     pre = contract.preprocess
     transform = open_clip.image_transform(pre.image_size, is_train=False, mean=pre.mean, std=pre.std,
                                           interpolation=pre.interpolation, resize_mode=pre.resize_mode)
     tokenizer = open_clip.get_tokenizer(contract.model)
+    for precision in precisions:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        model = model.to(dtype)
 
-    @torch.inference_mode()
-    def torch_images(blobs):
-        model.encode_image(torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs]), normalize=True)
+        @torch.inference_mode()
+        def torch_images(blobs, dtype=dtype):
+            pixels = torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs]).to(dtype)
+            model.encode_image(pixels, normalize=True)
 
-    @torch.inference_mode()
-    def torch_texts(strings):
-        model.encode_text(tokenizer(strings), normalize=True)
+        @torch.inference_mode()
+        def torch_texts(strings):
+            model.encode_text(tokenizer(strings), normalize=True)
 
-    bi, (img_rate, img_p50, img_p99) = best(torch_images, images, batches, args.seconds)
-    bt, (txt_rate, txt_p50, txt_p99) = best(torch_texts, texts, batches, args.seconds)
-    rows.append((f"PyTorch eager in-process (batch {bi}/{bt})", img_rate, txt_rate, img_p50, img_p99))
-    baseline = (img_rate, txt_rate)
-    model = loaded = None  # free it before the next row
+        bi, (img_rate, img_p50, img_p99) = best(torch_images, images, batches, args.seconds)
+        bt, (txt_rate, _, _) = best(torch_texts, texts, batches, args.seconds)
+        add((precision, f"PyTorch eager in-process (batch {bi}/{bt})", img_rate, txt_rate, img_p50, img_p99))
+        baseline[precision] = (img_rate, txt_rate)
+    model = loaded = None  # free it before the next rows
 
-    # 2. ONNX Runtime in-process, clip-triton's preprocessing and tokenizer.
-    vision, text = make_session(onnx_dir / "vision.onnx"), make_session(onnx_dir / "text.onnx")
+    # 2. In-process CPU engines on the exported graphs, clip-triton's preprocessing and tokenizer.
     ours, tok = Preprocessor(pre), ClipTokenizer(contract.tokenizer)
-    bi, (o_img, o_p50, o_p99) = best(lambda b: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
-                                     images, batches, args.seconds)
-    bt, (o_txt, _, _) = best(lambda s: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds)
-    rows.append((f"ONNX Runtime in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
-    vision = text = None
+    engines = {"fp32": "onnxruntime", "bf16": "openvino"}
+    for precision in precisions:
+        engine = engines[precision]
+        vision = open_session(onnx_dir / "vision.onnx", engine, precision)
+        text = open_session(onnx_dir / "text.onnx", engine, precision)
+        bi, (o_img, o_p50, o_p99) = best(
+            lambda b: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
+            images, batches, args.seconds)
+        bt, (o_txt, _, _) = best(lambda s: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds)
+        add((precision, f"{engine} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
+        vision = text = None
 
-    # 3. Triton over gRPC: perf_analyzer (single-item requests, the server batches) and ClipClient.
-    options = RepoOptions(runtime="python", queue_delay_us=args.queue_delay_us,
-                          preprocess_instances=args.preprocess_instances)
-    repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
-    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
-        for concurrency in (int(c) for c in args.concurrency.split(",")):
-            pi = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency)
-            pt = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=concurrency)
-            rows.append((f"Triton perf_analyzer, concurrency {concurrency}", pi.items_per_sec, pt.items_per_sec,
-                         pi.p50_ms, pi.p99_ms))
-        concurrency = max(int(c) for c in args.concurrency.split(","))
-        with ClipClient(server.grpc_url, batch_size=1, concurrency=concurrency) as client:
-            for embed, items, slot in ((client.embed_images, images, 1), (client.embed_texts, texts, 2)):
-                embed(items[:concurrency])
-                work_items = [items[i % len(items)] for i in range(args.client_items)]
-                t0 = time.perf_counter()
-                embed(work_items)
-                rate = len(work_items) / (time.perf_counter() - t0)
-                if slot == 1:
-                    c_img = rate
-                else:
-                    c_txt = rate
-        rows.append((f"Triton ClipClient, concurrency {concurrency}", c_img, c_txt, float("nan"), float("nan")))
+    # 3. Triton over gRPC, JPEG bytes / strings in: one repository per precision.
+    for precision in precisions:
+        options = RepoOptions(runtime="python", cpu_engine=engines[precision], cpu_precision=precision,
+                              queue_delay_us=args.queue_delay_us, preprocess_instances=args.preprocess_instances)
+        repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
+        for row in triton_rows(engines[precision], repo, work, concurrencies, images, texts, args.client_items,
+                               args.measurement_ms):
+            add((precision, *row))
 
+    base = baseline["fp32"] if "fp32" in baseline else baseline[precisions[0]]
     print(f"\n{args.model}, random weights, {contract.image_size[0]}px; this machine "
-          f"({__import__('os').cpu_count()} CPU cores); JPEG bytes / strings in, embeddings out")
-    print(f"{'path':<44}{'images/s':>10}{'x base':>8}{'texts/s':>10}{'x base':>8}{'img p50 ms':>12}{'img p99 ms':>12}")
-    for name, ir, tr, p50, p99 in rows:
-        print(f"{name:<44}{ir:>10.1f}{ir / baseline[0]:>8.2f}{tr:>10.1f}{tr / baseline[1]:>8.2f}{p50:>12.1f}{p99:>12.1f}")
+          f"({os.cpu_count()} CPU cores, native bf16: {'yes' if cpu_supports_bf16() else 'no'}); "
+          "JPEG bytes / strings in, embeddings out")
+    print("x base: ratio to PyTorch eager fp32; x same: ratio to PyTorch eager at the row's precision")
+    print(f"{'path':<44}{'prec':>5}{'images/s':>10}{'x base':>8}{'x same':>8}{'texts/s':>10}{'x base':>8}"
+          f"{'x same':>8}{'img p50 ms':>12}{'img p99 ms':>12}")
+    for precision, name, ir, tr, p50, p99 in rows:
+        same = baseline[precision]
+        print(f"{name:<44}{precision:>5}{ir:>10.1f}{ir / base[0]:>8.2f}{ir / same[0]:>8.2f}{tr:>10.1f}"
+              f"{tr / base[1]:>8.2f}{tr / same[1]:>8.2f}{p50:>12.1f}{p99:>12.1f}")
     print("latency: per request (Triton rows) or per in-process batch (in-process rows)")
 
 

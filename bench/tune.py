@@ -1,6 +1,6 @@
 """Sweep the serving knobs of the CPU repository and print clip_image/clip_text throughput per setting.
 
-    python bench/tune.py [--model ViT-B-32] [--concurrency 8]
+    python bench/tune.py [--model ViT-B-32] [--concurrency 8] [--only fp32|bf16]
 
 Each row writes a repository with one change from the default, restarts tritonserver and measures
 both ensembles with perf_analyzer (real JPEGs / prompts, single-item requests) in the same run.
@@ -19,13 +19,19 @@ from clip_triton.server import TritonServer
 
 from common import prepared_export  # bench/common.py
 
+OV = {"cpu_engine": "openvino", "cpu_precision": "bf16"}
 SETTINGS = {
-    "default (2 ms delay, ORT spinning, 2 threads)": {},
-    "ORT threads do not spin": {"ort_spinning": False},
-    "no spinning, 10 ms queue delay": {"ort_spinning": False, "queue_delay_us": 10_000},
-    "no spinning, 1 preprocess instance": {"ort_spinning": False, "preprocess_instances": 1},
-    "no spinning, 2 encoder instances x 1 thread": {"ort_spinning": False, "encoder_instances": 2, "encoder_threads": 1},
-    "no spinning, 0.5 ms queue delay": {"ort_spinning": False, "queue_delay_us": 500},
+    "fp32 default (ORT, 2 ms delay, spinning, 2 threads)": {},
+    "fp32, ORT threads do not spin": {"ort_spinning": False},
+    "fp32, no spinning, 10 ms queue delay": {"ort_spinning": False, "queue_delay_us": 10_000},
+    "fp32, no spinning, 1 preprocess instance": {"ort_spinning": False, "preprocess_instances": 1},
+    "fp32, no spinning, 2 encoders x 1 thread": {"ort_spinning": False, "encoder_instances": 2, "encoder_threads": 1},
+    "fp32, no spinning, 0.5 ms queue delay": {"ort_spinning": False, "queue_delay_us": 500},
+    "bf16 default (OpenVINO, 2 ms delay, 2 threads)": OV,
+    "bf16, 10 ms queue delay": {**OV, "queue_delay_us": 10_000},
+    "bf16, 1 preprocess instance": {**OV, "preprocess_instances": 1},
+    "bf16, 3 preprocess instances": {**OV, "preprocess_instances": 3},
+    "bf16, 2 encoders x 1 thread": {**OV, "encoder_instances": 2, "encoder_threads": 1},
 }
 
 
@@ -34,22 +40,25 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--workdir", default=".clip-triton/bench")
+    parser.add_argument("--only", default="", help="run only the settings whose name starts with this (fp32, bf16)")
     args = parser.parse_args()
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     rows = []
     for name, change in SETTINGS.items():
+        if not name.startswith(args.only):
+            continue
         options = replace(RepoOptions(runtime="python"), **change)
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
         with TritonServer(repo, log_file=work / "tune-triton.log") as server:
             image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency)
             text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency)
         rows.append((name, image, text))
-        print(f"{name:<46}{image.items_per_sec:>9.1f} img/s{text.items_per_sec:>9.1f} txt/s", flush=True)
+        print(f"{name:<50}{image.items_per_sec:>9.1f} img/s{text.items_per_sec:>9.1f} txt/s", flush=True)
     print(f"\n{args.model}, concurrency {args.concurrency}, single-item requests")
-    print(f"{'setting':<46}{'images/s':>10}{'p99 ms':>9}{'texts/s':>10}{'p99 ms':>9}")
+    print(f"{'setting':<50}{'images/s':>10}{'p99 ms':>9}{'texts/s':>10}{'p99 ms':>9}")
     for name, image, text in rows:
-        print(f"{name:<46}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}")
+        print(f"{name:<50}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}")
 
 
 if __name__ == "__main__":

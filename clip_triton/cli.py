@@ -104,7 +104,7 @@ def _demo(args) -> int:
     from .demo import run_demo  # noqa: PLC0415
 
     return run_demo(model=args.model, pretrained=args.pretrained, workdir=args.workdir, images=args.images,
-                    prompts=args.prompts)
+                    prompts=args.prompts, cpu_engine=args.cpu_engine, cpu_precision=args.cpu_precision)
 
 
 def _gateway(args) -> int:
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=os.path.join(".clip-triton", "demo"))
     p.add_argument("--images", nargs="*", default=None, help="image files (default: bundled photographs)")
     p.add_argument("--prompts", nargs="*", default=None)
+    p.add_argument("--cpu-engine", choices=CPU_ENGINES, default="onnxruntime")
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="fp32",
+                   help="bf16 needs --cpu-engine openvino")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API in front of Triton")

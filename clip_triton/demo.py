@@ -27,7 +27,8 @@ def export_is_current(folder: Path, model: str, pretrained: str) -> bool:
 
 
 def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = ".clip-triton/demo",
-             images: list[str] | None = None, prompts: list[str] | None = None) -> int:
+             images: list[str] | None = None, prompts: list[str] | None = None, cpu_engine: str = "onnxruntime",
+             cpu_precision: str = "fp32") -> int:
     from clip_triton.client import ClipClient  # noqa: PLC0415
     from clip_triton.export import export_model  # noqa: PLC0415
 
@@ -42,8 +43,9 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
     else:
         log(f"exporting {model} ({pretrained}) to {onnx_dir}")
         export_model(model, pretrained, onnx_dir, precision="fp32", log=log)
-    write_repository(repo, onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
-    log(f"wrote the Triton model repository {repo}")
+    write_repository(repo, onnx_dir=onnx_dir, force=True,
+                     options=RepoOptions(runtime="python", cpu_engine=cpu_engine, cpu_precision=cpu_precision))
+    log(f"wrote the Triton model repository {repo} (encoders: {cpu_engine}, {cpu_precision})")
 
     if images:
         items = [Path(p) for p in images]

@@ -27,3 +27,26 @@ def test_bigG_flop_figures_are_the_issue_figures():
     finally:
         sys.path.pop(0)
     assert pytorch_gpu_baseline.GFLOP["ViT-bigG-14"] == {"image": 967.5, "text": 97.9}
+
+
+def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_path):
+    """bench/run.py end to end on the tiny model (short windows): every row of the table is measured,
+    both precisions, in-process and through a real tritonserver."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--model", str(tiny_config),
+                             "--batches", "4", "--concurrency", "2", "--seconds", "0.3", "--client-items", "16",
+                             "--measurement-ms", "1000", "--precisions", "fp32,bf16", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("x base: ratio"):].splitlines()[2:-1]
+    rows = {}
+    for line in table:
+        parts = line.split()  # name words, then: prec, images/s, x base, x same, texts/s, x base, x same, p50, p99
+        rows[(" ".join(parts[:-9]), parts[-9])] = [float(v) for v in parts[-8:]]
+    for precision, engine in (("fp32", "onnxruntime"), ("bf16", "openvino")):
+        for name in ("PyTorch eager in-process (batch 4/4)", f"{engine} in-process (batch 4/4)",
+                     f"Triton {engine}, perf_analyzer c2", f"Triton {engine}, ClipClient c2"):
+            cells = rows[(name, precision)]
+            assert cells[0] > 0 and cells[3] > 0, (name, precision, cells)  # images/s, texts/s
+    base, same = rows[("PyTorch eager in-process (batch 4/4)", "fp32")], rows[("PyTorch eager in-process (batch 4/4)", "bf16")]
+    assert base[1] == base[2] == base[4] == base[5] == 1.0  # the baseline's own ratios
+    assert same[2] == same[5] == 1.0 and abs(same[1] - same[0] / base[0]) <= 0.02 * same[1] + 0.01
