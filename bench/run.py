@@ -1,12 +1,12 @@
 """Side-by-side throughput on this machine, one run, one model (random weights, so offline):
 
-    python bench/run.py [--model ViT-B-32] [--concurrency 1,4,8,16]
+    python bench/run.py [--model ViT-B-32] [--concurrency 1,4,16] [--engines onnxruntime:fp32,openvino:bf16]
 
 rows, at each precision (fp32; bf16 where OpenVINO is installed): open_clip PyTorch eager in-process
-(its own PIL transform and tokenizer + forward; fp32 is the baseline), the CPU engine in-process on the
-exported graphs (ONNX Runtime fp32, OpenVINO bf16; clip-triton's preprocess/tokenizer), and the Triton
-ensembles over gRPC (JPEG bytes in for ``clip_image``, strings in for ``clip_text``) through
-perf_analyzer and through ``ClipClient``. Every row includes preprocessing or tokenization. Each row
+(its own PIL transform and tokenizer + forward; fp32 is the baseline), each CPU engine in-process on
+the exported graphs (ONNX Runtime fp32, OpenVINO fp32 and bf16; clip-triton's preprocess/tokenizer),
+and the Triton ensembles over gRPC with each engine (JPEG bytes in for ``clip_image``, strings in
+for ``clip_text``) through perf_analyzer and through ``ClipClient``. Every row includes preprocessing or tokenization. Each row
 has two ratios: to PyTorch eager fp32 (the baseline) and to PyTorch eager at the row's own precision.
 Steps run one after another so they do not compete for the CPU.
 """
@@ -88,8 +88,9 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batches", default="8,16,32", help="in-process batch sizes tried (best is reported)")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--precisions", default=None,
-                        help="fp32 and/or bf16 (default: both where OpenVINO is installed, else fp32)")
+    parser.add_argument("--engines", default=None,
+                        help="CPU engine:precision pairs (default where OpenVINO is installed: "
+                             "onnxruntime:fp32,openvino:fp32,openvino:bf16; else onnxruntime:fp32)")
     parser.add_argument("--seconds", type=float, default=6.0, help="per in-process measurement")
     parser.add_argument("--client-items", type=int, default=400)
     parser.add_argument("--measurement-ms", type=int, default=4000, help="perf_analyzer measurement window")
@@ -116,7 +117,9 @@ def main() -> None:
         have_openvino = True
     except ImportError:
         have_openvino = False
-    precisions = (args.precisions or ("fp32,bf16" if have_openvino else "fp32")).split(",")
+    default = "onnxruntime:fp32,openvino:fp32,openvino:bf16" if have_openvino else "onnxruntime:fp32"
+    configs = [tuple(pair.split(":")) for pair in (args.engines or default).split(",")]
+    precisions = sorted({precision for _, precision in configs}, key=["fp32", "bf16"].index)
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     images = photos() * 8
@@ -157,9 +160,7 @@ def main() -> None:
 
     # 2. In-process CPU engines on the exported graphs, clip-triton's preprocessing and tokenizer.
     ours, tok = Preprocessor(pre), ClipTokenizer(contract.tokenizer)
-    engines = {"fp32": "onnxruntime", "bf16": "openvino"}
-    for precision in precisions:
-        engine = engines[precision]
+    for engine, precision in configs:
         vision = open_session(onnx_dir / "vision.onnx", engine, precision)
         text = open_session(onnx_dir / "text.onnx", engine, precision)
         bi, (o_img, o_p50, o_p99) = best(
@@ -169,12 +170,12 @@ def main() -> None:
         add((precision, f"{engine} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
         vision = text = None
 
-    # 3. Triton over gRPC, JPEG bytes / strings in: one repository per precision.
-    for precision in precisions:
-        options = RepoOptions(runtime="python", cpu_engine=engines[precision], cpu_precision=precision,
+    # 3. Triton over gRPC, JPEG bytes / strings in: one repository per engine and precision.
+    for engine, precision in configs:
+        options = RepoOptions(runtime="python", cpu_engine=engine, cpu_precision=precision,
                               queue_delay_us=args.queue_delay_us, preprocess_instances=args.preprocess_instances)
         repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
-        for row in triton_rows(engines[precision], repo, work, concurrencies, images, texts, args.client_items,
+        for row in triton_rows(engine, repo, work, concurrencies, images, texts, args.client_items,
                                args.measurement_ms):
             add((precision, *row))
 

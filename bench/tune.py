@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
+from clip_triton.errors import ClipTritonError
 from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer
@@ -32,7 +33,9 @@ SETTINGS = {
     "bf16, 1 preprocess instance": {**OV, "preprocess_instances": 1},
     "bf16, 3 preprocess instances": {**OV, "preprocess_instances": 3},
     "bf16, 2 encoders x 1 thread": {**OV, "encoder_instances": 2, "encoder_threads": 1},
+    "bf16, inputs via system shared memory": {**OV, "shared_memory": "system"},
 }
+CLIENT_KNOBS = ("shared_memory",)  # perf_analyzer's side, not the repository's
 
 
 def main() -> None:
@@ -48,16 +51,25 @@ def main() -> None:
     for name, change in SETTINGS.items():
         if not name.startswith(args.only):
             continue
-        options = replace(RepoOptions(runtime="python"), **change)
+        client = {k: change[k] for k in CLIENT_KNOBS if k in change}
+        options = replace(RepoOptions(runtime="python"), **{k: v for k, v in change.items() if k not in client})
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
-        with TritonServer(repo, log_file=work / "tune-triton.log") as server:
-            image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency)
-            text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency)
+        try:
+            with TritonServer(repo, log_file=work / "tune-triton.log") as server:
+                image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency, **client)
+                text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency, **client)
+        except ClipTritonError as exc:  # one setting failing is a result too: keep the others
+            rows.append((name, None, str(exc).splitlines()[0][:120]))
+            print(f"{name:<50} FAILED: {exc}", flush=True)
+            continue
         rows.append((name, image, text))
         print(f"{name:<50}{image.items_per_sec:>9.1f} img/s{text.items_per_sec:>9.1f} txt/s", flush=True)
     print(f"\n{args.model}, concurrency {args.concurrency}, single-item requests")
     print(f"{'setting':<50}{'images/s':>10}{'p99 ms':>9}{'texts/s':>10}{'p99 ms':>9}")
     for name, image, text in rows:
+        if image is None:
+            print(f"{name:<50}  failed: {text}")
+            continue
         print(f"{name:<50}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}")
 
 

@@ -79,7 +79,7 @@ def input_data(model: str, images: list[bytes] | None = None, prompts: tuple[str
 
 def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency: int = 1,
                       measurement_ms: int = 4000, protocol: str = "grpc", images: list[bytes] | None = None,
-                      timeout: float = 600) -> PerfResult:
+                      shared_memory: str = "none", timeout: float = 600) -> PerfResult:
     """One perf_analyzer measurement at one batch size and concurrency.
 
     perf_analyzer stops with a non-zero exit at the first failed request, which raises here: a
@@ -94,7 +94,7 @@ def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency:
             str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
             f"--concurrency-range={concurrency}", f"--input-data={data_file}", f"--shape={name}:1",
             f"--measurement-interval={measurement_ms}", "--stability-percentage=50", "--max-trials=6",
-            "--percentile=99", "-f", str(csv_file), "--verbose-csv",
+            "--percentile=99", "-f", str(csv_file), "--verbose-csv", f"--shared-memory={shared_memory}",
         ]
         done = subprocess.run(command, capture_output=True, text=True, env=perf_environment(), timeout=timeout)
         if done.returncode != 0 and "stable measurement" in done.stdout + done.stderr:

@@ -34,7 +34,7 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
     both precisions, in-process and through a real tritonserver."""
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--model", str(tiny_config),
                              "--batches", "4", "--concurrency", "2", "--seconds", "0.3", "--client-items", "16",
-                             "--measurement-ms", "1000", "--precisions", "fp32,bf16", "--workdir", str(tmp_path)],
+                             "--measurement-ms", "1000", "--engines", "onnxruntime:fp32,openvino:bf16", "--workdir", str(tmp_path)],
                             capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("x base: ratio"):].splitlines()[2:-1]

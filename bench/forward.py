@@ -1,0 +1,103 @@
+"""Forward passes only (no decoding, no tokenizing), each runtime on the same inputs, one run:
+
+    python bench/forward.py [--model ViT-B-32] [--batch 32]
+
+Rows: PyTorch eager fp32 and bf16 (``model.to(torch.bfloat16)``), ONNX Runtime fp32 on the exported
+graphs, OpenVINO fp32 and bf16 on the same graphs, and OpenVINO bf16 on the PyTorch module converted
+directly (``openvino.convert_model``), which shows what the ONNX route costs OpenVINO. Each row also
+prints its cosine to PyTorch fp32, so a fast row that is wrong cannot hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rate(fn, batch: int, seconds: float) -> float:
+    fn()  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or done < 3:
+        fn()
+        done += 1
+    return done * batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--workdir", default=".clip-triton/bench")
+    args = parser.parse_args()
+
+    import torch
+
+    from clip_triton.contract import cosine
+    from clip_triton.cpuengine import OpenVINOSession, cpu_supports_bf16
+    from clip_triton.export.graphs import tower_module
+    from clip_triton.export.weights import load_model
+    from clip_triton.ortutil import make_session
+    from common import prepared_export  # bench/common.py
+
+    onnx_dir = prepared_export(args.model, args.workdir)
+    loaded = load_model(args.model, "none")
+    model, contract = loaded.model.eval(), loaded.contract
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((args.batch, *contract.pixels.shape)).astype(np.float32)
+    tok = contract.tokenizer
+    ids = rng.integers(1, tok.sot_token_id, size=(args.batch, tok.context_length)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = tok.sot_token_id, tok.eot_token_id
+    inputs = {"vision": (contract.pixels.name, pixels), "text": (contract.input_ids.name, ids)}
+    rows, reference = [], {}
+
+    def measure(name: str, precision: str, run) -> None:
+        cells = []
+        for tower in ("vision", "text"):
+            out = np.asarray(run(tower), dtype=np.float32)
+            reference.setdefault(tower, out)
+            cells += [rate(lambda t=tower: run(t), args.batch, args.seconds), float(cosine(out, reference[tower]).min())]
+        rows.append((name, precision, *cells))
+        print(f"[forward] {name} ({precision}): {cells[0]:.1f} images/s, {cells[2]:.1f} texts/s", flush=True)
+
+    towers = {tower: tower_module(model, tower) for tower in ("vision", "text")}
+    with torch.inference_mode():
+        measure("PyTorch eager", "fp32", lambda t: towers[t](torch.from_numpy(inputs[t][1])).numpy())
+
+    sessions = {t: make_session(onnx_dir / f"{t}.onnx") for t in ("vision", "text")}
+    measure("ONNX Runtime, exported graphs", "fp32", lambda t: sessions[t].run(None, dict([inputs[t]]))[0])
+    for precision in ("fp32", "bf16"):
+        sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", precision) for t in ("vision", "text")}
+        measure("OpenVINO, exported graphs", precision, lambda t: sessions[t].run(None, dict([inputs[t]]))[0])
+    sessions = None
+
+    import openvino as ov
+
+    core, compiled = ov.Core(), {}
+    with torch.no_grad():
+        for tower in ("vision", "text"):
+            example = torch.from_numpy(inputs[tower][1])
+            converted = ov.convert_model(towers[tower], example_input=example)
+            compiled[tower] = core.compile_model(converted, "CPU", {
+                "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"})
+    requests = {t: compiled[t].create_infer_request() for t in compiled}
+    measure("OpenVINO, converted from PyTorch", "bf16", lambda t: requests[t].infer([inputs[t][1]])[0].copy())
+    compiled = requests = None
+
+    model.to(torch.bfloat16)  # last: it rounds the weights
+    with torch.inference_mode():
+        measure("PyTorch eager", "bf16", lambda t: towers[t](
+            torch.from_numpy(inputs[t][1]).to(torch.bfloat16 if t == "vision" else torch.int32)).numpy())
+
+    print(f"\n{args.model}, batch {args.batch}, random inputs; {__import__('os').cpu_count()} CPU cores, "
+          f"native bf16: {'yes' if cpu_supports_bf16() else 'no'}; cosine: minimum over the batch vs PyTorch fp32")
+    print(f"{'runtime':<36}{'prec':>5}{'images/s':>10}{'cosine':>10}{'texts/s':>10}{'cosine':>10}")
+    for name, precision, img, img_cos, txt, txt_cos in rows:
+        print(f"{name:<36}{precision:>5}{img:>10.1f}{img_cos:>10.5f}{txt:>10.1f}{txt_cos:>10.5f}")
+
+
+if __name__ == "__main__":
+    main()
