@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -59,7 +58,8 @@ def main() -> None:
         for tower in ("vision", "text"):
             out = np.asarray(run(tower), dtype=np.float32)
             reference.setdefault(tower, out)
-            cells += [rate(lambda t=tower: run(t), args.batch, args.seconds), float(cosine(out, reference[tower]).min())]
+            speed = rate(lambda t=tower: run(t), args.batch, args.seconds)
+            cells += [speed, float(cosine(out, reference[tower]).min())]
         rows.append((name, precision, *cells))
         print(f"[forward] {name} ({precision}): {cells[0]:.1f} images/s, {cells[2]:.1f} texts/s", flush=True)
 
@@ -71,7 +71,7 @@ def main() -> None:
     measure("ONNX Runtime, exported graphs", "fp32", lambda t: sessions[t].run(None, dict([inputs[t]]))[0])
     for precision in ("fp32", "bf16"):
         sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", precision) for t in ("vision", "text")}
-        measure("OpenVINO, exported graphs", precision, lambda t: sessions[t].run(None, dict([inputs[t]]))[0])
+        measure("OpenVINO, exported graphs", precision, lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
     sessions = None
 
     import openvino as ov

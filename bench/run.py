@@ -6,9 +6,10 @@ rows, at each precision (fp32; bf16 where OpenVINO is installed): open_clip PyTo
 (its own PIL transform and tokenizer + forward; fp32 is the baseline), each CPU engine in-process on
 the exported graphs (ONNX Runtime fp32, OpenVINO fp32 and bf16; clip-triton's preprocess/tokenizer),
 and the Triton ensembles over gRPC with each engine (JPEG bytes in for ``clip_image``, strings in
-for ``clip_text``) through perf_analyzer and through ``ClipClient``. Every row includes preprocessing or tokenization. Each row
-has two ratios: to PyTorch eager fp32 (the baseline) and to PyTorch eager at the row's own precision.
-Steps run one after another so they do not compete for the CPU.
+for ``clip_text``) through perf_analyzer and through ``ClipClient``. Every row includes
+preprocessing or tokenization. Each row has two ratios: to PyTorch eager fp32 (the baseline) and to
+PyTorch eager at the row's own precision. Steps run one after another so they do not compete for
+the CPU.
 """
 
 from __future__ import annotations
@@ -144,12 +145,12 @@ def main() -> None:
         model = model.to(dtype)
 
         @torch.inference_mode()
-        def torch_images(blobs, dtype=dtype):
+        def torch_images(blobs, dtype=dtype, model=model):
             pixels = torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs]).to(dtype)
             model.encode_image(pixels, normalize=True)
 
         @torch.inference_mode()
-        def torch_texts(strings):
+        def torch_texts(strings, model=model):
             model.encode_text(tokenizer(strings), normalize=True)
 
         bi, (img_rate, img_p50, img_p99) = best(torch_images, images, batches, args.seconds)
@@ -164,9 +165,10 @@ def main() -> None:
         vision = open_session(onnx_dir / "vision.onnx", engine, precision)
         text = open_session(onnx_dir / "text.onnx", engine, precision)
         bi, (o_img, o_p50, o_p99) = best(
-            lambda b: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
+            lambda b, vision=vision: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
             images, batches, args.seconds)
-        bt, (o_txt, _, _) = best(lambda s: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds)
+        bt, (o_txt, _, _) = best(lambda s, text=text: text.run(None, {"input_ids": tok(s)}), texts, batches,
+                                 args.seconds)
         add((precision, f"{engine} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
         vision = text = None
 

@@ -50,3 +50,21 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
     base, same = rows[("PyTorch eager in-process (batch 4/4)", "fp32")], rows[("PyTorch eager in-process (batch 4/4)", "bf16")]
     assert base[1] == base[2] == base[4] == base[5] == 1.0  # the baseline's own ratios
     assert same[2] == same[5] == 1.0 and abs(same[1] - same[0] / base[0]) <= 0.02 * same[1] + 0.01
+
+
+def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "forward.py"), "--model", str(tiny_config),
+                             "--batch", "4", "--seconds", "0.3", "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = result.stdout[result.stdout.index("runtime  "):].splitlines()[1:]
+    rows = {}
+    for line in table:
+        parts = line.split()  # name words, then: prec, images/s, cosine, texts/s, cosine
+        rows[(" ".join(parts[:-5]), parts[-5])] = [float(v) for v in parts[-4:]]
+    assert set(rows) == {("PyTorch eager", "fp32"), ("ONNX Runtime, exported graphs", "fp32"),
+                         ("OpenVINO, exported graphs", "fp32"), ("OpenVINO, exported graphs", "bf16"),
+                         ("OpenVINO, converted from PyTorch", "bf16"), ("PyTorch eager", "bf16")}
+    for (_, precision), (images, img_cos, texts, txt_cos) in rows.items():
+        assert images > 0 and texts > 0
+        assert min(img_cos, txt_cos) >= (0.99999 if precision == "fp32" else 0.999)
