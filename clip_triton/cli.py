@@ -35,7 +35,7 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from clip_triton.export import verify_export  # noqa: PLC0415
 
-    verify_export(args.onnx_dir, seed=args.seed, checkpoint=args.checkpoint, engine=args.engine,
+    verify_export(args.onnx_dir, seed=args.seed, checkpoint=args.checkpoint, engine=args.cpu_engine,
                   cpu_precision=args.cpu_precision)
     return 0
 
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx_dir")
     p.add_argument("--seed", type=int, default=None, help="override the recorded seed (random-weight exports)")
     p.add_argument("--checkpoint", default=None, help="override the recorded checkpoint path")
-    p.add_argument("--engine", choices=CPU_ENGINES, default="onnxruntime", help="CPU engine that runs the graphs")
+    p.add_argument("--cpu-engine", choices=CPU_ENGINES, default="onnxruntime", help="CPU engine that runs the graphs")
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="fp32",
                    help="bf16: check OpenVINO's bf16 compute (tolerance: cosine >= 0.999)")
     p.set_defaults(func=_verify)

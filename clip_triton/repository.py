@@ -379,6 +379,7 @@ def write_repository(out: str | Path, *, onnx_dir: str | Path | None = None, opt
         path.write_text(text)
     if onnx_dir is not None and options.runtime in ("onnxruntime", "openvino", "python"):
         for name, (_, graph) in ENCODERS.items():
+            (out / name / "1").mkdir(parents=True, exist_ok=True)  # native backends have no other file there
             _place_graph(onnx_dir, graph, out / name / "1")
     if onnx_dir is not None:
         shutil.copy2(onnx_dir / MANIFEST, out / MANIFEST)  # provenance beside the configs

@@ -78,10 +78,12 @@ def check_repository(repo: Path) -> list[str]:
                 f"{folder.name} is a TensorRT engine model; the pip-installed Triton has no TensorRT backend",
                 "on this machine write a CPU repository: clip-triton repo --runtime python --onnx-dir DIR --out REPO",
             )
-        if config.platform == "onnxruntime_onnx":
+        if config.platform == "onnxruntime_onnx" or config.backend == "openvino":
+            backend = "ONNX Runtime" if config.platform else "OpenVINO"
+            runtime = "onnxruntime" if config.platform else "openvino"
             raise ClipTritonError(
-                f"{folder.name} uses Triton's ONNX Runtime backend, which the pip-installed Triton lacks",
-                "use --runtime python here, or the NGC Triton container for --runtime onnxruntime",
+                f"{folder.name} uses Triton's {backend} backend, which the pip-installed Triton lacks",
+                f"use --runtime python here (--cpu-engine {runtime}), or the NGC Triton container for --runtime {runtime}",
             )
         if config.backend == "python":
             if not (version / "model.py").is_file():

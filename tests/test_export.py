@@ -211,8 +211,8 @@ def test_openvino_runs_the_graphs_within_the_stated_tolerances(tiny_export):
 
 
 def test_cli_verify_with_openvino_bf16_passes_and_still_catches_a_wrong_reference(tiny_export):
-    ok = cli("verify", str(tiny_export), "--engine", "openvino", "--cpu-precision", "bf16")
+    ok = cli("verify", str(tiny_export), "--cpu-engine", "openvino", "--cpu-precision", "bf16")
     assert ok.returncode == 0, ok.stderr
     assert "engine: openvino bf16" in ok.stdout and "cosine >= 0.999," in ok.stdout
-    wrong = cli("verify", str(tiny_export), "--engine", "openvino", "--cpu-precision", "bf16", "--seed", "1")
+    wrong = cli("verify", str(tiny_export), "--cpu-engine", "openvino", "--cpu-precision", "bf16", "--seed", "1")
     assert wrong.returncode == 3 and "verification checks failed" in wrong.stderr

@@ -34,6 +34,15 @@ def test_tensorrt_repository_is_refused_on_the_pip_triton():
     assert "--runtime python" in err.value.hint
 
 
+@pytest.mark.parametrize("runtime, backend", [("onnxruntime", "ONNX Runtime"), ("openvino", "OpenVINO")])
+def test_ngc_only_backends_are_refused_on_the_pip_triton(tmp_path, tiny_export, runtime, backend):
+    options = RepoOptions(runtime=runtime, cpu_precision="bf16" if runtime == "openvino" else "fp32")
+    repo = write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=options)
+    with pytest.raises(ClipTritonError, match=f"Triton's {backend} backend") as err:
+        check_repository(repo)
+    assert f"--runtime python here (--cpu-engine {runtime})" in err.value.hint
+
+
 def test_port_in_use_is_reported(tiny_repo):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -27,17 +27,14 @@ def ov_triton(tiny_export, tmp_path_factory):
     options = RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16", queue_delay_us=20000,
                           preprocess_instances=2)
     repo = write_repository(root / "model_repository", onnx_dir=tiny_export, options=options)
-    server = TritonServer(repo, log_file=root / "tritonserver.log")
-    server.start(timeout=180)
-    yield server
-    server.stop()
+    with TritonServer(repo, log_file=root / "tritonserver.log") as server:
+        yield server
 
 
 @pytest.fixture()
 def ov_grpc(ov_triton):
-    client = grpcclient.InferenceServerClient(ov_triton.grpc_url)
-    yield client
-    client.close()
+    with grpcclient.InferenceServerClient(ov_triton.grpc_url) as client:
+        yield client
 
 
 def test_openvino_bf16_serves_open_clip_embeddings_within_tolerance(ov_grpc, photos, open_clip_reference):
