@@ -3,9 +3,11 @@
     python bench/forward.py [--model ViT-B-32] [--batch 32]
 
 Rows: PyTorch eager fp32 and bf16 (``model.to(torch.bfloat16)``), ONNX Runtime fp32 on the exported
-graphs, OpenVINO fp32 and bf16 on the same graphs, and OpenVINO bf16 on the PyTorch module converted
-directly (``openvino.convert_model``), which shows what the ONNX route costs OpenVINO. Each row also
-prints its cosine to PyTorch fp32, so a fast row that is wrong cannot hide.
+graphs, OpenVINO fp32 and bf16 on the same graphs (dynamic batch, as served), OpenVINO bf16 compiled
+for this one batch size, and OpenVINO bf16 on the PyTorch module converted directly
+(``openvino.convert_model``, also one batch size): together they separate what the ONNX route costs
+OpenVINO from what dynamic shapes cost it. Each row also prints its cosine to PyTorch fp32, so a fast
+row that is wrong cannot hide.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", precision) for t in ("vision", "text")}
         measure("OpenVINO, exported graphs", precision, lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
+    sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", "bf16", static_batch=args.batch) for t in ("vision", "text")}
+    measure(f"OpenVINO, exported graphs, batch {args.batch} only", "bf16",
+            lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
     sessions = None
 
     import openvino as ov
@@ -82,7 +87,8 @@ def main() -> None:
             example = torch.from_numpy(inputs[tower][1])
             converted = ov.convert_model(towers[tower], example_input=example)
             compiled[tower] = core.compile_model(converted, "CPU", {
-                "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"})
+                "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                "ENABLE_CPU_PINNING": False})
     requests = {t: compiled[t].create_infer_request() for t in compiled}
     measure("OpenVINO, converted from PyTorch", "bf16", lambda t: requests[t].infer([inputs[t][1]])[0].copy())
     compiled = requests = None

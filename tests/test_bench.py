@@ -64,6 +64,7 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
         rows[(" ".join(parts[:-5]), parts[-5])] = [float(v) for v in parts[-4:]]
     assert set(rows) == {("PyTorch eager", "fp32"), ("ONNX Runtime, exported graphs", "fp32"),
                          ("OpenVINO, exported graphs", "fp32"), ("OpenVINO, exported graphs", "bf16"),
+                         ("OpenVINO, exported graphs, batch 4 only", "bf16"),
                          ("OpenVINO, converted from PyTorch", "bf16"), ("PyTorch eager", "bf16")}
     for (_, precision), (images, img_cos, texts, txt_cos) in rows.items():
         assert images > 0 and texts > 0
