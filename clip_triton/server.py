@@ -238,13 +238,20 @@ class TritonServer:
     def stop(self, timeout: float = 30) -> None:
         if self.process is None:
             return
+        group = self.process.pid  # start_new_session: tritonserver leads its group; the stubs join it
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # the stubs are in its process group
+            os.killpg(group, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                os.killpg(group, signal.SIGKILL)
                 self.process.wait()
+        # A stub that Triton launched while it was shutting down (Ctrl-C during start-up) missed the
+        # SIGTERM and would outlive it, orphaned: clear whatever is left of the group.
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process = None
         if getattr(self, "_log_handle", None):
             self._log_handle.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -90,7 +91,21 @@ def test_serve_command_runs_until_ctrl_c(tiny_repo):
             process.kill()
 
 
+def _stubs(repo) -> set[int]:
+    """PIDs of python-backend stubs serving models of ``repo`` (read from /proc, not ps: no truncation)."""
+    pids = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"triton_python_backend_stub" in a for a in args[:1]) and any(str(repo).encode() in a for a in args):
+            pids.add(int(cmdline.parent.name))
+    return pids
+
+
 def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
+    before = _stubs(tiny_repo)  # the session's own server may be serving the same repository
     process, http = _serve(tiny_repo)
     try:
         assert "starting tritonserver" in process.stdout.readline()
@@ -99,6 +114,7 @@ def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
         assert process.wait(60) == 0
         time.sleep(0.5)
         assert not _serving(http)
+        assert _stubs(tiny_repo) <= before, "a python-backend stub outlived tritonserver"
     finally:
         if process.poll() is None:
             process.kill()
