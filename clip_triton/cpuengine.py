@@ -21,6 +21,20 @@ from .errors import ClipTritonError
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
+def check_engine(engine: str, precision: str | None = None) -> None:
+    """Refuse an engine, or an engine/precision pair, that no CPU engine here can run (repository
+    writer and graph loader alike)."""
+    if engine not in CPU_ENGINES:
+        raise ClipTritonError(f"unknown CPU engine {engine!r}", f"choose one of {CPU_ENGINES}")
+    if precision is None:
+        return
+    if precision not in CPU_PRECISIONS:
+        raise ClipTritonError(f"unknown CPU precision {precision!r}", f"choose one of {CPU_PRECISIONS}")
+    if precision == "bf16" and engine != "openvino":
+        raise ClipTritonError("bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
+                              "add --cpu-engine openvino (for a repository, or use --runtime openvino)")
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU executes bf16 natively (OpenVINO's CPU plugin reports it as a capability)."""
     try:
@@ -44,8 +58,7 @@ class OpenVINOSession:
             import openvino as ov  # noqa: PLC0415
         except ImportError as exc:
             raise ClipTritonError("OpenVINO is not installed", "pip install 'clip-triton[cpu]'") from exc
-        if precision not in CPU_PRECISIONS:
-            raise ClipTritonError(f"unknown CPU precision {precision!r}", f"choose one of {CPU_PRECISIONS}")
+        check_engine("openvino", precision)
         path = Path(path)
         if not path.is_file():
             raise ClipTritonError(f"ONNX graph {path} not found", "run `clip-triton export` first")
@@ -91,13 +104,9 @@ class OpenVINOSession:
 def open_session(path: str | Path, engine: str = "onnxruntime", precision: str = "fp32", threads: int | None = None,
                  spinning: bool | None = None, fp16_graph: bool | None = None):
     """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph."""
-    if engine not in CPU_ENGINES:
-        raise ClipTritonError(f"unknown CPU engine {engine!r}", f"choose one of {CPU_ENGINES}")
+    check_engine(engine, precision)
     if engine == "openvino":
         return OpenVINOSession(path, precision=precision, threads=threads)
-    if precision != "fp32":
-        raise ClipTritonError(f"ONNX Runtime runs these graphs in fp32 on the CPU, not {precision}",
-                              "use the OpenVINO engine for bf16")
     from .ortutil import make_session  # noqa: PLC0415
 
     return make_session(path, threads=threads, fp16=fp16_graph, spinning=spinning)

@@ -23,8 +23,6 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from .contract import (
-    CPU_ENGINES,
-    CPU_PRECISIONS,
     IMAGE_ENSEMBLE,
     MANIFEST,
     PREPROCESS_MODEL,
@@ -36,6 +34,7 @@ from .contract import (
     ModelContract,
     TensorSpec,
 )
+from .cpuengine import check_engine
 from .errors import ClipTritonError
 from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -82,13 +81,9 @@ class RepoOptions:
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ClipTritonError(f"unknown runtime {self.runtime!r}", f"choose one of {RUNTIMES}")
-        if self.cpu_engine not in CPU_ENGINES:
-            raise ClipTritonError(f"unknown CPU engine {self.cpu_engine!r}", f"choose one of {CPU_ENGINES}")
-        if self.cpu_precision not in CPU_PRECISIONS:
-            raise ClipTritonError(f"unknown CPU precision {self.cpu_precision!r}", f"choose one of {CPU_PRECISIONS}")
-        if self.cpu_precision == "bf16" and not (self.runtime == "openvino" or self.cpu_engine == "openvino"):
-            raise ClipTritonError("bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
-                                  "add --cpu-engine openvino (with --runtime python), or use --runtime openvino")
+        check_engine(self.cpu_engine)
+        # Triton's own OpenVINO backend is the engine for --runtime openvino, whatever --cpu-engine says.
+        check_engine("openvino" if self.runtime == "openvino" else self.cpu_engine, self.cpu_precision)
         if self.runtime == "openvino" and self.cpu_precision != "bf16":
             raise ClipTritonError(
                 "Triton's OpenVINO backend cannot force fp32: on bf16-capable CPUs OpenVINO computes in bf16",
