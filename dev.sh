@@ -20,14 +20,23 @@ install() {
         "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,cpu,test,bench,gateway]"
         touch "$stamp"
     fi
-    # perf_analyzer (in the tritonclient wheel) links Debian's libb64.
-    if ! ldconfig -p | grep -q "libb64.so.0d"; then
-        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "[dev] installing libb64-0d for perf_analyzer"
-            apt-get install -y -q libb64-0d >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }
-        else
-            echo "[dev] note: perf_analyzer needs libb64-0d (sudo apt-get install libb64-0d); its tests will be skipped"
-        fi
+    # perf_analyzer (in the tritonclient wheel) links Debian's libb64; the GPU twin renders
+    # docker-compose.yml with Debian's docker-compose (offline, no Docker engine needed).
+    ldconfig -p | grep -q "libb64.so.0d" || apt_install libb64-0d "perf_analyzer"
+    command -v docker-compose >/dev/null || apt_install docker-compose "the compose twin (tests/test_gpu_twin.py)"
+    # The KEDA/PodMonitor schemas generated from their CRDs (tests/test_kubernetes.py), pinned by lockfile.
+    if command -v npm >/dev/null && [ ! -d tests/crd/node_modules ]; then
+        echo "[dev] installing the CRD schemas for the Kubernetes tests (npm ci in tests/crd)"
+        npm ci --prefix tests/crd --no-audit --no-fund --silent
+    fi
+}
+
+apt_install() {  # package, what needs it
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "[dev] installing $1 for $2"
+        apt-get install -y -q "$1" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$1" >/dev/null; }
+    else
+        echo "[dev] note: $2 needs $1 (sudo apt-get install $1); those tests will say so"
     fi
 }
 

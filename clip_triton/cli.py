@@ -53,8 +53,9 @@ def _build_engines(args) -> int:
 def _check_engines(args) -> int:
     from clip_triton.export.engines import check_repository_engines  # noqa: PLC0415
 
-    for model in check_repository_engines(args.repo):
-        print(f"{model}: engine matches this TensorRT and GPU")
+    for model in check_repository_engines(args.repo, onnx_dir=args.onnx_dir):
+        built_from = f", built from {args.onnx_dir}" if args.onnx_dir else ""
+        print(f"{model}: engine passed validation and matches this TensorRT and GPU{built_from}")
     return 0
 
 
@@ -292,8 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: strongly typed on TensorRT >= 10.12, else the weakly typed FP16 fallback")
     p.set_defaults(func=_build_engines)
 
-    p = sub.add_parser("check-engines", help="refuse engines built for another TensorRT version or GPU")
-    p.add_argument("--repo", required=True)
+    p = sub.add_parser("check-engines", help="refuse engines that failed validation or were built for another "
+                                             "TensorRT version or GPU (exit 2)")
+    p.add_argument("--repo", required=True, help="TensorRT repository (each model.plan with its engine.json)")
+    p.add_argument("--onnx-dir", default=None,
+                   help="also require the engines to be built from exactly these graphs (sha256): "
+                        "exit 0 means they are current and need no rebuild")
     p.set_defaults(func=_check_engines)
 
     p = sub.add_parser("serve", help="run the pip-installed tritonserver on a model repository (CPU)")

@@ -8,5 +8,15 @@ cd "$(dirname "$0")/.."
 docker compose build
 docker compose up -d triton            # export -> engines (validated vs PyTorch) -> triton
 echo "[gpu-check] waiting for triton to be healthy"
-until [ "$(docker inspect -f '{{.State.Health.Status}}' "$(docker compose ps -q triton)")" = healthy ]; do sleep 10; done
+while :; do
+    state=$(docker inspect -f '{{.State.Status}} {{.State.Health.Status}}' "$(docker compose ps -aq triton)")
+    case "$state" in
+        "running healthy") break ;;
+        exited*|dead*|*" unhealthy")
+            echo "[gpu-check] triton is $state; its last log lines:" >&2
+            docker compose logs --tail=60 triton >&2
+            exit 1 ;;
+    esac
+    sleep 10
+done
 docker compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models "$@"

@@ -33,8 +33,13 @@ from .graphs import GRAPH_FILES
 ENGINE_MANIFEST = "engine.json"
 PLAN_FILE = "model.plan"
 TIMING_CACHE = "timing.cache"
+TIMING_CACHE_PLATFORM = ".platform.json"  # beside the cache: the TensorRT and GPU that built it
 MIN_ENGINE_COSINE = 0.999
 STRONGLY_TYPED_SINCE = (10, 12)
+# The TensorRT inside the pinned NGC release (deploy/Dockerfile ARG TRITON_RELEASE=25.10). Pinned once
+# here; the [gpu] extra, the Dockerfile's build-time check and README repeat it, and a test keeps
+# them equal. TensorRT 11 removed BuilderFlag.FP16, which `--typing weak` needs.
+TENSORRT_PIN = "10.13.3.9"
 TOWER_MODELS = {"vision": VISION_MODEL, "text": TEXT_MODEL}
 
 
@@ -117,8 +122,16 @@ def current_platform() -> Platform:
     return Platform(version, name, capability)
 
 
-def check_engine_manifest(manifest: dict, platform: Platform) -> None:
-    """Refuse an engine built for another TensorRT version or GPU: engines are not portable."""
+def check_engine_manifest(manifest: dict, platform: Platform, where: str = "engine") -> None:
+    """Refuse an engine that failed its validation, or was built for another TensorRT version or GPU."""
+    validation = manifest.get("validation") or {}
+    checks = validation.get("checks") or []
+    if validation.get("passed") is not True or not checks or not all(c.get("passed") for c in checks):
+        worst = min((c.get("min_cosine", float("nan")) for c in checks), default=float("nan"))
+        raise ClipTritonError(
+            f"{where} did not pass its validation against open_clip PyTorch (min cosine {worst:.6f}, "
+            f"needs >= {validation.get('min_cosine', MIN_ENGINE_COSINE)})",
+            "do not serve it: rebuild with `clip-triton build-engines` (try --optimization-level 5 or an fp32 export)")
     built = Platform(**manifest["platform"])
     if parse_version(built.tensorrt)[:3] != parse_version(platform.tensorrt)[:3]:
         raise ClipTritonError(
@@ -131,18 +144,43 @@ def check_engine_manifest(manifest: dict, platform: Platform) -> None:
             "rebuild the engines on the GPU type that will serve them")
 
 
-def check_repository_engines(repo: str | Path, platform: Platform | None = None) -> list[str]:
-    """Check every engine in a repository against this host before Triton loads them."""
+def check_repository_engines(repo: str | Path, platform: Platform | None = None,
+                             onnx_dir: str | Path | None = None) -> list[str]:
+    """Check every engine in a repository against this host before Triton loads them.
+
+    Each ``model.plan`` needs its ``engine.json`` saying it passed validation on this TensorRT and GPU.
+    With ``onnx_dir``, the engines must also have been built from exactly those graphs (sha256 of
+    each graph and its external data): then they are current and need no rebuild.
+    """
     platform = platform or current_platform()
     checked = []
-    for model in TOWER_MODELS.values():
+    for tower, model in TOWER_MODELS.items():
         folder = Path(repo) / model / "1"
-        plan, manifest = folder / PLAN_FILE, folder / ENGINE_MANIFEST
-        if not plan.is_file() or not manifest.is_file():
-            raise ClipTritonError(f"{plan} or its {ENGINE_MANIFEST} is missing", "run `clip-triton build-engines` first")
-        check_engine_manifest(json.loads(manifest.read_text()), platform)
+        plan, manifest_path = folder / PLAN_FILE, folder / ENGINE_MANIFEST
+        if not plan.is_file():
+            raise ClipTritonError(f"{plan} is missing", "run `clip-triton build-engines` first")
+        if not manifest_path.is_file():
+            raise ClipTritonError(f"{plan} has no {ENGINE_MANIFEST}: nothing says it was validated",
+                                  "rebuild it with `clip-triton build-engines`, which validates and records it")
+        manifest = json.loads(manifest_path.read_text())
+        check_engine_manifest(manifest, platform, where=str(plan))
+        if onnx_dir is not None:
+            built_from, now = manifest.get("onnx", {}), graph_identity(Path(onnx_dir), tower)
+            if {k: built_from.get(k) for k in ("sha256", "data_sha256")} != \
+                    {k: now[k] for k in ("sha256", "data_sha256")}:
+                raise ClipTritonError(f"{plan} was built from other graphs than {now['file']}",
+                                      "rebuild with `clip-triton build-engines`")
         checked.append(model)
     return checked
+
+
+def graph_identity(onnx_dir: Path, tower: str) -> dict:
+    """What an engine is built from: the graph file and its external data, by sha256."""
+    path = onnx_dir / GRAPH_FILES[tower]
+    if not path.is_file():
+        raise ClipTritonError(f"{path} not found", "run `clip-triton export` into that folder first")
+    data = path.with_name(path.name + ".data")
+    return {"file": str(path), "sha256": sha256(path), "data_sha256": sha256(data) if data.is_file() else None}
 
 
 def sha256(path: Path) -> str:
@@ -167,8 +205,41 @@ class BuildOptions:
             raise ClipTritonError("workspace must be positive")
 
 
+def read_timing_cache(path: Path, platform: Platform, log: Progress) -> bytes:
+    """The timing cache's bytes, or none when it was built by another TensorRT or GPU (timings do not
+    transfer; TensorRT may also refuse the cache). The platform is recorded beside the cache."""
+    if not path.is_file():
+        return b""
+    meta = path.with_name(path.name + TIMING_CACHE_PLATFORM)
+    try:
+        built = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        built = None
+    if built != asdict(platform):
+        log(f"dropping timing cache {path}: built by {built or 'an unrecorded TensorRT/GPU'}, "
+            f"this is TensorRT {platform.tensorrt} on {platform.gpu}")
+        return b""
+    return path.read_bytes()
+
+
+def write_timing_cache(path: Path, data: bytes, platform: Platform) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.with_name(path.name + TIMING_CACHE_PLATFORM).write_text(json.dumps(asdict(platform)) + "\n")
+
+
+def apply_timing_cache(config, data: bytes, log: Progress) -> None:
+    """Attach a timing cache to a TensorRT builder config, checking TensorRT's answer: a cache it
+    refuses is replaced by an empty one rather than silently ignored."""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return
+    log("TensorRT refused the timing cache (another TensorRT version or GPU); starting an empty one")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise ClipTritonError("TensorRT refused an empty timing cache", "pass --timing-cache to a new file path")
+
+
 def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: str, options: BuildOptions,
-                 cache_path: Path, log: Progress) -> dict:  # pragma: no cover - needs a GPU and TensorRT
+                 cache_path: Path, platform: Platform, log: Progress) -> dict:  # pragma: no cover - needs a GPU
     import tensorrt as trt  # noqa: PLC0415
 
     strongly = options.strongly_typed if options.strongly_typed is not None else strongly_typed_supported(trt.__version__)
@@ -186,8 +257,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: 
     config.builder_optimization_level = options.optimization_level
     if not strongly and precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)  # weakly typed fallback for TensorRT < 10.12
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    apply_timing_cache(config, read_timing_cache(cache_path, platform, log), log)
     trt_profile = builder.create_optimization_profile()
     trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
     config.add_optimization_profile(trt_profile)
@@ -198,7 +268,7 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: 
     if serialized is None:
         raise ClipTritonError(f"TensorRT failed to build {plan_path}", "see the TensorRT log above")
     plan_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_timing_cache(cache_path, bytes(config.get_timing_cache().serialize()), platform)
     return {"strongly_typed": strongly, "build_seconds": round(time.monotonic() - started, 1)}
 
 
@@ -221,16 +291,25 @@ def _progress_monitor(trt, log: Progress):  # pragma: no cover - needs TensorRT
     return Monitor()
 
 
-def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray]) -> list[np.ndarray]:  # pragma: no cover
-    """Execute an engine on host arrays (Polygraphy handles device buffers and streams)."""
+def polygraphy_runner(plan_path: Path):  # pragma: no cover - needs a GPU and TensorRT
+    """Polygraphy's TensorRT runner for a serialized engine (it handles device buffers and streams)."""
     from polygraphy.backend.common import BytesFromPath  # noqa: PLC0415
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner  # noqa: PLC0415
 
+    return TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))))
+
+
+def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray], runner=None) -> list[np.ndarray]:
+    """Execute an engine on host arrays, one output array per batch.
+
+    Polygraphy's ``TrtRunner.infer`` returns views of host buffers that it reuses for the next call,
+    so each output is copied before the next batch runs (a view would end up holding the last batch).
+    """
     outputs = []
-    with TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path)))) as runner:
+    with runner if runner is not None else polygraphy_runner(plan_path) as active:
         for x in batches:
-            result = runner.infer({profile.input_name: x})
-            outputs.append(np.asarray(next(iter(result.values())), dtype=np.float32))
+            result = active.infer({profile.input_name: x})
+            outputs.append(np.array(next(iter(result.values())), dtype=np.float32, copy=True))
     return outputs
 
 
@@ -245,6 +324,14 @@ def validate_engine(tower: str, cases, reference, outputs) -> list[dict]:
     return rows
 
 
+def validate_plan(tower: str, plan_path: Path, profile: Profile, contract: ModelContract, references: list,
+                  runner=None) -> list[dict]:
+    """Run an engine on the export's reference inputs and compare with the PyTorch references."""
+    cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references]
+    outputs = run_engine(plan_path, profile, [x for _, x in cases], runner=runner)
+    return validate_engine(tower, cases, [ref for _, _, ref in references], outputs)
+
+
 def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(),
                   log: Progress | None = None) -> dict:  # pragma: no cover - needs a GPU and TensorRT
     """Build, place and validate ``vision_encoder/1/model.plan`` and ``text_encoder/1/model.plan``."""
@@ -256,6 +343,8 @@ def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions 
     contract = ModelContract.from_dict(manifest["contract"])
     platform = current_platform()
     log(f"TensorRT {platform.tensorrt} on {platform.gpu} (sm {platform.compute_capability})")
+    if parse_version(platform.tensorrt)[:3] != parse_version(TENSORRT_PIN)[:3]:
+        log(f"note: TensorRT {platform.tensorrt} is not the tested {TENSORRT_PIN} (NGC release of deploy/Dockerfile)")
     references = load_references(onnx_dir / REFERENCES) if (onnx_dir / REFERENCES).exists() else None
     if references is None:
         raise ClipTritonError(f"{onnx_dir / REFERENCES} missing", "re-run `clip-triton export` with verification on")
@@ -270,17 +359,17 @@ def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions 
         profile = profile_for(contract, tower)
         onnx_path = onnx_dir / GRAPH_FILES[tower]
         log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
-        built = build_engine(onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path, log)
-        cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references[tower]]
-        outputs = run_engine(folder / PLAN_FILE, profile, [x for _, x in cases])
-        checks = validate_engine(tower, cases, [ref for _, _, ref in references[tower]], outputs)
+        built = build_engine(onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path,
+                             platform, log)
+        checks = validate_plan(tower, folder / PLAN_FILE, profile, contract, references[tower])
         engine_manifest = {
             "platform": asdict(platform),
-            "onnx": {"file": str(onnx_path), "sha256": sha256(onnx_path)},
+            "onnx": graph_identity(onnx_dir, tower),
             "profile": asdict(profile),
             "precision": contract.precision,
             "builder": {**asdict(options), **built},
-            "validation": {"reference": "open_clip PyTorch fp32", "min_cosine": MIN_ENGINE_COSINE, "checks": checks},
+            "validation": {"reference": "open_clip PyTorch fp32", "min_cosine": MIN_ENGINE_COSINE, "checks": checks,
+                           "passed": all(row["passed"] for row in checks)},
             "model": manifest["model"],
             "pretrained": manifest["pretrained"],
         }
@@ -288,7 +377,7 @@ def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions 
         for row in checks:
             log(f"{tower} {row['inputs']} batch {row['batch']}: cosine {row['min_cosine']:.6f} "
                 f"{'ok' if row['passed'] else 'FAIL'}")
-        if not all(row["passed"] for row in checks):
+        if not engine_manifest["validation"]["passed"]:
             raise VerificationError(f"{model} engine disagrees with open_clip PyTorch (cosine < {MIN_ENGINE_COSINE})",
                                     "do not serve it; try --optimization-level 5 or an fp32 export")
         report[model] = engine_manifest

@@ -64,18 +64,17 @@ def reference_model():
     return load_model(str(TINY_CONFIG), "none", seed=SEED).model
 
 
-@pytest.fixture(scope="session")
-def open_clip_reference(reference_model):
-    """open_clip's own transform, tokenizer and model: the reference for every served path."""
+def open_clip_reference_for(config: Path, model):
+    """open_clip's own transform, tokenizer and ``model``: the reference for every served path."""
     import open_clip
     import torch
     from PIL import Image
 
     from clip_triton.contract import register_model_config
 
-    name = register_model_config(str(TINY_CONFIG))
+    name = register_model_config(str(config))
     tokenizer = open_clip.get_tokenizer(name)
-    cfg = reference_model.visual.preprocess_cfg
+    cfg = model.visual.preprocess_cfg
     transform = open_clip.image_transform(cfg["size"], is_train=False, mean=cfg["mean"], std=cfg["std"],
                                           interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"])
 
@@ -83,13 +82,18 @@ def open_clip_reference(reference_model):
         def images(self, blobs: list[bytes]) -> np.ndarray:
             pixels = torch.stack([transform(Image.open(io.BytesIO(b))) for b in blobs])
             with torch.no_grad():
-                return reference_model.encode_image(pixels, normalize=True).numpy()
+                return model.encode_image(pixels, normalize=True).numpy()
 
         def texts(self, texts: list[str]) -> np.ndarray:
             with torch.no_grad():
-                return reference_model.encode_text(tokenizer(texts), normalize=True).numpy()
+                return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
     return Reference()
+
+
+@pytest.fixture(scope="session")
+def open_clip_reference(reference_model):
+    return open_clip_reference_for(TINY_CONFIG, reference_model)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,13 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "deploy" / "Dockerfile").read_text()
 
 
+@pytest.fixture()
+def fake_gpu(tmp_path) -> dict[str, str]:
+    from .gpu_twin import fake_gpu_env
+
+    return fake_gpu_env(tmp_path / "fake-gpu-bin")
+
+
 def command_text(service: str) -> str:
     command = COMPOSE["services"][service]["command"]
     return " ".join(command) if isinstance(command, list) else command
@@ -95,14 +102,20 @@ def test_gateway_service():
     assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
     assert gateway["ports"] == ["127.0.0.1:8080:8080"]
     assert "--url=triton:8001" in gateway["command"] and "/readyz" in " ".join(gateway["healthcheck"]["test"])
-    assert gateway["environment"]["CLIP_TRITON_API_KEYS"].startswith("${CLIP_TRITON_API_KEYS:?")  # no default key
+    # No default key, and no mandatory variable either: compose interpolates the whole file before it
+    # picks services, so `${VAR:?}` here broke `build`, `up -d triton` and `run sdk` too. The gateway
+    # refuses to start without keys (tests/test_gpu_twin.py runs it that way), and it is opt-in.
+    assert gateway["environment"]["CLIP_TRITON_API_KEYS"] == "${CLIP_TRITON_API_KEYS:-}"
+    assert gateway["profiles"] == ["gateway"]
+    assert ":?" not in (ROOT / "docker-compose.yml").read_text()
     assert "deploy" not in gateway  # no GPU
 
 
-def test_serving_image_installs_no_torch():
-    triton_stage = DOCKERFILE.split("AS triton", 1)[1].split("FROM ", 1)[0]
-    assert "pip install --no-cache-dir /opt/clip-triton\n" in triton_stage and "torch" not in triton_stage.replace(
-        "never imports torch", "")
+def test_serving_image_installs_no_torch_but_the_client_its_healthcheck_needs():
+    triton_stage = DOCKERFILE.split("AS triton", 1)[1].split("\nFROM ", 1)[0]
+    assert '"/opt/clip-triton[client]"' in triton_stage  # `clip-triton health` imports tritonclient
+    pins = (ROOT / "requirements" / "docker" / "triton.txt").read_text()
+    assert "tritonclient==" in pins and "torch" not in pins
 
 
 def test_profile_comes_from_the_contract_and_matches_triton():
@@ -122,9 +135,11 @@ def test_strongly_typed_from_tensorrt_10_12(version, strong):
     assert E.strongly_typed_supported(version) is strong
 
 
-def _manifest(**platform):
+def _manifest(passed=True, **platform):
     base = {"tensorrt": "10.13.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
-    return {"platform": {**base, **platform}}
+    checks = [{"inputs": "photos", "batch": 4, "min_cosine": 0.9999 if passed else 0.41, "passed": passed}]
+    return {"platform": {**base, **platform},
+            "validation": {"min_cosine": E.MIN_ENGINE_COSINE, "checks": checks, "passed": passed}}
 
 
 def test_engine_manifest_must_match_the_serving_platform():
@@ -149,6 +164,141 @@ def test_repository_engine_check(tmp_path):
     assert E.check_repository_engines(repo, here) == ["vision_encoder", "text_encoder"]
     with pytest.raises(ClipTritonError, match="rebuild"):
         E.check_repository_engines(repo, E.Platform("10.14.1", "NVIDIA H200", "9.0"))
+
+
+def _engine_repo(tmp_path, manifest: dict | None):
+    from clip_triton.repository import RepoOptions, write_repository
+
+    repo = write_repository(tmp_path / "repo", options=RepoOptions(runtime="tensorrt"))
+    for model in ("vision_encoder", "text_encoder"):
+        (repo / model / "1" / "model.plan").write_bytes(b"engine bytes")  # stands in for a GPU-built engine
+        if manifest is not None:
+            (repo / model / "1" / "engine.json").write_text(json.dumps(manifest))
+    return repo
+
+
+def test_check_engines_refuses_an_engine_that_failed_validation(tmp_path):
+    """build-engines writes engine.json before deciding pass/fail: a failed engine stays on disk."""
+    repo = _engine_repo(tmp_path, _manifest(passed=False))
+    with pytest.raises(ClipTritonError, match="did not pass its validation.*0.410000") as err:
+        E.check_repository_engines(repo, E.Platform("10.13.0", "NVIDIA H200", "9.0"))
+    assert "do not serve it" in err.value.hint
+    legacy = _manifest()  # written before the top-level verdict existed: no "passed", so not trusted
+    del legacy["validation"]["passed"]
+    with pytest.raises(ClipTritonError, match="did not pass its validation"):
+        E.check_repository_engines(_engine_repo(tmp_path / "b", legacy), E.Platform("10.13.0", "NVIDIA H200", "9.0"))
+
+
+def test_check_engines_refuses_a_plan_without_its_manifest(tmp_path):
+    repo = _engine_repo(tmp_path, None)
+    with pytest.raises(ClipTritonError, match="has no engine.json: nothing says it was validated"):
+        E.check_repository_engines(repo, E.Platform("10.13.0", "NVIDIA H200", "9.0"))
+
+
+def test_check_engines_cli_exits_2_on_a_failed_engine(tmp_path, fake_gpu):
+    repo = _engine_repo(tmp_path, _manifest(passed=False, tensorrt="10.13.3.9"))
+    result = subprocess.run([sys.executable, "-m", "clip_triton.cli", "check-engines", "--repo", str(repo)],
+                            capture_output=True, text=True, env=fake_gpu)
+    assert result.returncode == 2 and "did not pass its validation" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_engines_are_current_only_for_the_same_graphs(tiny_export, tmp_path):
+    """The build Job's idempotence: engines for the same graph sha256, TensorRT and GPU are kept."""
+    here = E.Platform("10.13.3.9", "NVIDIA H200", "9.0")
+    manifest = _manifest(**{"tensorrt": here.tensorrt})
+    repo = _engine_repo(tmp_path, None)
+    for tower, model in E.TOWER_MODELS.items():
+        (repo / model / "1" / "engine.json").write_text(json.dumps(
+            {**manifest, "onnx": E.graph_identity(tiny_export, tower)}))
+    assert E.check_repository_engines(repo, here, onnx_dir=tiny_export) == ["vision_encoder", "text_encoder"]
+    other = tmp_path / "other-export"
+    shutil.copytree(tiny_export, other)
+    with open(other / "text.onnx", "ab") as handle:
+        handle.write(b"\0")  # any change to a graph (or its external data) makes the engines stale
+    with pytest.raises(ClipTritonError, match="built from other graphs"):
+        E.check_repository_engines(repo, here, onnx_dir=other)
+
+
+def test_run_engine_copies_each_output_from_polygraphys_reused_buffer():
+    """Polygraphy's TrtRunner.infer returns views of one host buffer it reuses: without a copy every
+    batch but the last would be overwritten. Polygraphy's own host-copy code runs here."""
+    import numpy as np
+    from .gpu_twin import PolygraphyHostTwin
+
+    profile = E.Profile("pixel_values", (1, 4), (2, 4), (4, 4))
+    batches = [np.full((2, 4), value, np.float32) for value in (1.0, 2.0, 3.0)]
+    outputs = E.run_engine(Path("unused.plan"), profile,
+                           batches, runner=PolygraphyHostTwin(lambda feed: feed["pixel_values"] * 10))
+    assert [float(out[0, 0]) for out in outputs] == [10.0, 20.0, 30.0]
+
+
+def test_engine_validation_passes_through_the_polygraphy_twin(tiny_export):
+    """build-engines' own validation step (validate_plan) on the export's references, with the
+    "engine" computed by ONNX Runtime from the same graphs: every batch must pass."""
+    import onnxruntime as ort
+    from .gpu_twin import PolygraphyHostTwin
+
+    from clip_triton.export.pipeline import REFERENCES, load_references, read_manifest
+
+    contract = C.ModelContract.from_dict(read_manifest(tiny_export)["contract"])
+    references = load_references(tiny_export / REFERENCES)
+    for tower in ("vision", "text"):
+        session = ort.InferenceSession(str(tiny_export / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
+        profile = E.profile_for(contract, tower)
+        twin = PolygraphyHostTwin(lambda feed, s=session: s.run(None, feed)[0])
+        checks = E.validate_plan(tower, Path("unused.plan"), profile, contract, references[tower], runner=twin)
+        assert len(checks) >= 2 and len({c["batch"] for c in checks}) >= 1
+        assert all(c["passed"] for c in checks), checks
+
+
+class _BuilderConfig:
+    """TensorRT's IBuilderConfig timing-cache calls (boundary stand-in: TensorRT needs a GPU)."""
+
+    def __init__(self, accepts):
+        self.accepts, self.attached = accepts, []
+
+    def create_timing_cache(self, data):
+        return bytes(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.attached.append(cache)
+        return self.accepts(cache)
+
+
+def test_timing_cache_from_another_platform_is_dropped(tmp_path):
+    here = E.Platform("10.13.3.9", "NVIDIA H200", "9.0")
+    path, lines = tmp_path / "timing.cache", []
+    assert E.read_timing_cache(path, here, lines.append) == b""  # none yet
+    E.write_timing_cache(path, b"timings", here)
+    assert E.read_timing_cache(path, here, lines.append) == b"timings"
+    assert E.read_timing_cache(path, E.Platform("10.13.3.9", "NVIDIA A100-SXM4-80GB", "8.0"), lines.append) == b""
+    assert E.read_timing_cache(path, E.Platform("10.14.1.48", "NVIDIA H200", "9.0"), lines.append) == b""
+    assert len(lines) == 2 and all("dropping timing cache" in line for line in lines)
+    path.with_name(path.name + E.TIMING_CACHE_PLATFORM).unlink()  # a cache of unknown origin
+    assert E.read_timing_cache(path, here, lines.append) == b""
+
+
+def test_timing_cache_refused_by_tensorrt_is_replaced_not_ignored():
+    lines = []
+    config = _BuilderConfig(accepts=lambda cache: cache == b"")
+    E.apply_timing_cache(config, b"stale", lines.append)
+    assert config.attached == [b"stale", b""] and "refused the timing cache" in lines[0]
+    with pytest.raises(ClipTritonError, match="refused an empty timing cache"):
+        E.apply_timing_cache(_BuilderConfig(accepts=lambda cache: False), b"", lines.append)
+
+
+def test_tensorrt_is_pinned_once_to_the_ngc_release():
+    """The [gpu] extra, the Dockerfile's build-time check and README name the same TensorRT."""
+    import tomllib
+
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert f"tensorrt=={E.TENSORRT_PIN}" in gpu
+    assert re.findall(r"^ARG TENSORRT_VERSION=(\S+)$", DOCKERFILE, flags=re.M) == [E.TENSORRT_PIN]
+    assert re.findall(r"^ARG TRITON_RELEASE=(\S+)$", DOCKERFILE, flags=re.M) == ["25.10"]
+    readme = (ROOT / "README.md").read_text()
+    assert f"TensorRT {E.TENSORRT_PIN}" in readme
+    assert not re.search(r"tensorrt\s*>=", (ROOT / "pyproject.toml").read_text())
 
 
 def test_validation_passes_and_fails_on_cosine():

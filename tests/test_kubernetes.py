@@ -1,8 +1,10 @@
 """deploy/k8s renders with `kubectl kustomize` (offline) and carries what a GPU deployment needs."""
 
+import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,18 @@ def render(target: str) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
-@pytest.fixture(scope="module", params=["base", "overlays/production", "overlays/no-operators"])
-def docs(request) -> dict:
+def by_kind_and_name(target: str) -> dict:
     found = {}
-    for doc in render(request.param):
+    for doc in render(target):
         found[(doc["kind"], doc["metadata"]["name"].rsplit("-", 1)[0] if doc["kind"] == "ConfigMap"
                else doc["metadata"]["name"])] = doc
-    found["_target"] = request.param
+    found["_target"] = target
     return found
+
+
+@pytest.fixture(scope="module", params=["base", "overlays/production", "overlays/no-operators"])
+def docs(request) -> dict:
+    return by_kind_and_name(request.param)
 
 
 def pod_spec(doc: dict) -> dict:
@@ -143,3 +149,130 @@ def test_production_overlay_pins_images_gpu_and_namespace():
     assert {d["metadata"].get("namespace") for d in namespaced} == {"clip-triton"}
     selectors = {d["kind"]: d["spec"]["template"]["spec"]["nodeSelector"] for d in docs if d["kind"] in ("Job",)}
     assert selectors["Job"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+
+
+def _container(docs, kind: str, name: str) -> dict:
+    return pod_spec(docs[(kind, name)])["containers"][0]
+
+
+def test_ngc_containers_keep_the_image_entrypoint(docs):
+    """`command` would replace /opt/nvidia/nvidia_entrypoint.sh (CUDA forward compatibility): the NGC
+    images get their shell command as args only."""
+    for kind, name in (("Deployment", "clip-triton-triton"), ("Job", "clip-triton-build")):
+        container = _container(docs, kind, name)
+        assert "command" not in container, name
+        assert container["args"][:2] == ["sh", "-c"]
+
+
+def test_keda_scales_on_the_value_of_an_average(docs):
+    if docs["_target"] == "overlays/no-operators":
+        return
+    trigger = docs[("ScaledObject", "clip-triton-triton")]["spec"]["triggers"][0]
+    # The query is one cluster-wide average: Value makes the HPA scale current replicas by
+    # value/target; the default AverageValue would ignore how many pods already run.
+    assert trigger["metricType"] == "Value"
+    assert "/ clamp_min(sum(rate(nv_inference_request_success" in trigger["metadata"]["query"]
+
+
+KUBERNETES_VERSION = "1.31.0"
+
+
+def test_manifests_pass_strict_schema_validation(docs, tmp_path):
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(yaml.safe_dump_all([d for k, d in docs.items() if k != "_target"]))
+    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSION,
+                             str(rendered)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    builtin = [d for k, d in docs.items() if k != "_target" and "." not in d["apiVersion"].split("/")[0]
+               or k != "_target" and d["apiVersion"].split("/")[0].endswith("k8s.io")]
+    passed = re.findall(r"passed for resource (\S+) against version", result.stdout + result.stderr)
+    assert len(passed) == len(builtin) and len(passed) >= 8, result.stdout + result.stderr
+
+
+def test_custom_resources_pass_their_crd_schemas(docs):
+    """KEDA's ScaledObject and the Prometheus Operator's PodMonitor, against schemas generated from
+    their CRDs (tests/crd: @kubernetes-models, pinned by package-lock.json; dev.sh installs them)."""
+    crd = ROOT / "tests" / "crd"
+    assert (crd / "node_modules").is_dir() and shutil.which("node"), "run `bash dev.sh install` (npm ci in tests/crd)"
+    custom = [d for k, d in docs.items() if k != "_target" and d["apiVersion"].split("/")[0] in
+              ("keda.sh", "monitoring.coreos.com")]
+    result = subprocess.run(["node", str(crd / "validate.mjs")], input=yaml.safe_dump_all(custom),
+                            capture_output=True, text=True)
+    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0 and all(v["passed"] for v in verdicts), result.stdout + result.stderr
+    assert len(verdicts) == len(custom) == (0 if docs["_target"] == "overlays/no-operators" else 2)
+
+
+def test_crd_validation_rejects_a_broken_scaled_object():
+    broken = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+              "spec": {"scaleTargetRef": {"name": 5}, "triggers": "prometheus"}}
+    result = subprocess.run(["node", str(ROOT / "tests" / "crd" / "validate.mjs")], input=yaml.safe_dump(broken),
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "must be" in result.stdout
+
+
+# -- the build Job's script, run for real -------------------------------------------------------
+BUILD_SHIM = '''#!{python}
+"""clip-triton with `build-engines` standing in for the GPU step (TensorRT needs a GPU): it writes what
+a successful build leaves behind. Every other subcommand is the real CLI."""
+import json, os, sys
+from pathlib import Path
+args = sys.argv[1:]
+if args[:1] != ["build-engines"]:
+    from clip_triton.cli import main
+    sys.exit(main(args))
+if os.environ.get("SHIM_BUILD_FAILS"):
+    print("engine validation failed", file=sys.stderr)
+    sys.exit(3)
+opts = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+from clip_triton.export import engines as E
+platform = E.Platform(os.environ["TRT_VERSION"], "NVIDIA H200", "9.0")
+for tower, model in E.TOWER_MODELS.items():
+    folder = Path(opts["--repo"]) / model / "1"
+    (folder / E.PLAN_FILE).write_bytes(b"engine")
+    (folder / E.ENGINE_MANIFEST).write_text(json.dumps({{
+        "platform": {{"tensorrt": platform.tensorrt, "gpu": platform.gpu, "compute_capability": "9.0"}},
+        "onnx": E.graph_identity(Path(opts["--onnx-dir"]), tower),
+        "validation": {{"passed": True, "checks": [{{"min_cosine": 0.9999, "passed": True}}]}}}}))
+print("built", opts["--repo"])
+'''
+
+
+def _job_script(docs, tmp_path: Path) -> tuple[str, str]:
+    builder = _container(docs, "Job", "clip-triton-build")
+    tag = docs[("ConfigMap", "clip-triton-engine")]["data"]["ENGINE_TAG"]
+    script = builder["args"][2].replace("$(ENGINE_TAG)", tag)  # the kubelet expands $(VAR) in args
+    return script.replace("/models/", f"{tmp_path}/models/").replace("/exports/", f"{tmp_path}/exports/"), tag
+
+
+def test_build_job_is_idempotent_and_swaps_in_only_validated_engines(tiny_export, tmp_path):
+    from .gpu_twin import fake_gpu_env
+
+    script, tag = _job_script(by_kind_and_name("base"), tmp_path)
+    shutil.copytree(tiny_export, tmp_path / "exports" / tag)
+    (tmp_path / "models").mkdir()
+    env = fake_gpu_env(tmp_path / "bin")
+    shim = tmp_path / "bin" / "clip-triton"
+    shim.write_text(BUILD_SHIM.format(python=sys.executable))
+    shim.chmod(0o755)
+
+    def run(**extra):
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env={**env, **extra}, timeout=300)
+
+    live = tmp_path / "models" / tag
+    first = run()
+    assert first.returncode == 0, first.stderr
+    plan = live / "vision_encoder" / "1" / "model.plan"
+    assert plan.is_file() and sorted(p.name for p in (tmp_path / "models").iterdir()) == [tag]
+    before = plan.stat().st_ino, plan.stat().st_mtime_ns
+    second = run()  # re-applying the kustomization: same graphs, TensorRT and GPU
+    assert second.returncode == 0 and "are current: nothing to rebuild" in second.stdout, second.stderr
+    assert (plan.stat().st_ino, plan.stat().st_mtime_ns) == before  # the live folder was not touched
+    failed = run(TRT_VERSION="10.14.1.48", SHIM_BUILD_FAILS="1")  # a new TensorRT, and its build fails
+    assert failed.returncode == 3 and "engine validation failed" in failed.stderr
+    assert (plan.stat().st_ino, plan.stat().st_mtime_ns) == before  # still serving the old, validated engines
+    rebuilt = run(TRT_VERSION="10.14.1.48")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [tag]  # no staging or previous left
+    manifest = json.loads((live / "vision_encoder" / "1" / "engine.json").read_text())
+    assert manifest["platform"]["tensorrt"] == "10.14.1.48"

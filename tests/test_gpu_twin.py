@@ -1,0 +1,379 @@
+"""The GPU stack proven on its GPU-less twin (README "What was verified, and where").
+
+No GPU, TensorRT, Docker engine or NGC image exists here. Each GPU stage is run instead with only the
+part that needs them substituted:
+
+* images: one virtualenv per Dockerfile stage on that image's Python, built from the Dockerfile's own
+  `pip install` lines (tests/gpu_twin.py parses them), then the stage's own commands run in it;
+* compose: Debian's docker-compose renders docker-compose.yml with each documented command's
+  environment;
+* Triton: the real tritonserver loads the TensorRT repositories with each engine replaced by a
+  python-backend stand-in of identical I/O, and the triton image's healthcheck runs against it.
+
+The stage environments are cached (~/.cache/clip-triton-twin) by everything that decides their
+contents; the package itself is reinstalled from this checkout on every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from clip_triton import contract as C
+from clip_triton.export import engines as E
+from clip_triton.export.verify import TOLERANCES
+from clip_triton.repository import RepoOptions, parse, write_repository
+
+from .conftest import SEED, TINY_CONFIG, cos, open_clip_reference_for
+from .gpu_twin import (
+    PREINSTALLED,
+    ROOT,
+    added_by_stage,
+    dockerfile_stages,
+    fake_gpu_env,
+    installed,
+    io_signature,
+    read_constraints,
+    run_in,
+    stage_environment,
+    standin_repository,
+)
+
+STAGES = dockerfile_stages()
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+BIGG_IO_CONFIG = ROOT / "tests" / "configs" / "clip-triton-tiny-bigG-io.json"
+PROMPTS = ["a photo of a cat", "a photo of a dog", "an astronaut on the moon", "a cup of coffee"]
+NGC = {name for name, stage in STAGES.items() if stage.base.startswith("nvcr.io/")}
+
+_envs: dict[str, Path] = {}
+
+
+def stage_env(name: str) -> Path:
+    if name not in _envs:
+        _envs[name] = stage_environment(STAGES[name], log=lambda line: print(line, file=sys.stderr))
+    return _envs[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+def test_dockerfile_has_the_expected_stages_and_pythons():
+    assert set(STAGES) == {"source", "triton", "engines", "export", "sdk", "gateway"}
+    assert NGC == {"triton", "engines", "sdk"}
+    assert {STAGES[n].python for n in NGC} == {"3.12"}  # NGC 25.10 is Ubuntu 24.04
+    # The python:3.11 stages install CI's own environment: CI runs on that Python.
+    assert STAGES["export"].python == STAGES["gateway"].python == f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+def test_every_stage_installs_against_its_own_constraints_file():
+    for name, stage in STAGES.items():
+        if name == "source":
+            continue
+        installs = stage.pip_installs()
+        assert installs, f"{name} installs nothing"
+        for argv in installs:
+            assert "-c" in argv, f"{name}: {' '.join(argv)} has no constraints file"
+        expected = (ROOT / "requirements" / "docker" / f"{name}.txt" if name in NGC
+                    else ROOT / "requirements" / "constraints.txt")
+        assert stage.constraints() == [expected] * len(installs), name
+        assert expected.is_file()
+    # The only RUN command that is not an install is the engines image's TensorRT version check.
+    others = {name: stage.other_commands() for name, stage in STAGES.items() if stage.other_commands()}
+    assert {name: len(commands) for name, commands in others.items()} == {"engines": 1, "gateway": 1}
+    assert "import sys, tensorrt" in others["engines"][0] and others["gateway"][0].startswith("useradd")
+
+
+def test_ngc_stages_keep_nvidias_entrypoint():
+    """NGC images start through /opt/nvidia/nvidia_entrypoint.sh (CUDA forward compatibility):
+    no stage may replace it, and compose passes commands as arguments to it."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    assert not re.search(r"^\s*ENTRYPOINT", text, flags=re.M)
+    for name, service in COMPOSE["services"].items():
+        assert "entrypoint" not in service, name
+
+
+@pytest.mark.parametrize("name", ["triton", "engines", "sdk", "gateway"])
+def test_stage_environment_is_what_its_constraints_pin(name):
+    venv = stage_env(name)
+    pins = read_constraints(STAGES[name].constraints()[0])
+    if name in NGC:
+        # The stage's own file pins exactly what its line adds to the base image: no drift either way
+        # (regenerate with `python -m tests.gpu_twin` after changing dependencies).
+        assert added_by_stage(venv) == pins
+    else:
+        have = installed(venv)
+        loose = {n: v for n, v in have.items() if n not in {"pip", "setuptools", "wheel", "clip-triton"}
+                 and pins.get(n) != v}
+        assert not loose, f"installed but not pinned by requirements/constraints.txt: {loose}"
+
+
+def test_sdk_stage_keeps_the_images_own_tritonclient():
+    have = installed(stage_env("sdk"))
+    image_client = PREINSTALLED["sdk"][-1].split("==")[1]
+    assert have["tritonclient"] == image_client  # the 2.51 wheel (CUDA 12 perf_analyzer) never goes in
+    assert not (stage_env("sdk") / "bin" / "perf_analyzer").exists() or have["tritonclient"] != "2.51.0"
+    for argv in (["python", "-m", "clip_triton.gpucheck", "--help"], ["clip-triton", "classify", "--help"]):
+        result = run_in(stage_env("sdk"), argv)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def fp16_export(tmp_path_factory) -> Path:
+    """An fp16 export, as compose's export service writes for the engines stage."""
+    from clip_triton.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny-fp16")
+    export_model(str(TINY_CONFIG), "none", out, precision="fp16", seed=SEED)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bigg_io_export(tmp_path_factory) -> Path:
+    """An fp16 export of a tiny model whose encoders have bigG's exact I/O (224 px, 77 tokens, 1280-d):
+    the graph behind the committed repository's stand-ins."""
+    from clip_triton.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny-bigG-io-fp16")
+    export_model(str(BIGG_IO_CONFIG), "none", out, precision="fp16", seed=SEED)
+    return out
+
+
+def _passed_manifest(onnx_dir: Path, tower: str, platform: E.Platform) -> dict:
+    return {"platform": {"tensorrt": platform.tensorrt, "gpu": platform.gpu,
+                         "compute_capability": platform.compute_capability},
+            "onnx": E.graph_identity(onnx_dir, tower),
+            "validation": {"min_cosine": E.MIN_ENGINE_COSINE, "passed": True,
+                           "checks": [{"inputs": "references", "batch": 4, "min_cosine": 0.9999, "passed": True}]}}
+
+
+def _place_engines(repo: Path, onnx_dir: Path) -> None:
+    """What build-engines leaves behind on a GPU host: a plan and its passed engine.json per encoder."""
+    platform = E.Platform("10.13.3.9", "NVIDIA H200", "9.0")
+    for tower, model in E.TOWER_MODELS.items():
+        (repo / model / "1" / E.PLAN_FILE).write_bytes(b"serialized engine (GPU boundary)")
+        (repo / model / "1" / E.ENGINE_MANIFEST).write_text(json.dumps(_passed_manifest(onnx_dir, tower, platform)))
+
+
+def test_engines_stage_writes_the_repository_and_checks_engines(fp16_export, tmp_path):
+    """The engines service's own commands, in the engines image's environment."""
+    venv, env = stage_env("engines"), fake_gpu_env(tmp_path / "gpu")
+    repo = tmp_path / "models"
+    result = run_in(venv, ["clip-triton", "repo", "--runtime", "tensorrt", "--onnx-dir", str(fp16_export),
+                           "--out", str(repo), "--force"], env=env)
+    assert result.returncode == 0, result.stderr
+    assert parse((repo / "vision_encoder" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
+    result = run_in(venv, ["python", "-c", "import onnx, polygraphy.backend.trt, clip_triton.export.engines"], env=env)
+    assert result.returncode == 0, result.stderr
+    _place_engines(repo, fp16_export)
+    for stage in ("engines", "triton"):  # the build Job's check, and the triton service's first command
+        result = run_in(stage_env(stage), ["clip-triton", "check-engines", "--repo", str(repo),
+                                           "--onnx-dir", str(fp16_export)], env=env)
+        assert result.returncode == 0, (stage, result.stderr)
+        assert result.stdout.count("passed validation and matches this TensorRT and GPU") == 2
+
+
+def test_python_models_import_with_only_the_triton_stage_packages(tmp_path):
+    """Each python-backend model.py of a TensorRT repository imports in the triton image's environment."""
+    repos = [ROOT / "model_repository",
+             write_repository(tmp_path / "written", options=RepoOptions(runtime="tensorrt"))]
+    models = [path for repo in repos for path in sorted(repo.glob("*/1/model.py"))]
+    assert {path.parent.parent.name for path in models} == {"preprocess", "tokenizer"}
+    for path in models:
+        code = f"import runpy; runpy.run_path({str(path)!r}, run_name='model')"
+        result = run_in(stage_env("triton"), ["python", "-c", code])
+        assert result.returncode == 0, (path, result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compose: rendered by a real Compose implementation with each documented command's environment
+# ---------------------------------------------------------------------------------------------
+def _compose_binary() -> str:
+    found = shutil.which("docker-compose")
+    assert found, "Debian's docker-compose renders the compose twin: apt-get install docker-compose (dev.sh does)"
+    return found
+
+
+def documented_compose_commands() -> list[str]:
+    """Every `docker compose ...` line of README's GPU section and of deploy/gpu-check.sh."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## GPU hosts"):readme.index("## Benchmarks")]
+    text = section.replace("\\\n", " ") + "\n" + (ROOT / "deploy" / "gpu-check.sh").read_text().replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if "docker compose " in line and not line.startswith(("#", "echo")):
+            start = line.index("docker compose ")
+            prefix = line[:start].split()
+            env = [word for word in prefix if re.fullmatch(r"[A-Z_]+=\S+", word)]
+            commands.append(" ".join([*env, line[start:]]).split(")", 1)[0].split('"', 1)[0].strip())
+    return commands
+
+
+def test_documented_compose_commands_are_found():
+    commands = documented_compose_commands()
+    verbs = {shlex.split(c.split("docker compose ", 1)[1])[0] for c in commands}
+    assert {"build", "up", "run", "ps", "logs"} <= verbs
+    assert any("--profile gateway" in c for c in commands)
+
+
+@pytest.mark.parametrize("command", documented_compose_commands())
+def test_compose_renders_for_each_documented_command(command, tmp_path):
+    """`docker compose` interpolates the whole file before choosing services: a mandatory variable the
+    command does not set breaks every command. Render with exactly the command's environment."""
+    assignments = dict(word.split("=", 1) for word in command.split("docker compose ", 1)[0].split())
+    argv = shlex.split(command.split("docker compose ", 1)[1])
+    profiles = [argv[i + 1] for i, word in enumerate(argv) if word == "--profile"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLIP_", "COMPOSE_"))}
+    env.update({k: "value-from-the-command" for k in assignments})
+    base = [_compose_binary(), "--project-directory", str(ROOT), "-f", str(ROOT / "docker-compose.yml")]
+    base += [f"--profile={p}" for p in profiles]
+    result = subprocess.run([*base, "config"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, f"{command}: {result.stderr}"
+    services = subprocess.run([*base, "config", "--services"], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, check=True).stdout.split()
+    verb_args = [a for a in argv[argv.index(next(a for a in argv if not a.startswith("-") and a not in profiles)):]]
+    named = [a for a in verb_args[1:] if a in COMPOSE["services"]]
+    assert set(named) <= set(services), f"{command}: {named} not rendered ({services})"
+
+
+def test_compose_without_keys_leaves_the_gateway_to_refuse(tmp_path):
+    """No key set: the gateway's environment renders empty, and the gateway itself refuses to start."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
+    rendered = subprocess.run([_compose_binary(), "--project-directory", str(ROOT), "-f",
+                               str(ROOT / "docker-compose.yml"), "--profile=gateway", "config"],
+                              capture_output=True, text=True, env=env, check=True).stdout
+    gateway = yaml.safe_load(rendered)["services"]["gateway"]
+    assert gateway["environment"]["CLIP_TRITON_API_KEYS"] == ""
+    result = run_in(stage_env("gateway"), gateway["command"][:2] + ["--port", "1", "--url", "127.0.0.1:1"],
+                    env={**env, "CLIP_TRITON_API_KEYS": ""}, timeout=120)
+    assert result.returncode == 2 and "API key" in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: the TensorRT repositories on the real tritonserver, engines swapped for stand-ins
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def serve_standins(trt_repo: Path, onnx_dir: Path, config: Path, tmp: Path):
+    """The real tritonserver on a TensorRT repository whose engines are ONNX Runtime stand-ins, with the
+    open_clip reference of the exported model."""
+    from clip_triton.export.weights import load_model
+    from clip_triton.server import TritonServer
+
+    repo = standin_repository(trt_repo, onnx_dir, tmp / "standin")
+    reference = open_clip_reference_for(config, load_model(str(config), "none", seed=SEED).model)
+    server = TritonServer(repo, log_file=tmp / "tritonserver.log")
+    try:
+        server.start(timeout=300)
+        yield trt_repo, repo, onnx_dir, server, reference
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def committed_standins(bigg_io_export, tmp_path_factory):
+    """The committed model_repository/ (bigG's contract), its engines replaced by stand-ins running a
+    tiny model with bigG's exact encoder I/O."""
+    with serve_standins(ROOT / "model_repository", bigg_io_export, BIGG_IO_CONFIG,
+                        tmp_path_factory.mktemp("standin-committed")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def written_standins(fp16_export, tmp_path_factory):
+    """What `clip-triton repo --runtime tensorrt` writes from an fp16 export, engines replaced by stand-ins."""
+    tmp = tmp_path_factory.mktemp("standin-written")
+    trt_repo = write_repository(tmp / "trt", onnx_dir=fp16_export, options=RepoOptions(runtime="tensorrt"))
+    with serve_standins(trt_repo, fp16_export, TINY_CONFIG, tmp) as served:
+        yield served
+
+
+@pytest.fixture(params=["committed", "written"])
+def standin_server(request):
+    return request.getfixturevalue(f"{request.param}_standins")
+
+
+def test_standins_keep_the_engines_io(standin_server):
+    trt_repo, repo, onnx_dir, _, _ = standin_server
+    for model in E.TOWER_MODELS.values():
+        original = parse((trt_repo / model / "config.pbtxt").read_text())
+        standin = parse((repo / model / "config.pbtxt").read_text())
+        assert original.platform == "tensorrt_plan" and standin.backend == "python"
+        assert io_signature(standin) == io_signature(original)
+    contract = C.ModelContract.from_json(parse((repo / "vision_encoder" / "config.pbtxt").read_text())
+                                         .parameters["contract"].string_value)
+    exported = C.ModelContract.from_dict(json.loads((onnx_dir / C.MANIFEST).read_text())["contract"])
+    for tower in ("vision", "text"):
+        assert contract.encoder_io(tower) == exported.encoder_io(tower)  # the graph fits the config exactly
+    assert contract.pixels.dtype == "float16" and contract.input_ids.dtype == "int32"
+    assert contract.preprocess == exported.preprocess and contract.context_length == exported.context_length
+
+
+def test_triton_stage_healthcheck_passes_on_the_served_repository(standin_server):
+    """compose's healthcheck command, as written, run with the triton image's packages only."""
+    *_, server, _ = standin_server
+    command = COMPOSE["services"]["triton"]["healthcheck"]["test"][1]
+    http_port, grpc_port = server.http_url.rsplit(":", 1)[1], server.grpc_url.rsplit(":", 1)[1]
+    mapped = command.replace("localhost:8000", f"127.0.0.1:{http_port}").replace("localhost:8001",
+                                                                                f"127.0.0.1:{grpc_port}")
+    assert mapped != command
+    result = run_in(stage_env("triton"), ["sh", "-c", mapped], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_served_embeddings_match_open_clip_within_fp16_tolerance(standin_server, photos):
+    from clip_triton.client import ClipClient
+
+    *_, server, reference = standin_server
+    tol = TOLERANCES["fp16"]
+    with ClipClient(server.grpc_url) as client:
+        images = client.embed_images(list(photos.values()))
+        texts = client.embed_texts(PROMPTS)
+    for served, ref in ((images, reference.images(list(photos.values()))), (texts, reference.texts(PROMPTS))):
+        assert served.shape == ref.shape
+        assert float(cos(served, ref).min()) >= tol["min_cosine"]
+        assert float(np.abs(served - ref).max()) <= tol["max_abs_diff"]
+
+
+def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
+    """The gateway image's environment runs the gateway; compose's healthcheck for it passes."""
+    from clip_triton.server import free_port
+
+    *_, server, _ = written_standins
+    port = free_port()
+    argv = [*COMPOSE["services"]["gateway"]["command"]]
+    argv = [a for a in argv if not a.startswith(("--host", "--port", "--url"))]
+    argv += ["--host=127.0.0.1", f"--port={port}", f"--url={server.grpc_url}"]
+    venv = stage_env("gateway")
+    env = {**os.environ, "CLIP_TRITON_API_KEYS": "twin-key", "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert process.poll() is None, process.stderr.read().decode()
+        check = COMPOSE["services"]["gateway"]["healthcheck"]["test"]
+        assert check[0] == "CMD"
+        result = run_in(venv, [c.replace("localhost:8080", f"127.0.0.1:{port}") for c in check[1:]], timeout=60)
+        assert result.returncode == 0, result.stderr
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait()
