@@ -23,6 +23,19 @@ DEFAULT_MAX_PIXELS = 50_000_000  # decoded pixels (width * height) per image
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024  # encoded bytes per image
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+_SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0}  # filter radius, in pixels
+# The formats README lists, by PIL's names (JPEG's opener also reads MPO, the multi-picture JPEG of
+# phone cameras). Everything else PIL could decode (ICNS, PCX, SGI, TGA, DDS, XBM, JPEG 2000, QOI,
+# ICO, PSD, ...) is refused.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED = "JPEG, PNG, WebP, GIF, BMP, TIFF"
+# Resizing the whole image and then cropping costs the full resized size: a 20000x1 PNG (99 bytes)
+# would be resized to 4,480,000x224 pixels (1.2 GiB) first. Up to this many times the output's area
+# (aspect ratios up to 64:1 for a square crop, ~10 MB) the full resize runs, bit-exact with open_clip.
+# Past it only the region the crop keeps is resized: the same filter at the same scale, within a few
+# grey levels of open_clip (PIL's box coordinates round differently), at the output's cost.
+MAX_INTERMEDIATE_FACTOR = 64
+Image.init()  # register every plugin, so that each accepted format (WebP, TIFF) can be named
 
 
 class ImageError(ValueError):
@@ -48,7 +61,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = img.size
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels ({width}x{height})")
@@ -61,7 +74,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not a decodable image (accepted: JPEG, PNG, WebP, GIF, BMP, TIFF)") from None
+        raise ImageError(f"not a decodable image in an accepted format ({ACCEPTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (MAX_IMAGE_PIXELS) fired while reading the header.
         raise ImageError(f"image rejected as a decompression bomb, over the limit of {limits.max_pixels} pixels "
@@ -100,11 +113,36 @@ class Preprocessor:
         else:  # open_clip's ResizeKeepRatio for non-square targets
             ratio = max(out_h / height, out_w / width)
             new_w, new_h = round(width * ratio), round(height * ratio)
-        if (new_h, new_w) != (height, width):
-            img = img.resize((new_w, new_h), self._resample)
         top = int(round((new_h - out_h) / 2.0))
         left = int(round((new_w - out_w) / 2.0))
+        if new_w * new_h > MAX_INTERMEDIATE_FACTOR * out_w * out_h:
+            return self._resize_region(img, (new_w, new_h), (left, top, left + out_w, top + out_h))
+        if (new_h, new_w) != (height, width):
+            img = img.resize((new_w, new_h), self._resample)
         return img.crop((left, top, left + out_w, top + out_h))
+
+    def _resize_region(self, img: Image.Image, size: tuple[int, int], crop: tuple[int, int, int, int]) -> Image.Image:
+        """``img.resize(size).crop(crop)``, computing only the cropped region (a few grey levels apart).
+
+        PIL resizes in two passes, horizontal then vertical, rounding to 8 bits in between. The same
+        passes run here on what the crop needs: the source rows under the vertical filter, resized
+        horizontally over the kept columns only (PIL's ``box``: same scale, same taps), then
+        vertically over the kept rows.
+        """
+        width, height = img.size
+        (new_w, new_h), (left, top, right, bottom) = size, crop
+        sx, sy = width / new_w, height / new_h
+        # Source rows the vertical pass reads: the filter reaches `support` output-scale pixels.
+        reach = _SUPPORT[self._resample] * max(sy, 1.0) + 2
+        y0 = max(0, int(top * sy - reach))
+        y1 = min(height, int(bottom * sy + reach) + 1)
+        rows = img.crop((0, y0, width, y1))
+        if new_w != width or left or right != width:
+            rows = rows.resize((right - left, y1 - y0), self._resample, box=(left * sx, 0, right * sx, y1 - y0))
+        if new_h == height:
+            return rows.crop((0, top - y0, right - left, bottom - y0))
+        return rows.resize((right - left, bottom - top), self._resample,
+                           box=(0, top * sy - y0, right - left, bottom * sy - y0))
 
     def from_pil(self, img: Image.Image) -> np.ndarray:
         rgb = np.asarray(self.resize_crop(img).convert("RGB"))

@@ -284,6 +284,19 @@ def _corpus():
          np.zeros((1, 3, 16, 16), np.float32), bad, "unexpected shape"),
         ("int64 ids to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT64", np.zeros((1, 77), np.int64), bad,
          "data-type"),
+        ("ids outside the vocabulary to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT32",
+         np.full((1, 77), 60_000, np.int32), bad, "token ids must lie in [0, 49408)"),
+        ("negative ids to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT32", np.full((1, 77), -1, np.int32),
+         bad, "token ids"),
+        ("nan pixels to the vision encoder", C.VISION_MODEL, C.PIXELS, "FP32",
+         np.full((1, 3, 32, 32), np.nan, np.float32), bad, "finite"),
+        # A few bytes declaring an extreme aspect ratio: the full resize would be 4,480,000 x 224 pixels.
+        ("20000x1 png", *img, "BYTES", one(_encode(Image.new("RGB", (20_000, 1)), "PNG")), ok, ""),
+        ("1x300000 png", *img, "BYTES", one(_encode(Image.new("L", (1, 300_000)), "PNG")), ok, ""),
+        *[(f"{fmt.lower()} (not an accepted format)", *img, "BYTES", one(_encode(photo.convert(mode), fmt)), bad,
+           "accepted format") for fmt, mode in (("PCX", "RGB"), ("SGI", "RGB"), ("TGA", "RGB"), ("XBM", "1"),
+                                                ("ICO", "RGB"), ("JPEG2000", "RGB"), ("QOI", "RGB"),
+                                                ("DDS", "RGB"), ("PPM", "RGB"), ("IM", "RGB"))],
     ]
     return cases
 
@@ -309,3 +322,89 @@ def test_bad_input_corpus(grpc, triton, label, model, name, datatype, array, sta
         assert err.value.status() == status, err.value.message()
         assert fragment.lower() in err.value.message().lower(), err.value.message()
     assert triton.ready()
+
+
+def _infer_status(url: str, model: str, name: str, datatype: str, array: np.ndarray) -> str:
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        client.infer(model, [tensor], client_timeout=300)
+        return "ok"
+    except InferenceServerException as exc:
+        return str(exc.status())
+    finally:
+        client.close()
+
+
+def test_hostile_requests_do_not_fail_their_batch_mates(triton):
+    """72 concurrent requests, a third of them hostile: ids outside the vocabulary sent straight to the
+    text encoder (co-batched with clip_text's own) and 1x300000 PNGs (a MemoryError in the full
+    resize). Before, 37 and 48 of the 72 failed; now exactly the hostile ones do, and only them."""
+    tall = np.array([[_encode(Image.new("L", (1, 300_000)), "PNG")]], dtype=object)
+    photo = np.array([[png(3, (64, 48))]], dtype=object)
+    text = np.array([[b"a photo of a cat"]], dtype=object)
+    oov = np.full((1, 77), 60_000, np.int32)
+    jobs = []
+    for i in range(72):
+        if i % 2:
+            jobs.append(("ok", C.TEXT_ENSEMBLE, C.TEXT_INPUT, "BYTES", text) if i % 3 else
+                        ("StatusCode.INVALID_ARGUMENT", C.TEXT_MODEL, C.INPUT_IDS, "INT32", oov))
+        else:
+            jobs.append(("ok", C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, "BYTES", tall if i % 3 == 0 else photo))
+    with ThreadPoolExecutor(24) as pool:
+        got = list(pool.map(lambda job: _infer_status(triton.grpc_url, *job[1:]), jobs))
+    assert got == [job[0] for job in jobs]
+    assert triton.ready()
+
+
+class _FakeStubUtils:
+    """Triton's ``triton_python_backend_utils`` exists only inside the python stub: the boundary this
+    unit test replaces, to show any exception of one item stays in its own request."""
+
+    class TritonError:
+        INVALID_ARG = 3
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=(), error=None):
+            self.output_tensors, self.error = list(output_tensors), error
+
+    class _Input:
+        def __init__(self, array):
+            self.array = array
+
+        def as_numpy(self):
+            return self.array
+
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return _FakeStubUtils._Input(request[name])
+
+
+def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
+    import sys
+
+    from clip_triton.serving.common import per_item
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeStubUtils)
+
+    def convert(item: bytes) -> np.ndarray:
+        if item == b"oom":
+            raise MemoryError("cannot allocate 15 GiB")
+        if item == b"overflow":
+            raise OverflowError("Python int too large to convert to C long")
+        return np.zeros(2, np.float32)
+
+    requests = [{"IMAGE": np.array([[b"ok"]], dtype=object)}, {"IMAGE": np.array([[b"ok"], [b"oom"]], dtype=object)},
+                {"IMAGE": np.array([[b"overflow"]], dtype=object)}, {"IMAGE": np.array([[b"ok"]], dtype=object)}]
+    responses = per_item(requests, "IMAGE", "PIXELS", convert, (ValueError,))
+    assert [r.error is None for r in responses] == [True, False, False, True]
+    assert "item 1: cannot be processed (MemoryError" in responses[1].error.message
+    assert responses[2].error.code == _FakeStubUtils.TritonError.INVALID_ARG

@@ -31,8 +31,10 @@ def per_item(requests: Sequence, input_name: str, output_name: str, convert: Cal
              errors: tuple[type[Exception], ...]) -> list:
     """Run ``convert`` on every item of every request; one bad item fails only its own request.
 
-    A request whose item ``i`` raises one of ``errors`` gets INVALID_ARGUMENT naming index ``i``;
-    requests batched with it are answered normally.
+    A request whose item ``i`` raises gets INVALID_ARGUMENT naming index ``i``; requests batched with it
+    are answered normally. ``errors`` are the expected refusals (their message is the reason); any
+    other exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is caught too,
+    named by its type, so that it can never fail the batch-mates.
     """
     import triton_python_backend_utils as pb_utils  # noqa: PLC0415
 
@@ -45,6 +47,10 @@ def per_item(requests: Sequence, input_name: str, output_name: str, convert: Cal
                     rows.append(convert(item))
                 except errors as exc:
                     raise _ItemError(f"item {index}: {exc}") from None
+                except Exception as exc:  # noqa: BLE001 (isolated to this request, by design)
+                    raise _ItemError(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})") from None
+            if not rows:
+                raise _ItemError("the request holds no item")
             out = pb_utils.Tensor(output_name, np.stack(rows))
             responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
         except _ItemError as exc:

@@ -23,6 +23,7 @@ class TritonPythonModel:
         contract = contract_from(params)
         tower = "vision" if args["model_name"].startswith("vision") else "text"
         self.spec_in, self.spec_out = contract.encoder_io(tower)
+        self.vocab_size = contract.tokenizer.vocab_size if tower == "text" else None
         path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
         threads = int(params.get("threads", "0")) or None
         engine, precision = params.get("engine", "onnxruntime"), params.get("precision", "fp32")
@@ -38,10 +39,28 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415
 
         arrays = [pb_utils.get_input_tensor_by_name(r, self.spec_in.name).as_numpy() for r in requests]
-        (out,) = self.session.run([self.spec_out.name], {self.spec_in.name: np.concatenate(arrays)})
+        # Each request is checked on its own: one with bad values (ids outside the vocabulary sent
+        # straight to text_encoder) is refused, and the requests batched with it still run.
+        problems = [self.check(array) for array in arrays]
+        good = [array for array, problem in zip(arrays, problems) if problem is None]
+        out = self.session.run([self.spec_out.name], {self.spec_in.name: np.concatenate(good)})[0] if good else None
         responses, start = [], 0
-        for array in arrays:
+        for array, problem in zip(arrays, problems):
+            if problem is not None:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)))
+                continue
             rows = out[start : start + len(array)]
             start += len(array)
             responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.spec_out.name, rows)]))
         return responses
+
+    def check(self, array: np.ndarray) -> str | None:
+        """Why a request's input cannot be encoded, or None."""
+        if self.vocab_size is not None:
+            if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
+                return (f"token ids must lie in [0, {self.vocab_size}): got {int(array.min())}..{int(array.max())}"
+                        " (send text to clip_text, which tokenizes it)")
+        elif not np.isfinite(array).all():
+            return "pixel values must be finite (send encoded images to clip_image, which preprocesses them)"
+        return None
