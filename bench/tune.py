@@ -16,7 +16,7 @@ from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.errors import ClipTritonError
 from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
-from clip_triton.server import TritonServer
+from clip_triton.server import ADMIN_APIS, TritonServer
 
 from common import prepared_export  # bench/common.py
 
@@ -55,7 +55,9 @@ def main() -> None:
         options = replace(RepoOptions(runtime="python"), **{k: v for k, v in change.items() if k not in client})
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
         try:
-            with TritonServer(repo, log_file=work / "tune-triton.log") as server:
+            # perf_analyzer registers its shared memory over gRPC, where it cannot send the admin key.
+            apis = tuple(a for a in ADMIN_APIS if a != "shared-memory" or "shared_memory" not in client)
+            with TritonServer(repo, log_file=work / "tune-triton.log", restricted_apis=apis) as server:
                 image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency, **client)
                 text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency, **client)
         except ClipTritonError as exc:  # one setting failing is a result too: keep the others

@@ -4,6 +4,6 @@ Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
 """
 
 from .aio_client import AsyncClipClient
-from .grpc_client import ClipClient, ClipClientError, ItemErrors, ServerFacts, rank
+from .grpc_client import ClipClient, ClipClientError, ItemErrors, JobFailed, ServerFacts, rank
 
-__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "ItemErrors", "ServerFacts", "rank"]
+__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "ItemErrors", "JobFailed", "ServerFacts", "rank"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
+import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -12,6 +12,7 @@ import numpy as np
 from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
 
 from .grpc_client import (
+    RETRY_SECONDS,
     ClipClientError,
     ItemErrors,
     ServerFacts,
@@ -22,7 +23,8 @@ from .grpc_client import (
     prepare_texts,
     rank,
     record_or_split,
-    retryable,
+    retry_delay,
+    should_retry,
     template_texts,
 )
 
@@ -34,9 +36,9 @@ class AsyncClipClient:
     ``await client.classify(images, prompts)``, ``await client.get_facts()``.
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 5,
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
                  backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0):
+                 url_timeout: float = 10.0, retry_seconds: float = RETRY_SECONDS):
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
@@ -46,7 +48,7 @@ class AsyncClipClient:
         self.clients = [aioclient.InferenceServerClient(u, channel_args=[("grpc.lb_policy_name", "round_robin")]
                                                         if u.startswith("dns:") else None) for u in urls]
         self._next = itertools.cycle(range(len(self.clients)))
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.retry_seconds = timeout, retries, backoff, retry_seconds
         self.concurrency = max(1, concurrency)
         self.url_timeout = url_timeout
         self._batch_size = batch_size
@@ -56,14 +58,15 @@ class AsyncClipClient:
     async def _call(self, fn):
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-        for attempt in range(self.retries + 1):
+        deadline, attempt = time.monotonic() + self.retry_seconds, 0
+        while True:
             try:
                 return await fn(self.clients[next(self._next)])
             except InferenceServerException as exc:
-                if not retryable(exc) or attempt == self.retries:
+                if not should_retry(exc, attempt, self.retries, deadline):
                     raise
-                await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+                await asyncio.sleep(retry_delay(attempt, self.backoff))
+                attempt += 1
 
     async def get_facts(self) -> ServerFacts:
         if self._facts is None:

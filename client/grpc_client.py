@@ -31,6 +31,10 @@ LOADING = "has no available versions"
 # `clip-triton serve`'s watchdog or the orchestrator's liveness probe): worth waiting for.
 STUB_DOWN = "is not healthy"
 MAX_URL_BYTES = 20 * 1024 * 1024
+# Transient failures (server restarting, overloaded, a stub being replaced) are retried for this long
+# by default: a tritonserver restart takes ~60 s on a 2-core machine, and a job should ride it out.
+RETRY_SECONDS = 150.0
+MAX_BACKOFF_S = 5.0
 
 
 class ClipClientError(Exception):
@@ -46,6 +50,25 @@ class ItemErrors(ClipClientError):
         self.embeddings = embeddings
         first = next(iter(self.errors.items()))
         super().__init__(f"{len(self.errors)} of {len(embeddings)} items failed; first: index {first[0]}: {first[1]}")
+
+
+class JobFailed(ClipClientError):
+    """A job stopped on a failure that retries did not outlast. Nothing answered is lost:
+    ``embeddings`` holds every row answered (others NaN), ``answered`` their indices, ``errors`` the
+    items refused so far."""
+
+    def __init__(self, message: str, embeddings: np.ndarray, answered: list[int], errors: dict[int, str]):
+        super().__init__(f"{message} ({len(answered)} of {len(embeddings)} items answered before it)")
+        self.embeddings, self.answered, self.errors = embeddings, sorted(answered), dict(sorted(errors.items()))
+
+
+def retry_delay(attempt: int, backoff: float) -> float:
+    """Exponential backoff with jitter, capped at MAX_BACKOFF_S."""
+    return min(backoff * (2**attempt), MAX_BACKOFF_S) * (0.5 + random.random())
+
+
+def should_retry(exc, attempt: int, retries: int, deadline: float) -> bool:
+    return retryable(exc) and attempt < retries and time.monotonic() < deadline
 
 
 @dataclass(frozen=True)
@@ -179,9 +202,9 @@ class ClipClient:
     turn (one gRPC connection pins to one server, so spreading needs several).
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 5,
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
                  backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, progress: bool = False):
+                 url_timeout: float = 10.0, progress: bool = False, retry_seconds: float = RETRY_SECONDS):
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self._grpc = grpcclient
@@ -197,6 +220,7 @@ class ClipClient:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.retry_seconds = retry_seconds
         self.concurrency = max(1, concurrency)
         self.url_timeout = url_timeout
         self.progress = progress
@@ -233,17 +257,19 @@ class ClipClient:
 
     # -- transport ---------------------------------------------------------------------------
     def _call(self, fn):
-        """Run ``fn(client)``, retrying UNAVAILABLE/RESOURCE_EXHAUSTED with exponential backoff."""
+        """Run ``fn(client)``, retrying transient failures (:func:`retryable`) with capped exponential
+        backoff, up to ``retries`` times within ``retry_seconds``."""
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-        for attempt in range(self.retries + 1):
+        deadline, attempt = time.monotonic() + self.retry_seconds, 0
+        while True:
             try:
                 return fn(self._client())
             except InferenceServerException as exc:
-                if not retryable(exc) or attempt == self.retries:
+                if not should_retry(exc, attempt, self.retries, deadline):
                     raise
-                time.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+                time.sleep(retry_delay(attempt, self.backoff))
+                attempt += 1
 
     def _infer(self, model: str, input_name: str, items: list[bytes]) -> np.ndarray:
         array = np.array(items, dtype=object).reshape(-1, 1)
@@ -261,11 +287,22 @@ class ClipClient:
         out, errors, chunks = plan_batches(items, self.facts.embed_dim, size)
         total = sum(len(chunk) for chunk in chunks)
 
+        answered: list[int] = []
+        failure: list[ClipClientError] = []
+
         def run(chunk: list[int]) -> None:
+            if failure:
+                return  # the job already failed: queued batches are not sent
             try:
                 out[chunk] = self._infer(model, input_name, [items[i] for i in chunk])
+                answered.extend(chunk)
             except InferenceServerException as exc:
-                if record_or_split(exc, model, chunk, errors):
+                try:
+                    split = record_or_split(exc, model, chunk, errors)
+                except ClipClientError as err:
+                    failure.append(err)
+                    return
+                if split:
                     for index in chunk:  # isolate the bad item(s); the others still get embeddings
                         run([index])
 
@@ -277,6 +314,8 @@ class ClipClient:
                     print(f"\r{model}: {min(done * size, total)}/{total} items", end="", flush=True)
         if self.progress and chunks:
             print()
+        if failure:
+            raise JobFailed(str(failure[0]), out, answered, errors) from failure[0]
         if errors:
             raise ItemErrors(errors, out)
         return out

@@ -90,15 +90,17 @@ def _serve(args) -> int:
         host=args.host,
         log_verbose=args.log_verbose,
     )
-    return server.run_foreground(timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval)
+    return server.run_foreground(timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval,
+                                 canary_timeout=args.watchdog_timeout)
 
 
 def _health(args) -> int:
-    from .health import canary  # noqa: PLC0415
+    from .health import metrics_url_for, probe  # noqa: PLC0415
 
-    healthy, reason = canary(args.url, timeout=args.timeout)
-    print(("healthy" if healthy else "UNHEALTHY") + f": {reason}", file=sys.stdout if healthy else sys.stderr)
-    return 0 if healthy else 1
+    metrics = None if args.metrics_url == "none" else (args.metrics_url or metrics_url_for(args.url))
+    alive, reason = probe(args.url, metrics, timeout=args.timeout)
+    print(("healthy" if alive else "UNHEALTHY") + f": {reason}", file=sys.stdout if alive else sys.stderr)
+    return 0 if alive else 1
 
 
 def _demo(args) -> int:
@@ -166,7 +168,7 @@ def _embed(args) -> int:
 
     import numpy as np  # noqa: PLC0415
 
-    from clip_triton.client import ItemErrors  # noqa: PLC0415
+    from clip_triton.client import ItemErrors, JobFailed  # noqa: PLC0415
     from clip_triton.client.zeroshot import IMAGE_SUFFIXES  # noqa: PLC0415
 
     if args.images:
@@ -175,24 +177,31 @@ def _embed(args) -> int:
             raise ClipTritonError(f"no images under {args.images}", f"accepted suffixes: {sorted(IMAGE_SUFFIXES)}")
     else:
         items = [line.rstrip("\n") for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    unanswered: list[int] = []
     with _client(args) as client:
         try:
             embeddings = client.embed_images(items) if args.images else client.embed_texts(items)
             failed = {}
+        except JobFailed as err:  # the server stayed unreachable: keep every row already answered
+            print(f"error: {err}", file=sys.stderr)
+            embeddings, failed = err.embeddings, err.errors
+            unanswered = sorted(set(range(len(items))) - set(err.answered) - set(failed))
         except ItemErrors as err:
             _report_item_errors(err, items)
             if not args.skip_errors:
                 return 1
             embeddings, failed = err.embeddings, err.errors
         facts = client.facts
-    keep = [i for i in range(len(items)) if i not in failed]
+    keep = [i for i in range(len(items)) if i not in failed and i not in set(unanswered)]
     out = Path(args.out)
     np.save(out, embeddings[keep])
     meta = {"kind": "image" if args.images else "text", "items": [items[i] for i in keep], "model": facts.model,
-            "pretrained": facts.pretrained, "embed_dim": facts.embed_dim, "failed": {items[i]: r for i, r in failed.items()}}
+            "pretrained": facts.pretrained, "embed_dim": facts.embed_dim, "failed": {items[i]: r for i, r in failed.items()},
+            "unanswered": [items[i] for i in unanswered]}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    print(f"wrote {out} ({len(keep)} x {facts.embed_dim} float32) and {out.with_suffix('.json')}")
-    return 0
+    print(f"wrote {out} ({len(keep)} x {facts.embed_dim} float32) and {out.with_suffix('.json')}"
+          + (f"; {len(unanswered)} items unanswered (listed there)" if unanswered else ""))
+    return 1 if unanswered else 0
 
 
 def _search(args) -> int:
@@ -310,12 +319,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--watchdog-interval", type=float, default=15.0,
-                   help="seconds between canary requests; 2 failures in a row restart tritonserver (0: off)")
+                   help="seconds between liveness probes (0: off). A crashed tritonserver is restarted at once; "
+                        "a live one only on evidence of death, 2 probes in a row: a dead python stub, no answer, "
+                        "or a failed canary while no request completes (busy is not dead). Default: %(default)s")
+    p.add_argument("--watchdog-timeout", type=float, default=10.0,
+                   help="the probe's canary deadline in seconds (default: %(default)s)")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("health", help="canary: one real request through each ensemble (liveness check)")
-    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"))
-    p.add_argument("--timeout", type=float, default=10.0)
+    p = sub.add_parser("health", help="liveness: a canary request through each ensemble; a server that is busy "
+                                      "(requests keep completing) counts as alive, only evidence of death fails")
+    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+                   help="Triton gRPC host:port (default: %(default)s)")
+    p.add_argument("--metrics-url", default=None,
+                   help="Triton's Prometheus metrics, read to tell busy from dead (default: http://HOST:8002/metrics; "
+                        "'none': judge by the canary alone)")
+    p.add_argument("--timeout", type=float, default=10.0, help="canary deadline in seconds (default: %(default)s)")
     p.set_defaults(func=_health)
 
     p = sub.add_parser("demo", help="offline main job: export a small model, serve it, classify sample photos")

@@ -8,14 +8,17 @@ Triton's python stub gets this package and the current environment's site-packag
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -135,12 +138,38 @@ def stub_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(paths))
 
 
+# Triton's admin APIs: anyone who reaches the ports could change log settings and tracing, register
+# shared memory of any key, list the repository. They answer only requests carrying the header
+# `clip-triton-admin` (HTTP) / `triton-grpc-protocol-clip-triton-admin` (gRPC metadata) with the
+# server's admin key: CLIP_TRITON_ADMIN_KEY, or a random one per start (closed to all). Statistics
+# stay open: they are read-only, the metrics port publishes the same numbers, and perf_analyzer
+# reads them over gRPC, where it cannot send headers.
+ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "clip-triton-admin"
+_PR_SET_PDEATHSIG = 1
+# `serve` restarts a crashed tritonserver, but not forever: this many crashes within the window stop it.
+CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0
+
+
+def _die_with(parent: int):
+    """preexec_fn: the child gets SIGKILL when the thread that started it dies (SIGKILL of `serve` or of a
+    test runner included), so a killed parent never leaves a server holding its ports."""
+
+    def preexec() -> None:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class TritonServer:
     """A local tritonserver process: ``with TritonServer(repo) as server: server.grpc_url``."""
 
     def __init__(self, repo: str | Path, *, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  host: str = "127.0.0.1", log_verbose: int = 0, log_file: str | Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), admin_key: str | None = None,
+                 restricted_apis: tuple[str, ...] = ADMIN_APIS):
         self.repo = Path(repo).resolve()
         self.host = host
         spare = iter(free_ports(3, host))
@@ -150,7 +179,19 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = tuple(extra_args)
+        self.admin_key = admin_key or os.environ.get("CLIP_TRITON_ADMIN_KEY") or secrets.token_hex(24)
+        self.restricted_apis = tuple(restricted_apis)
         self.process: subprocess.Popen | None = None
+
+    @property
+    def http_admin_headers(self) -> dict[str, str]:
+        """HTTP headers that open the restricted admin APIs."""
+        return {ADMIN_HEADER: self.admin_key}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """gRPC metadata that opens them: Triton prefixes the key with ``triton-grpc-protocol-``."""
+        return {f"triton-grpc-protocol-{ADMIN_HEADER}": self.admin_key}
 
     @property
     def http_url(self) -> str:
@@ -183,8 +224,15 @@ class TritonServer:
             "--allow-cpu-metrics=true",
             "--allow-gpu-metrics=false",
             f"--log-verbose={self.log_verbose}",
+            *self.restriction_args(),
             *self.extra_args,
         ]
+
+    def restriction_args(self) -> list[str]:
+        if not self.restricted_apis:
+            return []
+        rule = f"{','.join(self.restricted_apis)}:{ADMIN_HEADER}={self.admin_key}"
+        return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -201,8 +249,12 @@ class TritonServer:
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
+        # The parent-death signal fires when the *thread* that forked exits, so it is set only from the
+        # main thread (a watchdog thread that restarts the server must not take it down when it ends).
+        main = threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=_die_with(os.getpid()) if main else None)
         try:
             self.wait_ready(timeout)
         except BaseException:  # Ctrl-C or a failed start: never leave the server (own session) behind
@@ -271,27 +323,53 @@ class TritonServer:
         self.stop(timeout=grace)
         self.start(timeout)
 
-    def watchdog_step(self, state: dict, failures_before_restart: int = 2, timeout: float = 300) -> bool:
-        """One canary check; restart after ``failures_before_restart`` failures in a row. True if restarted."""
-        from .health import canary  # noqa: PLC0415
+    def watchdog_step(self, state: dict, failures_before_restart: int = 2, timeout: float = 300,
+                      canary_timeout: float = 10.0) -> bool:
+        """One liveness check; True if it restarted the server.
 
-        healthy, reason = canary(self.grpc_url)
-        state["failures"] = 0 if healthy else state.get("failures", 0) + 1
-        if state["failures"] >= failures_before_restart:
-            print(f"watchdog: canary failed {state['failures']} times ({reason}); restarting tritonserver",
-                  file=sys.stderr, flush=True)
-            self.restart(timeout)
+        Restart only on evidence of death: tritonserver exited (at once), or :func:`health.probe` found
+        it dead (a stub that is not healthy, no answer at all, or a failed canary while no request
+        completed) ``failures_before_restart`` times in a row. A busy server whose canary misses its
+        deadline while requests keep completing is left alone.
+        """
+        from .health import probe  # noqa: PLC0415
+
+        if self.process is None or self.process.poll() is not None:
+            code = self.process.returncode if self.process is not None else None
+            return self._restart_after(state, f"tritonserver exited with code {code}", timeout)
+        alive, reason = probe(self.grpc_url, self.metrics_url, timeout=canary_timeout)
+        if alive:
             state["failures"] = 0
-            state["restarts"] = state.get("restarts", 0) + 1
-            return True
-        return False
+            if reason != "ok":
+                state["busy"] = state.get("busy", 0) + 1
+                _say(f"watchdog: {reason}; not restarting")
+            return False
+        state["failures"] = state.get("failures", 0) + 1
+        if state["failures"] < failures_before_restart:
+            _say(f"watchdog: {reason} (check {state['failures']} of {failures_before_restart})")
+            return False
+        return self._restart_after(state, reason, timeout)
 
-    def run_foreground(self, timeout: float = 300, watchdog_interval: float = 15.0) -> int:
+    def _restart_after(self, state: dict, reason: str, timeout: float) -> bool:
+        now = time.monotonic()
+        recent = [t for t in state.get("restart_times", []) if now - t < CRASH_WINDOW_S]
+        if len(recent) >= CRASH_LIMIT:
+            raise ClipTritonError(f"tritonserver failed {len(recent)} times in {CRASH_WINDOW_S:.0f} s; last: {reason}\n"
+                                  f"{self.log_tail()}", f"full log: {self.log_file}")
+        _say(f"watchdog: {reason}; restarting tritonserver")
+        self.restart(timeout)
+        state.update(failures=0, restarts=state.get("restarts", 0) + 1, restart_times=[*recent, now])
+        _say("watchdog: ready again")
+        return True
+
+    def run_foreground(self, timeout: float = 300, watchdog_interval: float = 15.0,
+                       canary_timeout: float = 10.0) -> int:
         """``clip-triton serve``: start, print the endpoints, watch, stop cleanly on Ctrl-C/SIGTERM.
 
-        Every ``watchdog_interval`` seconds a canary request goes through both ensembles; two failures
-        in a row (e.g. a python stub that died, which Triton neither restarts nor reports) restart the
-        server on the same ports. 0 disables the watchdog.
+        A tritonserver that exits is restarted at once (at most ``CRASH_LIMIT`` times in
+        ``CRASH_WINDOW_S``). Every ``watchdog_interval`` seconds a liveness probe runs (0: none); it
+        restarts the server only on evidence of death (see :meth:`watchdog_step`). Each restart and
+        each return to service is logged.
         """
         self.log_file = None
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -303,15 +381,23 @@ class TritonServer:
                               "log": str(self.log_file)}), flush=True)
             print("ready; Ctrl-C stops the server", flush=True)
             next_check = time.monotonic() + watchdog_interval
-            while self.process is not None and self.process.poll() is None:
+            while True:
                 time.sleep(0.5)
-                if watchdog_interval and time.monotonic() >= next_check:
-                    self.watchdog_step(state, timeout=timeout)
+                if self.process is None or self.process.poll() is not None:
+                    self.watchdog_step(state, timeout=timeout)  # exited: restarts at once
                     next_check = time.monotonic() + watchdog_interval
-            code = self.process.returncode if self.process else 0
-            print(f"tritonserver exited with code {code}:\n{self.log_tail()}", file=sys.stderr)
-            return code or 1
+                elif watchdog_interval and time.monotonic() >= next_check:
+                    self.watchdog_step(state, timeout=timeout, canary_timeout=canary_timeout)
+                    next_check = time.monotonic() + watchdog_interval
+        except ClipTritonError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            self.stop(timeout=5)
+            return 1
         except KeyboardInterrupt:
             print("stopping tritonserver ...", flush=True)
             self.stop()
             return 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -325,9 +325,9 @@ def test_triton_stage_healthcheck_passes_on_the_served_repository(standin_server
     """compose's healthcheck command, as written, run with the triton image's packages only."""
     *_, server, _ = standin_server
     command = COMPOSE["services"]["triton"]["healthcheck"]["test"][1]
-    http_port, grpc_port = server.http_url.rsplit(":", 1)[1], server.grpc_url.rsplit(":", 1)[1]
-    mapped = command.replace("localhost:8000", f"127.0.0.1:{http_port}").replace("localhost:8001",
-                                                                                f"127.0.0.1:{grpc_port}")
+    mapped = command
+    for port, actual in ((8000, server.http_port), (8001, server.grpc_port), (8002, server.metrics_port)):
+        mapped = mapped.replace(f"localhost:{port}", f"127.0.0.1:{actual}")
     assert mapped != command
     result = run_in(stage_env("triton"), ["sh", "-c", mapped], timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -65,6 +65,9 @@ def test_probes_and_termination(docs):
     startup, ready, live = container["startupProbe"], container["readinessProbe"], container["livenessProbe"]
     assert startup["httpGet"]["path"] == ready["httpGet"]["path"] == "/v2/health/ready"
     assert live["exec"]["command"][:2] == ["clip-triton", "health"]  # canary: a dead python stub fails it
+    # ... and busy is not dead: the probe reads the success counters when the canary is slow.
+    assert "--metrics-url=http://localhost:8002/metrics" in live["exec"]["command"]
+    assert live["timeoutSeconds"] > 10  # the canary's own deadline plus the metrics reads
     assert "--url=localhost:8001" in live["exec"]["command"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # multi-GB engines load
     spec = pod_spec(docs[("Deployment", "clip-triton-triton")])

@@ -44,3 +44,66 @@ def test_job_finishes_across_a_server_restart(tiny_repo, tmp_path, open_clip_ref
     served = np.concatenate(rows)
     assert served.shape == (60, 32) and not np.isnan(served).any()
     assert cos(served, expected).min() >= 0.9999  # every item answered once, in order
+
+
+def test_client_defaults_outlast_a_slow_restart(tiny_repo, tmp_path, open_clip_reference):
+    """The server is down for 30 s (a restart takes ~60 s on this machine; the old defaults gave up
+    after ~15 s of retries): a job with ClipClient's defaults still finishes, nothing lost."""
+    texts = [f"a long outage, caption {i}" for i in range(12)]
+    first = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+    ports = dict(http_port=first.http_port, grpc_port=first.grpc_port, metrics_port=first.metrics_port)
+    servers = [first]
+    client = ClipClient(first.grpc_url)
+    try:
+        client.embed_texts(texts[:1])  # connected and facts read
+        first.stop()
+
+        def come_back():
+            time.sleep(30)
+            servers.append(TritonServer(tiny_repo, log_file=tmp_path / "triton2.log", **ports).start(timeout=300))
+
+        thread = threading.Thread(target=come_back)
+        thread.start()
+        try:
+            served = client.embed_texts(texts)
+        finally:
+            thread.join()
+    finally:
+        client.close()
+        for server in servers:
+            server.stop()
+    assert cos(served, open_clip_reference.texts(texts)).min() >= 0.9999
+
+
+def test_a_job_that_fails_keeps_every_answered_row(tiny_repo, tmp_path, open_clip_reference):
+    """The server goes away for good mid-job: JobFailed carries every row answered before it."""
+    from clip_triton.client import JobFailed
+
+    texts = [f"caption {i} of a job that dies" for i in range(30)]
+    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+    client = ClipClient(server.grpc_url, batch_size=3, concurrency=1, retry_seconds=2)
+    infer, calls = client._infer, []
+
+    def infer_then_lose_the_server(*args):
+        calls.append(1)
+        if len(calls) == 4:  # three batches answered, then the server is gone for good
+            server.stop()
+        return infer(*args)
+
+    client._infer = infer_then_lose_the_server
+    try:
+        try:
+            client.embed_texts(texts)
+        except JobFailed as err:
+            failure = err
+        else:
+            raise AssertionError("the job did not fail")
+    finally:
+        client.close()
+        server.stop()
+    assert len(failure.answered) == 9
+    assert 0 < len(failure.answered) < len(texts)
+    rows = failure.embeddings[failure.answered]
+    assert cos(rows, open_clip_reference.texts([texts[i] for i in failure.answered])).min() >= 0.9999
+    unanswered = sorted(set(range(len(texts))) - set(failure.answered))
+    assert np.isnan(failure.embeddings[unanswered]).all()

@@ -60,7 +60,7 @@ def test_concurrent_requests_are_batched_and_answered_in_kind(triton, open_clip_
     blobs = [_png(i) for i in range(48)]
     expected = open_clip_reference.images(blobs)
     stats_client = grpcclient.InferenceServerClient(triton.grpc_url)
-    before = _batch_sizes(stats_client, C.VISION_MODEL)
+    before = _batch_sizes(stats_client, C.VISION_MODEL, triton.grpc_admin_headers)
     local = threading.local()
 
     def one(i: int) -> np.ndarray:
@@ -71,14 +71,14 @@ def test_concurrent_requests_are_batched_and_answered_in_kind(triton, open_clip_
     with ThreadPoolExecutor(16) as pool:
         served = np.stack(list(pool.map(one, range(len(blobs)))))
     assert cos(served, expected).min() >= PARITY  # row i answers request i
-    after = _batch_sizes(stats_client, C.VISION_MODEL)
+    after = _batch_sizes(stats_client, C.VISION_MODEL, triton.grpc_admin_headers)
     new = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
     assert sum(size * count for size, count in new.items()) == len(blobs)
     assert max(new) > 1, f"no dynamic batch larger than 1: {new}"
 
 
-def _batch_sizes(client, model: str) -> dict[int, int]:
-    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+def _batch_sizes(client, model: str, headers: dict) -> dict[int, int]:
+    stats = client.get_inference_statistics(model, headers=headers, as_json=True)["model_stats"][0]
     return {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
 
 
