@@ -134,11 +134,14 @@ def cos(a, b) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def local_http_server(route):
-    """A loopback HTTP server for URL-fetching tests; ``route(path) -> (status, headers, body)``."""
+def local_http_server(route, hosts: list | None = None):
+    """A loopback HTTP server for URL-fetching tests; ``route(path) -> (status, headers, body)``.
+    Each request's Host header is appended to ``hosts`` when given."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            if hosts is not None:
+                hosts.append(self.headers.get("Host"))
             status, headers, body = route(self.path)
             self.send_response(status)
             for key, value in {"Content-Length": str(len(body)), **headers}.items():

@@ -19,6 +19,26 @@ from .conftest import cos, local_http_server
 KEY = "sk-test-key-123"
 
 
+class StubResolver:
+    """DNS for the suite: a fixed table, and every name it was asked. Nothing here resolves a real
+    name or leaves loopback."""
+
+    def __init__(self, table: dict[str, list[str]] | None = None):
+        self.table = {"localhost": ["127.0.0.1"], **(table or {})}
+        self.asked: list[str] = []
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.asked.append(host)
+        if host in self.table:
+            return list(self.table[host])
+        try:
+            import ipaddress
+
+            return [str(ipaddress.ip_address(host))]  # literals resolve to themselves, as getaddrinfo does
+        except ValueError:
+            raise OSError(f"stub resolver: no such name {host}") from None
+
+
 class LiveGateway:
     def __init__(self, settings: GatewaySettings):
         import uvicorn
@@ -41,7 +61,8 @@ class LiveGateway:
 
 @pytest.fixture(scope="module")
 def gateway(triton):
-    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), max_body_bytes=2 * 1024 * 1024))
+    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), max_body_bytes=2 * 1024 * 1024,
+                                       fetch=FetchPolicy(resolver=StubResolver())))
     yield live
     live.stop()
 
@@ -219,7 +240,8 @@ def test_other_schemes_are_text_never_fetched(oai, reference):
 
 def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, photos):
     settings = GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,),
-                               fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2))
+                               fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2,
+                                                 resolver=StubResolver()))
     live = LiveGateway(settings)
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
@@ -233,3 +255,69 @@ def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, ph
             assert err.value.body["param"] == "input[1]" and fragment in err.value.body["message"], err.value.body
     finally:
         live.stop()
+
+
+# -- SSRF ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "169.254.169.254", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.1",
+    "2002:7f00:1::",                          # 6to4 of 127.0.0.1 (passed the old check)
+    "2002:a9fe:a9fe::",                       # 6to4 of the cloud metadata address
+    "2001:0:4136:e378:8000:63bf:3fff:fdd2",   # Teredo
+    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix around private IPv4
+    "64:ff9b:1::a00:1",                       # NAT64 local-use prefix
+    "0.0.0.0", "::", "224.0.0.1", "240.0.0.1",
+])
+def test_private_addresses_are_refused_however_wrapped(address):
+    from clip_triton.gateway.fetch import forbidden
+
+    assert forbidden(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "2606:4700:4700::1111", "8.8.8.8"])
+def test_public_addresses_are_allowed(address):
+    from clip_triton.gateway.fetch import forbidden
+
+    assert not forbidden(address)
+
+
+def test_idna_2008_name_is_what_gets_resolved_and_connected():
+    """`straße.example`: Python's IDNA 2003 codec says strasse.example, httpx's IDNA 2008 says
+    xn--strae-oqa.example. An attacker's DNS answered the first with a public address and the
+    second with 127.0.0.1: the check passed, the fetch hit loopback. Now one name is resolved, once,
+    and the connection goes to the address that was checked."""
+    import asyncio
+
+    from clip_triton.gateway.fetch import FetchError, vet
+
+    resolver = StubResolver({"strasse.example": ["93.184.216.34"], "xn--strae-oqa.example": ["127.0.0.1"]})
+    with pytest.raises(FetchError, match="private, loopback"):
+        asyncio.run(vet("http://straße.example/cat.jpg", FetchPolicy(resolver=resolver)))
+    assert resolver.asked == ["xn--strae-oqa.example"]
+    resolver = StubResolver({"xn--strae-oqa.example": ["93.184.216.34"]})
+    target = asyncio.run(vet("https://Straße.example:8443/a/cat.jpg?x=1", FetchPolicy(resolver=resolver)))
+    assert target.url == "https://93.184.216.34:8443/a/cat.jpg?x=1"  # the vetted address, not the name
+    assert target.host_header == "xn--strae-oqa.example:8443" and target.server_name == "xn--strae-oqa.example"
+    assert resolver.asked == ["xn--strae-oqa.example"]  # once: a rebinding second answer is never asked for
+
+
+def test_fetch_connects_to_the_vetted_address_with_the_name_as_host(triton, photos):
+    """End to end on loopback (private addresses allowed): `images.test` exists only in the stub
+    resolver, so the request can only have reached the server through the vetted address; the server
+    sees the name in its Host header."""
+    import asyncio
+
+    from clip_triton.gateway.fetch import fetch_image
+
+    seen, hosts = [], []
+
+    def route(path):
+        seen.append(path)
+        return 200, {"Content-Type": "image/jpeg"}, photos["cat"]
+
+    with local_http_server(route, hosts) as base:
+        port = base.rsplit(":", 1)[1]
+        resolver = StubResolver({"images.test": ["127.0.0.1"]})
+        body = asyncio.run(fetch_image(f"http://images.test:{port}/cat.jpg",
+                                       FetchPolicy(allow_private=True, resolver=resolver)))
+    assert body == photos["cat"] and seen == ["/cat.jpg"] and resolver.asked == ["images.test"]
+    assert hosts == [f"images.test:{port}"]

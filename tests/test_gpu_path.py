@@ -66,6 +66,18 @@ def test_triton_service():
     size = triton["shm_size"]
     assert size.endswith("gb") and int(size[:-2]) >= 1
     assert "models:/models:ro" in triton["volumes"]
+    from clip_triton.server import ADMIN_APIS, ADMIN_HEADER
+
+    rule = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}=$$ADMIN_KEY"  # $$: compose's escape for the shell's $
+    assert f"--http-restricted-api={rule}" in text and f"--grpc-restricted-protocol={rule}" in text
+
+
+def test_compose_services_are_hardened():
+    for name, service in COMPOSE["services"].items():
+        if name == "sdk":
+            continue  # a tool container run by hand
+        assert service["security_opt"] == ["no-new-privileges:true"] and service["cap_drop"] == ["ALL"], name
+    assert COMPOSE["services"]["gateway"]["read_only"] is True
 
 
 def test_export_and_engines_jobs():

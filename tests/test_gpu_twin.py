@@ -377,3 +377,56 @@ def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
     finally:
         os.killpg(process.pid, 9)
         process.wait()
+
+
+def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, tmp_path):
+    """compose's triton command, after compose's interpolation, run by a shell with the real
+    tritonserver (2.51, pip) on the stand-in repository: every flag parses, the admin APIs answer only
+    with the key from CLIP_TRITON_ADMIN_KEY, inference stays open."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from clip_triton.server import backend_directory, free_ports, pytriton_root
+
+    _, repo, *_ = written_standins
+    command = COMPOSE["services"]["triton"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    script = command[2].replace("$$", "$")  # compose's own escaping
+    assert script.startswith("clip-triton check-engines --repo /models &&")  # run by the engines twin above
+    script = script.split("&&", 1)[1]
+    ports = free_ports(3)
+    for default, port in zip((8000, 8001, 8002), ports):
+        script = script.replace(f"-port={default}", f"-port={port}")
+    script = script.replace("--model-repository=/models", f"--model-repository={repo}")
+    shim = tmp_path / "bin" / "tritonserver"  # the pip build needs its backend folder named
+    shim.parent.mkdir()
+    root = pytriton_root()
+    shim.write_text(f"#!/bin/sh\nexport LD_LIBRARY_PATH={root.parent.parent / 'nvidia_pytriton.libs'}\n"
+                    f"exec {root / 'bin' / 'tritonserver'} --backend-directory={backend_directory()} "
+                    "--http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 \"$@\"\n")
+    shim.chmod(0o755)
+    from clip_triton.server import stub_pythonpath
+
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}", "CLIP_TRITON_ADMIN_KEY": "k3y",
+           "PYTHONPATH": stub_pythonpath()}
+    process = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if client.is_server_ready():
+                    break
+            except Exception:  # noqa: BLE001 (not listening yet)
+                pass
+            time.sleep(0.5)
+        assert process.poll() is None, "tritonserver refused compose's command line"
+        with pytest.raises(InferenceServerException, match="(?i)restricted"):
+            client.get_model_repository_index()
+        assert client.get_model_repository_index(headers={"clip-triton-admin": "k3y"})
+        assert client.is_model_ready("clip_image")
+    finally:
+        client.close()
+        os.killpg(process.pid, 9)
+        process.wait()

@@ -113,7 +113,47 @@ def test_network_policy_admits_only_gateway_and_monitoring(docs):
     sources = [rule["from"][0] for rule in rules]
     assert sources[0]["podSelector"]["matchLabels"] == GATEWAY
     assert sources[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
-    assert sorted(p["port"] for p in rules[0]["ports"]) == [8000, 8001] and rules[1]["ports"][0]["port"] == 8002
+    assert sorted(p["port"] for p in rules[0]["ports"]) == [8001] and rules[1]["ports"][0]["port"] == 8002
+
+
+def test_gateway_egress_reaches_only_triton_dns_and_public_web(docs):
+    policy = docs[("NetworkPolicy", "clip-triton-gateway")]["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    to_triton, dns, web = policy["egress"]
+    assert to_triton["to"][0]["podSelector"]["matchLabels"] == TRITON and to_triton["ports"] == [
+        {"protocol": "TCP", "port": 8001}]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert sorted(p["port"] for p in web["ports"]) == [80, 443]
+    v4 = web["to"][0]["ipBlock"]
+    assert v4["cidr"] == "0.0.0.0/0" and {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+                                          "127.0.0.0/8"} <= set(v4["except"])
+    assert {"fc00::/7", "fe80::/10"} <= set(web["to"][1]["ipBlock"]["except"])
+
+
+def test_every_pod_is_hardened(docs):
+    """Non-root, no privilege escalation, no capabilities, read-only root filesystem, the runtime's
+    seccomp profile, and no service-account token (nothing here talks to the Kubernetes API)."""
+    for kind, name in (("Deployment", "clip-triton-triton"), ("Deployment", "clip-triton-gateway"),
+                       ("Job", "clip-triton-build")):
+        spec = pod_spec(docs[(kind, name)])
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], (name, container["name"])
+
+
+def test_triton_admin_apis_are_restricted_as_serve_restricts_them(docs):
+    from clip_triton.server import ADMIN_APIS, ADMIN_HEADER
+
+    command = " ".join(triton(docs)["args"])
+    rule = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}=$ADMIN_KEY"
+    assert f"--http-restricted-api={rule}" in command and f"--grpc-restricted-protocol={rule}" in command
+    env = {e["name"]: e for e in triton(docs)["env"]}
+    assert env["CLIP_TRITON_ADMIN_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_build_job_writes_what_triton_serves_on_the_same_gpu(docs):
