@@ -15,6 +15,7 @@ from .grpc_client import (
     RETRY_SECONDS,
     ClipClientError,
     ItemErrors,
+    PromptCache,
     ServerFacts,
     ensemble_templates,
     facts_from_config,
@@ -38,7 +39,7 @@ class AsyncClipClient:
 
     def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
                  backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, retry_seconds: float = RETRY_SECONDS):
+                 url_timeout: float = 10.0, retry_seconds: float = RETRY_SECONDS, prompt_cache_entries: int = 256):
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
@@ -53,7 +54,7 @@ class AsyncClipClient:
         self.url_timeout = url_timeout
         self._batch_size = batch_size
         self._facts: ServerFacts | None = None
-        self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self._text_cache = PromptCache(prompt_cache_entries)
 
     async def _call(self, fn):
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
@@ -111,14 +112,15 @@ class AsyncClipClient:
 
     async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         key = (*prompts, "\x00", *(templates or ()))
-        if key not in self._text_cache:
+        emb = self._text_cache.get(key)
+        if emb is None:
             if templates:
                 emb = ensemble_templates(await self.embed_texts(template_texts(prompts, templates)),
                                          len(prompts), len(templates))
             else:
                 emb = await self.embed_texts(list(prompts))
-            self._text_cache[key] = emb
-        return self._text_cache[key]
+            self._text_cache.put(key, emb)
+        return emb
 
     async def classify(self, images: Sequence, prompts: Sequence[str],
                        templates: Sequence[str] | None = None) -> list[list[dict]]:

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -114,7 +115,32 @@ def prepare_texts(texts: Iterable[str]) -> list[bytes | Exception]:
 
 
 def template_texts(prompts: Sequence[str], templates: Sequence[str]) -> list[str]:
-    return [t.format(p) for p in prompts for t in templates]
+    """Every prompt in every template, ``{}`` replaced literally: never ``str.format``, so a template's
+    other braces (``{:>30000000}``, ``{0.__class__}``) are plain text."""
+    return [t.replace("{}", p) for p in prompts for t in templates]
+
+
+class PromptCache:
+    """Prompt-set embeddings, least recently used first out: bounded however many distinct prompt sets
+    callers send."""
+
+    def __init__(self, entries: int = 256):
+        self.entries, self._data = entries, OrderedDict()
+
+    def get(self, key):
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.entries:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def ensemble_templates(embeddings: np.ndarray, n_prompts: int, n_templates: int) -> np.ndarray:
@@ -204,7 +230,8 @@ class ClipClient:
 
     def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
                  backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, progress: bool = False, retry_seconds: float = RETRY_SECONDS):
+                 url_timeout: float = 10.0, progress: bool = False, retry_seconds: float = RETRY_SECONDS,
+                 prompt_cache_entries: int = 256):
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self._grpc = grpcclient
@@ -226,7 +253,7 @@ class ClipClient:
         self.progress = progress
         self._batch_size = batch_size
         self._facts: ServerFacts | None = None
-        self._text_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self._text_cache = PromptCache(prompt_cache_entries)
 
     # -- server facts ------------------------------------------------------------------------
     def _client(self):
@@ -332,14 +359,15 @@ class ClipClient:
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
         key = (*prompts, "\x00", *(templates or ()))
-        if key not in self._text_cache:
+        emb = self._text_cache.get(key)
+        if emb is None:
             if templates:
                 texts = template_texts(prompts, templates)
                 emb = ensemble_templates(self.embed_texts(texts), len(prompts), len(templates))
             else:
                 emb = self.embed_texts(list(prompts))
-            self._text_cache[key] = emb
-        return self._text_cache[key]
+            self._text_cache.put(key, emb)
+        return emb
 
     def classify(self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None) -> list[list[dict]]:
         """Zero-shot scores: per image, every prompt's cosine and softmax probability, ranked.

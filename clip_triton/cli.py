@@ -119,7 +119,7 @@ def _gateway(args) -> int:
             keys += tuple(line.strip() for line in handle if line.strip())
     settings = GatewaySettings(
         triton_url=args.url, api_keys=keys, auth=not args.no_auth,
-        max_body_bytes=int(args.max_body_mib * 1024**2), max_items=args.max_items,
+        max_body_bytes=int(args.max_body_mib * 1024**2), max_items=args.max_items, docs=args.docs,
         fetch=FetchPolicy(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mib * 1024**2),
                           allow_private=args.allow_private_urls))
     serve_gateway(settings, host=args.host, port=args.port)
@@ -354,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (also: $CLIP_TRITON_API_KEYS)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use only)")
+    p.add_argument("--docs", action="store_true",
+                   help="serve the interactive API docs (/docs, /redoc, /openapi.json); off by default, and open "
+                        "to anyone who reaches the gateway when on")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="let image URLs point at private, loopback or link-local addresses")
     p.add_argument("--max-body-mib", type=float, default=64)

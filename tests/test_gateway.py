@@ -321,3 +321,144 @@ def test_fetch_connects_to_the_vetted_address_with_the_name_as_host(triton, phot
                                        FetchPolicy(allow_private=True, resolver=resolver)))
     assert body == photos["cat"] and seen == ["/cat.jpg"] and resolver.asked == ["images.test"]
     assert hosts == [f"images.test:{port}"]
+
+
+# -- cost per request is bounded by what is kept -----------------------------------------------------
+def _rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("VmRSS")) / 1024
+
+
+def test_a_chunked_body_is_refused_as_it_arrives_before_any_auth(gateway):
+    """No Content-Length, no API key, 64 MiB announced chunk by chunk: the gateway answers 413 once it
+    has counted past its 2 MiB limit and reads no further (before, only Content-Length was read: a
+    300 MiB chunked body drove it to 1.14 GiB)."""
+    import select
+    import socket
+
+    before = _rss_mib()
+    sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=30)
+    chunk = b"x" * (256 * 1024)
+    sent, answer = 0, b""
+    try:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        while sent < 64 * 1024 * 1024:
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break  # the gateway hung up after answering
+            sent += len(chunk)
+            if select.select([sock], [], [], 0)[0]:
+                break
+        sock.settimeout(30)
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"body_too_large" in answer or b"content-length" in answer.lower()
+    assert sent < 16 * 1024 * 1024  # it stopped reading long before the end
+    assert _rss_mib() - before < 64
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    refused = [line for line in metrics.splitlines() if line.startswith("clip_gateway_bodies_refused_total ")]
+    assert refused and float(refused[0].split()[1]) >= 1
+
+
+def test_templates_are_literal_and_bounded(gateway, oai, photos):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "clip-triton-tiny", "images": [data_url(photos["cat"])], "prompts": ["cat", "dog"],
+            "templates": ["{:>30000000} {}", "{0.__class__} a photo of a {}."]}
+    before = _rss_mib()
+    literal = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json=body, timeout=120)
+    assert literal.status_code == 200, literal.text  # str.format would have padded to 30 MB, or failed (500)
+    assert _rss_mib() - before < 64
+    too_many = httpx.post(f"{gateway.url}/v1/classify", headers=headers, timeout=120, json={
+        **body, "prompts": [f"p{i}" for i in range(32)], "templates": [f"t{i} {{}}" for i in range(32)]})
+    assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_texts"
+    assert "32 prompts x 32 templates = 1024" in too_many.json()["error"]["message"]
+    for templates, fragment in ((["no placeholder"], "placeholder"), (["{}" + "x" * 2000], "characters"),
+                                ([f"{{}} {i}" for i in range(65)], "templates, over the limit")):
+        bad = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json={**body, "templates": templates})
+        assert bad.status_code == 400 and fragment in bad.json()["error"]["message"], bad.text
+
+
+def test_classify_usage_counts_every_templated_text(gateway, photos):
+    from clip_triton.tokenizer import ClipTokenizer
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    templates = ["a photo of a {}.", "a sketch of the {}, in pencil"]
+    body = {"model": "clip-triton-tiny", "images": [data_url(photos["cat"])], "prompts": ["cat", "red panda"],
+            "templates": templates}
+    usage = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json=body, timeout=120).json()["usage"]
+    tokenizer = ClipTokenizer()
+    expected = sum(int((tokenizer.ids(t.replace("{}", p)) != 0).sum()) for p in body["prompts"] for t in templates)
+    assert usage["prompt_tokens"] == expected
+
+
+def test_url_count_per_request_is_capped(oai):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.embeddings.create(model="clip-triton-tiny", input=[f"http://127.0.0.1:9/{i}.jpg" for i in range(17)])
+    assert err.value.body["code"] == "too_many_urls" and "limit of 16" in err.value.body["message"]
+
+
+def test_lone_surrogates_are_400_not_500(gateway, photos):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = '{"model": "clip-triton-tiny", "input": ["fine", "bad \\ud800 text"]}'
+    response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, content=raw)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "input[1]", response.text
+    assert "surrogate" in response.json()["error"]["message"]
+    raw = ('{"model": "clip-triton-tiny", "images": ["%s"], "prompts": ["cat"], "templates": ["a {} \\udfff"]}'
+           % data_url(photos["cat"]))
+    response = httpx.post(f"{gateway.url}/v1/classify", headers=headers, content=raw)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "templates[0]", response.text
+
+
+def test_metrics_label_by_route_not_raw_path(gateway):
+    for i in range(300):
+        httpx.get(f"{gateway.url}/no/such/path/{i}")
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert "/no/such/path" not in metrics
+    assert 'clip_gateway_requests_total{endpoint="(unmatched)",status="404"}' in metrics
+
+
+def test_tokenizing_happens_off_the_event_loop(gateway, oai, monkeypatch):
+    import threading
+
+    from clip_triton.tokenizer import ClipTokenizer
+
+    threads = []
+    original = ClipTokenizer.ids
+
+    def recording(self, text):
+        threads.append(threading.current_thread())
+        return original(self, text)
+
+    monkeypatch.setattr(ClipTokenizer, "ids", recording)
+    oai.embeddings.create(model="clip-triton-tiny", input=["a photo of a cat"])
+    assert threads and gateway.thread not in threads  # uvicorn's event loop runs on gateway.thread
+
+
+def test_api_docs_are_off_unless_asked_for(gateway, triton):
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{gateway.url}{path}").status_code == 404
+    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), docs=True))
+    try:
+        assert httpx.get(f"{live.url}/openapi.json").status_code == 200
+    finally:
+        live.stop()
+
+
+def test_prompt_cache_is_bounded():
+    from clip_triton.client.grpc_client import PromptCache
+
+    cache = PromptCache(entries=3)
+    for i in range(10):
+        cache.put(("p", i), i)
+    assert len(cache) == 3 and cache.get(("p", 0)) is None and cache.get(("p", 9)) == 9
+    cache.get(("p", 7))
+    cache.put(("p", 10), 10)  # least recently used (8) goes, 7 was just used
+    assert cache.get(("p", 8)) is None and cache.get(("p", 7)) == 7

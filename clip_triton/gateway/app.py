@@ -42,6 +42,13 @@ class GatewaySettings:
     max_items: int = 256
     triton_timeout_s: float = 60.0
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
+    max_urls_per_request: int = 16  # image URLs fetched for one request
+    max_concurrent_fetches: int = 8  # image URLs being fetched at once, all requests together
+    max_templates: int = 64
+    max_template_chars: int = 1000
+    max_template_texts: int = 256  # prompts x templates encoded for one /v1/classify request
+    prompt_cache_entries: int = 256
+    docs: bool = False  # /docs, /redoc, /openapi.json: off unless asked for
 
     def __post_init__(self):
         if self.auth and not self.api_keys:
@@ -79,6 +86,52 @@ def is_image_reference(value: str) -> bool:
     return value.startswith("data:") or value.lower().startswith(("http://", "https://"))
 
 
+def utf8_error(value: str) -> str | None:
+    """Why a string from JSON cannot be sent on (a lone surrogate such as "\\ud800"), or None."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode text (unpaired surrogate at character {exc.start})"
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over ``limit`` bytes while it arrives, before any other work.
+
+    The declared Content-Length is checked first; a chunked body (no length) is counted chunk by
+    chunk, and the 413 goes out as soon as the count passes the limit: the rest is never read.
+    """
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(send, f"request body is {int(declared)} bytes")
+        state = {"received": 0, "refused": False}
+
+        async def counted_receive():
+            if state["refused"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.limit:
+                    state["refused"] = True
+                    await self.refuse(send, f"request body is over {state['received']} bytes")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not state["refused"]:  # the app's own answer to a refused body is dropped
+                await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+
 def create_app(settings: GatewaySettings):
     from fastapi import Depends, FastAPI, Request  # noqa: PLC0415
     from fastapi.exceptions import RequestValidationError  # noqa: PLC0415
@@ -90,9 +143,12 @@ def create_app(settings: GatewaySettings):
     from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
     from clip_triton.client import AsyncClipClient, ClipClientError, ItemErrors  # noqa: PLC0415
+    from clip_triton.client.grpc_client import template_texts  # noqa: PLC0415
 
     registry = CollectorRegistry()
     requests_total = Counter("clip_gateway_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
+    refused_bodies = Counter("clip_gateway_bodies_refused", "request bodies over the size limit", registry=registry)
+    fetch_gate = asyncio.Semaphore(settings.max_concurrent_fetches)
     latency = Histogram("clip_gateway_request_seconds", "request latency", ["endpoint"], registry=registry,
                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     items_total = Counter("clip_gateway_items", "embedded items", ["kind"], registry=registry)
@@ -101,12 +157,14 @@ def create_app(settings: GatewaySettings):
     async def lifespan(app):
         urls = [u.strip() for u in settings.triton_url.split(",") if u.strip()]
         app.state.client = AsyncClipClient(urls if len(urls) > 1 else urls[0], timeout=settings.triton_timeout_s,
-                                           retries=2, backoff=0.2)
+                                           retries=2, backoff=0.2, prompt_cache_entries=settings.prompt_cache_entries)
         app.state.tokenizer = None
         yield
         await app.state.client.close()
 
-    app = FastAPI(title="clip-triton gateway", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="clip-triton gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if settings.docs else None, redoc_url="/redoc" if settings.docs else None,
+                  openapi_url="/openapi.json" if settings.docs else None)
 
     # -- errors in OpenAI's shape ------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -126,17 +184,21 @@ def create_app(settings: GatewaySettings):
                             status_code=exc.status_code)
 
     # -- body size, metrics --------------------------------------------------------------------
+    async def refuse_body(send, what: str) -> None:
+        refused_bodies.inc()
+        body = JSONResponse(ApiError(413, f"{what}, over the limit of {settings.max_body_bytes} bytes",
+                                     code="body_too_large").body(), status_code=413)
+        await body({"type": "http"}, None, send)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, refuse=refuse_body)
+
     @app.middleware("http")
-    async def _limits_and_metrics(request: Request, call_next):
-        endpoint = request.url.path
+    async def _metrics(request: Request, call_next):
         started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            response = JSONResponse(ApiError(413, f"request body is {length} bytes, over the limit of "
-                                                  f"{settings.max_body_bytes} bytes", code="body_too_large").body(),
-                                    status_code=413)
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # Labelled by route template, never the raw path: 3,000 distinct 404 paths are one series.
+        endpoint = getattr(route, "path", None) or "(unmatched)"
         if endpoint not in ("/metrics", "/healthz"):
             requests_total.labels(endpoint, str(response.status_code)).inc()
             latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -173,20 +235,41 @@ def create_app(settings: GatewaySettings):
             raise ApiError(404, f"model {model!r} is not served here; this gateway serves {served.model!r}",
                            param="model", code="model_not_found")
 
+    def check_text(items: list[tuple[int, str]], name: str) -> None:
+        for index, text in items:
+            if (problem := utf8_error(text)) is not None:
+                raise _item_error(index, problem, name)
+
     async def count_tokens(request: Request, texts: list[tuple[int, str]], name: str) -> int:
+        """Tokens of the texts as the server will encode them; in a worker thread, never on the event
+        loop (tokenizing is CPU work, bounded per text but not free)."""
         tok = await tokenizer(request)
-        total = 0
-        for index, text in texts:
-            try:
-                total += int((tok.ids(text) != 0).sum())
-            except TextError as exc:
-                raise _item_error(index, str(exc), name) from None
-        return total
+        check_text(texts, name)
+
+        def count() -> int:
+            total = 0
+            for index, text in texts:
+                try:
+                    total += int((tok.ids(text) != 0).sum())
+                except TextError as exc:
+                    raise _item_error(index, str(exc), name) from None
+            return total
+
+        return await asyncio.to_thread(count)
 
     async def load_images(refs: list[tuple[int, str]], name: str) -> list[bytes]:
+        urls = sum(1 for _, ref in refs if not ref.startswith("data:"))
+        if urls > settings.max_urls_per_request:
+            raise ApiError(400, f"{urls} image URLs in one request, over the limit of {settings.max_urls_per_request}; "
+                                "send fewer per request, or the images themselves as data URLs", param=name,
+                           code="too_many_urls")
+
         async def one(index: int, ref: str) -> bytes:
             try:
-                return decode_data_url(ref) if ref.startswith("data:") else await fetch_image(ref, settings.fetch)
+                if ref.startswith("data:"):
+                    return decode_data_url(ref)
+                async with fetch_gate:  # bounded across all requests: memory in flight stays bounded
+                    return await fetch_image(ref, settings.fetch)
             except (ValueError, FetchError) as exc:
                 raise _item_error(index, str(exc), name) from None
 
@@ -277,15 +360,32 @@ def create_app(settings: GatewaySettings):
             raise ApiError(400, f"at most {settings.max_items} images and {settings.max_items} prompts")
         served = await facts(request)
         check_model(body.model, served)
-        if body.templates and any("{}" not in t for t in body.templates):
-            raise ApiError(400, "every template needs a {} placeholder for the prompt", param="templates")
+        templates = body.templates or []
+        if len(templates) > settings.max_templates:
+            raise ApiError(400, f"{len(templates)} templates, over the limit of {settings.max_templates}",
+                           param="templates")
+        for index, template in enumerate(templates):
+            if "{}" not in template:
+                raise _item_error(index, "needs a {} placeholder for the prompt", "templates")
+            if len(template) > settings.max_template_chars:
+                raise _item_error(index, f"{len(template)} characters, over the limit of "
+                                         f"{settings.max_template_chars}", "templates")
+        check_text(list(enumerate(templates)), "templates")
+        n_texts = len(body.prompts) * max(1, len(templates))
+        if n_texts > settings.max_template_texts:
+            raise ApiError(400, f"{len(body.prompts)} prompts x {len(templates)} templates = {n_texts} texts to "
+                                f"encode, over the limit of {settings.max_template_texts}", param="templates",
+                           code="too_many_texts")
         for index, ref in enumerate(body.images):
             if not is_image_reference(ref):
                 raise _item_error(index, "not an image: pass a data:image/...;base64, URL or an http(s) URL", "images")
-        tokens = await count_tokens(request, list(enumerate(body.prompts)), "prompts")
+        check_text(list(enumerate(body.prompts)), "prompts")
+        texts = template_texts(body.prompts, templates) if templates else list(body.prompts)
+        # usage counts what is encoded: every prompt in every template
+        tokens = await count_tokens(request, [(i // max(1, len(templates)), t) for i, t in enumerate(texts)], "prompts")
         images = await load_images(list(enumerate(body.images)), "images")
         client = request.app.state.client
-        prompt_vectors = await triton_call(client.prompt_embeddings(body.prompts, body.templates),
+        prompt_vectors = await triton_call(client.prompt_embeddings(body.prompts, templates or None),
                                            list(range(len(body.prompts))), "prompts")
         image_vectors = await triton_call(client.embed_images(images), list(range(len(images))), "images")
         from clip_triton.client import rank  # noqa: PLC0415
