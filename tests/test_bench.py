@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import tied_to_this_process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,7 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--model", str(tiny_config),
                              "--batches", "4", "--concurrency", "2", "--seconds", "0.3", "--client-items", "16",
                              "--measurement-ms", "1000", "--engines", "onnxruntime:fp32,openvino:bf16", "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+                            capture_output=True, text=True, timeout=600, cwd=ROOT, **tied_to_this_process())
     assert result.returncode == 0, result.stderr[-3000:]
     table = result.stdout[result.stdout.index("x base: ratio"):].splitlines()[2:-1]
     rows = {}

@@ -37,7 +37,7 @@ from clip_triton.export import engines as E
 from clip_triton.export.verify import TOLERANCES
 from clip_triton.repository import RepoOptions, parse, write_repository
 
-from .conftest import SEED, TINY_CONFIG, cos, open_clip_reference_for
+from .conftest import SEED, TINY_CONFIG, cos, open_clip_reference_for, tied_to_this_process
 from .gpu_twin import (
     PREINSTALLED,
     ROOT,
@@ -360,7 +360,7 @@ def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
     env = {**os.environ, "CLIP_TRITON_API_KEYS": "twin-key", "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+                               start_new_session=True, **tied_to_this_process())
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -410,7 +410,7 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
     env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}", "CLIP_TRITON_ADMIN_KEY": "k3y",
            "PYTHONPATH": stub_pythonpath()}
     process = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, **tied_to_this_process())
     client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
     try:
         deadline = time.monotonic() + 300
