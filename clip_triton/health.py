@@ -57,12 +57,13 @@ def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
 
 def completed_requests(metrics_url: str, timeout: float = 5.0) -> float | None:
     """Requests Triton has completed successfully so far (all models), or None if unreachable."""
+    import http.client  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
     try:
         with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
             text = response.read().decode("utf-8", "replace")
-    except OSError:
+    except (OSError, ValueError, http.client.HTTPException):  # unreachable, malformed URL, cut answer
         return None
     total = 0.0
     for line in text.splitlines():

@@ -56,14 +56,19 @@ def photos() -> dict[str, bytes]:
     return {p.stem: p.read_bytes() for p in sorted(IMAGES.glob("*.jpg"))}
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory) -> Path:
-    """fp32 export of the tiny model with verification (as `clip-triton export` does)."""
+def export_for_tests(tmp_path_factory, name: str, config: Path = TINY_CONFIG, precision: str = "fp32") -> Path:
+    """An export with verification (as `clip-triton export` does), random weights with the suite's seed."""
     from clip_triton.export import export_model
 
-    out = tmp_path_factory.mktemp("tiny-fp32")
-    export_model(str(TINY_CONFIG), "none", out, precision="fp32", seed=SEED)
+    out = tmp_path_factory.mktemp(name)
+    export_model(str(config), "none", out, precision=precision, seed=SEED)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """fp32 export of the tiny model."""
+    return export_for_tests(tmp_path_factory, "tiny-fp32")
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from clip_triton.export import engines as E
 from clip_triton.export.verify import TOLERANCES
 from clip_triton.repository import RepoOptions, parse, write_repository
 
-from .conftest import SEED, TINY_CONFIG, cos, open_clip_reference_for, tied_to_this_process
+from .conftest import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, tied_to_this_process
 from .gpu_twin import (
     PREINSTALLED,
     ROOT,
@@ -133,22 +133,14 @@ def test_sdk_stage_keeps_the_images_own_tritonclient():
 @pytest.fixture(scope="module")
 def fp16_export(tmp_path_factory) -> Path:
     """An fp16 export, as compose's export service writes for the engines stage."""
-    from clip_triton.export import export_model
-
-    out = tmp_path_factory.mktemp("tiny-fp16")
-    export_model(str(TINY_CONFIG), "none", out, precision="fp16", seed=SEED)
-    return out
+    return export_for_tests(tmp_path_factory, "tiny-fp16", precision="fp16")
 
 
 @pytest.fixture(scope="module")
 def bigg_io_export(tmp_path_factory) -> Path:
     """An fp16 export of a tiny model whose encoders have bigG's exact I/O (224 px, 77 tokens, 1280-d):
     the graph behind the committed repository's stand-ins."""
-    from clip_triton.export import export_model
-
-    out = tmp_path_factory.mktemp("tiny-bigG-io-fp16")
-    export_model(str(BIGG_IO_CONFIG), "none", out, precision="fp16", seed=SEED)
-    return out
+    return export_for_tests(tmp_path_factory, "tiny-bigG-io-fp16", config=BIGG_IO_CONFIG, precision="fp16")
 
 
 def _passed_manifest(onnx_dir: Path, tower: str, platform: E.Platform) -> dict:

@@ -408,3 +408,27 @@ def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
     assert [r.error is None for r in responses] == [True, False, False, True]
     assert "item 1: cannot be processed (MemoryError" in responses[1].error.message
     assert responses[2].error.code == _FakeStubUtils.TritonError.INVALID_ARG
+
+
+def test_probe_tells_dead_from_busy_without_a_server():
+    """Nothing listening: dead, with the reason; a metrics URL that is unreachable or malformed is no
+    evidence either way and never an exception."""
+    from clip_triton.health import completed_requests, metrics_url_for, probe
+    from clip_triton.server import free_port
+
+    port = free_port()
+    alive, reason = probe(f"127.0.0.1:{port}", f"http://127.0.0.1:{free_port()}/metrics", timeout=2)
+    assert not alive and "cannot be reached" in reason
+    assert completed_requests("http://127.0.0.1:1/metrics") is None
+    assert completed_requests(metrics_url_for("dns:///clip-triton-triton-grpc:8001")) is None
+    assert metrics_url_for("localhost:8001") == "http://localhost:8002/metrics"
+
+
+def test_probe_reads_completed_requests_from_the_metrics(triton, grpc):
+    from clip_triton.health import completed_requests
+
+    before = completed_requests(triton.metrics_url)
+    tensor = grpcclient.InferInput(C.TEXT_INPUT, [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"a photo of a cat"]], dtype=object))
+    grpc.infer(C.TEXT_ENSEMBLE, [tensor])
+    assert completed_requests(triton.metrics_url) > before
