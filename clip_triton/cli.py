@@ -130,8 +130,8 @@ def _client(args):
     from clip_triton.client import ClipClient  # noqa: PLC0415
 
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
-    client = ClipClient(urls if len(urls) > 1 else urls[0], timeout=args.timeout, concurrency=args.concurrency, batch_size=args.batch_size,
-                        progress=args.progress)
+    client = ClipClient(urls if len(urls) > 1 else urls[0], timeout=args.timeout, concurrency=args.concurrency,
+                        batch_size=args.batch_size, progress=args.progress, retry_seconds=args.retry_seconds)
     client.wait_until_ready(args.timeout)
     return client
 
@@ -243,6 +243,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=None, help="items per request (default: server max)")
     p.add_argument("--progress", action="store_true", help="print progress for long jobs")
+    p.add_argument("--retry-seconds", type=float, default=150.0,
+                   help="keep retrying a server that is restarting or unreachable this long before giving up; "
+                        "rows answered by then are kept (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -246,3 +246,43 @@ def test_index_folder_and_search(client, photos, tmp_path):
     assert [p.name for p in paths] == sorted(f"{n}.jpg" for n in photos)
     top, _ = client.search(client.embed_images([photos["rocket"]]), index, k=1)
     assert paths[top[0, 0]].name == "rocket.jpg"
+
+
+def test_embed_cli_writes_every_answered_row_when_the_server_dies(tiny_repo, tmp_path, open_clip_reference):
+    """The server goes away for good mid-job: `embed` exits 1 after --retry-seconds, and what it had
+    answered is written (with its item list) instead of being thrown away; the rest is listed."""
+    import json
+    import threading
+    import time
+
+    from clip_triton.server import TritonServer
+
+    texts = tmp_path / "captions.txt"
+    texts.write_text("\n".join(f"caption number {i}" for i in range(6000)) + "\n")
+    server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
+
+    def stop_once_the_job_runs():  # after 60 answered requests, wherever the CLI's start-up took
+        from clip_triton.health import completed_requests
+
+        deadline = time.monotonic() + 300
+        while (completed_requests(server.metrics_url) or 0) < 60 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+
+    stopper = threading.Thread(target=stop_once_the_job_runs)
+    try:
+        stopper.start()
+        result = _cli("embed", "--texts", str(texts), "--url", server.grpc_url, "--batch-size", "3",
+                      "--concurrency", "1", "--retry-seconds", "3", "--out", str(tmp_path / "emb.npy"))
+    finally:
+        stopper.join()
+        server.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    meta = json.loads((tmp_path / "emb.json").read_text())
+    rows = np.load(tmp_path / "emb.npy")
+    assert 0 < len(meta["items"]) < 6000 and len(meta["unanswered"]) == 6000 - len(meta["items"])
+    assert rows.shape == (len(meta["items"]), 32)
+    sample = list(range(0, len(meta["items"]), max(1, len(meta["items"]) // 50)))
+    expected = open_clip_reference.texts([meta["items"][i] for i in sample])
+    assert cos(rows[sample], expected).min() >= 0.9999
+    assert "items unanswered" in result.stdout
