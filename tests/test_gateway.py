@@ -43,6 +43,7 @@ class LiveGateway:
     def __init__(self, settings: GatewaySettings):
         import uvicorn
 
+        self.settings = settings
         self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
@@ -149,7 +150,8 @@ def test_bad_items_are_400_naming_the_index(oai, photos):
     cases = [
         (["fine", data_url(b"not an image")], "input[1]", "not a decodable image"),
         (["fine", "data:image/png;base64,@@@"], "input[1]", "invalid base64"),
-        (["fine", "data:text/plain;base64,aGVsbG8="], "input[1]", "not an image"),
+        # A data URL that is not data:image/ is text (issue 18); a data:image/ one must be base64.
+        (["fine", "data:image/png,raw-not-base64"], "input[1]", "malformed data URL"),
         (["fine", ""], "input[1]", "empty text"),
         ([data_url(photos["cat"]), "x" * 70_000], "input[1]", "over the limit"),
         (["a", "b", data_url(photos["cat"][:4000])], "input[2]", "corrupt or truncated"),
@@ -462,3 +464,47 @@ def test_prompt_cache_is_bounded():
     cache.get(("p", 7))
     cache.put(("p", 10), 10)  # least recently used (8) goes, 7 was just used
     assert cache.get(("p", 8)) is None and cache.get(("p", 7)) == 7
+
+
+# -- inputs are classified exactly as documented ------------------------------------------------------
+def test_data_prefixed_text_is_text_and_only_data_image_is_an_image(oai, reference, photos):
+    """Only `data:image/...` items are images; "data: the quick brown fox" is a caption (it was refused
+    as a malformed data URL)."""
+    items = ["data: the quick brown fox", "data:text/plain;base64,aGVsbG8=", "Data: Sources and methods",
+             data_url(photos["cat"]), "DATA:IMAGE/JPEG;BASE64," + data_url(photos["cat"]).split(",", 1)[1]]
+    got = oai.embeddings.create(model="clip-triton-tiny", input=items)
+    vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
+    assert cos(vectors[:3], reference.embed_texts(items[:3])).min() > 0.99999
+    assert cos(vectors[3:], reference.embed_images([photos["cat"]] * 2)).min() > 0.99999
+    for bad in ("data:image/png,not-base64-data", "data:image/png;base64,@@@"):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.embeddings.create(model="clip-triton-tiny", input=["fine", bad])
+        assert err.value.body["param"] == "input[1]", err.value.body
+
+
+def test_typed_items_say_what_they_are(gateway, reference, photos):
+    """A caption that is a URL is embedded as text when typed so, and never fetched."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    resolver = gateway_resolver(gateway)
+    asked_before = list(resolver.asked)
+    items = [{"type": "text", "text": "https://example.com/cat.jpg"},
+             {"type": "image_url", "image_url": {"url": data_url(photos["cat"])}},
+             {"type": "image_url", "image_url": data_url(photos["rocket"])},
+             "a plain caption"]
+    response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, timeout=60,
+                          json={"model": "clip-triton-tiny", "input": items})
+    assert response.status_code == 200, response.text
+    vectors = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+    assert cos(vectors[[0, 3]], reference.embed_texts(["https://example.com/cat.jpg", "a plain caption"])).min() > 0.99999
+    assert cos(vectors[[1, 2]], reference.embed_images([photos["cat"], photos["rocket"]])).min() > 0.99999
+    assert resolver.asked == asked_before  # the URL-looking caption was never resolved, let alone fetched
+    for bad, fragment in (({"type": "image_url", "image_url": "file:///etc/passwd"}, "image_url must be"),
+                          ({"type": "audio", "data": "x"}, "a typed item is"), ({"text": "no type"}, "a typed item is")):
+        response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers,
+                              json={"model": "clip-triton-tiny", "input": ["fine", bad]})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "input[1]", response.text
+        assert fragment in response.json()["error"]["message"]
+
+
+def gateway_resolver(gateway) -> StubResolver:
+    return gateway.settings.fetch.resolver

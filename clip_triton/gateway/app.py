@@ -30,7 +30,7 @@ from ..errors import ClipTritonError
 from ..tokenizer import ClipTokenizer, TextError
 from .fetch import FetchError, FetchPolicy, fetch_image
 
-DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*);base64,(.*)$", re.S)
+DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*);base64,(.*)$", re.S | re.I)
 
 
 @dataclass
@@ -83,7 +83,34 @@ def decode_data_url(value: str) -> bytes:
 
 
 def is_image_reference(value: str) -> bool:
-    return value.startswith("data:") or value.lower().startswith(("http://", "https://"))
+    """A plain string item is an image when it is a ``data:image/`` URL (any other ``data:`` text is
+    text: "data: the quick brown fox") or an ``http(s)://`` URL (NV-CLIP's convention); anything else
+    is text. A caption that is a URL is sent as ``{"type": "text", "text": ...}`` instead."""
+    lowered = value[:16].lower()
+    return lowered.startswith(("data:image/", "http://", "https://"))
+
+
+def is_data_url(value: str) -> bool:
+    return value[:5].lower() == "data:"
+
+
+def classify_item(item, index: int, name: str = "input") -> tuple[str, str]:
+    """("text" | "image", value) of one input item: a string (the rule of :func:`is_image_reference`),
+    or a typed object ``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url": URL or
+    {"url": URL}}`` that says which it is (OpenAI's content-part shape)."""
+    if isinstance(item, str):
+        return ("image" if is_image_reference(item) else "text"), item
+    kind = item.get("type")
+    if kind == "text" and isinstance(item.get("text"), str):
+        return "text", item["text"]
+    if kind == "image_url":
+        url = item.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if isinstance(url, str) and is_image_reference(url):
+            return "image", url
+        raise _item_error(index, "image_url must be a data:image/...;base64, URL or an http(s) URL", name)
+    raise _item_error(index, 'a typed item is {"type": "text", "text": ...} or {"type": "image_url", '
+                             '"image_url": {"url": ...}}', name)
 
 
 def utf8_error(value: str) -> str | None:
@@ -258,7 +285,7 @@ def create_app(settings: GatewaySettings):
         return await asyncio.to_thread(count)
 
     async def load_images(refs: list[tuple[int, str]], name: str) -> list[bytes]:
-        urls = sum(1 for _, ref in refs if not ref.startswith("data:"))
+        urls = sum(1 for _, ref in refs if not is_data_url(ref))
         if urls > settings.max_urls_per_request:
             raise ApiError(400, f"{urls} image URLs in one request, over the limit of {settings.max_urls_per_request}; "
                                 "send fewer per request, or the images themselves as data URLs", param=name,
@@ -266,7 +293,7 @@ def create_app(settings: GatewaySettings):
 
         async def one(index: int, ref: str) -> bytes:
             try:
-                if ref.startswith("data:"):
+                if is_data_url(ref):
                     return decode_data_url(ref)
                 async with fetch_gate:  # bounded across all requests: memory in flight stays bounded
                     return await fetch_image(ref, settings.fetch)
@@ -287,7 +314,7 @@ def create_app(settings: GatewaySettings):
 
     # -- schemas -----------------------------------------------------------------------------
     class EmbeddingRequest(BaseModel):
-        input: str | list[str]
+        input: str | list[str | dict]
         model: str
         encoding_format: Literal["float", "base64"] = "float"
         dimensions: int | None = None
@@ -333,8 +360,9 @@ def create_app(settings: GatewaySettings):
         if body.dimensions is not None and body.dimensions != served.embed_dim:
             raise ApiError(400, f"dimensions={body.dimensions} is not supported; {served.model} returns "
                                 f"{served.embed_dim}", param="dimensions")
-        texts = [(i, x) for i, x in enumerate(items) if not is_image_reference(x)]
-        refs = [(i, x) for i, x in enumerate(items) if is_image_reference(x)]
+        kinds = [classify_item(x, i) for i, x in enumerate(items)]
+        texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "text"]
+        refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "image"]
         tokens = await count_tokens(request, texts, "input")
         images = await load_images(refs, "input")
         client = request.app.state.client
