@@ -171,10 +171,21 @@ def _embed(args) -> int:
     from clip_triton.client import ItemErrors, JobFailed  # noqa: PLC0415
     from clip_triton.client.zeroshot import IMAGE_SUFFIXES  # noqa: PLC0415
 
+    skipped: dict[str, str] = {}
     if args.images:
-        items = sorted(str(p) for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in Path(args.images).rglob("*") if p.is_file())
+        if args.all_files:
+            items = [str(p) for p in files]  # the server decides by content; refusals are reported per item
+        else:
+            items = [str(p) for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            skipped = {str(p): f"suffix {p.suffix or '(none)'} is not an image suffix" for p in files
+                       if p.suffix.lower() not in IMAGE_SUFFIXES}
+            if skipped:
+                print(f"skipped {len(skipped)} files whose suffix is not an image suffix ({_suffix_counts(skipped)}); "
+                      "listed in the side-car JSON; --all-files tries every file by content", file=sys.stderr)
         if not items:
-            raise ClipTritonError(f"no images under {args.images}", f"accepted suffixes: {sorted(IMAGE_SUFFIXES)}")
+            raise ClipTritonError(f"no images under {args.images}", f"accepted suffixes: {sorted(IMAGE_SUFFIXES)}, "
+                                                                    "or --all-files to try every file")
     else:
         items = [line.rstrip("\n") for line in Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
     unanswered: list[int] = []
@@ -197,11 +208,19 @@ def _embed(args) -> int:
     np.save(out, embeddings[keep])
     meta = {"kind": "image" if args.images else "text", "items": [items[i] for i in keep], "model": facts.model,
             "pretrained": facts.pretrained, "embed_dim": facts.embed_dim, "failed": {items[i]: r for i, r in failed.items()},
-            "unanswered": [items[i] for i in unanswered]}
+            "unanswered": [items[i] for i in unanswered], "skipped": skipped}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     print(f"wrote {out} ({len(keep)} x {facts.embed_dim} float32) and {out.with_suffix('.json')}"
           + (f"; {len(unanswered)} items unanswered (listed there)" if unanswered else ""))
     return 1 if unanswered else 0
+
+
+def _suffix_counts(skipped: dict[str, str]) -> str:
+    from collections import Counter  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    counts = Counter(Path(path).suffix.lower() or "(none)" for path in skipped)
+    return ", ".join(f"{suffix} x{n}" for suffix, n in counts.most_common(6)) + (", ..." if len(counts) > 6 else "")
 
 
 def _search(args) -> int:
@@ -382,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--texts", help="UTF-8 file, one text per line")
     p.add_argument("--out", required=True, help="output .npy (items list beside it as .json)")
     p.add_argument("--skip-errors", action="store_true", help="leave out items the server refuses")
+    p.add_argument("--all-files", action="store_true",
+                   help="--images: try every file by content, not only image suffixes (refused files are "
+                        "reported like any bad item); without it, other files are skipped and listed")
     _client_args(p)
     p.set_defaults(func=_embed)
 

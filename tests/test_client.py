@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +287,33 @@ def test_embed_cli_writes_every_answered_row_when_the_server_dies(tiny_repo, tmp
     expected = open_clip_reference.texts([meta["items"][i] for i in sample])
     assert cos(rows[sample], expected).min() >= 0.9999
     assert "items unanswered" in result.stdout
+
+
+def test_embed_reports_what_it_skips_and_can_try_every_file(triton, photos, tmp_path):
+    """Files without an image suffix were ignored without a word; now they are counted on stderr and
+    listed with the reason, and --all-files sends every file so the server decides by content."""
+    import json
+
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(photos["cat"])
+    (folder / "sub" / "rocket.JPEG").write_bytes(photos["rocket"])
+    (folder / "coffee").write_bytes(photos["coffee"])  # a real photo without a suffix
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "sub" / "thumbs.db").write_bytes(b"\0" * 64)
+    url = ("--url", triton.grpc_url)
+    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "a.npy"), *url)
+    assert result.returncode == 0, result.stderr
+    assert "skipped 3 files whose suffix is not an image suffix" in result.stderr and "--all-files" in result.stderr
+    meta = json.loads((tmp_path / "a.json").read_text())
+    assert len(meta["items"]) == 2 and sorted(Path(p).name for p in meta["skipped"]) == ["coffee", "notes.txt",
+                                                                                         "thumbs.db"]
+    assert all("not an image suffix" in reason for reason in meta["skipped"].values())
+
+    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "b.npy"), "--all-files",
+                  "--skip-errors", *url)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert sorted(Path(p).name for p in meta["items"]) == ["cat.jpg", "coffee", "rocket.JPEG"]
+    assert sorted(Path(p).name for p in meta["failed"]) == ["notes.txt", "thumbs.db"] and not meta["skipped"]
+    assert np.load(tmp_path / "b.npy").shape == (3, 32)
