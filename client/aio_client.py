@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
 
 from .grpc_client import (
     RETRY_SECONDS,
@@ -21,6 +21,9 @@ from .grpc_client import (
     facts_from_config,
     plan_batches,
     prepare_images,
+    record_rows,
+    requested_outputs,
+    split_result,
     prepare_texts,
     rank,
     record_or_split,
@@ -75,13 +78,14 @@ class AsyncClipClient:
                 await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True)))
         return self._facts
 
-    async def _infer(self, model: str, input_name: str, items: list[bytes]) -> np.ndarray:
+    async def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+        facts = await self.get_facts()
         array = np.array(items, dtype=object).reshape(-1, 1)
         tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
         tensor.set_data_from_numpy(array)
-        output = self._grpc.InferRequestedOutput(EMBEDDING_OUTPUT)
-        result = await self._call(lambda c: c.infer(model, [tensor], outputs=[output], client_timeout=self.timeout))
-        return result.as_numpy(EMBEDDING_OUTPUT)
+        outputs = requested_outputs(self._grpc, facts)
+        result = await self._call(lambda c: c.infer(model, [tensor], outputs=outputs, client_timeout=self.timeout))
+        return split_result(result, facts)
 
     async def _embed(self, model: str, input_name: str, items: list) -> np.ndarray:
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
@@ -94,7 +98,8 @@ class AsyncClipClient:
         async def run(chunk: list[int]) -> None:
             try:
                 async with gate:
-                    out[chunk] = await self._infer(model, input_name, [items[i] for i in chunk])
+                    record_rows(out, chunk, await self._infer(model, input_name, [items[i] for i in chunk]), errors,
+                                [])
             except InferenceServerException as exc:
                 if record_or_split(exc, model, chunk, errors):
                     await asyncio.gather(*(run([i]) for i in chunk))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STATUS_OUTPUT, TEXT_ENSEMBLE, TEXT_INPUT
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 # A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
@@ -82,6 +82,7 @@ class ServerFacts:
     max_batch_size: int
     random_weights: bool
     contract: str = ""  # the served ModelContract as JSON (tokenizer, preprocessing, tensor specs)
+    item_status: bool = False  # the ensembles answer a batch with bad items whole, flagging them in STATUS
 
 
 def facts_from_config(response: dict) -> ServerFacts:
@@ -97,7 +98,37 @@ def facts_from_config(response: dict) -> ServerFacts:
         max_batch_size=int(config.get("max_batch_size", 1)),
         random_weights=params.get("random_weights") == "true",
         contract=params.get("contract", ""),
+        item_status=any(o.get("name") == STATUS_OUTPUT for o in config.get("output", [])),
     )
+
+
+def requested_outputs(grpc, facts: ServerFacts) -> list:
+    names = [EMBEDDING_OUTPUT, STATUS_OUTPUT] if facts.item_status else [EMBEDDING_OUTPUT]
+    return [grpc.InferRequestedOutput(name) for name in names]
+
+
+def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:
+    """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items."""
+    embeddings = result.as_numpy(EMBEDDING_OUTPUT)
+    failed = {}
+    if facts.item_status:
+        for row, status in enumerate(result.as_numpy(STATUS_OUTPUT).reshape(-1)):
+            if status:
+                failed[row] = (status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+                               ).split(": ", 1)[-1]
+    return embeddings, failed
+
+
+def record_rows(out: np.ndarray, chunk: list[int], answer: tuple[np.ndarray, dict[int, str]],
+                errors: dict[int, str], answered: list[int]) -> None:
+    """Put one answer's rows in place: good rows into ``out``, flagged ones into ``errors`` (NaN rows)."""
+    embeddings, failed = answer
+    for row, index in enumerate(chunk):
+        if row in failed:
+            errors[index] = failed[row]
+        else:
+            out[index] = embeddings[row]
+            answered.append(index)
 
 
 def prepare_images(images: Iterable, url_timeout: float) -> list[bytes | Exception]:
@@ -298,13 +329,13 @@ class ClipClient:
                 time.sleep(retry_delay(attempt, self.backoff))
                 attempt += 1
 
-    def _infer(self, model: str, input_name: str, items: list[bytes]) -> np.ndarray:
+    def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
         array = np.array(items, dtype=object).reshape(-1, 1)
         tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
         tensor.set_data_from_numpy(array)
-        output = self._grpc.InferRequestedOutput(EMBEDDING_OUTPUT)
-        result = self._call(lambda c: c.infer(model, [tensor], outputs=[output], client_timeout=self.timeout))
-        return result.as_numpy(EMBEDDING_OUTPUT)
+        outputs = requested_outputs(self._grpc, self.facts)
+        result = self._call(lambda c: c.infer(model, [tensor], outputs=outputs, client_timeout=self.timeout))
+        return split_result(result, self.facts)
 
     def _embed(self, model: str, input_name: str, items: list[bytes | Exception]) -> np.ndarray:
         """Embed items in batches, several in flight; bad items are isolated and reported by index."""
@@ -321,8 +352,7 @@ class ClipClient:
             if failure:
                 return  # the job already failed: queued batches are not sent
             try:
-                out[chunk] = self._infer(model, input_name, [items[i] for i in chunk])
-                answered.extend(chunk)
+                record_rows(out, chunk, self._infer(model, input_name, [items[i] for i in chunk]), errors, answered)
             except InferenceServerException as exc:
                 try:
                     split = record_or_split(exc, model, chunk, errors)

@@ -36,6 +36,10 @@ TEXT_ENSEMBLE = "clip_text"
 IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row
 TEXT_INPUT = "TEXT"  # UTF-8 text, one item per batch row
 EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding
+# Per item: b"" when the item was embedded, else why it was refused ("item 3: empty text"). A request
+# of several items is answered whole, every good row with its embedding and every bad row flagged
+# here (its EMBEDDING row is meaningless); a request of one bad item still fails INVALID_ARGUMENT.
+STATUS_OUTPUT = "STATUS"
 
 PIXELS = "pixel_values"  # [B, 3, H, W], the vision graph's input
 INPUT_IDS = "input_ids"  # [B, context_length] int32, the text graph's input
@@ -214,6 +218,10 @@ class ModelContract:
     @property
     def embedding(self) -> TensorSpec:
         return TensorSpec(EMBEDDING_OUTPUT, "float32", (self.embed_dim,))
+
+    @property
+    def status(self) -> TensorSpec:
+        return TensorSpec(STATUS_OUTPUT, "bytes", (1,))
 
     def encoder_io(self, tower: str) -> tuple[TensorSpec, TensorSpec]:
         """(input, output) of the ``vision`` or ``text`` encoder."""

@@ -213,7 +213,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     contract_json = c.to_json()
     configs = {}
 
-    pre = _base(PREPROCESS_MODEL, max_batch, [c.image_input], [c.pixels], {
+    pre = _base(PREPROCESS_MODEL, max_batch, [c.image_input], [c.pixels, c.status], {
         "contract": contract_json,
         "max_image_pixels": str(options.max_image_pixels or DEFAULT_MAX_PIXELS),
         "max_image_bytes": str(options.max_image_bytes or DEFAULT_MAX_BYTES),
@@ -224,7 +224,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     _instances(pre, options.preprocess_instances or (8 if gpu else cores), "KIND_CPU")
     configs[PREPROCESS_MODEL] = pre
 
-    tok = _base(TOKENIZER_MODEL, max_batch, [c.text_input], [c.input_ids], {
+    tok = _base(TOKENIZER_MODEL, max_batch, [c.text_input], [c.input_ids, c.status], {
         "contract": contract_json,
         "max_text_chars": str(options.max_text_chars),
     })
@@ -273,12 +273,13 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, c.pixels, VISION_MODEL, c.pixels, c.image_embeds),
         (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, c.input_ids, TEXT_MODEL, c.input_ids, c.text_embeds),
     ):
-        ens = _base(name, max_batch, [spec_in], [c.embedding], facts_params)
+        ens = _base(name, max_batch, [spec_in], [c.embedding, c.status], facts_params)
         ens.platform = "ensemble"
         step = ens.ensemble_scheduling.step.add()
         step.model_name, step.model_version = first, -1
         step.input_map[spec_in.name] = spec_in.name
         step.output_map[spec_mid.name] = spec_mid.name
+        step.output_map[c.status.name] = c.status.name  # per-item status, straight to the ensemble's output
         step = ens.ensemble_scheduling.step.add()
         step.model_name, step.model_version = second, -1
         step.input_map[spec_mid.name] = spec_mid.name

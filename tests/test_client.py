@@ -317,3 +317,34 @@ def test_embed_reports_what_it_skips_and_can_try_every_file(triton, photos, tmp_
     assert sorted(Path(p).name for p in meta["items"]) == ["cat.jpg", "coffee", "rocket.JPEG"]
     assert sorted(Path(p).name for p in meta["failed"]) == ["notes.txt", "thumbs.db"] and not meta["skipped"]
     assert np.load(tmp_path / "b.npy").shape == (3, 32)
+
+
+def test_a_batch_with_bad_items_costs_one_round_trip(triton, photos, open_clip_reference):
+    """3 whitespace-only texts among 64 cost 64 sequential round trips before (the batch failed, then
+    every item was re-sent alone); now the server flags them in STATUS and the batch is one request."""
+    import tritonclient.grpc as grpcclient
+
+    from clip_triton import contract as C
+
+    texts = [f"caption {i}" for i in range(64)]
+    for bad in (5, 17, 40):
+        texts[bad] = "   "
+    stats = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def requests_so_far() -> int:
+        model = stats.get_inference_statistics(C.TEXT_ENSEMBLE, as_json=True)["model_stats"][0]
+        return int(model["inference_stats"]["success"].get("count", 0)) + \
+            int(model["inference_stats"]["fail"].get("count", 0))
+
+    try:
+        before = requests_so_far()
+        with ClipClient(triton.grpc_url, batch_size=64, concurrency=1) as client:
+            with pytest.raises(ItemErrors) as err:
+                client.embed_texts(texts)
+        assert requests_so_far() - before == 1
+    finally:
+        stats.close()
+    assert sorted(err.value.errors) == [5, 17, 40] and all("empty text" in r for r in err.value.errors.values())
+    good = [i for i in range(64) if i not in (5, 17, 40)]
+    assert cos(err.value.embeddings[good], open_clip_reference.texts([texts[i] for i in good])).min() >= 0.9999
+    assert np.isnan(err.value.embeddings[[5, 17, 40]]).all()

@@ -265,7 +265,8 @@ def _corpus():
         ("16-bit grayscale png", *img, "BYTES", one(_encode(Image.fromarray(np.full((9, 9), 40000, np.uint16)), "PNG")),
          ok, ""),
         ("cmyk jpeg", *img, "BYTES", one(_encode(photo.convert("CMYK"), "JPEG")), ok, ""),
-        ("one bad item in a batch", *img, "BYTES", np.array([[jpeg], [b"junk"], [jpeg]], dtype=object), bad, "item 1:"),
+        # a request of several items is answered whole; the bad one is flagged in STATUS (test_serving)
+        ("one bad item in a batch", *img, "BYTES", np.array([[jpeg], [b"junk"], [jpeg]], dtype=object), ok, ""),
         ("invalid utf-8", *txt, "BYTES", one(b"\xff\xfe\xfd"), bad, "not valid UTF-8"),
         ("truncated utf-8 sequence", *txt, "BYTES", one("café".encode()[:-1]), bad, "not valid UTF-8"),
         ("utf-16 text", *txt, "BYTES", one("hello".encode("utf-16")), bad, "not valid UTF-8"),
@@ -404,10 +405,14 @@ def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
 
     requests = [{"IMAGE": np.array([[b"ok"]], dtype=object)}, {"IMAGE": np.array([[b"ok"], [b"oom"]], dtype=object)},
                 {"IMAGE": np.array([[b"overflow"]], dtype=object)}, {"IMAGE": np.array([[b"ok"]], dtype=object)}]
-    responses = per_item(requests, "IMAGE", "PIXELS", convert, (ValueError,))
-    assert [r.error is None for r in responses] == [True, False, False, True]
-    assert "item 1: cannot be processed (MemoryError" in responses[1].error.message
-    assert responses[2].error.code == _FakeStubUtils.TritonError.INVALID_ARG
+    responses = per_item(requests, "IMAGE", "PIXELS", convert, (ValueError,), "STATUS", np.ones(2, np.float32))
+    assert [r.error is None for r in responses] == [True, True, False, True]
+    pixels, status = responses[1].output_tensors  # answered whole: the failed item flagged, its row blank
+    assert [bytes(x) for x in status.array.reshape(-1)][0] == b""
+    assert bytes(status.array.reshape(-1)[1]).startswith(b"item 1: cannot be processed (MemoryError")
+    assert (pixels.array[1] == 1).all() and (pixels.array[0] == 0).all()
+    assert responses[2].error.code == _FakeStubUtils.TritonError.INVALID_ARG  # alone: the request fails
+    assert "OverflowError" in responses[2].error.message
 
 
 def test_probe_tells_dead_from_busy_without_a_server():

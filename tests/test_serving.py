@@ -25,8 +25,13 @@ def bytes_input(name: str, items: list[bytes]):
 
 
 def embed(client, model: str, items: list[bytes]) -> np.ndarray:
+    return embed_with_status(client, model, items)[0]
+
+
+def embed_with_status(client, model: str, items: list[bytes]) -> tuple[np.ndarray, list[str]]:
     name = C.IMAGE_INPUT if model == C.IMAGE_ENSEMBLE else C.TEXT_INPUT
-    return client.infer(model, [bytes_input(name, items)]).as_numpy(C.EMBEDDING_OUTPUT)
+    result = client.infer(model, [bytes_input(name, items)])
+    return result.as_numpy(C.EMBEDDING_OUTPUT), [s.decode() for s in result.as_numpy(C.STATUS_OUTPUT).reshape(-1)]
 
 
 def test_images_as_bytes_match_open_clip(grpc, photos, open_clip_reference):
@@ -97,14 +102,18 @@ def _bomb() -> bytes:
 
 
 @pytest.mark.parametrize("label", [*BAD_IMAGES, "truncated jpeg", "decompression bomb"])
-def test_bad_image_fails_its_request_only(grpc, triton, photos, label):
+def test_bad_image_is_flagged_and_its_batch_mates_answered(grpc, triton, photos, label, open_clip_reference):
+    """One request, one round trip: every good item's embedding and every bad item's reason in STATUS;
+    alone, the bad item still fails its request with INVALID_ARGUMENT."""
     data = {"truncated jpeg": photos["cat"][:5000], "decompression bomb": _bomb()}.get(label, BAD_IMAGES.get(label))
+    served, status = embed_with_status(grpc, C.IMAGE_ENSEMBLE, [photos["coffee"], data, photos["cat"]])
+    assert status[0] == status[2] == "" and status[1].startswith("item 1: ")
+    expected = open_clip_reference.images([photos["coffee"], photos["cat"]])
+    assert cos(served[[0, 2]], expected).min() >= PARITY
     with pytest.raises(InferenceServerException) as err:
-        embed(grpc, C.IMAGE_ENSEMBLE, [photos["coffee"], data])
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "item 1:" in err.value.message()
+        embed(grpc, C.IMAGE_ENSEMBLE, [data])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in err.value.message()
     assert triton.ready()
-    assert embed(grpc, C.IMAGE_ENSEMBLE, [photos["coffee"]]).shape == (1, 32)  # the server still serves
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -113,11 +122,13 @@ def test_bad_image_fails_its_request_only(grpc, triton, photos, label):
     (b"   \n\t", "empty text"),
     (b"y" * 70_000, "over the limit"),
 ])
-def test_bad_text_fails_its_request_only(grpc, triton, data, fragment):
+def test_bad_text_is_flagged_and_its_batch_mates_answered(grpc, triton, data, fragment, open_clip_reference):
+    served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [b"fine", data, b"a photo of a cat"])
+    assert status[0] == status[2] == "" and status[1].startswith("item 1: ") and fragment in status[1]
+    assert cos(served[[0, 2]], open_clip_reference.texts(["fine", "a photo of a cat"])).min() >= PARITY
     with pytest.raises(InferenceServerException) as err:
-        embed(grpc, C.TEXT_ENSEMBLE, [b"fine", data])
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert "item 1:" in err.value.message() and fragment in err.value.message()
+        embed(grpc, C.TEXT_ENSEMBLE, [data])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and fragment in err.value.message()
     assert triton.ready()
 
 

@@ -13,7 +13,7 @@ from clip_triton import contract as C
 from clip_triton.export.verify import TOLERANCES
 
 from .conftest import cos
-from .test_serving import _png, embed
+from .test_serving import _png, embed, embed_with_status
 
 BF16 = TOLERANCES["bf16"]["min_cosine"]  # 0.999 vs open_clip PyTorch fp32
 
@@ -68,8 +68,10 @@ def test_openvino_batches_keep_each_request_its_own_embedding(ov_triton, open_cl
 
 
 def test_openvino_path_isolates_bad_items(ov_grpc, ov_triton, photos):
+    _, status = embed_with_status(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"], b"<html>not an image</html>"])
+    assert status[0] == "" and status[1].startswith("item 1: ")
     with pytest.raises(InferenceServerException) as err:
-        embed(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"], b"<html>not an image</html>"])
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 1:" in err.value.message()
+        embed(ov_grpc, C.IMAGE_ENSEMBLE, [b"<html>not an image</html>"])
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in err.value.message()
     assert ov_triton.ready()
     assert embed(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"]]).shape == (1, 32)

@@ -28,36 +28,39 @@ def items(request, name: str) -> list[bytes]:
 
 
 def per_item(requests: Sequence, input_name: str, output_name: str, convert: Callable[[bytes], np.ndarray],
-             errors: tuple[type[Exception], ...]) -> list:
-    """Run ``convert`` on every item of every request; one bad item fails only its own request.
+             errors: tuple[type[Exception], ...], status_name: str, blank: np.ndarray) -> list:
+    """Run ``convert`` on every item of every request; a bad item never fails another request.
 
-    A request whose item ``i`` raises gets INVALID_ARGUMENT naming index ``i``; requests batched with it
-    are answered normally. ``errors`` are the expected refusals (their message is the reason); any
-    other exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is caught too,
-    named by its type, so that it can never fail the batch-mates.
+    A request of several items is answered whole: each good item's row, and for each bad one the
+    ``blank`` row plus its reason in ``status_name`` (b"" for good items), so dirty data costs no extra
+    round trip. A request of a single bad item fails with INVALID_ARGUMENT naming it (what raw
+    clients and perf_analyzer expect). ``errors`` are the expected refusals (their message is the
+    reason); any other exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is
+    caught too, named by its type.
     """
     import triton_python_backend_utils as pb_utils  # noqa: PLC0415
 
     responses = []
     for request in requests:
-        try:
-            rows = []
-            for index, item in enumerate(items(request, input_name)):
-                try:
-                    rows.append(convert(item))
-                except errors as exc:
-                    raise _ItemError(f"item {index}: {exc}") from None
-                except Exception as exc:  # noqa: BLE001 (isolated to this request, by design)
-                    raise _ItemError(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})") from None
-            if not rows:
-                raise _ItemError("the request holds no item")
-            out = pb_utils.Tensor(output_name, np.stack(rows))
-            responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-        except _ItemError as exc:
+        rows, statuses = [], []
+        for index, item in enumerate(items(request, input_name)):
+            try:
+                rows.append(convert(item))
+                statuses.append(b"")
+            except errors as exc:
+                rows.append(blank)
+                statuses.append(f"item {index}: {exc}".encode())
+            except Exception as exc:  # noqa: BLE001 (isolated to this item, by design)
+                rows.append(blank)
+                statuses.append(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})".encode())
+        if not rows:
             responses.append(pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG)))
+                error=pb_utils.TritonError("the request holds no item", pb_utils.TritonError.INVALID_ARG)))
+        elif len(rows) == 1 and statuses[0]:
+            responses.append(pb_utils.InferenceResponse(
+                error=pb_utils.TritonError(statuses[0].decode(), pb_utils.TritonError.INVALID_ARG)))
+        else:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(output_name, np.stack(rows)),
+                pb_utils.Tensor(status_name, np.array(statuses, dtype=object).reshape(-1, 1))]))
     return responses
-
-
-class _ItemError(Exception):
-    pass

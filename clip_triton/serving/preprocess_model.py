@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ..contract import IMAGE_INPUT, PIXELS
+import numpy as np
+
+from ..contract import IMAGE_INPUT, PIXELS, STATUS_OUTPUT
 from ..preprocess import ImageError, ImageLimits, Preprocessor
 from .common import contract_from, parameters, per_item
 
@@ -13,6 +15,8 @@ class TritonPythonModel:
         contract = contract_from(params)
         limits = ImageLimits(max_pixels=int(params["max_image_pixels"]), max_bytes=int(params["max_image_bytes"]))
         self.preprocessor = Preprocessor(contract.preprocess, dtype=contract.pixel_dtype, limits=limits)
+        self.blank = np.zeros(contract.pixels.shape, dtype=contract.pixel_dtype)  # a refused item's row
 
     def execute(self, requests):
-        return per_item(requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,))
+        return per_item(requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,), STATUS_OUTPUT,
+                        self.blank)
