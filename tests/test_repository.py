@@ -67,14 +67,17 @@ def test_ensemble_wiring_matches_the_contract():
         steps = configs[ensemble].ensemble_scheduling.step
         assert [s.model_name for s in steps] == [first, second]
         assert dict(steps[0].input_map) == {source.name: source.name}
-        assert dict(steps[0].output_map) == {middle.name: middle.name}
+        # the first step's per-item STATUS goes straight to the ensemble's output of the same name
+        assert dict(steps[0].output_map) == {middle.name: middle.name, C.STATUS_OUTPUT: C.STATUS_OUTPUT}
         assert dict(steps[1].input_map) == {middle.name: middle.name}
         assert dict(steps[1].output_map) == {encoder_out.name: C.EMBEDDING_OUTPUT}
         # Each hand-over has one name, dtype and shape on both sides.
         dtype = pb.DataType.Value(middle.config_type)
         assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
         assert io(ensemble, "input") == {source.name: (pb.TYPE_STRING, (1,))}
-        assert io(ensemble, "output") == {C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,))}
+        assert io(ensemble, "output") == {C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,)),
+                                          C.STATUS_OUTPUT: (pb.TYPE_STRING, (1,))}
+        assert io(first, "output")[C.STATUS_OUTPUT] == (pb.TYPE_STRING, (1,))
         assert io(second, "output") == {encoder_out.name: (pb.TYPE_FP32, (contract.embed_dim,))}
 
 
