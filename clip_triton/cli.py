@@ -130,8 +130,9 @@ def _client(args):
     from clip_triton.client import ClipClient  # noqa: PLC0415
 
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
+    retry = {} if args.retry_seconds is None else {"retry_seconds": args.retry_seconds}
     client = ClipClient(urls if len(urls) > 1 else urls[0], timeout=args.timeout, concurrency=args.concurrency,
-                        batch_size=args.batch_size, progress=args.progress, retry_seconds=args.retry_seconds)
+                        batch_size=args.batch_size, progress=args.progress, **retry)
     client.wait_until_ready(args.timeout)
     return client
 
@@ -203,7 +204,8 @@ def _embed(args) -> int:
                 return 1
             embeddings, failed = err.embeddings, err.errors
         facts = client.facts
-    keep = [i for i in range(len(items)) if i not in failed and i not in set(unanswered)]
+    dropped = set(failed) | set(unanswered)
+    keep = [i for i in range(len(items)) if i not in dropped]
     out = Path(args.out)
     np.save(out, embeddings[keep])
     meta = {"kind": "image" if args.images else "text", "items": [items[i] for i in keep], "model": facts.model,
@@ -262,9 +264,9 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=None, help="items per request (default: server max)")
     p.add_argument("--progress", action="store_true", help="print progress for long jobs")
-    p.add_argument("--retry-seconds", type=float, default=150.0,
+    p.add_argument("--retry-seconds", type=float, default=None,
                    help="keep retrying a server that is restarting or unreachable this long before giving up; "
-                        "rows answered by then are kept (default: %(default)s)")
+                        "rows answered by then are kept (default: the client's, 150)")
 
 
 def build_parser() -> argparse.ArgumentParser:
