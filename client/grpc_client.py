@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import random
+import re
 import threading
 import time
 import urllib.request
@@ -114,8 +115,7 @@ def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]
     if facts.item_status:
         for row, status in enumerate(result.as_numpy(STATUS_OUTPUT).reshape(-1)):
             if status:
-                failed[row] = (status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
-                               ).split(": ", 1)[-1]
+                failed[row] = item_reason(status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status))
     return embeddings, failed
 
 
@@ -179,10 +179,15 @@ def ensemble_templates(embeddings: np.ndarray, n_prompts: int, n_templates: int)
     return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
 
+def item_reason(text: str) -> str:
+    """The server's reason for one item, without what precedes it ("[ensemble ...] item 3: ")."""
+    return re.split(r"item \d+: ", text, maxsplit=1)[-1]
+
+
 def item_error(exc) -> str:
     """The server's reason for a single-item request, without the ensemble prefix."""
     message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
-    return (message or str(exc)).split("item 0: ", 1)[-1]
+    return item_reason(message or str(exc))
 
 
 def plan_batches(items: list, embed_dim: int, batch_size: int) -> tuple[np.ndarray, dict[int, str], list[list[int]]]:

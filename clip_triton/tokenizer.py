@@ -122,11 +122,10 @@ def _merge(word: str, ranks: dict[tuple[str, str], int], end_of_word: bool = Tru
             if right[j] != -1:
                 left[right[j]] = i
             created.append(i)
-        for i in created:
-            if alive[i]:
-                if left[i] != -1:
-                    push(left[i])
-                push(i)
+        for i in created:  # alive: a later merge of the round absorbs only nodes right of its own
+            if left[i] != -1:
+                push(left[i])
+            push(i)
     out, i = [], 0
     while i != -1:
         out.append(symbols[i])

@@ -417,6 +417,10 @@ def test_lone_surrogates_are_400_not_500(gateway, photos):
            % data_url(photos["cat"]))
     response = httpx.post(f"{gateway.url}/v1/classify", headers=headers, content=raw)
     assert response.status_code == 400 and response.json()["error"]["param"] == "templates[0]", response.text
+    raw = ('{"model": "clip-triton-tiny", "images": ["%s"], "prompts": ["cat", "dog \\ud800"], '
+           '"templates": ["a {}", "the {}"]}' % data_url(photos["cat"]))
+    response = httpx.post(f"{gateway.url}/v1/classify", headers=headers, content=raw)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompts[1]", response.text
 
 
 def test_metrics_label_by_route_not_raw_path(gateway):

@@ -407,9 +407,8 @@ def create_app(settings: GatewaySettings):
         for index, ref in enumerate(body.images):
             if not is_image_reference(ref):
                 raise _item_error(index, "not an image: pass a data:image/...;base64, URL or an http(s) URL", "images")
-        check_text(list(enumerate(body.prompts)), "prompts")
         texts = template_texts(body.prompts, templates) if templates else list(body.prompts)
-        # usage counts what is encoded: every prompt in every template
+        # usage counts what is encoded: every prompt in every template (checked there, named by prompt)
         tokens = await count_tokens(request, [(i // max(1, len(templates)), t) for i, t in enumerate(texts)], "prompts")
         images = await load_images(list(enumerate(body.images)), "images")
         client = request.app.state.client
