@@ -142,3 +142,15 @@ def test_a_huge_word_costs_little():
         row = tokenizer.ids(word)
         assert time.process_time() - started < 10
         assert row[0] == tokenizer.sot and row[-1] == tokenizer.eot and (row != 0).all()
+
+
+def test_the_heap_merge_equals_the_loop_on_short_words_too(tokenizers, monkeypatch):
+    """Short words take open_clip's loop (faster there); the heap, which long words take, must give the
+    same merges on every word: forced through the heap here."""
+    import clip_triton.tokenizer as T
+
+    reference, _ = tokenizers
+    monkeypatch.setattr(T, "_SHORT_WORD", 0)
+    heap_only = ClipTokenizer(ModelContract.default().tokenizer)
+    for word in [w for text in corpus(2000, seed=4) for w in text.split()]:
+        assert heap_only.encode(word) == reference.encode(word), word
