@@ -7,10 +7,8 @@ from pathlib import Path
 
 def prepared_export(model: str, workdir: str | Path) -> Path:
     """A verified random-weight export of ``model`` under ``workdir``, reused when already there."""
-    from clip_triton.demo import export_is_current
     from clip_triton.export import export_model
 
     onnx_dir = Path(workdir) / f"onnx-{Path(model).stem}"
-    if not export_is_current(onnx_dir, model, "none"):
-        export_model(model, "none", onnx_dir)
+    export_model(model, "none", onnx_dir, reuse=True)
     return onnx_dir

@@ -99,7 +99,7 @@ def main() -> int:
 
         def cli(folder: Path, out: str):
             done = subprocess.run([sys.executable, "-m", "clip_triton.cli", "embed", "--images", str(folder),
-                                   "--out", str(work / out), "--skip-errors", "--url", server.grpc_url],
+                                   "--out", str(work / out), "--force", "--skip-errors", "--url", server.grpc_url],
                                   capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(f"clip-triton embed failed: {done.stderr[-2000:]}")

@@ -4,6 +4,18 @@ Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
 """
 
 from .aio_client import AsyncClipClient
-from .grpc_client import ClipClient, ClipClientError, ItemErrors, JobFailed, ServerFacts, rank
+from .grpc_client import (
+    ClipClient,
+    ClipClientError,
+    DeadlineExceeded,
+    ItemErrors,
+    JobFailed,
+    JobInterrupted,
+    ServerFacts,
+    ServerUnavailable,
+    rank,
+)
+from .index import EmbeddingIndex, Hit
 
-__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "ItemErrors", "JobFailed", "ServerFacts", "rank"]
+__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "DeadlineExceeded", "EmbeddingIndex", "Hit",
+           "ItemErrors", "JobFailed", "JobInterrupted", "ServerFacts", "ServerUnavailable", "rank"]

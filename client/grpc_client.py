@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STATUS_OUTPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.errors import ClipTritonError
+
+from .index import EmbeddingIndex
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 # A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
@@ -37,10 +40,33 @@ MAX_URL_BYTES = 20 * 1024 * 1024
 # by default: a tritonserver restart takes ~60 s on a 2-core machine, and a job should ride it out.
 RETRY_SECONDS = 150.0
 MAX_BACKOFF_S = 5.0
+# Per-request deadlines when ``timeout`` is None ("auto"). A request waits behind every item in flight,
+# so its deadline scales with them: DEADLINE_SAFETY x the job's measured seconds per item x the items
+# in flight when it is sent, never under AUTO_DEADLINE_FLOOR_S. Until the first answer measures the
+# server, one request goes alone with FIRST_SECONDS_PER_ITEM per item (slow start).
+AUTO_DEADLINE_FLOOR_S = 60.0
+FIRST_SECONDS_PER_ITEM = 2.0
+DEADLINE_SAFETY = 4.0
+DEADLINE_HINT = ("the server is busy, not down: raise --timeout (seconds per request; timeout= in Python) "
+                 "or lower --batch-size / --concurrency")
 
 
-class ClipClientError(Exception):
-    """A request failed for a reason other than bad items (server down, timeout, misconfiguration)."""
+class ClipClientError(ClipTritonError):
+    """A request failed for a reason other than bad items (server down, deadline, misconfiguration).
+
+    A :class:`~clip_triton.errors.ClipTritonError`: ``message`` says what happened, ``hint`` what to do.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message, hint)
+
+
+class ServerUnavailable(ClipClientError):
+    """The server could not be reached (or stayed unreachable for ``retry_seconds``)."""
+
+
+class DeadlineExceeded(ClipClientError):
+    """A request missed its deadline: the server is slower than the deadline allowed, not down."""
 
 
 class ItemErrors(ClipClientError):
@@ -53,14 +79,32 @@ class ItemErrors(ClipClientError):
         first = next(iter(self.errors.items()))
         super().__init__(f"{len(self.errors)} of {len(embeddings)} items failed; first: index {first[0]}: {first[1]}")
 
+    def __reduce__(self):
+        return (type(self), (self.errors, self.embeddings))
+
 
 class JobFailed(ClipClientError):
     """A job stopped on a failure that retries did not outlast. Nothing answered is lost:
     ``embeddings`` holds every row answered (others NaN), ``answered`` their indices, ``errors`` the
-    items refused so far."""
+    items refused so far; ``cause`` is the failure (a :class:`ClipClientError` with its hint)."""
 
-    def __init__(self, message: str, embeddings: np.ndarray, answered: list[int], errors: dict[int, str]):
-        super().__init__(f"{message} ({len(answered)} of {len(embeddings)} items answered before it)")
+    def __init__(self, cause: ClipClientError, embeddings: np.ndarray, answered: list[int], errors: dict[int, str]):
+        super().__init__(f"{cause.message} ({len(answered)} of {len(embeddings)} items answered before it)",
+                         cause.hint)
+        self.cause = cause
+        self.embeddings, self.answered, self.errors = embeddings, sorted(answered), dict(sorted(errors.items()))
+
+    def __reduce__(self):
+        return (type(self), (self.cause, self.embeddings, self.answered, self.errors))
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or any interruption) during a job: queued requests were dropped and in-flight ones
+    cancelled at once. A ``KeyboardInterrupt``, so callers that do not look stop as usual; those that
+    do find every row answered before it in ``embeddings`` (others NaN), ``answered`` and ``errors``."""
+
+    def __init__(self, embeddings: np.ndarray, answered: list[int], errors: dict[int, str]):
+        super().__init__(f"interrupted: {len(answered)} of {len(embeddings)} items answered")
         self.embeddings, self.answered, self.errors = embeddings, sorted(answered), dict(sorted(errors.items()))
 
 
@@ -84,6 +128,20 @@ class ServerFacts:
     random_weights: bool
     contract: str = ""  # the served ModelContract as JSON (tokenizer, preprocessing, tensor specs)
     item_status: bool = False  # the ensembles answer a batch with bad items whole, flagging them in STATUS
+    served_model_name: str = ""  # the public model id set by `repo --served-model-name` ("" when unset)
+    encoder_runtime: str = ""  # what computes the embeddings, in words (e.g. "onnxruntime (python backend), fp32")
+
+    @property
+    def public_id(self) -> str:
+        """The model id to show the world: the served name, else the architecture name (never a path)."""
+        return self.served_model_name or self.model
+
+    @property
+    def public_pretrained(self) -> str:
+        """The pretrained tag, or "local checkpoint" where the export read a file (its path stays private)."""
+        tag = self.pretrained
+        return "local checkpoint" if ("/" in tag or "\\" in tag or tag.endswith((".bin", ".pt", ".pth",
+                                                                                   ".safetensors"))) else tag
 
 
 def facts_from_config(response: dict) -> ServerFacts:
@@ -100,6 +158,8 @@ def facts_from_config(response: dict) -> ServerFacts:
         random_weights=params.get("random_weights") == "true",
         contract=params.get("contract", ""),
         item_status=any(o.get("name") == STATUS_OUTPUT for o in config.get("output", [])),
+        served_model_name=params.get("served_model_name", ""),
+        encoder_runtime=params.get("encoder_runtime", ""),
     )
 
 
@@ -141,8 +201,20 @@ def prepare_images(images: Iterable, url_timeout: float) -> list[bytes | Excepti
     return prepared
 
 
+def text_bytes(text) -> bytes:
+    if not isinstance(text, str):
+        raise TypeError(f"not a string: {text!r:.80}")
+    return text.encode("utf-8")
+
+
 def prepare_texts(texts: Iterable[str]) -> list[bytes | Exception]:
-    return [t.encode("utf-8") if isinstance(t, str) else TypeError(f"not a string: {t!r}") for t in texts]
+    prepared: list[bytes | Exception] = []
+    for text in texts:
+        try:
+            prepared.append(text_bytes(text))
+        except TypeError as exc:
+            prepared.append(exc)
+    return prepared
 
 
 def template_texts(prompts: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -206,7 +278,7 @@ def record_or_split(exc, model: str, chunk: list[int], errors: dict[int, str]) -
     or server failure and raises :class:`ClipClientError`.
     """
     if _status(exc) != "StatusCode.INVALID_ARGUMENT":
-        raise ClipClientError(f"{model}: {exc.message()}") from exc
+        raise transport_error(exc, model) from exc
     if len(chunk) == 1:
         errors[chunk[0]] = item_error(exc)
         return False
@@ -256,6 +328,227 @@ def retryable(exc) -> bool:
             or (status == "StatusCode.INTERNAL" and STUB_DOWN in str(exc)))
 
 
+def transport_error(exc, model: str, target: str = "") -> ClipClientError:
+    """The :class:`ClipClientError` for a failure that is not a bad item, with the next step in its hint."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    status = _status(exc)
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"{model}: request missed its deadline ({message})", DEADLINE_HINT)
+    if status == "StatusCode.UNAVAILABLE":
+        where = f" at {target}" if target else ""
+        return ServerUnavailable(f"{model}: no server reachable{where} ({message})",
+                                 "is the server up? check --url (or $CLIP_TRITON_URL)")
+    return ClipClientError(f"{model}: {message}")
+
+
+class DeadlinePolicy:
+    """Deadlines per request: fixed (``timeout`` seconds) or, with ``timeout=None``, scaled to the work
+    in front of each request (see ``AUTO_DEADLINE_FLOOR_S``). Thread-safe."""
+
+    def __init__(self, timeout: float | None, clock=time.monotonic):
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds or None (auto), not {timeout}")
+        self.fixed, self._clock, self._lock = timeout, clock, threading.Lock()
+        self._started: float | None = None
+        self._items_done = 0
+
+    @property
+    def auto(self) -> bool:
+        return self.fixed is None
+
+    def seconds_per_item(self) -> float | None:
+        """The job's measured service time per item (wall time since the first send / items answered)."""
+        with self._lock:
+            if not self._items_done or self._started is None:
+                return None
+            return (self._clock() - self._started) / self._items_done
+
+    def deadline(self, items_in_flight: int) -> float:
+        """Seconds the request about to be sent may take, ``items_in_flight`` counting its own items."""
+        with self._lock:
+            if self._started is None:
+                self._started = self._clock()
+        if self.fixed is not None:
+            return self.fixed
+        per_item = self.seconds_per_item() or FIRST_SECONDS_PER_ITEM
+        return max(AUTO_DEADLINE_FLOOR_S, DEADLINE_SAFETY * per_item * max(1, items_in_flight))
+
+    def answered(self, items: int) -> None:
+        with self._lock:
+            self._items_done += items
+
+
+class _Cancelled(Exception):
+    """Internal: the job was stopped while this request was in flight or waiting to retry."""
+
+
+class _Job:
+    """One ``embed_*`` call: lazy item preparation in the workers (bounded memory), requests sent with
+    ``async_infer`` so that in-flight ones can be cancelled, bad items isolated, progress shown."""
+
+    def __init__(self, client: "ClipClient", model: str, input_name: str, items: list, prepare):
+        self.client, self.model, self.input_name, self.items, self.prepare = client, model, input_name, items, prepare
+        self.facts = client.facts
+        self.size = client.batch_size
+        self.out = np.full((len(items), self.facts.embed_dim), np.nan, dtype=np.float32)
+        self.errors: dict[int, str] = {}
+        self.answered: list[int] = []
+        self.failure: list[ClipClientError] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.calls: set = set()
+        self.in_flight = 0
+        self.deadlines = DeadlinePolicy(client.timeout)
+        self.bar = None
+
+    def run(self) -> np.ndarray:
+        from clip_triton.progress import bar  # noqa: PLC0415
+
+        n = len(self.items)
+        chunks = [list(range(i, min(i + self.size, n))) for i in range(0, n, self.size)]
+        kind = "images" if self.model == IMAGE_ENSEMBLE else "texts"
+        self.bar = bar(n, f"embedding {kind}", unit=kind[:-1], enabled=self.client.progress if n else False)
+        pool = ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="clip-triton")
+        try:
+            # Slow start: with automatic deadlines, one request measures the server before the rest go.
+            first = chunks[:1] if self.deadlines.auto and len(chunks) > 1 else []
+            self._wait([pool.submit(self.run_chunk, chunk) for chunk in first])
+            self._wait([pool.submit(self.run_chunk, chunk) for chunk in chunks[len(first):]])
+        except BaseException as exc:
+            self.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self.bar.close()
+            if isinstance(exc, KeyboardInterrupt):
+                raise JobInterrupted(self.out, self.answered, self.errors) from None
+            raise
+        pool.shutdown(wait=True)
+        self.bar.close()
+        if self.failure:
+            raise JobFailed(self.failure[0], self.out, self.answered, self.errors) from self.failure[0]
+        if self.errors:
+            raise ItemErrors(self.errors, self.out)
+        return self.out
+
+    @staticmethod
+    def _wait(futures) -> None:
+        for future in futures:  # short waits keep the main thread responsive to Ctrl-C
+            while True:
+                try:
+                    future.result(timeout=0.5)
+                    break
+                except TimeoutError:
+                    continue
+
+    def cancel(self) -> None:
+        """Drop queued work and cancel every request in flight."""
+        self.stop.set()
+        with self.lock:
+            calls = list(self.calls)
+        for call in calls:
+            call.cancel()
+
+    def run_chunk(self, chunk: list[int]) -> None:
+        if self.stop.is_set() or self.failure:
+            return  # the job is over: queued batches are not sent
+        rows, payload = [], []
+        for index in chunk:
+            try:
+                payload.append(self.prepare(self.items[index]))
+                rows.append(index)
+            except (OSError, ValueError, TypeError) as exc:
+                with self.lock:
+                    self.errors[index] = str(exc)
+        if rows:
+            self.send(rows, payload)
+        with self.lock:
+            self.bar.update(len(chunk))
+
+    def send(self, rows: list[int], payload: list[bytes]) -> None:
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        try:
+            answer = self.request(payload)
+        except _Cancelled:
+            return
+        except ClipClientError as err:
+            self.failure.append(err)
+            return
+        except InferenceServerException as exc:
+            if self.stop.is_set():
+                return
+            if _status(exc) != "StatusCode.INVALID_ARGUMENT":
+                self.failure.append(transport_error(exc, self.model, self.client.target))
+                return
+            if len(rows) == 1:
+                with self.lock:
+                    self.errors[rows[0]] = item_error(exc)
+                return
+            for row, item in zip(rows, payload):  # a server without STATUS: isolate the bad item(s)
+                self.send([row], [item])
+            return
+        with self.lock:
+            record_rows(self.out, rows, answer, self.errors, self.answered)
+
+    def request(self, payload: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+        """One request, retried on transient failures; raises DeadlineExceeded with its figures."""
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
+        grpc, client = self.client._grpc, self.client
+        array = np.array(payload, dtype=object).reshape(-1, 1)
+        tensor = grpc.InferInput(self.input_name, list(array.shape), "BYTES")
+        tensor.set_data_from_numpy(array)
+        outputs = requested_outputs(grpc, self.facts)
+        with self.lock:
+            self.in_flight += len(payload)
+            in_flight = self.in_flight
+        try:
+            deadline = self.deadlines.deadline(in_flight)
+            give_up, attempt = time.monotonic() + client.retry_seconds, 0
+            while True:
+                try:
+                    result = self.call(tensor, outputs, deadline)
+                    self.deadlines.answered(len(payload))
+                    return split_result(result, self.facts)
+                except InferenceServerException as exc:
+                    if self.stop.is_set():
+                        raise _Cancelled from None
+                    if _status(exc) == "StatusCode.DEADLINE_EXCEEDED":
+                        how = "automatic deadline" if self.deadlines.auto else "deadline (--timeout)"
+                        raise DeadlineExceeded(
+                            f"{self.model}: a request of {len(payload)} items missed its {deadline:.4g} s {how}, "
+                            f"with {in_flight} items in flight", DEADLINE_HINT) from None
+                    if not should_retry(exc, attempt, client.retries, give_up):
+                        raise
+                    if self.stop.wait(retry_delay(attempt, client.backoff)):
+                        raise _Cancelled from None
+                    attempt += 1
+        finally:
+            with self.lock:
+                self.in_flight -= len(payload)
+
+    def call(self, tensor, outputs, deadline: float):
+        """``async_infer`` and wait: the call is registered so that :meth:`cancel` can end it at once."""
+        done, box = threading.Event(), []
+
+        def callback(result, error):
+            box.append((result, error))
+            done.set()
+
+        call = self.client._client().async_infer(self.model, [tensor], callback, outputs=outputs,
+                                                 client_timeout=deadline)
+        with self.lock:
+            self.calls.add(call)
+        if self.stop.is_set():
+            call.cancel()
+        done.wait()
+        with self.lock:
+            self.calls.discard(call)
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result
+
+
 class ClipClient:
     """Embed images and texts, classify zero-shot, search, through the clip-triton ensembles.
 
@@ -264,16 +557,21 @@ class ClipClient:
     turn (one gRPC connection pins to one server, so spreading needs several).
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
+    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float | None = None, retries: int = 60,
                  backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, progress: bool = False, retry_seconds: float = RETRY_SECONDS,
+                 url_timeout: float = 10.0, progress: bool | None = False, retry_seconds: float = RETRY_SECONDS,
                  prompt_cache_entries: int = 256):
+        """``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
+        and the server's measured speed (see :class:`DeadlinePolicy`). ``progress``: a bar on stderr
+        (None: only when stderr is a terminal)."""
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self._grpc = grpcclient
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("ClipClient needs at least one server URL")
+        DeadlinePolicy(timeout)  # validates
+        self.target = ",".join(urls)
         self.clients = []
         for target in urls:
             args = [("grpc.lb_policy_name", "round_robin")] if target.startswith("dns:") else None
@@ -296,22 +594,43 @@ class ClipClient:
         with self._lock:
             return self.clients[next(self._next)]
 
-    def wait_until_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
+    def readiness(self) -> str | None:
+        """None when both ensembles are ready on every server, else what is missing, in words."""
+        for target, client in zip(self.target.split(","), self.clients):
             try:
-                if all(c.is_model_ready(IMAGE_ENSEMBLE) and c.is_model_ready(TEXT_ENSEMBLE) for c in self.clients):
-                    return
-            except Exception as exc:  # noqa: BLE001 (not up yet: connection refused and friends)
-                last = exc
+                if not client.is_server_live():
+                    return f"the server at {target} is not live"
+                missing = [m for m in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE) if not client.is_model_ready(m)]
+            except Exception as exc:  # noqa: BLE001 (connection refused, DNS, TLS: all mean unreachable)
+                text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+                return f"no server answers at {target} ({(text or type(exc).__name__).splitlines()[0]})"
+            if missing:
+                return f"the server at {target} is up but {' and '.join(missing)} is not ready (still loading?)"
+        return None
+
+    def wait_until_ready(self, timeout: float = 120.0) -> None:
+        """Wait until both ensembles answer ready on every server; the error says what was missing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reason = self.readiness()
+            if reason is None:
+                return
+            if time.monotonic() >= deadline:
+                hint = ("start it with `clip-triton serve --repo REPO`, or check --url / $CLIP_TRITON_URL"
+                        if reason.startswith("no server") else "wait longer (--ready-timeout) or read the server log")
+                raise ServerUnavailable(f"clip-triton not ready after {timeout:.0f} s: {reason}", hint)
             time.sleep(0.25)
-        raise ClipClientError(f"clip-triton not ready after {timeout:.0f}s ({last})")
 
     @property
     def facts(self) -> ServerFacts:
+        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
+
         if self._facts is None:
-            self._facts = facts_from_config(self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True)))
+            try:
+                config = self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
+            except InferenceServerException as exc:
+                raise transport_error(exc, IMAGE_ENSEMBLE, self.target) from None
+            self._facts = facts_from_config(config)
         return self._facts
 
     @property
@@ -334,62 +653,19 @@ class ClipClient:
                 time.sleep(retry_delay(attempt, self.backoff))
                 attempt += 1
 
-    def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
-        array = np.array(items, dtype=object).reshape(-1, 1)
-        tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
-        outputs = requested_outputs(self._grpc, self.facts)
-        result = self._call(lambda c: c.infer(model, [tensor], outputs=outputs, client_timeout=self.timeout))
-        return split_result(result, self.facts)
-
-    def _embed(self, model: str, input_name: str, items: list[bytes | Exception]) -> np.ndarray:
-        """Embed items in batches, several in flight; bad items are isolated and reported by index."""
-        from tritonclient.utils import InferenceServerException  # noqa: PLC0415
-
-        size = self.batch_size
-        out, errors, chunks = plan_batches(items, self.facts.embed_dim, size)
-        total = sum(len(chunk) for chunk in chunks)
-
-        answered: list[int] = []
-        failure: list[ClipClientError] = []
-
-        def run(chunk: list[int]) -> None:
-            if failure:
-                return  # the job already failed: queued batches are not sent
-            try:
-                record_rows(out, chunk, self._infer(model, input_name, [items[i] for i in chunk]), errors, answered)
-            except InferenceServerException as exc:
-                try:
-                    split = record_or_split(exc, model, chunk, errors)
-                except ClipClientError as err:
-                    failure.append(err)
-                    return
-                if split:
-                    for index in chunk:  # isolate the bad item(s); the others still get embeddings
-                        run([index])
-
-        done = 0
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            for _ in pool.map(run, chunks):
-                done += 1
-                if self.progress:
-                    print(f"\r{model}: {min(done * size, total)}/{total} items", end="", flush=True)
-        if self.progress and chunks:
-            print()
-        if failure:
-            raise JobFailed(str(failure[0]), out, answered, errors) from failure[0]
-        if errors:
-            raise ItemErrors(errors, out)
-        return out
+    def _embed(self, model: str, input_name: str, items: list, prepare) -> np.ndarray:
+        """Embed items in batches, several in flight; bad items are isolated and reported by index.
+        Items are prepared (files read, URLs fetched) by the worker that sends them."""
+        return _Job(self, model, input_name, items, prepare).run()
 
     # -- public API --------------------------------------------------------------------------
     def embed_images(self, images: Iterable) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of paths, bytes, PIL images or http(s) URLs."""
-        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepare_images(images, self.url_timeout))
+        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, list(images), lambda item: image_bytes(item, self.url_timeout))
 
     def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server)."""
-        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepare_texts(texts))
+        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, list(texts), text_bytes)
 
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
@@ -415,12 +691,10 @@ class ClipClient:
         image = self.embed_images(images)
         return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
 
-    def index_folder(self, folder: str | os.PathLike, suffixes: Iterable[str] = (".jpg", ".jpeg", ".png", ".webp",
-                     ".bmp", ".gif", ".tif", ".tiff")) -> tuple[list[Path], np.ndarray]:
-        """Embed every image under ``folder`` (recursive, sorted): ``(paths, embeddings)`` for :meth:`search`."""
-        allowed = {s.lower() for s in suffixes}
-        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in allowed)
-        return paths, self.embed_images(paths)
+    def index_folder(self, folder: str | os.PathLike, *, all_files: bool = False) -> EmbeddingIndex:
+        """Embed every image under ``folder`` (recursive, sorted) into an :class:`EmbeddingIndex`:
+        ``index.search("a red car", k=5)``, ``index.save("photos")``. Refused files are in ``index.failed``."""
+        return EmbeddingIndex.from_folder(self, folder, all_files=all_files)
 
     @staticmethod
     def search(query: np.ndarray, index: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

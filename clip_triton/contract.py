@@ -12,6 +12,7 @@ as a snapshot shipped in this package) so that serving code and clients read it 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -357,6 +358,17 @@ def normalise_pretrained(pretrained: str | None) -> str:
     if pretrained is None or str(pretrained).strip().lower() in ("", "none", "random"):
         return "none"
     return str(pretrained)
+
+
+SERVED_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+
+
+def check_served_model_name(name: str) -> str:
+    """A public model id (``--served-model-name``): 1-128 of letters, digits and ``. _ - : /``."""
+    if not SERVED_MODEL_NAME.fullmatch(name):
+        raise ClipTritonError(f"--served-model-name {name!r} is not a model id",
+                              "use 1-128 letters, digits and . _ - : / , starting with a letter or digit")
+    return name
 
 
 def register_model_config(model: str) -> str:

@@ -6,24 +6,13 @@ ClipClient: image bytes and prompt strings in, zero-shot scores out.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
-from .contract import MANIFEST, normalise_pretrained
 from .progress import Progress
 
 DEFAULT_PROMPTS = ("a photo of a cat", "a photo of a cup of coffee", "a photo of an astronaut",
                    "a photo of a rocket launch", "a photo of a dog")
-
-
-def export_is_current(folder: Path, model: str, pretrained: str) -> bool:
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return False
-    data = json.loads(manifest.read_text())
-    return (data.get("model") == Path(model).stem and data.get("pretrained") == normalise_pretrained(pretrained)
-            and data.get("verification", {}).get("passed") is True)
 
 
 def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = ".clip-triton/demo",
@@ -38,14 +27,12 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
     log = Progress("demo")
     work = Path(workdir)
     onnx_dir, repo = work / "onnx", work / "model_repository"
-    if export_is_current(onnx_dir, model, pretrained):
-        log(f"reusing the verified export in {onnx_dir}")
-    else:
-        log(f"exporting {model} ({pretrained}) to {onnx_dir}")
-        export_model(model, pretrained, onnx_dir, precision="fp32", log=log)
-    write_repository(repo, onnx_dir=onnx_dir, force=True,
-                     options=RepoOptions(runtime="python", cpu_engine=cpu_engine, cpu_precision=cpu_precision))
-    log(f"wrote the Triton model repository {repo} (encoders: {cpu_engine}, {cpu_precision})")
+    export_model(model, pretrained, onnx_dir, precision="fp32", log=log, reuse=True)
+    options = RepoOptions(runtime="python", cpu_engine=cpu_engine, cpu_precision=cpu_precision)
+    write_repository(repo, onnx_dir=onnx_dir, force=True, options=options)
+    log(f"wrote the Triton model repository {repo} (encoders: {options.encoder_runtime})")
+    if "requested" in options.encoder_runtime:
+        log("WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here")
 
     if images:
         items = [Path(p) for p in images]
@@ -61,8 +48,8 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
             facts = client.facts
             results = client.classify(items, prompts)
     print()
-    print(f"model {facts.model} / {facts.pretrained}, embed_dim {facts.embed_dim}, "
-          f"logit_scale {facts.logit_scale:.4f} (read from the server)")
+    print(f"model {facts.public_id} ({facts.model} / {facts.public_pretrained}), embed_dim {facts.embed_dim}, "
+          f"logit_scale {facts.logit_scale:.4f}, encoders {facts.encoder_runtime} (read from the server)")
     if facts.random_weights:
         print("NOTE: these weights are RANDOM (--pretrained none): the scores below exercise the whole serving")
         print("path but carry no meaning. Export real weights with --pretrained TAG or a checkpoint path.")
@@ -71,4 +58,17 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
         print(f"  {'prompt':<32}{'cosine':>10}{'probability':>14}")
         for row in ranked:
             print(f"  {row['prompt']:<32}{row['cosine']:>10.4f}{row['probability']:>14.4f}")
+    print(next_steps(repo))
     return 0
+
+
+def next_steps(repo: Path) -> str:
+    """What to try after the demo: the same repository, served for the other commands."""
+    return f"""
+Next, with this repository:
+  clip-triton serve --repo {repo}                           # keep it up (Ctrl-C stops); then, in another shell:
+  clip-triton classify photo.jpg --prompts "a cat" "a dog"  # zero-shot scores for your images
+  clip-triton embed --images PHOTOS/ --out photos           # an index: photos.npy + photos.json (resumable)
+  clip-triton search --index photos --text "a red car"      # search it
+  clip-triton perf                                          # perf_analyzer with real inputs
+Real weights: clip-triton demo --pretrained laion2b_s34b_b79k (download) or --pretrained /path/to/checkpoint.bin"""

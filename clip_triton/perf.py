@@ -85,17 +85,14 @@ def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency:
     perf_analyzer stops with a non-zero exit at the first failed request, which raises here: a
     returned result means every request of the measurement succeeded.
     """
-    name = IMAGE_INPUT if model == IMAGE_ENSEMBLE else TEXT_INPUT
     with tempfile.TemporaryDirectory(prefix="clip-triton-perf-") as tmp:
         data_file = Path(tmp) / "input.json"
         data_file.write_text(json.dumps(input_data(model, images)))
         csv_file = Path(tmp) / "result.csv"
-        command = [
-            str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", protocol, "-b", str(batch_size),
-            f"--concurrency-range={concurrency}", f"--input-data={data_file}", f"--shape={name}:1",
-            f"--measurement-interval={measurement_ms}", "--stability-percentage=50", "--max-trials=6",
-            "--percentile=99", "-f", str(csv_file), "--verbose-csv", f"--shared-memory={shared_memory}",
-        ]
+        command = perf_command(url, model, data_file, batch_size=batch_size, concurrency=concurrency,
+                               measurement_ms=measurement_ms, csv_file=csv_file)
+        command[command.index("-i") + 1] = protocol
+        command.append(f"--shared-memory={shared_memory}")
         done = subprocess.run(command, capture_output=True, text=True, env=perf_environment(), timeout=timeout)
         if done.returncode != 0 and "stable measurement" in done.stdout + done.stderr:
             # noisy machine: one more try with windows twice as long
@@ -112,3 +109,38 @@ def run_perf_analyzer(url: str, model: str, *, batch_size: int = 1, concurrency:
         model=model, batch_size=batch_size, concurrency=concurrency, requests_per_sec=infer / batch_size,
         items_per_sec=infer, p50_ms=float(row["p50 latency"]) / 1000, p99_ms=float(row["p99 latency"]) / 1000,
     )
+
+
+def perf_command(url: str, model: str, data_file: str | Path, *, batch_size: int = 1, concurrency: int = 1,
+                 measurement_ms: int = 4000, csv_file: str | Path | None = None) -> list[str]:
+    """The perf_analyzer command line for one measurement (real inputs from ``data_file``)."""
+    name = IMAGE_INPUT if model == IMAGE_ENSEMBLE else TEXT_INPUT
+    command = [str(perf_analyzer_binary()), "-m", model, "-u", url, "-i", "grpc", "-b", str(batch_size),
+               f"--concurrency-range={concurrency}", f"--input-data={data_file}", f"--shape={name}:1",
+               f"--measurement-interval={measurement_ms}", "--stability-percentage=50", "--max-trials=6",
+               "--percentile=99"]
+    return command + (["-f", str(csv_file), "--verbose-csv"] if csv_file else [])
+
+
+def perf_table(url: str, models: list[str], *, batch_sizes: tuple[int, ...] = (1,), concurrencies: tuple[int, ...] = (1, 4),
+               measurement_ms: int = 4000, print_command: bool = False) -> str:
+    """``clip-triton perf``: perf_analyzer at each batch size and concurrency, as one table."""
+    import shlex  # noqa: PLC0415
+
+    env = perf_environment()
+    rows = [f"{'ensemble':<12}{'batch':>6}{'concurrency':>13}{'items/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+    for model in models:
+        for batch in batch_sizes:
+            for concurrency in concurrencies:
+                if print_command:
+                    data = Path(tempfile.gettempdir()) / f"clip-triton-{model}-input.json"
+                    data.write_text(json.dumps(input_data(model)))
+                    path = env.get("LD_LIBRARY_PATH", "")
+                    print(f"LD_LIBRARY_PATH={shlex.quote(path)} " + shlex.join(
+                        perf_command(url, model, data, batch_size=batch, concurrency=concurrency,
+                                     measurement_ms=measurement_ms)), file=sys.stderr)
+                result = run_perf_analyzer(url, model, batch_size=batch, concurrency=concurrency,
+                                           measurement_ms=measurement_ms)
+                rows.append(f"{model:<12}{batch:>6}{concurrency:>13}{result.items_per_sec:>10.1f}"
+                            f"{result.p50_ms:>9.1f}{result.p99_ms:>9.1f}")
+    return "\n".join(rows)

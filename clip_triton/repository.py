@@ -33,6 +33,7 @@ from .contract import (
     VISION_MODEL,
     ModelContract,
     TensorSpec,
+    check_served_model_name,
 )
 from .cpuengine import check_engine
 from .errors import ClipTritonError
@@ -77,6 +78,7 @@ class RepoOptions:
     max_image_bytes: int | None = None
     max_text_chars: int = 65536
     warmup: bool = True
+    served_model_name: str | None = None  # public model id (gateway, clients); default: the architecture name
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -84,6 +86,8 @@ class RepoOptions:
         check_engine(self.cpu_engine)
         # Triton's own OpenVINO backend is the engine for --runtime openvino, whatever --cpu-engine says.
         check_engine("openvino" if self.runtime == "openvino" else self.cpu_engine, self.cpu_precision)
+        if self.served_model_name is not None:
+            check_served_model_name(self.served_model_name)
         if self.runtime == "openvino" and self.cpu_precision != "bf16":
             raise ClipTritonError(
                 "Triton's OpenVINO backend cannot force fp32: on bf16-capable CPUs OpenVINO computes in bf16",
@@ -94,6 +98,11 @@ class RepoOptions:
     def encoder_runtime(self) -> str:
         """What computes the embeddings, in words clients can read (an ensemble parameter)."""
         if self.runtime == "python":
+            if self.cpu_precision == "bf16":
+                from .cpuengine import cpu_supports_bf16  # noqa: PLC0415
+
+                if not cpu_supports_bf16():  # OpenVINO falls back to fp32: say what runs
+                    return f"{self.cpu_engine} (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
             return f"{self.cpu_engine} (python backend), {self.cpu_precision}"
         if self.runtime == "openvino":
             return "openvino, bf16"
@@ -268,7 +277,8 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _warmup(enc, spec_in, sorted({1, preferred[0]}))
         configs[name] = enc
 
-    facts_params = {**facts.parameters(), "encoder_runtime": options.encoder_runtime}
+    facts_params = {**facts.parameters(), "encoder_runtime": options.encoder_runtime,
+                    "served_model_name": options.served_model_name or c.model}
     for name, spec_in, first, mid, second, spec_mid, spec_enc_out in (
         (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, c.pixels, VISION_MODEL, c.pixels, c.image_embeds),
         (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, c.input_ids, TEXT_MODEL, c.input_ids, c.text_embeds),

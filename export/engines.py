@@ -272,21 +272,30 @@ def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: 
     return {"strongly_typed": strongly, "build_seconds": round(time.monotonic() - started, 1)}
 
 
-def _progress_monitor(trt, log: Progress):  # pragma: no cover - needs TensorRT
+def _progress_monitor(trt, log: Progress, enabled: bool | None = None):
+    """TensorRT's builder progress as bars on stderr (one per top-level phase, with rate and ETA), and
+    the phase names as log lines. Returning True from ``step_complete`` lets the build go on."""
+    from clip_triton.progress import bar  # noqa: PLC0415
+
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
-            self.last = 0.0
+            self.bars = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             if parent_phase is None:
                 log(f"TensorRT: {phase_name} ({num_steps} steps)")
+                self.bars[phase_name] = bar(num_steps, f"TensorRT {phase_name}", unit="step", enabled=enabled)
 
         def step_complete(self, phase_name, step):
+            if phase_name in self.bars:
+                self.bars[phase_name].update(1)
             return True
 
         def phase_finish(self, phase_name):
-            pass
+            progress = self.bars.pop(phase_name, None)
+            if progress is not None:
+                progress.close()
 
     return Monitor()
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing
+import os
 import platform
+import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from clip_triton.contract import MANIFEST, ModelContract, register_model_cfg
-from clip_triton.errors import ClipTritonError
+from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress
 
 from . import verify as V
@@ -59,14 +60,23 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
+_EVENTS = None  # the export child's queue to the parent
+
+
 def _export_stage(job: dict) -> dict:
     """Child process: weights -> fp32 references -> both graphs. Its exit returns every byte of torch,
     dynamo and onnx_ir state to the system (deleting the model in-process does not: the exporter's IR
     keeps references to the weights)."""
-    log = Progress("export", start=job["start"])
+    events = _EVENTS
+    log = Progress("export", start=job["start"], sink=lambda line: events.put(("log", line)))
+
+    def step(name: str) -> None:
+        events.put(("step", name))
+
     out = Path(job["out"])
     loaded = load_model(job["model"], job["pretrained"], precision=job["precision"], seed=job["seed"],
                         cache_dir=job["cache_dir"], log=log)
+    step("weights")
     contract: ModelContract = loaded.contract
     net = loaded.model
     log(f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
@@ -78,6 +88,7 @@ def _export_stage(job: dict) -> dict:
             log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
             for i, ((label, x), ref) in enumerate(zip(inputs[tower], V.torch_reference(net, tower, inputs[tower]))):
                 arrays[f"{tower}/{i}/{label}/input"], arrays[f"{tower}/{i}/{label}/reference"] = x, ref
+            step(f"{tower} reference")
         np.savez(job["references"], **arrays)
     if job["precision"] == "fp16":
         log("converting weights to fp16 (LayerNorm kept in float32)")
@@ -90,6 +101,7 @@ def _export_stage(job: dict) -> dict:
                                      external_threshold=job["external_threshold"])
         mib = (graphs[tower]["graph_bytes"] + graphs[tower]["data_bytes"]) / 1024**2
         log(f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})")
+        step(f"{tower} graph")
         if tower == "text":  # the vision export needs no text weights
             for name in TEXT_ATTRIBUTES:
                 if hasattr(net, name):
@@ -119,7 +131,7 @@ def load_references(path: Path) -> dict[str, list]:
 
 
 def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, list], log: Progress,
-                 engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list:
+                 engine: str = "onnxruntime", cpu_precision: str = "fp32", steps=None) -> list:
     """A CPU engine (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
 
     ``batches`` is ``{tower: [(label, input, reference), ...]}``.
@@ -135,8 +147,147 @@ def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, lis
         checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
         del outputs
         gc.collect()
+        if steps is not None:
+            steps.update(1)
+            steps.set_postfix_str(f"{tower} verified", refresh=True)
     V.report(checks, tolerance, engine_note=f"; engine: {engine} {cpu_precision}")
     return checks
+
+
+def current_export(folder: str | Path, model: str, pretrained: str | None, *, precision: str = "fp32",
+                   seed: int = 0) -> dict | None:
+    """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
+    seed, for random weights), else None. A checkpoint file must have the recorded sha256."""
+    from clip_triton.contract import normalise_pretrained  # noqa: PLC0415
+
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    tag = normalise_pretrained(pretrained)
+    same = (manifest.get("model") == Path(model).stem and manifest.get("precision") == precision
+            and manifest.get("verification", {}).get("passed") is True)
+    if not same:
+        return None
+    if tag == "none":
+        return manifest if manifest.get("random_weights") and manifest.get("seed") == seed else None
+    checkpoint = manifest.get("checkpoint") or {}
+    if Path(tag).is_file():
+        from .weights import sha256_file  # noqa: PLC0415
+
+        resolved = str(Path(tag).resolve())
+        return manifest if checkpoint.get("path") == resolved and checkpoint.get("sha256") == sha256_file(tag) else None
+    return manifest if manifest.get("pretrained") == tag else None
+
+
+def require_modules(*names: str) -> None:
+    """Raise ``ModuleNotFoundError`` (with ``.name``) for the first module that is not installed."""
+    import importlib.util  # noqa: PLC0415
+
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+def _prepare_folder(out: Path, force: bool) -> Path:
+    """Refuse to overwrite an export without ``force``; return the temporary sibling folder to write into.
+
+    The export is written there and renamed into place only when complete, so an interrupted or
+    killed export never leaves a half-written folder behind a valid-looking manifest.
+    """
+    if out.exists() and not out.is_dir():
+        raise ClipTritonError(f"{out} is a file", "choose a folder for --onnx-dir")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "an export (manifest.json)" if (out / MANIFEST).exists() else "other files"
+        raise ClipTritonError(f"{out} already holds {what}", "pass --force to replace it, or choose another --onnx-dir")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by an export that was killed
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Swap the finished export into place (the old one, with --force, goes only after)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.is_dir():
+        if any(out.iterdir()):
+            out.rename(old)
+        else:
+            out.rmdir()
+    work.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# The export's steps, shown as a progress bar (the child reports its five through a queue).
+CHILD_STEPS = ("weights", "text reference", "vision reference", "text graph", "vision graph")
+
+
+def _child_main(job: dict, events) -> None:
+    """The export child: report the result (or the error) through the queue the parent drains."""
+    global _EVENTS  # noqa: PLW0603 (this process's channel to the parent)
+    _EVENTS = events
+    try:
+        events.put(("result", _export_stage(job)))
+    except BaseException as exc:  # noqa: BLE001 (re-raised in the parent)
+        try:
+            events.put(("error", exc))
+        except Exception:  # noqa: BLE001 (an exception that does not pickle)
+            events.put(("error", ClipTritonError(f"export failed: {type(exc).__name__}: {exc}")))
+
+
+def _run_child(job: dict, steps, write_line) -> dict:
+    """Run the PyTorch stage in a spawned child, relaying its log lines and steps. Whatever ends the
+    parent (Ctrl-C, an error) ends the child too: no orphan keeps exporting into a removed folder."""
+    import queue as queue_module  # noqa: PLC0415
+
+    context = multiprocessing.get_context("spawn")
+    events = context.Queue()
+    child = context.Process(target=_child_main, args=(job, events), name="clip-triton-export", daemon=True)
+    child.start()
+    try:
+        while True:
+            try:
+                kind, payload = events.get(timeout=0.2)
+            except queue_module.Empty:
+                if not child.is_alive():
+                    raise ClipTritonError(
+                        f"the export process died (exit code {child.exitcode})",
+                        "a negative code is the signal that killed it (-9: often the kernel's OOM killer; "
+                        "bigG needs ~24 GiB)") from None
+                continue
+            if kind == "step":
+                steps.update(1)
+                steps.set_postfix_str(payload, refresh=True)
+            elif kind == "log":
+                write_line(payload)
+            elif kind == "error":
+                raise payload
+            else:
+                return payload
+    finally:
+        if child.is_alive():
+            child.join(timeout=10)  # it finishes on its own after the result; stopped otherwise
+        if child.is_alive():
+            child.terminate()
+            child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def export_model(
@@ -152,26 +303,68 @@ def export_model(
     external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
     cache_dir: str | None = None,
     log: Progress | None = None,
+    force: bool = False,
+    reuse: bool = False,
+    progress: bool | None = None,
 ) -> dict:
     """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written).
 
     The PyTorch work runs in a child process; ONNX Runtime then verifies one tower at a time here.
+    ``out_dir`` must be empty or absent unless ``force``; it appears only once the export is complete.
+    ``reuse``: keep a verified export of the same model, weights and precision already in ``out_dir``
+    (returns its manifest); anything else there is replaced. ``progress``: a step bar on stderr
+    (None: when stderr is a terminal).
     """
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from clip_triton.progress import bar  # noqa: PLC0415
+
+    require_modules("torch", "open_clip", "onnx", "onnxruntime")  # before any work, not after minutes of it
     log = log or Progress("export")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if reuse:
+        existing = current_export(out, model, pretrained, precision=precision, seed=seed)
+        if existing is not None:
+            log(f"reusing the verified export in {out} ({existing['model']}, {existing['pretrained']}, {precision})")
+            return existing
+    work = _prepare_folder(out, force or reuse)
     started = time.monotonic()
-    references = out / REFERENCES
-    job = {"model": model, "pretrained": pretrained, "out": str(out), "precision": precision, "opset": opset,
+    steps = bar(len(CHILD_STEPS) + (3 if verify else 1), "export", unit="step", enabled=progress)
+    log = Progress(log.prefix, stream=log.stream, enabled=log.enabled, start=log.start,
+                   sink=lambda line: tqdm.write(line, file=log.stream))
+    try:
+        manifest = _export_into(work, model, pretrained, precision=precision, opset=opset, seed=seed, verify=verify,
+                                verify_batches=verify_batches, external_threshold=external_threshold,
+                                cache_dir=cache_dir, log=log, steps=steps, started=started)
+    except VerificationError:
+        _publish(work, out)  # kept for inspection: its manifest says the verification failed, so nothing serves it
+        steps.close()
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        steps.close()
+        raise
+    _publish(work, out)
+    steps.update(1)
+    steps.close()
+    log(f"wrote {out / MANIFEST} (peak RSS: export {manifest['peak_rss_gib']['export_process']} GiB, "
+        f"verification {manifest['peak_rss_gib']['verification_process']} GiB)")
+    return manifest
+
+
+def _export_into(work: Path, model: str, pretrained: str | None, *, precision: str, opset: int, seed: int,
+                 verify: bool, verify_batches: tuple[int, ...], external_threshold: int, cache_dir: str | None,
+                 log: Progress, steps, started: float) -> dict:
+    references = work / REFERENCES
+    job = {"model": model, "pretrained": pretrained, "out": str(work), "precision": precision, "opset": opset,
            "seed": seed, "verify": verify, "verify_batches": list(verify_batches), "cache_dir": cache_dir,
            "external_threshold": external_threshold, "references": str(references), "start": log.start}
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        facts = pool.submit(_export_stage, job).result()
+    facts = _run_child(job, steps, log.sink)
     contract = ModelContract.from_dict(facts["contract"])
 
     checks = []
     if verify:
-        checks = check_graphs(out, contract, load_references(references), log)
+        checks = check_graphs(work, contract, load_references(references), log, steps=steps)
     else:
         log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
 
@@ -201,9 +394,7 @@ def export_model(
         "export_seconds": round(time.monotonic() - started, 1),
         "peak_rss_gib": {"export_process": facts["peak_rss_gib"], "verification_process": round(_peak_rss_gib(), 2)},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    log(f"wrote {out / MANIFEST} (peak RSS: export {facts['peak_rss_gib']} GiB, "
-        f"verification {manifest['peak_rss_gib']['verification_process']} GiB)")
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if verify:
         V.raise_on_failure(checks)
     return manifest

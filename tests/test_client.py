@@ -165,8 +165,9 @@ def test_cli_classify_embed_search(triton, photos, tmp_path):
 def test_cli_reports_an_unreachable_server():
     from clip_triton.server import free_port
 
-    result = _cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--timeout", "2")
-    assert result.returncode == 2 and "not ready" in result.stderr
+    result = _cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--ready-timeout", "2")
+    assert result.returncode == 2 and "not ready" in result.stderr and "no server answers" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 2  # waiting..., error
 
 
 def test_zero_shot_eval_on_an_image_folder(client, tmp_path, photos):
@@ -188,8 +189,14 @@ def test_zero_shot_eval_on_an_image_folder(client, tmp_path, photos):
     paths = sorted(root.rglob("*.jpg"))
     logits = client.embed_images(paths) @ classifier.T
     labels = np.array([["cat", "cup_of_coffee", "rocket"].index(p.parent.name) for p in paths])
-    assert result.top1 == pytest.approx(topk_accuracy(logits, labels, 1))
-    assert result.top5 == 1.0  # 3 classes: the true one is always in the top 5
+    assert result.top1 == pytest.approx(float((logits.argmax(1) == labels).mean()))
+    assert topk_accuracy(logits, labels, 2) is not None
+    assert result.top5 is None and topk_accuracy(logits, labels, 3) is None  # 3 classes: top-5 says nothing
+    for label, name in enumerate(["cat", "cup of coffee", "rocket"]):
+        mask = labels == label
+        assert result.per_class[name] == pytest.approx(float((logits[mask].argmax(1) == label).mean()))
+        assert result.per_class_images[name] == 3
+    assert "n/a" in result.table() and "cup of coffee" in result.table()
 
 
 def test_zeroshot_metadata_is_open_clips():
@@ -241,12 +248,36 @@ def test_dns_target_and_several_urls(triton):
 
 
 def test_index_folder_and_search(client, photos, tmp_path):
+    """index_folder() returned (paths, embeddings) that ClipClient.search could not take; it returns an
+    EmbeddingIndex that searches by text, image or embedding, and saves/loads in the CLI's format."""
+    from clip_triton.client import EmbeddingIndex, Hit
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
     for name, data in photos.items():
-        (tmp_path / f"{name}.jpg").write_bytes(data)
-    paths, index = client.index_folder(tmp_path)
-    assert [p.name for p in paths] == sorted(f"{n}.jpg" for n in photos)
-    top, _ = client.search(client.embed_images([photos["rocket"]]), index, k=1)
-    assert paths[top[0, 0]].name == "rocket.jpg"
+        (folder / f"{name}.jpg").write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    index = client.index_folder(folder)
+    assert [Path(p).name for p in index.items] == sorted(f"{n}.jpg" for n in photos)
+    assert list(index.failed) == [str(folder / "broken.jpg")] and index.model == client.facts.model
+    hits = index.search(folder / "rocket.jpg", k=2)  # a Path is an image
+    assert isinstance(hits[0], Hit) and Path(hits[0].item).name == "rocket.jpg"
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5) and len(hits) == 2
+    assert index.search_image(str(folder / "cat.jpg"), k=1)[0].item.endswith("cat.jpg")
+    text_hits = index.search("a photo of a cat", k=4)  # a str is a text
+    expected = client.embed_texts(["a photo of a cat"])[0] @ index.embeddings.T
+    assert [h.row for h in text_hits] == list(np.argsort(-expected)[:4])
+    assert index.search(index.embeddings[2], k=1)[0].row == 2  # an array is an embedding
+
+    index.save(tmp_path / "photos-index")
+    loaded = EmbeddingIndex.load(tmp_path / "photos-index.npy", client=client)
+    assert loaded.items == index.items and np.array_equal(loaded.embeddings, index.embeddings)
+    assert loaded.failed == index.failed and loaded.search("a photo of a cat", k=4) == text_hits
+    with pytest.raises(Exception, match="no client"):
+        EmbeddingIndex.load(tmp_path / "photos-index").search("a cat")
+    result = _cli("search", "--index", str(tmp_path / "photos-index"), "--text", "a photo of a cat", "-k", "1",
+                  "--url", client.target)  # the CLI reads what the API wrote
+    assert result.returncode == 0 and result.stdout.splitlines()[1].split()[-1] == text_hits[0].item
 
 
 def test_embed_cli_writes_every_answered_row_when_the_server_dies(tiny_repo, tmp_path, open_clip_reference):
@@ -286,7 +317,7 @@ def test_embed_cli_writes_every_answered_row_when_the_server_dies(tiny_repo, tmp
     sample = list(range(0, len(meta["items"]), max(1, len(meta["items"]) // 50)))
     expected = open_clip_reference.texts([meta["items"][i] for i in sample])
     assert cos(rows[sample], expected).min() >= 0.9999
-    assert "items unanswered" in result.stdout
+    assert f"{6000 - len(meta['items'])} unanswered" in result.stdout
 
 
 def test_embed_reports_what_it_skips_and_can_try_every_file(triton, photos, tmp_path):

@@ -146,7 +146,7 @@ def test_local_checkpoint_is_reloaded_and_matched(tmp_path, tiny_export, referen
     (["--model", "ViT-Nope-99", "--pretrained", "none"], "unknown open_clip architecture"),
     (["--model", "ViT-B-32", "--pretrained", "no_such_tag"], "unknown pretrained tag"),
     (["--model", "ViT-B-32", "--pretrained", "/nonexistent/weights.bin"], "checkpoint file /nonexistent/weights.bin not found"),
-    (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "could not download weights"),
+    (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "not in the Hugging Face cache"),
 ])
 def test_cli_errors_are_one_line_with_next_step(tmp_path, args, fragment):
     # HF_HUB_OFFLINE makes "no network for a hub tag" fail at once instead of after retries.

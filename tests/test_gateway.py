@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from clip_triton.client import ClipClient
+from clip_triton.errors import ClipTritonError
 from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
 from clip_triton.server import free_port
 
@@ -512,3 +513,22 @@ def test_typed_items_say_what_they_are(gateway, reference, photos):
 
 def gateway_resolver(gateway) -> StubResolver:
     return gateway.settings.fetch.resolver
+
+
+def test_served_model_name_is_the_only_public_id(triton):
+    """`gateway --served-model-name` gives the model the id clients use; the architecture name (and any
+    checkpoint path behind it) is not accepted or shown."""
+    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), served_model_name="clip-tiny-v1",
+                                       fetch=FetchPolicy(resolver=StubResolver())))
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+        listed = client.models.list().data
+        assert [m.id for m in listed] == ["clip-tiny-v1"] and listed[0].model_extra["pretrained"] == "none"
+        got = client.embeddings.create(model="clip-tiny-v1", input=["a cat"], encoding_format="float")
+        assert got.model == "clip-tiny-v1" and len(got.data[0].embedding) == 32
+        with pytest.raises(openai.NotFoundError, match="serves 'clip-tiny-v1'"):
+            client.embeddings.create(model="clip-triton-tiny", input=["a cat"])
+    finally:
+        live.stop()
+    with pytest.raises(ClipTritonError, match="not a model id"):
+        GatewaySettings(api_keys=(KEY,), served_model_name="../etc/passwd x")

@@ -82,11 +82,11 @@ def test_compose_services_are_hardened():
 
 def test_export_and_engines_jobs():
     export = command_text("export")
-    assert "--precision=fp16" in export and "--out=/exports/current" in export
+    assert "--precision=fp16" in export and "--onnx-dir=/exports/current --reuse" in export
     assert "ViT-bigG-14" in export and "laion2b_s39b_b160k" in export
     assert "hf-cache:/cache" in COMPOSE["services"]["export"]["volumes"]
     engines = command_text("engines")
-    assert "clip-triton repo --runtime tensorrt --onnx-dir /exports/current --out /models" in engines
+    assert "clip-triton repo --runtime tensorrt --onnx-dir /exports/current --repo /models" in engines
     assert "clip-triton build-engines --onnx-dir /exports/current --repo /models" in engines
     assert "--timing-cache /trt-cache/timing.cache" in engines and "trt-cache:/trt-cache" in \
         COMPOSE["services"]["engines"]["volumes"]

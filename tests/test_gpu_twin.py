@@ -164,7 +164,7 @@ def test_engines_stage_writes_the_repository_and_checks_engines(fp16_export, tmp
     venv, env = stage_env("engines"), fake_gpu_env(tmp_path / "gpu")
     repo = tmp_path / "models"
     result = run_in(venv, ["clip-triton", "repo", "--runtime", "tensorrt", "--onnx-dir", str(fp16_export),
-                           "--out", str(repo), "--force"], env=env)
+                           "--repo", str(repo), "--force"], env=env)
     assert result.returncode == 0, result.stderr
     assert parse((repo / "vision_encoder" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     result = run_in(venv, ["python", "-c", "import onnx, polygraphy.backend.trt, clip_triton.export.engines"], env=env)

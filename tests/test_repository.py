@@ -29,7 +29,7 @@ def committed_files() -> dict[str, str]:
 
 def test_committed_repository_has_not_drifted_from_the_generator():
     expected = repository_files(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
-    assert committed_files() == expected, "regenerate: clip-triton repo --runtime tensorrt --out model_repository --force"
+    assert committed_files() == expected, "regenerate: clip-triton repo --runtime tensorrt --repo model_repository --force"
 
 
 def test_committed_configs_parse_as_model_config():

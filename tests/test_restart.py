@@ -75,22 +75,23 @@ def test_client_defaults_outlast_a_slow_restart(tiny_repo, tmp_path, open_clip_r
     assert cos(served, open_clip_reference.texts(texts)).min() >= 0.9999
 
 
-def test_a_job_that_fails_keeps_every_answered_row(tiny_repo, tmp_path, open_clip_reference):
+def test_a_job_that_fails_keeps_every_answered_row(tiny_repo, tmp_path, open_clip_reference, monkeypatch):
     """The server goes away for good mid-job: JobFailed carries every row answered before it."""
-    from clip_triton.client import JobFailed
+    from clip_triton.client import JobFailed, ServerUnavailable
+    from clip_triton.client import grpc_client
 
     texts = [f"caption {i} of a job that dies" for i in range(30)]
     server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
     client = ClipClient(server.grpc_url, batch_size=3, concurrency=1, retry_seconds=2)
-    infer, calls = client._infer, []
+    call, calls = grpc_client._Job.call, []
 
-    def infer_then_lose_the_server(*args):
+    def call_then_lose_the_server(job, *args):  # each inference request the job sends
         calls.append(1)
         if len(calls) == 4:  # three batches answered, then the server is gone for good
             server.stop()
-        return infer(*args)
+        return call(job, *args)
 
-    client._infer = infer_then_lose_the_server
+    monkeypatch.setattr(grpc_client._Job, "call", call_then_lose_the_server)
     try:
         try:
             client.embed_texts(texts)
@@ -101,8 +102,8 @@ def test_a_job_that_fails_keeps_every_answered_row(tiny_repo, tmp_path, open_cli
     finally:
         client.close()
         server.stop()
-    assert len(failure.answered) == 9
-    assert 0 < len(failure.answered) < len(texts)
+    assert len(failure.answered) == 9 and isinstance(failure.cause, ServerUnavailable)
+    assert "is the server up?" in failure.hint
     rows = failure.embeddings[failure.answered]
     assert cos(rows, open_clip_reference.texts([texts[i] for i in failure.answered])).min() >= 0.9999
     unanswered = sorted(set(range(len(texts))) - set(failure.answered))

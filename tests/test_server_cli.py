@@ -193,6 +193,18 @@ def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
     probabilities = [float(row[-1]) for row in rows]
     assert all(0 <= p <= 1 for p in probabilities)
     assert abs(sum(probabilities[:5]) - 1) < 1e-3  # one image's prompts sum to 1
+    assert "encoders onnxruntime (python backend), fp32 (read from the server)" in out
+    # It ends with the next commands to try, and they are real commands for the repository it wrote.
+    import shlex
+
+    from clip_triton.cli import build_parser, check_combinations
+
+    nexts = [line.split("#")[0].strip() for line in out.split("Next, with this repository:")[1].splitlines()
+             if line.strip().startswith("clip-triton ")]
+    assert len(nexts) == 5 and f"--repo {tmp_path / 'model_repository'}" in nexts[0]
+    for line in nexts:
+        parser = build_parser()
+        check_combinations(parser, parser.parse_args(shlex.split(line)[1:]))
 
 
 @pytest.fixture()

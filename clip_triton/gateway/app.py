@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..contract import ModelContract, TokenizerSpec
+from ..contract import ModelContract, TokenizerSpec, check_served_model_name
 from ..errors import ClipTritonError
 from ..tokenizer import ClipTokenizer, TextError
 from .fetch import FetchError, FetchPolicy, fetch_image
@@ -49,8 +49,11 @@ class GatewaySettings:
     max_template_texts: int = 256  # prompts x templates encoded for one /v1/classify request
     prompt_cache_entries: int = 256
     docs: bool = False  # /docs, /redoc, /openapi.json: off unless asked for
+    served_model_name: str | None = None  # public model id; default: the repository's, else the architecture
 
     def __post_init__(self):
+        if self.served_model_name is not None:
+            check_served_model_name(self.served_model_name)
         if self.auth and not self.api_keys:
             raise ClipTritonError("no API keys configured for the gateway",
                                   "set CLIP_TRITON_API_KEYS=key1,key2, or pass --no-auth for local use only")
@@ -257,9 +260,15 @@ def create_app(settings: GatewaySettings):
             request.app.state.tokenizer = ClipTokenizer(spec)
         return request.app.state.tokenizer
 
+    def public_id(served) -> str:
+        return settings.served_model_name or served.public_id
+
     def check_model(model: str, served) -> None:
-        if model not in (served.model, f"{served.model}/{served.pretrained}"):
-            raise ApiError(404, f"model {model!r} is not served here; this gateway serves {served.model!r}",
+        accepted = {public_id(served)}
+        if public_id(served) == served.model:  # no alias: "ARCH/TAG" is accepted too
+            accepted.add(f"{served.model}/{served.public_pretrained}")
+        if model not in accepted:
+            raise ApiError(404, f"model {model!r} is not served here; this gateway serves {public_id(served)!r}",
                            param="model", code="model_not_found")
 
     def check_text(items: list[tuple[int, str]], name: str) -> None:
@@ -344,8 +353,8 @@ def create_app(settings: GatewaySettings):
     @app.get("/v1/models", dependencies=[Depends(authorise)])
     async def models(request: Request):
         served = await facts(request)
-        return {"object": "list", "data": [{"id": served.model, "object": "model", "created": 0,
-                                            "owned_by": "clip-triton", "pretrained": served.pretrained,
+        return {"object": "list", "data": [{"id": public_id(served), "object": "model", "created": 0,
+                                            "owned_by": "clip-triton", "pretrained": served.public_pretrained,
                                             "embed_dim": served.embed_dim}]}
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorise)])
@@ -358,7 +367,7 @@ def create_app(settings: GatewaySettings):
         served = await facts(request)
         check_model(body.model, served)
         if body.dimensions is not None and body.dimensions != served.embed_dim:
-            raise ApiError(400, f"dimensions={body.dimensions} is not supported; {served.model} returns "
+            raise ApiError(400, f"dimensions={body.dimensions} is not supported; {public_id(served)} returns "
                                 f"{served.embed_dim}", param="dimensions")
         kinds = [classify_item(x, i) for i, x in enumerate(items)]
         texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "text"]
@@ -378,7 +387,7 @@ def create_app(settings: GatewaySettings):
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                  else v.tolist()} for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": served.model,
+        return {"object": "list", "data": data, "model": public_id(served),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     @app.post("/v1/classify", dependencies=[Depends(authorise)])
@@ -419,7 +428,7 @@ def create_app(settings: GatewaySettings):
 
         ranked = rank(image_vectors @ prompt_vectors.T, body.prompts, served.logit_scale, served.logit_bias)
         items_total.labels("image").inc(len(images))
-        return {"object": "list", "model": served.model, "logit_scale": served.logit_scale,
+        return {"object": "list", "model": public_id(served), "logit_scale": served.logit_scale,
                 "data": [{"object": "classification", "index": i, "scores": scores} for i, scores in enumerate(ranked)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 

@@ -1,0 +1,225 @@
+"""``EmbeddingIndex``: embeddings with the items they belong to, saved as ``NAME.npy`` + ``NAME.json``.
+
+Build one from a folder of images, a list of texts, or arrays; save and load it; search it with a
+text, an image or an embedding. ``clip-triton embed`` writes this format and ``clip-triton search``
+reads it, so an index built in Python is searchable from the command line and back.
+
+numpy only (the client is needed only to embed a query or build from items).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from clip_triton.errors import ClipTritonError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .grpc_client import ClipClient
+
+FORMAT = 1
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the item (path or text), its cosine to the query, and its row in the index."""
+
+    item: str
+    score: float
+    row: int
+
+
+def index_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(NAME.npy, NAME.json)`` for ``NAME``, ``NAME.npy`` or ``NAME.json``."""
+    path = Path(path)
+    base = path.with_suffix("") if path.suffix in (".npy", ".json") else path
+    return base.with_name(base.name + ".npy"), base.with_name(base.name + ".json")
+
+
+def image_files(folder: str | os.PathLike, *, all_files: bool = False,
+                suffixes: Iterable[str] = IMAGE_SUFFIXES) -> tuple[list[Path], dict[str, str]]:
+    """Files under ``folder`` (recursive, sorted) to embed, and those skipped by suffix with the reason.
+
+    ``all_files``: every file; the server decides by content and refuses non-images item by item.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ClipTritonError(f"{root} is not a folder", "pass a folder of images")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    if all_files:
+        return files, {}
+    allowed = {s.lower() for s in suffixes}
+    keep = [p for p in files if p.suffix.lower() in allowed]
+    skipped = {str(p): f"suffix {p.suffix or '(none)'} is not an image suffix" for p in files
+               if p.suffix.lower() not in allowed}
+    return keep, skipped
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a reader (or a rerun after a kill)
+    sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class EmbeddingIndex:
+    """Items and their L2-normalised embeddings (row ``i`` belongs to ``items[i]``).
+
+    ``failed`` (item -> reason), ``unanswered`` and ``skipped`` record what a build left out;
+    ``model``/``pretrained`` the deployment that embedded it (queries through another are refused).
+    """
+
+    items: list[str]
+    embeddings: np.ndarray
+    kind: str = "image"
+    model: str = ""
+    pretrained: str = ""
+    failed: dict[str, str] = field(default_factory=dict)
+    unanswered: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
+    client: ClipClient | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.items):
+            raise ValueError(f"{len(self.items)} items need an (N, D) array with N = {len(self.items)}, "
+                             f"got shape {self.embeddings.shape}")
+        if self.kind not in ("image", "text"):
+            raise ValueError(f"kind must be 'image' or 'text', not {self.kind!r}")
+        self.items = [str(item) for item in self.items]
+
+    # -- building --------------------------------------------------------------------------
+    @classmethod
+    def from_arrays(cls, items: Sequence, embeddings: np.ndarray, *, kind: str = "image", model: str = "",
+                    pretrained: str = "", client: ClipClient | None = None) -> EmbeddingIndex:
+        return cls(list(items), embeddings, kind=kind, model=model, pretrained=pretrained, client=client)
+
+    @classmethod
+    def from_folder(cls, client: ClipClient, folder: str | os.PathLike, *, all_files: bool = False) -> EmbeddingIndex:
+        """Embed every image under ``folder``; items the server refuses go to ``failed``, not to rows."""
+        files, skipped = image_files(folder, all_files=all_files)
+        index = cls._embed(client, [str(p) for p in files], "image")
+        index.skipped = skipped
+        return index
+
+    @classmethod
+    def from_texts(cls, client: ClipClient, texts: Sequence[str]) -> EmbeddingIndex:
+        return cls._embed(client, list(texts), "text")
+
+    @classmethod
+    def _embed(cls, client: ClipClient, items: list[str], kind: str) -> EmbeddingIndex:
+        from .grpc_client import ItemErrors  # noqa: PLC0415
+
+        embed = client.embed_images if kind == "image" else client.embed_texts
+        refused: dict[int, str] = {}
+        try:
+            rows = embed(items)
+        except ItemErrors as err:
+            rows, refused = err.embeddings, err.errors
+        keep = [i for i in range(len(items)) if i not in refused]
+        failed = {items[i]: reason for i, reason in refused.items()}
+        facts = client.facts
+        return cls([items[i] for i in keep], rows[keep], kind=kind, model=facts.model, pretrained=facts.pretrained,
+                   failed=failed, client=client)
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``NAME.npy`` and ``NAME.json`` (each atomically); returns both paths."""
+        npy, meta = index_paths(path)
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(npy, lambda handle: np.save(handle, self.embeddings))
+        document = {"format": FORMAT, "kind": self.kind, "rows": len(self.items), "model": self.model,
+                    "pretrained": self.pretrained, "embed_dim": int(self.embeddings.shape[1]),
+                    "items": self.items, "failed": self.failed, "unanswered": self.unanswered,
+                    "skipped": self.skipped, "interrupted": self.interrupted}
+        _atomic_write(meta, lambda handle: handle.write(json.dumps(document, indent=1, ensure_ascii=False).encode()))
+        return npy, meta
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, client: ClipClient | None = None) -> EmbeddingIndex:
+        npy, meta = index_paths(path)
+        for file in (npy, meta):
+            if not file.is_file():
+                raise ClipTritonError(f"{file} not found", "write an index with `clip-triton embed` or "
+                                                            "EmbeddingIndex.save()")
+        try:
+            document = json.loads(meta.read_text(encoding="utf-8"))
+            embeddings = np.load(npy, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ClipTritonError(f"{npy} / {meta} could not be read ({exc})",
+                                  "the files are damaged: write the index again") from None
+        items = document.get("items", [])
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
+            raise ClipTritonError(f"{npy} has {embeddings.shape[0] if embeddings.ndim else 0} rows but {meta} lists "
+                                  f"{len(items)} items", "the pair was not written together: write the index again")
+        return cls(items, embeddings, kind=document.get("kind", "image"), model=document.get("model", ""),
+                   pretrained=document.get("pretrained", ""), failed=document.get("failed", {}),
+                   unanswered=document.get("unanswered", []), skipped=document.get("skipped", {}),
+                   interrupted=bool(document.get("interrupted", False)), client=client)
+
+    # -- searching -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    def search(self, query, k: int = 5) -> list[Hit]:
+        """The ``k`` items closest to ``query`` (cosine), best first.
+
+        ``query``: a ``str`` is a text; a ``Path``, bytes or PIL image is an image (use
+        :meth:`search_image` for an image path given as ``str``); a 1-d array is an embedding.
+        """
+        if isinstance(query, np.ndarray):
+            return self.search_embeddings(query, k)[0]
+        if isinstance(query, str):
+            return self.search_text(query, k)
+        return self.search_image(query, k)
+
+    def search_text(self, text: str, k: int = 5) -> list[Hit]:
+        return self.search_embeddings(self._query_client().embed_texts([text]), k)[0]
+
+    def search_image(self, image, k: int = 5) -> list[Hit]:
+        return self.search_embeddings(self._query_client().embed_images([image]), k)[0]
+
+    def search_embeddings(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
+        """Top-``k`` hits for each row of ``queries`` (``(D,)`` or ``(Q, D)``)."""
+        from .grpc_client import ClipClient  # noqa: PLC0415
+
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.embed_dim:
+            raise ClipTritonError(f"query has {queries.shape[1]} dimensions, the index {self.embed_dim}",
+                                  "query with the model that built the index")
+        if not len(self.items):
+            return [[] for _ in queries]
+        top, scores = ClipClient.search(queries, self.embeddings, k)
+        return [[Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores)]
+                for row, row_scores in zip(top, scores)]
+
+    def _query_client(self) -> ClipClient:
+        if self.client is None:
+            raise ClipTritonError("this index has no client to embed the query",
+                                  "EmbeddingIndex.load(path, client=client), or search with an embedding")
+        facts = self.client.facts
+        if self.model and (facts.model, facts.pretrained) != (self.model, self.pretrained):
+            raise ClipTritonError(f"the index was embedded by {self.model} ({self.pretrained}); the server serves "
+                                  f"{facts.model} ({facts.pretrained})", "query the deployment that built the index, "
+                                                                         "or rebuild the index")
+        return self.client
