@@ -43,7 +43,7 @@ MAX_BACKOFF_S = 5.0
 # Per-request deadlines when ``timeout`` is None ("auto"). A request waits behind every item in flight,
 # so its deadline scales with them: DEADLINE_SAFETY x the job's measured seconds per item x the items
 # in flight when it is sent, never under AUTO_DEADLINE_FLOOR_S. Until the first answer measures the
-# server, one request goes alone with FIRST_SECONDS_PER_ITEM per item (slow start).
+# server, FIRST_SECONDS_PER_ITEM per item is assumed (generous: a CPU-served ViT-L needs ~1 s).
 AUTO_DEADLINE_FLOOR_S = 60.0
 FIRST_SECONDS_PER_ITEM = 2.0
 DEADLINE_SAFETY = 4.0
@@ -410,10 +410,7 @@ class _Job:
         self.bar = bar(n, f"embedding {kind}", unit=kind[:-1], enabled=self.client.progress if n else False)
         pool = ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="clip-triton")
         try:
-            # Slow start: with automatic deadlines, one request measures the server before the rest go.
-            first = chunks[:1] if self.deadlines.auto and len(chunks) > 1 else []
-            self._wait([pool.submit(self.run_chunk, chunk) for chunk in first])
-            self._wait([pool.submit(self.run_chunk, chunk) for chunk in chunks[len(first):]])
+            self._wait([pool.submit(self.run_chunk, chunk) for chunk in chunks])
         except BaseException as exc:
             self.cancel()
             pool.shutdown(wait=True, cancel_futures=True)

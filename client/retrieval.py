@@ -42,6 +42,9 @@ def load_captions(images_root: str | Path, captions_file: str | Path, split: str
         raise ClipTritonError(f"--captions {path} has no 'images' list",
                               "expected COCO captions JSON (images + annotations) or a Karpathy split JSON")
     found: list[CaptionedImage] = []
+    if "annotations" in document and split:
+        raise ClipTritonError(f"--split {split}: {path} is a COCO captions file, which has no splits",
+                              "leave out --split (a COCO file is one split already)")
     if "annotations" in document:  # COCO
         captions: dict[int, list[str]] = {}
         for note in document["annotations"]:

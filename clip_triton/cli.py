@@ -312,36 +312,31 @@ def _search(args) -> int:
 def _eval(args) -> int:
     from clip_triton.client.zeroshot import evaluate  # noqa: PLC0415
 
-    with _client(args) as client:
-        result = evaluate(client, args.dataset, classnames=args.classnames, template_set=args.templates,
-                          limit=args.limit)
-        random_weights = client.facts.random_weights
-    _write_report(result, args.json)
-    if random_weights:
-        print("NOTE: the served model has RANDOM weights; accuracy is chance level", file=sys.stderr)
-    return 0
+    return _evaluation(args, "accuracy", lambda client: evaluate(
+        client, args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit))
 
 
 def _eval_retrieval(args) -> int:
     from clip_triton.client.retrieval import evaluate_retrieval  # noqa: PLC0415
 
-    with _client(args) as client:
-        result = evaluate_retrieval(client, args.images, args.captions, ks=_int_list(args.k, "-k"), limit=args.limit,
-                                    split=args.split)
-        random_weights = client.facts.random_weights
-    _write_report(result, args.json)
-    if random_weights:
-        print("NOTE: the served model has RANDOM weights; recall is chance level", file=sys.stderr)
-    return 0
+    return _evaluation(args, "recall", lambda client: evaluate_retrieval(
+        client, args.images, args.captions, ks=_int_list(args.k, "-k"), limit=args.limit, split=args.split))
 
 
-def _write_report(result, json_path: str | None) -> None:
+def _evaluation(args, figure: str, run) -> int:
+    """Run an evaluation through the deployment; print its table (and write its JSON with --json)."""
     import json  # noqa: PLC0415
 
+    with _client(args) as client:
+        result = run(client)
+        random_weights = client.facts.random_weights
     print(result.table())
-    if json_path:
-        Path(json_path).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {json_path}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if random_weights:
+        print(f"NOTE: the served model has RANDOM weights; {figure} is chance level", file=sys.stderr)
+    return 0
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -621,6 +616,8 @@ _APPLIES = [
     ("repo", "encoder_threads", lambda a: a.runtime in ("python", "openvino"),
      "--encoder-threads applies to CPU encoders: --runtime python or openvino"),
     ("embed", "all_files", lambda a: bool(a.images), "--all-files applies to --images"),
+    ("serve", "watchdog_timeout", lambda a: a.watchdog_interval > 0,
+     "--watchdog-timeout has no effect with --watchdog-interval 0 (watchdog off)"),
     ("gateway", "api_key_file", lambda a: not a.no_auth, "--api-key-file has no effect with --no-auth"),
     ("verify", "cpu_precision", lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
      "--cpu-precision bf16 needs --cpu-runtime openvino"),

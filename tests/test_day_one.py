@@ -3,7 +3,6 @@ every mistake ending in one clear line. Real tritonserver, real client, real fil
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -309,6 +308,7 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     (["embed", "--texts", "{tmp}/t.txt", "--all-files", "--out", "{tmp}/o"], "applies to --images"),
     (["gateway", "--no-auth", "--api-key-file", "{tmp}/keys"], "no effect with --no-auth"),
     (["verify", "{tmp}/a", "--onnx-dir", "{tmp}/b"], "two export folders"),
+    (["serve", "--repo", "{tmp}/r", "--watchdog-interval", "0", "--watchdog-timeout", "5"], "watchdog off"),
     (["repo", "--runtime", "python", "--served-model-name", "bad name!", "--repo", "{tmp}/r"], "not a model id"),
 ])
 def test_flags_a_combination_ignores_are_refused(tmp_path, args, says):
@@ -440,6 +440,10 @@ def test_retrieval_recall_on_an_image_caption_folder(triton, dataset, tmp_path, 
     assert {int(k): v for k, v in report["image_to_text"].items()} == pytest.approx(i2t)
     assert {int(k): v for k, v in report["text_to_image"].items()} == pytest.approx(t2i)
     assert "R@1" in result.stdout and "image -> text" in result.stdout
+    if layout == "coco":  # --split means nothing for a COCO file: refused, not ignored
+        line = one_line_error(cli("eval-retrieval", "--images", dataset, "--captions", tmp_path / "captions.json",
+                                  "--split", "test", "--url", triton.grpc_url))
+        assert "has no splits" in line
 
 
 def test_recall_at_k_counts_hits_exactly():

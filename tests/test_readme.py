@@ -166,6 +166,13 @@ def test_the_perf_block_runs_as_written(triton, tmp_path):
         rows = [row.split() for row in result.stdout.splitlines()[1:]]
         assert [row[:3] for row in rows] == [["clip_text", "1", "1"], ["clip_text", "1", "2"]]
         assert all(float(row[3]) > 0 for row in rows)
+    # --print-command prints a perf_analyzer line that runs by hand as printed (libcudart on its path)
+    printed = shell("clip-triton perf --ensembles clip_image --concurrency 1 --measurement-ms 1000 --print-command",
+                    tmp_path, readme_env(triton))
+    assert printed.returncode == 0, printed.stderr
+    by_hand = next(line for line in printed.stderr.splitlines() if line.startswith("LD_LIBRARY_PATH="))
+    result = shell(by_hand, tmp_path, readme_env(triton))
+    assert result.returncode == 0 and "Throughput" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's gateway block uses curl")
