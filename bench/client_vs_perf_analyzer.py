@@ -15,13 +15,13 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from common import prepared_export  # bench/common.py
+
 from clip_triton.client import ClipClient
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.perf import SAMPLE_PROMPTS, run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer
-
-from common import prepared_export  # bench/common.py
 
 
 def main() -> None:
@@ -54,8 +54,10 @@ def main() -> None:
                     client_rate = len(items) / (time.perf_counter() - start)
                 rows.append((model, batch, perf.items_per_sec, client_rate))
 
-    print(f"\n{args.model} (random weights), CPU tritonserver, concurrency {args.concurrency}, "
-          f"{args.images} items per ClipClient run")
+    print(
+        f"\n{args.model} (random weights), CPU tritonserver, concurrency {args.concurrency}, "
+        f"{args.images} items per ClipClient run"
+    )
     print(f"{'ensemble':<12}{'batch':>6}{'perf_analyzer items/s':>23}{'ClipClient items/s':>20}{'ratio':>8}")
     for model, batch, perf_rate, client_rate in rows:
         print(f"{model:<12}{batch:>6}{perf_rate:>23.1f}{client_rate:>20.1f}{client_rate / perf_rate:>8.2f}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import prepared_export  # bench/common.py  # noqa: E402
+from common import prepared_export  # bench/common.py
 
 BAD_FILES = (b"", b"not an image at all", b"<!doctype html><p>404</p>", b"\xff\xd8\xff\xe0 truncated")
 
@@ -55,7 +55,25 @@ def make_folders(work: Path, n: int, bad_share: float) -> tuple[Path, Path]:
 
 def make_texts(n: int, empty_share: float) -> tuple[list[str], list[str]]:
     rng = random.Random(1)
-    words = "cat dog red blue car street night river photo painting of a the small large old new".split()
+    words = [
+        "cat",
+        "dog",
+        "red",
+        "blue",
+        "car",
+        "street",
+        "night",
+        "river",
+        "photo",
+        "painting",
+        "of",
+        "a",
+        "the",
+        "small",
+        "large",
+        "old",
+        "new",
+    ]
     clean = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
     dirty = list(clean)
     for i in rng.sample(range(n), int(n * empty_share)):
@@ -91,6 +109,7 @@ def main() -> int:
     clean_texts, dirty_texts = make_texts(args.texts, args.empty_texts)
     rows = []
     with TritonServer(repo, log_file=work / "dirty-triton.log") as server, ClipClient(server.grpc_url) as client:
+
         def embed(kind, items):
             try:
                 return client.embed_images(items) if kind == "images" else client.embed_texts(items)
@@ -98,25 +117,54 @@ def main() -> int:
                 return err.embeddings
 
         def cli(folder: Path, out: str):
-            done = subprocess.run([sys.executable, "-m", "clip_triton.cli", "embed", "--images", str(folder),
-                                   "--out", str(work / out), "--force", "--skip-errors", "--url", server.grpc_url],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clip_triton.cli",
+                    "embed",
+                    "--images",
+                    str(folder),
+                    "--out",
+                    str(work / out),
+                    "--force",
+                    "--skip-errors",
+                    "--url",
+                    server.grpc_url,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise SystemExit(f"clip-triton embed failed: {done.stderr[-2000:]}")
 
         embed("texts", clean_texts[:64])  # warm-up
         for label, clean, dirty in (
-            (f"ClipClient, {args.images} images, {args.bad_images:.0%} bad files",
-             lambda: embed("images", sorted(map(str, clean_dir.glob("*.jpg")))),
-             lambda: embed("images", sorted(map(str, dirty_dir.glob("*.jpg"))))),
-            (f"ClipClient, {args.texts} texts, {args.empty_texts:.0%} empty",
-             lambda: embed("texts", clean_texts), lambda: embed("texts", dirty_texts)),
-            (f"clip-triton embed, {args.images} images, {args.bad_images:.0%} bad files",
-             lambda: cli(clean_dir, "clean.npy"), lambda: cli(dirty_dir, "dirty.npy")),
+            (
+                f"ClipClient, {args.images} images, {args.bad_images:.0%} bad files",
+                lambda: embed("images", sorted(map(str, clean_dir.glob("*.jpg")))),
+                lambda: embed("images", sorted(map(str, dirty_dir.glob("*.jpg")))),
+            ),
+            (
+                f"ClipClient, {args.texts} texts, {args.empty_texts:.0%} empty",
+                lambda: embed("texts", clean_texts),
+                lambda: embed("texts", dirty_texts),
+            ),
+            (
+                f"clip-triton embed, {args.images} images, {args.bad_images:.0%} bad files",
+                lambda: cli(clean_dir, "clean.npy"),
+                lambda: cli(dirty_dir, "dirty.npy"),
+            ),
         ):
             t_clean, t_dirty = timed(clean), timed(dirty)
-            rows.append({"case": label, "clean_s": round(t_clean, 2), "dirty_s": round(t_dirty, 2),
-                         "ratio": round(t_dirty / t_clean, 3)})
+            rows.append(
+                {
+                    "case": label,
+                    "clean_s": round(t_clean, 2),
+                    "dirty_s": round(t_dirty, 2),
+                    "ratio": round(t_dirty / t_clean, 3),
+                }
+            )
             print(f"{label:<52}{t_clean:>9.2f} s{t_dirty:>9.2f} s{t_dirty / t_clean:>8.2f}x", flush=True)
     print(f"\n{args.model}, random weights, CPU python-backend encoders; target: dirty <= 1.15 x clean")
     print(f"{'case':<52}{'clean':>11}{'dirty':>11}{'ratio':>9}")

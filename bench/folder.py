@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import prepared_export  # bench/common.py  # noqa: E402
+from common import prepared_export  # bench/common.py
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
@@ -31,8 +31,10 @@ def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
     if len(list(folder.glob("*.jpg"))) == n:
         return folder
     images = resources.files("clip_triton").joinpath("assets", "images")
-    sources = [Image.open(images.joinpath(name)).convert("RGB").resize(size)
-               for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+    sources = [
+        Image.open(images.joinpath(name)).convert("RGB").resize(size)
+        for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
+    ]
     for i in range(n):
         image = ImageEnhance.Brightness(sources[i % 4]).enhance(0.7 + (i % 13) * 0.05).rotate((i // 4) % 9 - 4)
         image.save(folder / f"IMG_{i:04d}.jpg", quality=90)
@@ -58,21 +60,48 @@ def main() -> int:
     photos = make_photos(work / f"photos-{args.photos}-{args.size}", args.photos, size)
     rows = []
     with TritonServer(repo, log_file=work / "folder-triton.log") as server:
-        for label, extra in (("defaults (automatic deadlines)", []), ("--timeout 60 (fixed, as before)", ["--timeout", "60"])):
+        for label, extra in (
+            ("defaults (automatic deadlines)", []),
+            ("--timeout 60 (fixed, as before)", ["--timeout", "60"]),
+        ):
             out = work / "folder-index"
             started = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "clip_triton.cli", "embed", "--images", str(photos), "--out",
-                                   str(out), "--force", "--url", server.grpc_url, *extra], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "clip_triton.cli",
+                    "embed",
+                    "--images",
+                    str(photos),
+                    "--out",
+                    str(out),
+                    "--force",
+                    "--url",
+                    server.grpc_url,
+                    *extra,
+                ],
+                capture_output=True,
+                text=True,
+            )
             seconds = time.monotonic() - started
-            written = len(json.loads(out.with_suffix(".json").read_text())["items"]) if out.with_suffix(".json").exists() \
+            written = (
+                len(json.loads(out.with_suffix(".json").read_text())["items"])
+                if out.with_suffix(".json").exists()
                 else 0
+            )
             error = next((line for line in done.stderr.splitlines() if line.startswith("error:")), "")
-            rows.append({"case": label, "seconds": round(seconds, 1), "rows": written, "exit": done.returncode,
-                         "error": error})
-            print(f"{label:<34}{seconds:>8.1f} s{written:>6}/{args.photos} rows  exit {done.returncode}  {error[:90]}",
-                  flush=True)
-    print(f"\n{args.model}, random weights, {args.photos} JPEGs of {args.size}, CPU python-backend encoders, "
-          "client defaults otherwise (batch = server max 64, 4 requests in flight)")
+            rows.append(
+                {"case": label, "seconds": round(seconds, 1), "rows": written, "exit": done.returncode, "error": error}
+            )
+            print(
+                f"{label:<34}{seconds:>8.1f} s{written:>6}/{args.photos} rows  exit {done.returncode}  {error[:90]}",
+                flush=True,
+            )
+    print(
+        f"\n{args.model}, random weights, {args.photos} JPEGs of {args.size}, CPU python-backend encoders, "
+        "client defaults otherwise (batch = server max 64, 4 requests in flight)"
+    )
     print(f"{'case':<34}{'time':>10}{'rows':>11}{'exit':>6}")
     for row in rows:
         print(f"{row['case']:<34}{row['seconds']:>8.1f} s{row['rows']:>7}/{args.photos}{row['exit']:>6}")

@@ -13,7 +13,9 @@ row that is wrong cannot hide.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -33,16 +35,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--workdir", default=".clip-triton/bench")
+    parser.add_argument("--json", default=None, help="also write the table's rows to this file")
     args = parser.parse_args()
 
     import torch
+    from common import prepared_export  # bench/common.py
 
     from clip_triton.contract import cosine
     from clip_triton.cpuengine import OpenVINOSession, cpu_supports_bf16
     from clip_triton.export.graphs import tower_module
     from clip_triton.export.weights import load_model
     from clip_triton.ortutil import make_session
-    from common import prepared_export  # bench/common.py
 
     onnx_dir = prepared_export(args.model, args.workdir)
     loaded = load_model(args.model, "none")
@@ -75,8 +78,11 @@ def main() -> None:
         sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", precision) for t in ("vision", "text")}
         measure("OpenVINO, exported graphs", precision, lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
     sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", "bf16", static_batch=args.batch) for t in ("vision", "text")}
-    measure(f"OpenVINO, exported graphs, batch {args.batch} only", "bf16",
-            lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
+    measure(
+        f"OpenVINO, exported graphs, batch {args.batch} only",
+        "bf16",
+        lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0],
+    )
     sessions = None
 
     import openvino as ov
@@ -86,23 +92,41 @@ def main() -> None:
         for tower in ("vision", "text"):
             example = torch.from_numpy(inputs[tower][1])
             converted = ov.convert_model(towers[tower], example_input=example)
-            compiled[tower] = core.compile_model(converted, "CPU", {
-                "INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-                "ENABLE_CPU_PINNING": False})
+            compiled[tower] = core.compile_model(
+                converted,
+                "CPU",
+                {
+                    "INFERENCE_PRECISION_HINT": "bf16",
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "NUM_STREAMS": "1",
+                    "ENABLE_CPU_PINNING": False,
+                },
+            )
     requests = {t: compiled[t].create_infer_request() for t in compiled}
     measure("OpenVINO, converted from PyTorch", "bf16", lambda t: requests[t].infer([inputs[t][1]])[0].copy())
     compiled = requests = None
 
     model.to(torch.bfloat16)  # last: it rounds the weights
     with torch.inference_mode():
-        measure("PyTorch eager", "bf16", lambda t: towers[t](
-            torch.from_numpy(inputs[t][1]).to(torch.bfloat16 if t == "vision" else torch.int32)).numpy())
+        measure(
+            "PyTorch eager",
+            "bf16",
+            lambda t: towers[t](
+                torch.from_numpy(inputs[t][1]).to(torch.bfloat16 if t == "vision" else torch.int32)
+            ).numpy(),
+        )
 
-    print(f"\n{args.model}, batch {args.batch}, random inputs; {__import__('os').cpu_count()} CPU cores, "
-          f"native bf16: {'yes' if cpu_supports_bf16() else 'no'}; cosine: minimum over the batch vs PyTorch fp32")
+    print(
+        f"\n{args.model}, batch {args.batch}, random inputs; {__import__('os').cpu_count()} CPU cores, "
+        f"native bf16: {'yes' if cpu_supports_bf16() else 'no'}; cosine: minimum over the batch vs PyTorch fp32"
+    )
     print(f"{'runtime':<36}{'prec':>5}{'images/s':>10}{'cosine':>10}{'texts/s':>10}{'cosine':>10}")
     for name, precision, img, img_cos, txt, txt_cos in rows:
         print(f"{name:<36}{precision:>5}{img:>10.1f}{img_cos:>10.5f}{txt:>10.1f}{txt_cos:>10.5f}")
+    if args.json:
+        keys = ("runtime", "precision", "images_per_s", "image_cosine", "texts_per_s", "text_cosine")
+        table = [dict(zip(keys, row)) for row in rows]
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

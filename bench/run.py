@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import time
@@ -25,8 +26,16 @@ from pathlib import Path
 import numpy as np
 
 PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
-PROMPTS = ("a photo of a cat", "a photo of a dog", "a diagram of a neural network", "an astronaut on the moon",
-           "a cup of coffee on a wooden table", "a rocket launch at night", "a bowl of soup", "a rainy city street")
+PROMPTS = (
+    "a photo of a cat",
+    "a photo of a dog",
+    "a diagram of a neural network",
+    "an astronaut on the moon",
+    "a cup of coffee on a wooden table",
+    "a rocket launch at night",
+    "a bowl of soup",
+    "a rainy city street",
+)
 
 
 def photos() -> list[bytes]:
@@ -54,8 +63,16 @@ def best(fn, items, batches, seconds):
     return batch, results[batch]
 
 
-def triton_rows(label: str, repo: Path, work: Path, concurrencies: list[int], images, texts, client_items: int,
-                measurement_ms: int = 4000):
+def triton_rows(
+    label: str,
+    repo: Path,
+    work: Path,
+    concurrencies: list[int],
+    images,
+    texts,
+    client_items: int,
+    measurement_ms: int = 4000,
+):
     """perf_analyzer at each concurrency, then ClipClient at the highest, against one repository."""
     from clip_triton.client import ClipClient
     from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
@@ -65,12 +82,21 @@ def triton_rows(label: str, repo: Path, work: Path, concurrencies: list[int], im
     rows = []
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:
         for concurrency in concurrencies:
-            pi = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency,
-                                   measurement_ms=measurement_ms)
-            pt = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=concurrency,
-                                   measurement_ms=measurement_ms)
-            rows.append((f"Triton {label}, perf_analyzer c{concurrency}", pi.items_per_sec, pt.items_per_sec,
-                         pi.p50_ms, pi.p99_ms))
+            pi = run_perf_analyzer(
+                server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency, measurement_ms=measurement_ms
+            )
+            pt = run_perf_analyzer(
+                server.grpc_url, TEXT_ENSEMBLE, concurrency=concurrency, measurement_ms=measurement_ms
+            )
+            rows.append(
+                (
+                    f"Triton {label}, perf_analyzer c{concurrency}",
+                    pi.items_per_sec,
+                    pt.items_per_sec,
+                    pi.p50_ms,
+                    pi.p99_ms,
+                )
+            )
         concurrency = max(concurrencies)
         rates = []
         with ClipClient(server.grpc_url, batch_size=1, concurrency=concurrency) as client:
@@ -89,21 +115,26 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--batches", default="8,16,32", help="in-process batch sizes tried (best is reported)")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--engines", default=None,
-                        help="CPU engine:precision pairs (default where OpenVINO is installed: "
-                             "onnxruntime:fp32,openvino:fp32,openvino:bf16; else onnxruntime:fp32)")
+    parser.add_argument(
+        "--engines",
+        default=None,
+        help="CPU engine:precision pairs (default where OpenVINO is installed: "
+        "onnxruntime:fp32,openvino:fp32,openvino:bf16; else onnxruntime:fp32)",
+    )
     parser.add_argument("--seconds", type=float, default=6.0, help="per in-process measurement")
     parser.add_argument("--client-items", type=int, default=400)
     parser.add_argument("--measurement-ms", type=int, default=4000, help="perf_analyzer measurement window")
     parser.add_argument("--workdir", default=".clip-triton/bench")
     parser.add_argument("--queue-delay-us", type=int, default=None)
     parser.add_argument("--preprocess-instances", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write the table's rows to this file")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
     import open_clip
     import torch
+    from common import prepared_export  # bench/common.py
     from PIL import Image
 
     from clip_triton.cpuengine import cpu_supports_bf16, open_session
@@ -111,10 +142,10 @@ def main() -> None:
     from clip_triton.preprocess import Preprocessor
     from clip_triton.repository import RepoOptions, write_repository
     from clip_triton.tokenizer import ClipTokenizer
-    from common import prepared_export  # bench/common.py
 
     try:
         import openvino  # noqa: F401
+
         have_openvino = True
     except ImportError:
         have_openvino = False
@@ -137,8 +168,14 @@ def main() -> None:
     loaded = load_model(args.model, "none")
     model, contract = loaded.model, loaded.contract
     pre = contract.preprocess
-    transform = open_clip.image_transform(pre.image_size, is_train=False, mean=pre.mean, std=pre.std,
-                                          interpolation=pre.interpolation, resize_mode=pre.resize_mode)
+    transform = open_clip.image_transform(
+        pre.image_size,
+        is_train=False,
+        mean=pre.mean,
+        std=pre.std,
+        interpolation=pre.interpolation,
+        resize_mode=pre.resize_mode,
+    )
     tokenizer = open_clip.get_tokenizer(contract.model)
     for precision in precisions:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
@@ -166,33 +203,67 @@ def main() -> None:
         text = open_session(onnx_dir / "text.onnx", engine, precision)
         bi, (o_img, o_p50, o_p99) = best(
             lambda b, vision=vision: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
-            images, batches, args.seconds)
-        bt, (o_txt, _, _) = best(lambda s, text=text: text.run(None, {"input_ids": tok(s)}), texts, batches,
-                                 args.seconds)
+            images,
+            batches,
+            args.seconds,
+        )
+        bt, (o_txt, _, _) = best(
+            lambda s, text=text: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds
+        )
         add((precision, f"{engine} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
         vision = text = None
 
     # 3. Triton over gRPC, JPEG bytes / strings in: one repository per engine and precision.
     for engine, precision in configs:
-        options = RepoOptions(runtime="python", cpu_engine=engine, cpu_precision=precision,
-                              queue_delay_us=args.queue_delay_us, preprocess_instances=args.preprocess_instances)
+        options = RepoOptions(
+            runtime="python",
+            cpu_engine=engine,
+            cpu_precision=precision,
+            queue_delay_us=args.queue_delay_us,
+            preprocess_instances=args.preprocess_instances,
+        )
         repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
-        for row in triton_rows(engine, repo, work, concurrencies, images, texts, args.client_items,
-                               args.measurement_ms):
+        for row in triton_rows(
+            engine, repo, work, concurrencies, images, texts, args.client_items, args.measurement_ms
+        ):
             add((precision, *row))
 
     base = baseline["fp32"] if "fp32" in baseline else baseline[precisions[0]]
-    print(f"\n{args.model}, random weights, {contract.image_size[0]}px; this machine "
-          f"({os.cpu_count()} CPU cores, native bf16: {'yes' if cpu_supports_bf16() else 'no'}); "
-          "JPEG bytes / strings in, embeddings out")
+    print(
+        f"\n{args.model}, random weights, {contract.image_size[0]}px; this machine "
+        f"({os.cpu_count()} CPU cores, native bf16: {'yes' if cpu_supports_bf16() else 'no'}); "
+        "JPEG bytes / strings in, embeddings out"
+    )
     print("x base: ratio to PyTorch eager fp32; x same: ratio to PyTorch eager at the row's precision")
-    print(f"{'path':<44}{'prec':>5}{'images/s':>10}{'x base':>8}{'x same':>8}{'texts/s':>10}{'x base':>8}"
-          f"{'x same':>8}{'img p50 ms':>12}{'img p99 ms':>12}")
+    print(
+        f"{'path':<44}{'prec':>5}{'images/s':>10}{'x base':>8}{'x same':>8}{'texts/s':>10}{'x base':>8}"
+        f"{'x same':>8}{'img p50 ms':>12}{'img p99 ms':>12}"
+    )
     for precision, name, ir, tr, p50, p99 in rows:
         same = baseline[precision]
-        print(f"{name:<44}{precision:>5}{ir:>10.1f}{ir / base[0]:>8.2f}{ir / same[0]:>8.2f}{tr:>10.1f}"
-              f"{tr / base[1]:>8.2f}{tr / same[1]:>8.2f}{p50:>12.1f}{p99:>12.1f}")
+        print(
+            f"{name:<44}{precision:>5}{ir:>10.1f}{ir / base[0]:>8.2f}{ir / same[0]:>8.2f}{tr:>10.1f}"
+            f"{tr / base[1]:>8.2f}{tr / same[1]:>8.2f}{p50:>12.1f}{p99:>12.1f}"
+        )
     print("latency: per request (Triton rows) or per in-process batch (in-process rows)")
+    if args.json:
+        keys = ("images_per_s", "x_base_images", "x_same_images", "texts_per_s", "x_base_texts", "x_same_texts")
+        table = [
+            {
+                "path": name,
+                "precision": precision,
+                **dict(
+                    zip(
+                        keys,
+                        (ir, ir / base[0], ir / baseline[precision][0], tr, tr / base[1], tr / baseline[precision][1]),
+                    )
+                ),
+                "p50_ms": p50,
+                "p99_ms": p99,
+            }
+            for precision, name, ir, tr, p50, p99 in rows
+        ]
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": table}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from common import prepared_export  # bench/common.py
+
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.errors import ClipTritonError
 from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import ADMIN_APIS, TritonServer
-
-from common import prepared_export  # bench/common.py
 
 OV = {"cpu_engine": "openvino", "cpu_precision": "bf16"}
 SETTINGS = {
@@ -72,7 +72,9 @@ def main() -> None:
         if image is None:
             print(f"{name:<50}  failed: {text}")
             continue
-        print(f"{name:<50}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}")
+        print(
+            f"{name:<50}{image.items_per_sec:>10.1f}{image.p99_ms:>9.1f}{text.items_per_sec:>10.1f}{text.p99_ms:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -17,5 +17,17 @@ from .grpc_client import (
 )
 from .index import EmbeddingIndex, Hit
 
-__all__ = ["AsyncClipClient", "ClipClient", "ClipClientError", "DeadlineExceeded", "EmbeddingIndex", "Hit",
-           "ItemErrors", "JobFailed", "JobInterrupted", "ServerFacts", "ServerUnavailable", "rank"]
+__all__ = [
+    "AsyncClipClient",
+    "ClipClient",
+    "ClipClientError",
+    "DeadlineExceeded",
+    "EmbeddingIndex",
+    "Hit",
+    "ItemErrors",
+    "JobFailed",
+    "JobInterrupted",
+    "ServerFacts",
+    "ServerUnavailable",
+    "rank",
+]

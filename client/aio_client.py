@@ -21,14 +21,14 @@ from .grpc_client import (
     facts_from_config,
     plan_batches,
     prepare_images,
-    record_rows,
-    requested_outputs,
-    split_result,
     prepare_texts,
     rank,
     record_or_split,
+    record_rows,
+    requested_outputs,
     retry_delay,
     should_retry,
+    split_result,
     template_texts,
 )
 
@@ -40,17 +40,31 @@ class AsyncClipClient:
     ``await client.classify(images, prompts)``, ``await client.get_facts()``.
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float = 60.0, retries: int = 60,
-                 backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, retry_seconds: float = RETRY_SECONDS, prompt_cache_entries: int = 256):
+    def __init__(
+        self,
+        url: str | Sequence[str] = "localhost:8001",
+        *,
+        timeout: float = 60.0,
+        retries: int = 60,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        batch_size: int | None = None,
+        url_timeout: float = 10.0,
+        retry_seconds: float = RETRY_SECONDS,
+        prompt_cache_entries: int = 256,
+    ):
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
         urls = [url] if isinstance(url, str) else list(url)
         if not urls:
             raise ValueError("AsyncClipClient needs at least one server URL")
-        self.clients = [aioclient.InferenceServerClient(u, channel_args=[("grpc.lb_policy_name", "round_robin")]
-                                                        if u.startswith("dns:") else None) for u in urls]
+        self.clients = [
+            aioclient.InferenceServerClient(
+                u, channel_args=[("grpc.lb_policy_name", "round_robin")] if u.startswith("dns:") else None
+            )
+            for u in urls
+        ]
         self._next = itertools.cycle(range(len(self.clients)))
         self.timeout, self.retries, self.backoff, self.retry_seconds = timeout, retries, backoff, retry_seconds
         self.concurrency = max(1, concurrency)
@@ -75,7 +89,8 @@ class AsyncClipClient:
     async def get_facts(self) -> ServerFacts:
         if self._facts is None:
             self._facts = facts_from_config(
-                await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True)))
+                await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
+            )
         return self._facts
 
     async def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
@@ -98,8 +113,7 @@ class AsyncClipClient:
         async def run(chunk: list[int]) -> None:
             try:
                 async with gate:
-                    record_rows(out, chunk, await self._infer(model, input_name, [items[i] for i in chunk]), errors,
-                                [])
+                    record_rows(out, chunk, await self._infer(model, input_name, [items[i] for i in chunk]), errors, [])
             except InferenceServerException as exc:
                 if record_or_split(exc, model, chunk, errors):
                     await asyncio.gather(*(run([i]) for i in chunk))
@@ -120,15 +134,17 @@ class AsyncClipClient:
         emb = self._text_cache.get(key)
         if emb is None:
             if templates:
-                emb = ensemble_templates(await self.embed_texts(template_texts(prompts, templates)),
-                                         len(prompts), len(templates))
+                emb = ensemble_templates(
+                    await self.embed_texts(template_texts(prompts, templates)), len(prompts), len(templates)
+                )
             else:
                 emb = await self.embed_texts(list(prompts))
             self._text_cache.put(key, emb)
         return emb
 
-    async def classify(self, images: Sequence, prompts: Sequence[str],
-                       templates: Sequence[str] | None = None) -> list[list[dict]]:
+    async def classify(
+        self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
+    ) -> list[list[dict]]:
         if not prompts:
             raise ValueError("classify needs at least one prompt")
         text = await self.prompt_embeddings(list(prompts), templates)
@@ -158,7 +174,7 @@ class AsyncClipClient:
         for client in self.clients:
             await client.close()
 
-    async def __aenter__(self) -> "AsyncClipClient":
+    async def __aenter__(self) -> AsyncClipClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,10 @@ MAX_BACKOFF_S = 5.0
 AUTO_DEADLINE_FLOOR_S = 60.0
 FIRST_SECONDS_PER_ITEM = 2.0
 DEADLINE_SAFETY = 4.0
-DEADLINE_HINT = ("the server is busy, not down: raise --timeout (seconds per request; timeout= in Python) "
-                 "or lower --batch-size / --concurrency")
+DEADLINE_HINT = (
+    "the server is busy, not down: raise --timeout (seconds per request; timeout= in Python) "
+    "or lower --batch-size / --concurrency"
+)
 
 
 class ClipClientError(ClipTritonError):
@@ -89,8 +92,7 @@ class JobFailed(ClipClientError):
     items refused so far; ``cause`` is the failure (a :class:`ClipClientError` with its hint)."""
 
     def __init__(self, cause: ClipClientError, embeddings: np.ndarray, answered: list[int], errors: dict[int, str]):
-        super().__init__(f"{cause.message} ({len(answered)} of {len(embeddings)} items answered before it)",
-                         cause.hint)
+        super().__init__(f"{cause.message} ({len(answered)} of {len(embeddings)} items answered before it)", cause.hint)
         self.cause = cause
         self.embeddings, self.answered, self.errors = embeddings, sorted(answered), dict(sorted(errors.items()))
 
@@ -140,8 +142,11 @@ class ServerFacts:
     def public_pretrained(self) -> str:
         """The pretrained tag, or "local checkpoint" where the export read a file (its path stays private)."""
         tag = self.pretrained
-        return "local checkpoint" if ("/" in tag or "\\" in tag or tag.endswith((".bin", ".pt", ".pth",
-                                                                                   ".safetensors"))) else tag
+        return (
+            "local checkpoint"
+            if ("/" in tag or "\\" in tag or tag.endswith((".bin", ".pt", ".pth", ".safetensors")))
+            else tag
+        )
 
 
 def facts_from_config(response: dict) -> ServerFacts:
@@ -175,12 +180,19 @@ def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]
     if facts.item_status:
         for row, status in enumerate(result.as_numpy(STATUS_OUTPUT).reshape(-1)):
             if status:
-                failed[row] = item_reason(status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status))
+                failed[row] = item_reason(
+                    status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+                )
     return embeddings, failed
 
 
-def record_rows(out: np.ndarray, chunk: list[int], answer: tuple[np.ndarray, dict[int, str]],
-                errors: dict[int, str], answered: list[int]) -> None:
+def record_rows(
+    out: np.ndarray,
+    chunk: list[int],
+    answer: tuple[np.ndarray, dict[int, str]],
+    errors: dict[int, str],
+    answered: list[int],
+) -> None:
     """Put one answer's rows in place: good rows into ``out``, flagged ones into ``errors`` (NaN rows)."""
     embeddings, failed = answer
     for row, index in enumerate(chunk):
@@ -228,7 +240,8 @@ class PromptCache:
     callers send."""
 
     def __init__(self, entries: int = 256):
-        self.entries, self._data = entries, OrderedDict()
+        self.entries = entries
+        self._data: OrderedDict = OrderedDict()
 
     def get(self, key):
         value = self._data.get(key)
@@ -289,8 +302,8 @@ def fetch_url(url: str, timeout: float = 10.0, max_bytes: int = MAX_URL_BYTES) -
     """Download an http(s) image with a time and size limit."""
     if not url.lower().startswith(("http://", "https://")):
         raise ValueError(f"not an http(s) URL: {url[:80]}")
-    request = urllib.request.Request(url, headers={"User-Agent": "clip-triton"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked above)
+    request = urllib.request.Request(url, headers={"User-Agent": "clip-triton"})  # noqa: S310 (http(s) checked above)
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
         length = response.headers.get("Content-Length")
         if length and int(length) > max_bytes:
             raise ValueError(f"{url} is {length} bytes, over the {max_bytes} byte limit")
@@ -324,8 +337,11 @@ def _status(exc) -> str:
 def retryable(exc) -> bool:
     """Transient: server unreachable, overloaded, or still loading its models."""
     status = _status(exc)
-    return (status in RETRYABLE or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
-            or (status == "StatusCode.INTERNAL" and STUB_DOWN in str(exc)))
+    return (
+        status in RETRYABLE
+        or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
+        or (status == "StatusCode.INTERNAL" and STUB_DOWN in str(exc))
+    )
 
 
 def transport_error(exc, model: str, target: str = "") -> ClipClientError:
@@ -336,8 +352,9 @@ def transport_error(exc, model: str, target: str = "") -> ClipClientError:
         return DeadlineExceeded(f"{model}: request missed its deadline ({message})", DEADLINE_HINT)
     if status == "StatusCode.UNAVAILABLE":
         where = f" at {target}" if target else ""
-        return ServerUnavailable(f"{model}: no server reachable{where} ({message})",
-                                 "is the server up? check --url (or $CLIP_TRITON_URL)")
+        return ServerUnavailable(
+            f"{model}: no server reachable{where} ({message})", "is the server up? check --url (or $CLIP_TRITON_URL)"
+        )
     return ClipClientError(f"{model}: {message}")
 
 
@@ -386,7 +403,7 @@ class _Job:
     """One ``embed_*`` call: lazy item preparation in the workers (bounded memory), requests sent with
     ``async_infer`` so that in-flight ones can be cancelled, bad items isolated, progress shown."""
 
-    def __init__(self, client: "ClipClient", model: str, input_name: str, items: list, prepare):
+    def __init__(self, client: ClipClient, model: str, input_name: str, items: list, prepare):
         self.client, self.model, self.input_name, self.items, self.prepare = client, model, input_name, items, prepare
         self.facts = client.facts
         self.size = client.batch_size
@@ -399,7 +416,7 @@ class _Job:
         self.calls: set = set()
         self.in_flight = 0
         self.deadlines = DeadlinePolicy(client.timeout)
-        self.bar = None
+        self.bar: Any = None  # the progress bar, made by run()
 
     def run(self) -> np.ndarray:
         from clip_triton.progress import bar  # noqa: PLC0415
@@ -513,7 +530,9 @@ class _Job:
                         how = "automatic deadline" if self.deadlines.auto else "deadline (--timeout)"
                         raise DeadlineExceeded(
                             f"{self.model}: a request of {len(payload)} items missed its {deadline:.4g} s {how}, "
-                            f"with {in_flight} items in flight", DEADLINE_HINT) from None
+                            f"with {in_flight} items in flight",
+                            DEADLINE_HINT,
+                        ) from None
                     if not should_retry(exc, attempt, client.retries, give_up):
                         raise
                     if self.stop.wait(retry_delay(attempt, client.backoff)):
@@ -531,8 +550,9 @@ class _Job:
             box.append((result, error))
             done.set()
 
-        call = self.client._client().async_infer(self.model, [tensor], callback, outputs=outputs,
-                                                 client_timeout=deadline)
+        call = self.client._client().async_infer(
+            self.model, [tensor], callback, outputs=outputs, client_timeout=deadline
+        )
         with self.lock:
             self.calls.add(call)
         if self.stop.is_set():
@@ -554,10 +574,20 @@ class ClipClient:
     turn (one gRPC connection pins to one server, so spreading needs several).
     """
 
-    def __init__(self, url: str | Sequence[str] = "localhost:8001", *, timeout: float | None = None, retries: int = 60,
-                 backoff: float = 0.5, concurrency: int = 4, batch_size: int | None = None,
-                 url_timeout: float = 10.0, progress: bool | None = False, retry_seconds: float = RETRY_SECONDS,
-                 prompt_cache_entries: int = 256):
+    def __init__(
+        self,
+        url: str | Sequence[str] = "localhost:8001",
+        *,
+        timeout: float | None = None,
+        retries: int = 60,
+        backoff: float = 0.5,
+        concurrency: int = 4,
+        batch_size: int | None = None,
+        url_timeout: float = 10.0,
+        progress: bool | None = False,
+        retry_seconds: float = RETRY_SECONDS,
+        prompt_cache_entries: int = 256,
+    ):
         """``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
         and the server's measured speed (see :class:`DeadlinePolicy`). ``progress``: a bar on stderr
         (None: only when stderr is a terminal)."""
@@ -599,7 +629,8 @@ class ClipClient:
                     return f"the server at {target} is not live"
                 missing = [m for m in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE) if not client.is_model_ready(m)]
             except Exception as exc:  # noqa: BLE001 (connection refused, DNS, TLS: all mean unreachable)
-                text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+                message = getattr(exc, "message", None)
+                text = message() if callable(message) else str(exc)
                 return f"no server answers at {target} ({(text or type(exc).__name__).splitlines()[0]})"
             if missing:
                 return f"the server at {target} is up but {' and '.join(missing)} is not ready (still loading?)"
@@ -613,8 +644,11 @@ class ClipClient:
             if reason is None:
                 return
             if time.monotonic() >= deadline:
-                hint = ("start it with `clip-triton serve --repo REPO`, or check --url / $CLIP_TRITON_URL"
-                        if reason.startswith("no server") else "wait longer (--ready-timeout) or read the server log")
+                hint = (
+                    "start it with `clip-triton serve --repo REPO`, or check --url / $CLIP_TRITON_URL"
+                    if reason.startswith("no server")
+                    else "wait longer (--ready-timeout) or read the server log"
+                )
                 raise ServerUnavailable(f"clip-triton not ready after {timeout:.0f} s: {reason}", hint)
             time.sleep(0.25)
 
@@ -677,7 +711,9 @@ class ClipClient:
             self._text_cache.put(key, emb)
         return emb
 
-    def classify(self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None) -> list[list[dict]]:
+    def classify(
+        self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
+    ) -> list[list[dict]]:
         """Zero-shot scores: per image, every prompt's cosine and softmax probability, ranked.
 
         Probabilities use the server's ``logit_scale`` (and ``logit_bias`` where the model has one).
@@ -706,14 +742,16 @@ class ClipClient:
         for client in self.clients:
             client.close()
 
-    def __enter__(self) -> "ClipClient":
+    def __enter__(self) -> ClipClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def rank(cosines: np.ndarray, prompts: Sequence[str], logit_scale: float, logit_bias: float | None = None) -> list[list[dict]]:
+def rank(
+    cosines: np.ndarray, prompts: Sequence[str], logit_scale: float, logit_bias: float | None = None
+) -> list[list[dict]]:
     """Per row of ``cosines``: prompts ranked by probability, ``softmax(logit_scale * cos + bias)``."""
     logits = logit_scale * cosines + (logit_bias or 0.0)
     logits = logits - logits.max(axis=1, keepdims=True)
@@ -722,6 +760,7 @@ def rank(cosines: np.ndarray, prompts: Sequence[str], logit_scale: float, logit_
     results = []
     for row_cos, row_prob in zip(cosines, probs):
         order = np.argsort(-row_prob, kind="stable")
-        results.append([{"prompt": prompts[j], "cosine": float(row_cos[j]), "probability": float(row_prob[j])}
-                        for j in order])
+        results.append(
+            [{"prompt": prompts[j], "cosine": float(row_cos[j]), "probability": float(row_prob[j])} for j in order]
+        )
     return results

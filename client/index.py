@@ -43,8 +43,9 @@ def index_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_name(base.name + ".npy"), base.with_name(base.name + ".json")
 
 
-def image_files(folder: str | os.PathLike, *, all_files: bool = False,
-                suffixes: Iterable[str] = IMAGE_SUFFIXES) -> tuple[list[Path], dict[str, str]]:
+def image_files(
+    folder: str | os.PathLike, *, all_files: bool = False, suffixes: Iterable[str] = IMAGE_SUFFIXES
+) -> tuple[list[Path], dict[str, str]]:
     """Files under ``folder`` (recursive, sorted) to embed, and those skipped by suffix with the reason.
 
     ``all_files``: every file; the server decides by content and refuses non-images item by item.
@@ -57,8 +58,11 @@ def image_files(folder: str | os.PathLike, *, all_files: bool = False,
         return files, {}
     allowed = {s.lower() for s in suffixes}
     keep = [p for p in files if p.suffix.lower() in allowed]
-    skipped = {str(p): f"suffix {p.suffix or '(none)'} is not an image suffix" for p in files
-               if p.suffix.lower() not in allowed}
+    skipped = {
+        str(p): f"suffix {p.suffix or '(none)'} is not an image suffix"
+        for p in files
+        if p.suffix.lower() not in allowed
+    }
     return keep, skipped
 
 
@@ -98,16 +102,26 @@ class EmbeddingIndex:
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
         if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.items):
-            raise ValueError(f"{len(self.items)} items need an (N, D) array with N = {len(self.items)}, "
-                             f"got shape {self.embeddings.shape}")
+            raise ValueError(
+                f"{len(self.items)} items need an (N, D) array with N = {len(self.items)}, "
+                f"got shape {self.embeddings.shape}"
+            )
         if self.kind not in ("image", "text"):
             raise ValueError(f"kind must be 'image' or 'text', not {self.kind!r}")
         self.items = [str(item) for item in self.items]
 
     # -- building --------------------------------------------------------------------------
     @classmethod
-    def from_arrays(cls, items: Sequence, embeddings: np.ndarray, *, kind: str = "image", model: str = "",
-                    pretrained: str = "", client: ClipClient | None = None) -> EmbeddingIndex:
+    def from_arrays(
+        cls,
+        items: Sequence,
+        embeddings: np.ndarray,
+        *,
+        kind: str = "image",
+        model: str = "",
+        pretrained: str = "",
+        client: ClipClient | None = None,
+    ) -> EmbeddingIndex:
         return cls(list(items), embeddings, kind=kind, model=model, pretrained=pretrained, client=client)
 
     @classmethod
@@ -135,8 +149,15 @@ class EmbeddingIndex:
         keep = [i for i in range(len(items)) if i not in refused]
         failed = {items[i]: reason for i, reason in refused.items()}
         facts = client.facts
-        return cls([items[i] for i in keep], rows[keep], kind=kind, model=facts.model, pretrained=facts.pretrained,
-                   failed=failed, client=client)
+        return cls(
+            [items[i] for i in keep],
+            rows[keep],
+            kind=kind,
+            model=facts.model,
+            pretrained=facts.pretrained,
+            failed=failed,
+            client=client,
+        )
 
     # -- files -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
@@ -144,10 +165,19 @@ class EmbeddingIndex:
         npy, meta = index_paths(path)
         npy.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(npy, lambda handle: np.save(handle, self.embeddings))
-        document = {"format": FORMAT, "kind": self.kind, "rows": len(self.items), "model": self.model,
-                    "pretrained": self.pretrained, "embed_dim": int(self.embeddings.shape[1]),
-                    "items": self.items, "failed": self.failed, "unanswered": self.unanswered,
-                    "skipped": self.skipped, "interrupted": self.interrupted}
+        document = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "rows": len(self.items),
+            "model": self.model,
+            "pretrained": self.pretrained,
+            "embed_dim": int(self.embeddings.shape[1]),
+            "items": self.items,
+            "failed": self.failed,
+            "unanswered": self.unanswered,
+            "skipped": self.skipped,
+            "interrupted": self.interrupted,
+        }
         _atomic_write(meta, lambda handle: handle.write(json.dumps(document, indent=1, ensure_ascii=False).encode()))
         return npy, meta
 
@@ -156,22 +186,34 @@ class EmbeddingIndex:
         npy, meta = index_paths(path)
         for file in (npy, meta):
             if not file.is_file():
-                raise ClipTritonError(f"{file} not found", "write an index with `clip-triton embed` or "
-                                                            "EmbeddingIndex.save()")
+                raise ClipTritonError(
+                    f"{file} not found", "write an index with `clip-triton embed` or EmbeddingIndex.save()"
+                )
         try:
             document = json.loads(meta.read_text(encoding="utf-8"))
             embeddings = np.load(npy, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise ClipTritonError(f"{npy} / {meta} could not be read ({exc})",
-                                  "the files are damaged: write the index again") from None
+            raise ClipTritonError(
+                f"{npy} / {meta} could not be read ({exc})", "the files are damaged: write the index again"
+            ) from None
         items = document.get("items", [])
         if embeddings.ndim != 2 or embeddings.shape[0] != len(items):
-            raise ClipTritonError(f"{npy} has {embeddings.shape[0] if embeddings.ndim else 0} rows but {meta} lists "
-                                  f"{len(items)} items", "the pair was not written together: write the index again")
-        return cls(items, embeddings, kind=document.get("kind", "image"), model=document.get("model", ""),
-                   pretrained=document.get("pretrained", ""), failed=document.get("failed", {}),
-                   unanswered=document.get("unanswered", []), skipped=document.get("skipped", {}),
-                   interrupted=bool(document.get("interrupted", False)), client=client)
+            raise ClipTritonError(
+                f"{npy} has {embeddings.shape[0] if embeddings.ndim else 0} rows but {meta} lists {len(items)} items",
+                "the pair was not written together: write the index again",
+            )
+        return cls(
+            items,
+            embeddings,
+            kind=document.get("kind", "image"),
+            model=document.get("model", ""),
+            pretrained=document.get("pretrained", ""),
+            failed=document.get("failed", {}),
+            unanswered=document.get("unanswered", []),
+            skipped=document.get("skipped", {}),
+            interrupted=bool(document.get("interrupted", False)),
+            client=client,
+        )
 
     # -- searching -------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -205,21 +247,29 @@ class EmbeddingIndex:
 
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.embed_dim:
-            raise ClipTritonError(f"query has {queries.shape[1]} dimensions, the index {self.embed_dim}",
-                                  "query with the model that built the index")
+            raise ClipTritonError(
+                f"query has {queries.shape[1]} dimensions, the index {self.embed_dim}",
+                "query with the model that built the index",
+            )
         if not len(self.items):
             return [[] for _ in queries]
         top, scores = ClipClient.search(queries, self.embeddings, k)
-        return [[Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores)]
-                for row, row_scores in zip(top, scores)]
+        return [
+            [Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores)]
+            for row, row_scores in zip(top, scores)
+        ]
 
     def _query_client(self) -> ClipClient:
         if self.client is None:
-            raise ClipTritonError("this index has no client to embed the query",
-                                  "EmbeddingIndex.load(path, client=client), or search with an embedding")
+            raise ClipTritonError(
+                "this index has no client to embed the query",
+                "EmbeddingIndex.load(path, client=client), or search with an embedding",
+            )
         facts = self.client.facts
         if self.model and (facts.model, facts.pretrained) != (self.model, self.pretrained):
-            raise ClipTritonError(f"the index was embedded by {self.model} ({self.pretrained}); the server serves "
-                                  f"{facts.model} ({facts.pretrained})", "query the deployment that built the index, "
-                                                                         "or rebuild the index")
+            raise ClipTritonError(
+                f"the index was embedded by {self.model} ({self.pretrained}); the server serves "
+                f"{facts.model} ({facts.pretrained})",
+                "query the deployment that built the index, or rebuild the index",
+            )
         return self.client

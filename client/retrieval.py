@@ -39,12 +39,16 @@ def load_captions(images_root: str | Path, captions_file: str | Path, split: str
         raise ClipTritonError(f"--captions {path} is not UTF-8 JSON ({exc})") from None
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
-        raise ClipTritonError(f"--captions {path} has no 'images' list",
-                              "expected COCO captions JSON (images + annotations) or a Karpathy split JSON")
+        raise ClipTritonError(
+            f"--captions {path} has no 'images' list",
+            "expected COCO captions JSON (images + annotations) or a Karpathy split JSON",
+        )
     found: list[CaptionedImage] = []
     if "annotations" in document and split:
-        raise ClipTritonError(f"--split {split}: {path} is a COCO captions file, which has no splits",
-                              "leave out --split (a COCO file is one split already)")
+        raise ClipTritonError(
+            f"--split {split}: {path} is a COCO captions file, which has no splits",
+            "leave out --split (a COCO file is one split already)",
+        )
     if "annotations" in document:  # COCO
         captions: dict[int, list[str]] = {}
         for note in document["annotations"]:
@@ -79,8 +83,10 @@ class RetrievalResult:
 
     def table(self) -> str:
         ks = sorted(self.image_to_text)
-        lines = [f"{self.images} images, {self.captions} captions, {self.failed} images failed",
-                 f"{'direction':<16}" + "".join(f"{f'R@{k}':>9}" for k in ks)]
+        lines = [
+            f"{self.images} images, {self.captions} captions, {self.failed} images failed",
+            f"{'direction':<16}" + "".join(f"{f'R@{k}':>9}" for k in ks),
+        ]
         for name, values in (("image -> text", self.image_to_text), ("text -> image", self.text_to_image)):
             lines.append(f"{name:<16}" + "".join(f"{values[k] * 100:>8.2f}%" for k in ks))
         return "\n".join(lines)
@@ -99,8 +105,15 @@ def recall_at_k(images: np.ndarray, texts: np.ndarray, owner: np.ndarray, ks: tu
     return i2t, t2i
 
 
-def evaluate_retrieval(client, images_root: str | Path, captions_file: str | Path, *, ks: tuple[int, ...] = (1, 5, 10),
-                       limit: int | None = None, split: str | None = None) -> RetrievalResult:
+def evaluate_retrieval(
+    client,
+    images_root: str | Path,
+    captions_file: str | Path,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    limit: int | None = None,
+    split: str | None = None,
+) -> RetrievalResult:
     """Recall@k of the deployment behind ``client``; images it refuses are left out with their captions."""
     from .grpc_client import ItemErrors  # noqa: PLC0415
 

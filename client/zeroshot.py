@@ -18,7 +18,6 @@ from clip_triton.errors import ClipTritonError
 from .index import IMAGE_SUFFIXES
 
 
-
 def zeroshot_metadata() -> dict:
     return json.loads(resources.files("clip_triton").joinpath("assets", "imagenet_zeroshot.json").read_text())
 
@@ -37,8 +36,10 @@ def templates(name: str) -> list[str]:
     lines = [line.strip() for line in _read(path, "--templates").splitlines() if line.strip()]
     bad = [line for line in lines if "{}" not in line]
     if not lines or bad:
-        raise ClipTritonError(f"--templates {name}: {'no templates' if not lines else f'{bad[0]!r} has no {{}}'}",
-                              "one template per line, {} standing for the class name, e.g. 'a photo of a {}.'")
+        raise ClipTritonError(
+            f"--templates {name}: {'no templates' if not lines else f'{bad[0]!r} has no {{}}'}",
+            "one template per line, {} standing for the class name, e.g. 'a photo of a {}.'",
+        )
     return lines
 
 
@@ -56,8 +57,10 @@ def image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
         raise ClipTritonError(f"{root} is not a folder", "pass an ImageFolder tree: ROOT/CLASS/IMAGE")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ClipTritonError(f"{root} has no class sub-folders",
-                              "eval needs the ImageFolder layout ROOT/CLASS/IMAGE, one folder per class")
+        raise ClipTritonError(
+            f"{root} has no class sub-folders",
+            "eval needs the ImageFolder layout ROOT/CLASS/IMAGE, one folder per class",
+        )
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).rglob("*")):
@@ -88,8 +91,10 @@ def class_names(folders: list[str], source: str) -> list[str]:
         if len(names) < 2 and len(folders) != len(names):
             what = f"--classnames {source!r} is not folder, imagenet, a file or a comma-separated list"
     if len(names) != len(folders):
-        raise ClipTritonError(f"{what}, but the dataset has {len(folders)} class folders",
-                              "one name per class folder, in sorted folder order")
+        raise ClipTritonError(
+            f"{what}, but the dataset has {len(folders)} class folders",
+            "one name per class folder, in sorted folder order",
+        )
     return names
 
 
@@ -112,13 +117,17 @@ class EvalResult:
         def pct(value):
             return "n/a" if value is None else f"{value * 100:.2f}%"
 
-        lines = [f"{'images':>8}{'classes':>9}{'failed':>8}{'top-1':>9}{'top-5':>9}",
-                 f"{self.images:>8}{self.classes:>9}{self.failed:>8}{pct(self.top1):>9}{pct(self.top5):>9}"]
+        lines = [
+            f"{'images':>8}{'classes':>9}{'failed':>8}{'top-1':>9}{'top-5':>9}",
+            f"{self.images:>8}{self.classes:>9}{self.failed:>8}{pct(self.top1):>9}{pct(self.top5):>9}",
+        ]
         if self.per_class:
             width = min(40, max(len(name) for name in self.per_class) + 2)
             lines += ["", f"{'class':<{width}}{'images':>8}{'top-1':>9}"]
-            lines += [f"{name[: width - 2]:<{width}}{self.per_class_images[name]:>8}{pct(acc):>9}"
-                      for name, acc in self.per_class.items()]
+            lines += [
+                f"{name[: width - 2]:<{width}}{self.per_class_images[name]:>8}{pct(acc):>9}"
+                for name, acc in self.per_class.items()
+            ]
         return "\n".join(lines)
 
 
@@ -131,8 +140,9 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float | Non
     return float((top == labels[:, None]).any(axis=1).mean())
 
 
-def evaluate(client, root: str | Path, *, classnames: str = "folder", template_set: str = "openai",
-             limit: int | None = None) -> EvalResult:
+def evaluate(
+    client, root: str | Path, *, classnames: str = "folder", template_set: str = "openai", limit: int | None = None
+) -> EvalResult:
     """Top-1/top-5 and per-class zero-shot accuracy of the deployment behind ``client`` on an ImageFolder."""
     from .grpc_client import ItemErrors  # noqa: PLC0415
 

@@ -39,17 +39,25 @@ def _export(args) -> int:
 def _verify(args) -> int:
     from clip_triton.export import verify_export  # noqa: PLC0415
 
-    verify_export(args.onnx_dir, seed=args.seed, checkpoint=args.checkpoint, engine=args.cpu_runtime,
-                  cpu_precision=args.cpu_precision)
+    verify_export(
+        args.onnx_dir,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        engine=args.cpu_runtime,
+        cpu_precision=args.cpu_precision,
+    )
     return 0
 
 
 def _build_engines(args) -> int:
     from clip_triton.export.engines import BuildOptions, build_engines  # noqa: PLC0415
 
-    options = BuildOptions(optimization_level=args.optimization_level, workspace_gib=args.workspace_gib,
-                           timing_cache=args.timing_cache,
-                           strongly_typed=None if args.typing == "auto" else args.typing == "strong")
+    options = BuildOptions(
+        optimization_level=args.optimization_level,
+        workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache,
+        strongly_typed=None if args.typing == "auto" else args.typing == "strong",
+    )
     build_engines(args.onnx_dir, args.repo, options)
     return 0
 
@@ -91,8 +99,11 @@ def _warn_precision(options) -> None:
         from .cpuengine import cpu_supports_bf16  # noqa: PLC0415
 
         if not cpu_supports_bf16():
-            print("WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here, "
-                  "and the served encoder_runtime says so", file=sys.stderr)
+            print(
+                "WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here, "
+                "and the served encoder_runtime says so",
+                file=sys.stderr,
+            )
 
 
 def _serve(args) -> int:
@@ -106,8 +117,9 @@ def _serve(args) -> int:
         host=args.host,
         log_verbose=args.log_verbose,
     )
-    return server.run_foreground(timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval,
-                                 canary_timeout=args.watchdog_timeout)
+    return server.run_foreground(
+        timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval, canary_timeout=args.watchdog_timeout
+    )
 
 
 def _health(args) -> int:
@@ -122,8 +134,15 @@ def _health(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo  # noqa: PLC0415
 
-    return run_demo(model=args.model, pretrained=args.pretrained, workdir=args.workdir, images=args.images,
-                    prompts=args.prompts, cpu_engine=args.cpu_runtime, cpu_precision=args.cpu_precision)
+    return run_demo(
+        model=args.model,
+        pretrained=args.pretrained,
+        workdir=args.workdir,
+        images=args.images,
+        prompts=args.prompts,
+        cpu_engine=args.cpu_runtime,
+        cpu_precision=args.cpu_precision,
+    )
 
 
 def _gateway(args) -> int:
@@ -131,14 +150,23 @@ def _gateway(args) -> int:
 
     keys = tuple(k.strip() for k in os.environ.get("CLIP_TRITON_API_KEYS", "").split(",") if k.strip())
     if args.api_key_file:
-        keys += tuple(line.strip() for line in _read_text(args.api_key_file, "--api-key-file").splitlines()
-                      if line.strip())
+        keys += tuple(
+            line.strip() for line in _read_text(args.api_key_file, "--api-key-file").splitlines() if line.strip()
+        )
     settings = GatewaySettings(
-        triton_url=args.url, api_keys=keys, auth=not args.no_auth,
-        max_body_bytes=int(args.max_body_mib * 1024**2), max_items=args.max_items, docs=args.docs,
+        triton_url=args.url,
+        api_keys=keys,
+        auth=not args.no_auth,
+        max_body_bytes=int(args.max_body_mib * 1024**2),
+        max_items=args.max_items,
+        docs=args.docs,
         served_model_name=args.served_model_name,
-        fetch=FetchPolicy(timeout_s=args.fetch_timeout, max_bytes=int(args.fetch_max_mib * 1024**2),
-                          allow_private=args.allow_private_urls))
+        fetch=FetchPolicy(
+            timeout_s=args.fetch_timeout,
+            max_bytes=int(args.fetch_max_mib * 1024**2),
+            allow_private=args.allow_private_urls,
+        ),
+    )
     serve_gateway(settings, host=args.host, port=args.port)
     return 0
 
@@ -146,9 +174,16 @@ def _gateway(args) -> int:
 def _perf(args) -> int:
     from .perf import perf_table  # noqa: PLC0415
 
-    print(perf_table(args.url, args.ensembles, batch_sizes=_int_list(args.batch_size, "--batch-size"),
-                     concurrencies=_int_list(args.concurrency, "--concurrency"),
-                     measurement_ms=args.measurement_ms, print_command=args.print_command))
+    print(
+        perf_table(
+            args.url,
+            args.ensembles,
+            batch_sizes=_int_list(args.batch_size, "--batch-size"),
+            concurrencies=_int_list(args.concurrency, "--concurrency"),
+            measurement_ms=args.measurement_ms,
+            print_command=args.print_command,
+        )
+    )
     return 0
 
 
@@ -156,11 +191,19 @@ def _client(args):
     from clip_triton.client import ClipClient  # noqa: PLC0415
 
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
-    client = ClipClient(urls if len(urls) > 1 else urls[0], timeout=args.timeout, concurrency=args.concurrency,
-                        batch_size=args.batch_size, progress=args.progress, retry_seconds=args.retry_seconds)
+    client = ClipClient(
+        urls if len(urls) > 1 else urls[0],
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        retry_seconds=args.retry_seconds,
+    )
     if client.readiness() is not None:
-        print(f"waiting up to {args.ready_timeout:.0f} s for clip_image and clip_text to be ready at {args.url}",
-              file=sys.stderr)
+        print(
+            f"waiting up to {args.ready_timeout:.0f} s for clip_image and clip_text to be ready at {args.url}",
+            file=sys.stderr,
+        )
     try:
         client.wait_until_ready(args.ready_timeout)
     except BaseException:
@@ -206,8 +249,10 @@ def _read_text(path: str, flag: str) -> str:
         raise ClipTritonError(f"{flag} {path} is a folder", "pass a text file") from None
     except UnicodeDecodeError as exc:
         line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
-        raise ClipTritonError(f"{flag} {path} is not UTF-8 (byte {exc.start}, line {line})",
-                              "convert it first, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8") from None
+        raise ClipTritonError(
+            f"{flag} {path} is not UTF-8 (byte {exc.start}, line {line})",
+            "convert it first, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8",
+        ) from None
 
 
 def _embed(args) -> int:
@@ -220,11 +265,16 @@ def _embed(args) -> int:
         files, skipped = image_files(args.images, all_files=args.all_files)
         items = [str(p) for p in files]
         if skipped:
-            print(f"skipped {len(skipped)} files whose suffix is not an image suffix ({_suffix_counts(skipped)}); "
-                  "listed in the side-car JSON; --all-files tries every file by content", file=sys.stderr)
+            print(
+                f"skipped {len(skipped)} files whose suffix is not an image suffix ({_suffix_counts(skipped)}); "
+                "listed in the side-car JSON; --all-files tries every file by content",
+                file=sys.stderr,
+            )
         if not items:
-            raise ClipTritonError(f"no images under {args.images}", "accepted suffixes: .jpg .jpeg .png .webp .bmp "
-                                                                    ".gif .tif .tiff, or --all-files to try every file")
+            raise ClipTritonError(
+                f"no images under {args.images}",
+                "accepted suffixes: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, or --all-files to try every file",
+            )
     else:
         items = [line for line in _read_text(args.texts, "--texts").splitlines() if line.strip()]
         if not items:
@@ -235,8 +285,9 @@ def _embed(args) -> int:
     if (npy.exists() or meta.exists()) and not args.force:
         previous = EmbeddingIndex.load(args.out)
         if previous.kind != kind:
-            raise ClipTritonError(f"{npy} holds {previous.kind} embeddings, not {kind}",
-                                  "choose another --out, or --force to replace it")
+            raise ClipTritonError(
+                f"{npy} holds {previous.kind} embeddings, not {kind}", "choose another --out, or --force to replace it"
+            )
         done = {item: row for row, item in enumerate(previous.items)}
     todo = [item for item in dict.fromkeys(items) if item not in done]
     answered: dict[str, object] = {}
@@ -246,11 +297,17 @@ def _embed(args) -> int:
     with _client(args) as client:
         facts = client.facts
         if previous is not None and (previous.model, previous.pretrained) != (facts.model, facts.pretrained):
-            raise ClipTritonError(f"{npy} was embedded by {previous.model} ({previous.pretrained}); the server serves "
-                                  f"{facts.model} ({facts.pretrained})", "choose another --out, or --force to replace it")
+            raise ClipTritonError(
+                f"{npy} was embedded by {previous.model} ({previous.pretrained}); the server serves "
+                f"{facts.model} ({facts.pretrained})",
+                "choose another --out, or --force to replace it",
+            )
         if done:
-            print(f"resuming {npy}: {len(items) - len(todo)} of {len(items)} items already embedded; "
-                  f"embedding {len(todo)}", file=sys.stderr)
+            print(
+                f"resuming {npy}: {len(items) - len(todo)} of {len(items)} items already embedded; "
+                f"embedding {len(todo)}",
+                file=sys.stderr,
+            )
         rows = None
         if todo:
             embed = client.embed_images if args.images else client.embed_texts
@@ -274,15 +331,29 @@ def _embed(args) -> int:
     keep = [item for item in dict.fromkeys(items) if item in done or item in answered]
     vectors = [previous.embeddings[done[item]] if item in done else answered[item] for item in keep]
     matrix = np.stack(vectors) if vectors else np.zeros((0, facts.embed_dim), dtype=np.float32)
-    index = EmbeddingIndex(keep, matrix, kind=kind, model=facts.model, pretrained=facts.pretrained, failed=failed,
-                           unanswered=unanswered, skipped=skipped, interrupted=interrupted)
+    index = EmbeddingIndex(
+        keep,
+        matrix,
+        kind=kind,
+        model=facts.model,
+        pretrained=facts.pretrained,
+        failed=failed,
+        unanswered=unanswered,
+        skipped=skipped,
+        interrupted=interrupted,
+    )
     index.save(args.out)
     missing = [f"{n} {what}" for n, what in ((len(unanswered), "unanswered"), (len(failed), "refused")) if n]
-    print(f"wrote {npy} ({len(keep)} x {facts.embed_dim} float32) and {meta}"
-          + (f"; items without a row: {', '.join(missing)} (listed there)" if missing else ""))
+    print(
+        f"wrote {npy} ({len(keep)} x {facts.embed_dim} float32) and {meta}"
+        + (f"; items without a row: {', '.join(missing)} (listed there)" if missing else "")
+    )
     if interrupted:
-        print(f"interrupted: {len(keep)} of {len(dict.fromkeys(items))} items written; rerun the same command to "
-              "embed the rest", file=sys.stderr)
+        print(
+            f"interrupted: {len(keep)} of {len(dict.fromkeys(items))} items written; rerun the same command to "
+            "embed the rest",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     if unanswered or (failed and not args.skip_errors):
         return 1
@@ -312,15 +383,25 @@ def _search(args) -> int:
 def _eval(args) -> int:
     from clip_triton.client.zeroshot import evaluate  # noqa: PLC0415
 
-    return _evaluation(args, "accuracy", lambda client: evaluate(
-        client, args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit))
+    return _evaluation(
+        args,
+        "accuracy",
+        lambda client: evaluate(
+            client, args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit
+        ),
+    )
 
 
 def _eval_retrieval(args) -> int:
     from clip_triton.client.retrieval import evaluate_retrieval  # noqa: PLC0415
 
-    return _evaluation(args, "recall", lambda client: evaluate_retrieval(
-        client, args.images, args.captions, ks=_int_list(args.k, "-k"), limit=args.limit, split=args.split))
+    return _evaluation(
+        args,
+        "recall",
+        lambda client: evaluate_retrieval(
+            client, args.images, args.captions, ks=_int_list(args.k, "-k"), limit=args.limit, split=args.split
+        ),
+    )
 
 
 def _evaluation(args, figure: str, run) -> int:
@@ -364,31 +445,60 @@ def _parser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
 
 
 def _progress_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar with rate and ETA on stderr (default: on when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar with rate and ETA on stderr (default: on when stderr is a terminal)",
+    )
 
 
 def _cpu_args(p: argparse.ArgumentParser, applies: str) -> None:
-    p.add_argument("--cpu-runtime", "--cpu-engine", dest="cpu_runtime", choices=CPU_ENGINES, default="onnxruntime",
-                   help=f"what runs the graphs on the CPU{applies} (--cpu-engine: old spelling)")
-    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default="fp32",
-                   help="what CPU encoders compute in: fp32 (exact) or bf16 (OpenVINO, on CPUs with AVX512-BF16 or "
-                        "AMX; elsewhere OpenVINO computes in fp32 and says so)")
+    p.add_argument(
+        "--cpu-runtime",
+        "--cpu-engine",
+        dest="cpu_runtime",
+        choices=CPU_ENGINES,
+        default="onnxruntime",
+        help=f"what runs the graphs on the CPU{applies} (--cpu-engine: old spelling)",
+    )
+    p.add_argument(
+        "--cpu-precision",
+        choices=CPU_PRECISIONS,
+        default="fp32",
+        help="what CPU encoders compute in: fp32 (exact) or bf16 (OpenVINO, on CPUs with AVX512-BF16 or "
+        "AMX; elsewhere OpenVINO computes in fp32 and says so)",
+    )
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
-                   help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="deadline of each request in seconds (default: automatic, scaled to the items in flight and "
-                        "the server's measured speed, at least 60 s)")
-    p.add_argument("--ready-timeout", type=float, default=120.0,
-                   help="seconds to wait for the server's clip_image and clip_text to be ready")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="deadline of each request in seconds (default: automatic, scaled to the items in flight and "
+        "the server's measured speed, at least 60 s)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the server's clip_image and clip_text to be ready",
+    )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=None, help="items per request (default: the server's max)")
-    p.add_argument("--retry-seconds", type=float, default=150.0,
-                   help="keep retrying a server that is restarting or unreachable this long before giving up; "
-                        "rows answered by then are kept")
+    p.add_argument(
+        "--retry-seconds",
+        type=float,
+        default=150.0,
+        help="keep retrying a server that is restarting or unreachable this long before giving up; "
+        "rows answered by then are kept",
+    )
     _progress_arg(p)
 
 
@@ -401,23 +511,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "export", "export open_clip's vision and text towers to verified ONNX graphs")
     p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip architecture name or model-config JSON path")
-    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
-                   help="pretrained tag (hub download), checkpoint file path, or 'none' for random weights")
-    p.add_argument("--onnx-dir", "--out", dest="onnx_dir", required=True,
-                   help="export folder to write (graphs, manifest.json, references.npz; --out: old spelling)")
+    p.add_argument(
+        "--pretrained",
+        default=DEFAULT_PRETRAINED,
+        help="pretrained tag (hub download), checkpoint file path, or 'none' for random weights",
+    )
+    p.add_argument(
+        "--onnx-dir",
+        "--out",
+        dest="onnx_dir",
+        required=True,
+        help="export folder to write (graphs, manifest.json, references.npz; --out: old spelling)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing export in --onnx-dir")
-    p.add_argument("--reuse", action="store_true",
-                   help="keep a verified export of the same model, weights and precision already in --onnx-dir "
-                        "(exit 0 at once); replace anything else (for jobs that run on every start)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep a verified export of the same model, weights and precision already in --onnx-dir "
+        "(exit 0 at once); replace anything else (for jobs that run on every start)",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of the exported graphs")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17-20")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (--pretrained none only)")
     p.add_argument("--no-verify", action="store_true", help="skip ONNX Runtime vs PyTorch verification")
     p.add_argument("--verify-batches", default="1,3,8", help="comma-separated batch sizes to verify")
-    p.add_argument("--external-data-threshold-mib", type=float, default=1843.2,
-                   help="write weights to a .data file beside a graph above this size")
-    p.add_argument("--cache-dir", default=None,
-                   help="download cache for hub weights (default: huggingface_hub's; tags only)")
+    p.add_argument(
+        "--external-data-threshold-mib",
+        type=float,
+        default=1843.2,
+        help="write weights to a .data file beside a graph above this size",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="download cache for hub weights (default: huggingface_hub's; tags only)"
+    )
     _progress_arg(p)
     p.set_defaults(func=_export)
 
@@ -432,25 +558,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "repo", "write a Triton model repository (ensemble) for an export")
     p.add_argument("--runtime", choices=RUNTIMES, default="tensorrt", help="what runs the encoders")
     p.add_argument("--onnx-dir", default=None, help="export folder (default: none; ViT-bigG-14 defaults, no graphs)")
-    p.add_argument("--repo", "--out", dest="repo", required=True,
-                   help="repository folder to write (--out: old spelling)")
+    p.add_argument(
+        "--repo", "--out", dest="repo", required=True, help="repository folder to write (--out: old spelling)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing repository folder")
-    p.add_argument("--served-model-name", default=None,
-                   help="public model id that clients and the gateway see (default: the architecture name; never "
-                        "a checkpoint path)")
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="largest batch per request and per model (default: the contract's, 64)")
-    p.add_argument("--queue-delay-us", type=int, default=None,
-                   help="dynamic batching max queue delay (default: 500 on GPU runtimes, 2000 on CPU)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="public model id that clients and the gateway see (default: the architecture name; never "
+        "a checkpoint path)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=None,
+        help="largest batch per request and per model (default: the contract's, 64)",
+    )
+    p.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="dynamic batching max queue delay (default: 500 on GPU runtimes, 2000 on CPU)",
+    )
     p.add_argument("--encoder-instances", type=int, default=1, help="instances of each encoder")
-    p.add_argument("--preprocess-instances", type=int, default=None,
-                   help="image decoding instances (default: 8 on GPU runtimes, one per core for --runtime python)")
+    p.add_argument(
+        "--preprocess-instances",
+        type=int,
+        default=None,
+        help="image decoding instances (default: 8 on GPU runtimes, one per core for --runtime python)",
+    )
     p.add_argument("--tokenizer-instances", type=int, default=1, help="tokenizer instances")
     _cpu_args(p, " (--runtime python)")
-    p.add_argument("--encoder-threads", "--ort-threads", dest="encoder_threads", type=int, default=0,
-                   help="CPU encoders: threads per instance, 0 = all cores (--runtime python or openvino)")
-    p.add_argument("--max-image-pixels", type=int, default=None,
-                   help="refuse images over this many pixels, read from the header (default: 50,000,000)")
+    p.add_argument(
+        "--encoder-threads",
+        "--ort-threads",
+        dest="encoder_threads",
+        type=int,
+        default=0,
+        help="CPU encoders: threads per instance, 0 = all cores (--runtime python or openvino)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="refuse images over this many pixels, read from the header (default: 50,000,000)",
+    )
     p.set_defaults(func=_repo)
 
     p = _parser(sub, "build-engines", "build and validate TensorRT engines (GPU host, TensorRT container)")
@@ -459,16 +611,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: REPO/timing.cache, reused)")
-    p.add_argument("--typing", choices=["auto", "strong", "weak"], default="auto",
-                   help="auto: strongly typed on TensorRT >= 10.12, else the weakly typed FP16 fallback")
+    p.add_argument(
+        "--typing",
+        choices=["auto", "strong", "weak"],
+        default="auto",
+        help="auto: strongly typed on TensorRT >= 10.12, else the weakly typed FP16 fallback",
+    )
     p.set_defaults(func=_build_engines)
 
-    p = _parser(sub, "check-engines", "refuse engines that failed validation or were built for another "
-                                      "TensorRT version or GPU (exit 2)")
+    p = _parser(
+        sub,
+        "check-engines",
+        "refuse engines that failed validation or were built for another TensorRT version or GPU (exit 2)",
+    )
     p.add_argument("--repo", required=True, help="TensorRT repository (each model.plan with its engine.json)")
-    p.add_argument("--onnx-dir", default=None,
-                   help="also require the engines to be built from exactly these graphs (sha256): "
-                        "exit 0 means they are current and need no rebuild")
+    p.add_argument(
+        "--onnx-dir",
+        default=None,
+        help="also require the engines to be built from exactly these graphs (sha256): "
+        "exit 0 means they are current and need no rebuild",
+    )
     p.set_defaults(func=_check_engines)
 
     p = _parser(sub, "serve", "run the pip-installed tritonserver on a model repository (CPU)")
@@ -479,49 +641,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for the models to load")
-    p.add_argument("--watchdog-interval", type=float, default=15.0,
-                   help="seconds between liveness probes (0: off). A crashed tritonserver is restarted at once; "
-                        "a live one only on evidence of death, 2 probes in a row: a dead python stub, no answer, "
-                        "or a failed canary while no request completes (busy is not dead)")
+    p.add_argument(
+        "--watchdog-interval",
+        type=float,
+        default=15.0,
+        help="seconds between liveness probes (0: off). A crashed tritonserver is restarted at once; "
+        "a live one only on evidence of death, 2 probes in a row: a dead python stub, no answer, "
+        "or a failed canary while no request completes (busy is not dead)",
+    )
     p.add_argument("--watchdog-timeout", type=float, default=10.0, help="the probe's canary deadline in seconds")
     p.set_defaults(func=_serve)
 
-    p = _parser(sub, "health", "liveness: a canary request through each ensemble; a server that is busy "
-                               "(requests keep completing) counts as alive, only evidence of death fails")
-    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
-                   help="Triton gRPC host:port ($CLIP_TRITON_URL)")
-    p.add_argument("--metrics-url", default=None,
-                   help="Triton's Prometheus metrics, read to tell busy from dead (default: http://HOST:8002/metrics; "
-                        "'none': judge by the canary alone)")
+    p = _parser(
+        sub,
+        "health",
+        "liveness: a canary request through each ensemble; a server that is busy "
+        "(requests keep completing) counts as alive, only evidence of death fails",
+    )
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        help="Triton gRPC host:port ($CLIP_TRITON_URL)",
+    )
+    p.add_argument(
+        "--metrics-url",
+        default=None,
+        help="Triton's Prometheus metrics, read to tell busy from dead (default: http://HOST:8002/metrics; "
+        "'none': judge by the canary alone)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="canary deadline in seconds")
     p.set_defaults(func=_health)
 
     p = _parser(sub, "demo", "offline main job: export a small model, serve it, classify sample photos")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture name or model-config JSON path")
-    p.add_argument("--pretrained", default="none",
-                   help="pretrained tag, checkpoint path, or 'none' (random weights: offline)")
-    p.add_argument("--workdir", default=os.path.join(".clip-triton", "demo"),
-                   help="folder for the export, the repository and the server log (reused across runs)")
+    p.add_argument(
+        "--pretrained", default="none", help="pretrained tag, checkpoint path, or 'none' (random weights: offline)"
+    )
+    p.add_argument(
+        "--workdir",
+        default=os.path.join(".clip-triton", "demo"),
+        help="folder for the export, the repository and the server log (reused across runs)",
+    )
     p.add_argument("--images", nargs="*", default=None, help="image files (default: the bundled photographs)")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (default: five about the bundled photographs)")
     _cpu_args(p, "")
     p.set_defaults(func=_demo)
 
     p = _parser(sub, "gateway", "OpenAI-compatible HTTP API in front of Triton (needs the gateway extra)")
-    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
-                   help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
-    p.add_argument("--served-model-name", default=None,
-                   help="the model id clients send and /v1/models lists (default: the repository's "
-                        "served_model_name, else the architecture name)")
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id clients send and /v1/models lists (default: the repository's "
+        "served_model_name, else the architecture name)",
+    )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (also: $CLIP_TRITON_API_KEYS)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use only)")
-    p.add_argument("--docs", action="store_true",
-                   help="serve the interactive API docs (/docs, /redoc, /openapi.json); off by default, and open "
-                        "to anyone who reaches the gateway when on")
-    p.add_argument("--allow-private-urls", action="store_true",
-                   help="let image URLs point at private, loopback or link-local addresses")
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="serve the interactive API docs (/docs, /redoc, /openapi.json); off by default, and open "
+        "to anyone who reaches the gateway when on",
+    )
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let image URLs point at private, loopback or link-local addresses",
+    )
     p.add_argument("--max-body-mib", type=float, default=64, help="largest request body")
     p.add_argument("--max-items", type=int, default=256, help="items per request")
     p.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per image URL")
@@ -531,25 +723,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "classify", "zero-shot classify images against prompts (ranked table)")
     p.add_argument("images", nargs="+", help="image paths or http(s) URLs")
     p.add_argument("--prompts", nargs="+", required=True, help="one prompt per class")
-    p.add_argument("--templates", choices=["openai", "simple"], default=None,
-                   help="ensemble each prompt over open_clip's templates (default: the prompts as written)")
+    p.add_argument(
+        "--templates",
+        choices=["openai", "simple"],
+        default=None,
+        help="ensemble each prompt over open_clip's templates (default: the prompts as written)",
+    )
     p.add_argument("--top", type=int, default=5, help="rows shown per image")
     _client_args(p)
     p.set_defaults(func=_classify)
 
-    p = _parser(sub, "embed", "embed a folder of images or a text file (one text a line) into an index "
-                              "(.npy + .json); a rerun resumes")
+    p = _parser(
+        sub,
+        "embed",
+        "embed a folder of images or a text file (one text a line) into an index (.npy + .json); a rerun resumes",
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (recursive)")
     source.add_argument("--texts", help="UTF-8 file, one text per line")
-    p.add_argument("--out", required=True, help="index to write: NAME.npy and NAME.json (a rerun embeds only the "
-                                                "items without a row)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="index to write: NAME.npy and NAME.json (a rerun embeds only the items without a row)",
+    )
     p.add_argument("--force", action="store_true", help="start over instead of resuming an existing --out")
-    p.add_argument("--skip-errors", action="store_true", help="exit 0 although the server refused some items "
-                                                              "(they are listed in the .json either way)")
-    p.add_argument("--all-files", action="store_true",
-                   help="--images: try every file by content, not only image suffixes (refused files are "
-                        "reported like any bad item); without it, other files are skipped and listed")
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="exit 0 although the server refused some items (they are listed in the .json either way)",
+    )
+    p.add_argument(
+        "--all-files",
+        action="store_true",
+        help="--images: try every file by content, not only image suffixes (refused files are "
+        "reported like any bad item); without it, other files are skipped and listed",
+    )
     _client_args(p)
     p.set_defaults(func=_embed)
 
@@ -564,24 +772,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "eval", "zero-shot top-1/top-5 and per-class accuracy over an ImageFolder dataset")
     p.add_argument("dataset", help="ROOT/CLASS/IMAGE folders")
-    p.add_argument("--classnames", default="folder",
-                   help="'folder' (folder names, _ as space), 'imagenet' (open_clip's 1000 names in sorted-wnid "
-                        "order), a file with one name per line in folder order, or a comma-separated list")
-    p.add_argument("--templates", default="openai",
-                   help="'openai' (80), 'simple' (7), 'none' (the class name alone), or a file with one template per "
-                        "line, {} standing for the class name")
+    p.add_argument(
+        "--classnames",
+        default="folder",
+        help="'folder' (folder names, _ as space), 'imagenet' (open_clip's 1000 names in sorted-wnid "
+        "order), a file with one name per line in folder order, or a comma-separated list",
+    )
+    p.add_argument(
+        "--templates",
+        default="openai",
+        help="'openai' (80), 'simple' (7), 'none' (the class name alone), or a file with one template per "
+        "line, {} standing for the class name",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     _client_args(p)
     p.set_defaults(func=_eval)
 
-    p = _parser(sub, "eval-retrieval", "image-text retrieval recall@k over an image-caption dataset "
-                                        "(COCO or Flickr30k/Karpathy captions JSON)")
+    p = _parser(
+        sub,
+        "eval-retrieval",
+        "image-text retrieval recall@k over an image-caption dataset (COCO or Flickr30k/Karpathy captions JSON)",
+    )
     p.add_argument("--images", required=True, help="folder the captions file's image names are relative to")
-    p.add_argument("--captions", required=True,
-                   help="COCO captions JSON (images + annotations) or Karpathy JSON (images[].filename, sentences)")
-    p.add_argument("--split", default=None,
-                   help="Karpathy JSON: evaluate this split only, e.g. test (default: every image)")
+    p.add_argument(
+        "--captions",
+        required=True,
+        help="COCO captions JSON (images + annotations) or Karpathy JSON (images[].filename, sentences)",
+    )
+    p.add_argument(
+        "--split", default=None, help="Karpathy JSON: evaluate this split only, e.g. test (default: every image)"
+    )
     p.add_argument("-k", default="1,5,10", help="comma-separated k of recall@k")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
@@ -589,40 +810,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval_retrieval)
 
     p = _parser(sub, "perf", "run perf_analyzer against the ensembles with real inputs (bundled JPEGs, prompts)")
-    p.add_argument("--url", default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
-                   help="Triton gRPC host:port ($CLIP_TRITON_URL)")
-    p.add_argument("--ensembles", nargs="+", choices=["clip_image", "clip_text"], default=["clip_image", "clip_text"],
-                   help="ensembles to measure")
+    p.add_argument(
+        "--url",
+        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        help="Triton gRPC host:port ($CLIP_TRITON_URL)",
+    )
+    p.add_argument(
+        "--ensembles",
+        nargs="+",
+        choices=["clip_image", "clip_text"],
+        default=["clip_image", "clip_text"],
+        help="ensembles to measure",
+    )
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
     p.add_argument("--concurrency", default="1,4", help="comma-separated concurrency levels")
     p.add_argument("--measurement-ms", type=int, default=4000, help="perf_analyzer measurement window")
-    p.add_argument("--print-command", action="store_true",
-                   help="print each perf_analyzer command line (with its environment) before running it")
+    p.add_argument(
+        "--print-command",
+        action="store_true",
+        help="print each perf_analyzer command line (with its environment) before running it",
+    )
     p.set_defaults(func=_perf)
     return parser
 
 
 # Flags that only mean something with another flag's value: (command, flag's dest, predicate on args, why).
 _APPLIES = [
-    ("export", "seed", lambda a: str(a.pretrained).lower() == "none", "--seed seeds random weights: it needs "
-                                                                       "--pretrained none"),
+    (
+        "export",
+        "seed",
+        lambda a: str(a.pretrained).lower() == "none",
+        "--seed seeds random weights: it needs --pretrained none",
+    ),
     ("export", "verify_batches", lambda a: not a.no_verify, "--verify-batches has no effect with --no-verify"),
-    ("export", "cache_dir", lambda a: str(a.pretrained).lower() != "none" and not Path(str(a.pretrained)).exists(),
-     "--cache-dir is the hub download cache: it needs --pretrained TAG"),
-    ("repo", "cpu_runtime", lambda a: a.runtime == "python", "--cpu-runtime chooses the python backend's CPU library: "
-                                                            "it needs --runtime python"),
-    ("repo", "cpu_precision", lambda a: a.runtime in ("python", "openvino"),
-     "--cpu-precision applies to CPU encoders: --runtime python or openvino"),
-    ("repo", "encoder_threads", lambda a: a.runtime in ("python", "openvino"),
-     "--encoder-threads applies to CPU encoders: --runtime python or openvino"),
+    (
+        "export",
+        "cache_dir",
+        lambda a: str(a.pretrained).lower() != "none" and not Path(str(a.pretrained)).exists(),
+        "--cache-dir is the hub download cache: it needs --pretrained TAG",
+    ),
+    (
+        "repo",
+        "cpu_runtime",
+        lambda a: a.runtime == "python",
+        "--cpu-runtime chooses the python backend's CPU library: it needs --runtime python",
+    ),
+    (
+        "repo",
+        "cpu_precision",
+        lambda a: a.runtime in ("python", "openvino"),
+        "--cpu-precision applies to CPU encoders: --runtime python or openvino",
+    ),
+    (
+        "repo",
+        "encoder_threads",
+        lambda a: a.runtime in ("python", "openvino"),
+        "--encoder-threads applies to CPU encoders: --runtime python or openvino",
+    ),
     ("embed", "all_files", lambda a: bool(a.images), "--all-files applies to --images"),
-    ("serve", "watchdog_timeout", lambda a: a.watchdog_interval > 0,
-     "--watchdog-timeout has no effect with --watchdog-interval 0 (watchdog off)"),
+    (
+        "serve",
+        "watchdog_timeout",
+        lambda a: a.watchdog_interval > 0,
+        "--watchdog-timeout has no effect with --watchdog-interval 0 (watchdog off)",
+    ),
     ("gateway", "api_key_file", lambda a: not a.no_auth, "--api-key-file has no effect with --no-auth"),
-    ("verify", "cpu_precision", lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
-     "--cpu-precision bf16 needs --cpu-runtime openvino"),
-    ("demo", "cpu_precision", lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
-     "--cpu-precision bf16 needs --cpu-runtime openvino"),
+    (
+        "verify",
+        "cpu_precision",
+        lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
+        "--cpu-precision bf16 needs --cpu-runtime openvino",
+    ),
+    (
+        "demo",
+        "cpu_precision",
+        lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
+        "--cpu-precision bf16 needs --cpu-runtime openvino",
+    ),
 ]
 
 
@@ -642,10 +906,23 @@ def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 # A missing optional dependency, named by module, and the extra that brings it.
 EXTRAS = {
-    "torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export", "onnxscript": "export",
-    "onnxruntime": "serve", "tritonclient": "client", "fastapi": "gateway", "uvicorn": "gateway",
-    "httpx": "gateway", "prometheus_client": "gateway", "tensorrt": "gpu", "polygraphy": "gpu",
-    "openvino": "cpu", "pytriton": "serve", "tqdm": "client",
+    "torch": "export",
+    "torchvision": "export",
+    "open_clip": "export",
+    "onnx": "export",
+    "onnxscript": "export",
+    "onnxruntime": "serve",
+    "tritonclient": "client",
+    "fastapi": "gateway",
+    "uvicorn": "gateway",
+    "httpx": "gateway",
+    "prometheus_client": "gateway",
+    "tensorrt": "gpu",
+    "polygraphy": "gpu",
+    "openvino": "cpu",
+    "pytriton": "serve",
+    "tqdm": "client",
+    "pydantic": "gateway",
 }
 
 
@@ -657,13 +934,17 @@ def missing_extra(exc: ImportError, command: str) -> ClipTritonError | None:
         return None
     if command == "export" and extra == "serve":
         extra = "export"  # export verifies with ONNX Runtime: the export extra brings it
-    return ClipTritonError(f"`clip-triton {command}` needs {name}, which is not installed",
-                           f"pip install 'clip-triton[{extra}]'")
+    return ClipTritonError(
+        f"`clip-triton {command}` needs {name}, which is not installed", f"pip install 'clip-triton[{extra}]'"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .progress import configure_cli_logging  # noqa: PLC0415
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_cli_logging()
     try:
         check_combinations(parser, args)
         return int(args.func(args) or 0)

@@ -233,7 +233,7 @@ class ModelContract:
         raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
 
     # -- variants and persistence ----------------------------------------------------------
-    def with_(self, **changes) -> "ModelContract":
+    def with_(self, **changes) -> ModelContract:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -245,7 +245,7 @@ class ModelContract:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelContract":
+    def from_dict(cls, data: dict[str, Any]) -> ModelContract:
         pre = dict(data.get("preprocess", {}))
         if "image_size" in pre:
             pre["image_size"] = _tuple(pre["image_size"], 2)
@@ -264,11 +264,11 @@ class ModelContract:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelContract":
+    def from_json(cls, text: str) -> ModelContract:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def default(cls) -> "ModelContract":
+    def default(cls) -> ModelContract:
         """ViT-bigG-14 / laion2b_s39b_b160k, fp16, from the snapshot shipped in this package.
 
         ``tests/test_contract.py`` checks the snapshot against open_clip's live config lookups.
@@ -284,7 +284,7 @@ class ModelContract:
         pretrained: str | None = DEFAULT_PRETRAINED,
         precision: str = "fp16",
         batch: BatchProfile | None = None,
-    ) -> "ModelContract":
+    ) -> ModelContract:
         """Read an architecture's config and a tag's preprocessing from open_clip (no weights).
 
         ``model`` is an open_clip architecture name or the path of a custom JSON config (which is
@@ -308,7 +308,7 @@ class ModelContract:
         if isinstance(vision_cfg.get("layers"), (list, tuple)):
             raise ClipTritonError(f"{name} is a ResNet (ModifiedResNet) model", "choose an open_clip ViT architecture")
 
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+        from open_clip.transform import PreprocessCfg, merge_preprocess_dict  # noqa: PLC0415 (export only)
 
         pre = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
         tag = normalise_pretrained(pretrained)
@@ -366,8 +366,10 @@ SERVED_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 def check_served_model_name(name: str) -> str:
     """A public model id (``--served-model-name``): 1-128 of letters, digits and ``. _ - : /``."""
     if not SERVED_MODEL_NAME.fullmatch(name):
-        raise ClipTritonError(f"--served-model-name {name!r} is not a model id",
-                              "use 1-128 letters, digits and . _ - : / , starting with a letter or digit")
+        raise ClipTritonError(
+            f"--served-model-name {name!r} is not a model id",
+            "use 1-128 letters, digits and . _ - : / , starting with a letter or digit",
+        )
     return name
 
 
@@ -406,9 +408,9 @@ def _import_open_clip():
     return open_clip
 
 
-def cosine(a, b) -> "Any":
+def cosine(a, b) -> Any:
     """Row-wise cosine similarity of two (N, D) arrays (numpy), in float64."""
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 (the contract itself needs no numpy)
 
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)

@@ -31,8 +31,10 @@ def check_engine(engine: str, precision: str | None = None) -> None:
     if precision not in CPU_PRECISIONS:
         raise ClipTritonError(f"unknown CPU precision {precision!r}", f"choose one of {CPU_PRECISIONS}")
     if precision == "bf16" and engine != "openvino":
-        raise ClipTritonError("bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
-                              "add --cpu-engine openvino (for a repository, or use --runtime openvino)")
+        raise ClipTritonError(
+            "bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
+            "add --cpu-engine openvino (for a repository, or use --runtime openvino)",
+        )
 
 
 def cpu_supports_bf16() -> bool:
@@ -52,8 +54,14 @@ class OpenVINOSession:
     ``static_batch`` compiles for that one batch size instead of any (faster; see bench/forward.py).
     """
 
-    def __init__(self, path: str | Path, precision: str = "bf16", threads: int | None = None, streams: int = 1,
-                 static_batch: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        precision: str = "bf16",
+        threads: int | None = None,
+        streams: int = 1,
+        static_batch: int | None = None,
+    ):
         try:
             import openvino as ov  # noqa: PLC0415
         except ImportError as exc:
@@ -101,8 +109,14 @@ class OpenVINOSession:
         return [np.array(result[self._outputs[name]], copy=True) for name in names]
 
 
-def open_session(path: str | Path, engine: str = "onnxruntime", precision: str = "fp32", threads: int | None = None,
-                 spinning: bool | None = None, fp16_graph: bool | None = None):
+def open_session(
+    path: str | Path,
+    engine: str = "onnxruntime",
+    precision: str = "fp32",
+    threads: int | None = None,
+    spinning: bool | None = None,
+    fp16_graph: bool | None = None,
+):
     """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph."""
     check_engine(engine, precision)
     if engine == "openvino":

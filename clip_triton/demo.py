@@ -11,13 +11,24 @@ from pathlib import Path
 
 from .progress import Progress
 
-DEFAULT_PROMPTS = ("a photo of a cat", "a photo of a cup of coffee", "a photo of an astronaut",
-                   "a photo of a rocket launch", "a photo of a dog")
+DEFAULT_PROMPTS = (
+    "a photo of a cat",
+    "a photo of a cup of coffee",
+    "a photo of an astronaut",
+    "a photo of a rocket launch",
+    "a photo of a dog",
+)
 
 
-def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = ".clip-triton/demo",
-             images: list[str] | None = None, prompts: list[str] | None = None, cpu_engine: str = "onnxruntime",
-             cpu_precision: str = "fp32") -> int:
+def run_demo(
+    model: str = "ViT-B-32",
+    pretrained: str = "none",
+    workdir: str = ".clip-triton/demo",
+    images: list[str] | None = None,
+    prompts: list[str] | None = None,
+    cpu_engine: str = "onnxruntime",
+    cpu_precision: str = "fp32",
+) -> int:
     from clip_triton.client import ClipClient  # noqa: PLC0415
     from clip_triton.export import export_model  # noqa: PLC0415
 
@@ -48,8 +59,10 @@ def run_demo(model: str = "ViT-B-32", pretrained: str = "none", workdir: str = "
             facts = client.facts
             results = client.classify(items, prompts)
     print()
-    print(f"model {facts.public_id} ({facts.model} / {facts.public_pretrained}), embed_dim {facts.embed_dim}, "
-          f"logit_scale {facts.logit_scale:.4f}, encoders {facts.encoder_runtime} (read from the server)")
+    print(
+        f"model {facts.public_id} ({facts.model} / {facts.public_pretrained}), embed_dim {facts.embed_dim}, "
+        f"logit_scale {facts.logit_scale:.4f}, encoders {facts.encoder_runtime} (read from the server)"
+    )
     if facts.random_weights:
         print("NOTE: these weights are RANDOM (--pretrained none): the scores below exercise the whole serving")
         print("path but carry no meaning. Export real weights with --pretrained TAG or a checkpoint path.")

@@ -18,8 +18,10 @@ def engine_cosines(repo: Path) -> list[str]:
         manifest = json.loads((repo / model / "1" / "engine.json").read_text())
         checks = manifest["validation"]["checks"]
         platform = manifest["platform"]
-        lines.append(f"{model:<16} TensorRT {platform['tensorrt']} on {platform['gpu']}: min cosine vs open_clip "
-                     f"PyTorch fp32 {min(c['min_cosine'] for c in checks):.6f} over {len(checks)} batches")
+        lines.append(
+            f"{model:<16} TensorRT {platform['tensorrt']} on {platform['gpu']}: min cosine vs open_clip "
+            f"PyTorch fp32 {min(c['min_cosine'] for c in checks):.6f} over {len(checks)} batches"
+        )
     return lines
 
 
@@ -37,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     for model in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for concurrency in (int(c) for c in args.concurrency.split(",")):
-                r = run_perf_analyzer(args.url, model, batch_size=batch, concurrency=concurrency,
-                                      measurement_ms=args.measurement_ms)
-                print(f"{model:<12}{batch:>6}{concurrency:>13}{r.items_per_sec:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}",
-                      flush=True)
+                r = run_perf_analyzer(
+                    args.url, model, batch_size=batch, concurrency=concurrency, measurement_ms=args.measurement_ms
+                )
+                print(
+                    f"{model:<12}{batch:>6}{concurrency:>13}{r.items_per_sec:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}",
+                    flush=True,
+                )
     return 0
 
 

@@ -40,8 +40,10 @@ def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            for model, name, item in ((TEXT_ENSEMBLE, TEXT_INPUT, b"a photo of a cat"),
-                                      (IMAGE_ENSEMBLE, IMAGE_INPUT, canary_image())):
+            for model, name, item in (
+                (TEXT_ENSEMBLE, TEXT_INPUT, b"a photo of a cat"),
+                (IMAGE_ENSEMBLE, IMAGE_INPUT, canary_image()),
+            ):
                 tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[item]], dtype=object))
                 out = client.infer(model, [tensor], client_timeout=timeout).as_numpy(EMBEDDING_OUTPUT)
@@ -61,7 +63,7 @@ def completed_requests(metrics_url: str, timeout: float = 5.0) -> float | None:
     import urllib.request  # noqa: PLC0415
 
     try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:  # noqa: S310 (operator's URL)
             text = response.read().decode("utf-8", "replace")
     except (OSError, ValueError, http.client.HTTPException):  # unreachable, malformed URL, cut answer
         return None

@@ -8,8 +8,13 @@ from pathlib import Path
 from .errors import ClipTritonError
 
 
-def make_session(path: str | Path, threads: int | None = None, fp16: bool | None = None, device: str = "cpu",
-                 spinning: bool | None = None):
+def make_session(
+    path: str | Path,
+    threads: int | None = None,
+    fp16: bool | None = None,
+    device: str = "cpu",
+    spinning: bool | None = None,
+):
     """An ``InferenceSession`` for an exported encoder.
 
     ``fp16`` graphs on the CPU provider are created with the ``NchwcTransformer`` disabled: with it,

@@ -67,8 +67,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
                 raise ImageError(f"image has no pixels ({width}x{height})")
             if width * height > limits.max_pixels:
                 raise ImageError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                    f"{limits.max_pixels} pixels"
+                    f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} pixels"
                 )
             img.load()
     except ImageError:
@@ -77,8 +76,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageError(f"not a decodable image in an accepted format ({ACCEPTED})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard (MAX_IMAGE_PIXELS) fired while reading the header.
-        raise ImageError(f"image rejected as a decompression bomb, over the limit of {limits.max_pixels} pixels "
-                         f"({exc})") from None
+        raise ImageError(
+            f"image rejected as a decompression bomb, over the limit of {limits.max_pixels} pixels ({exc})"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
     return img
@@ -141,8 +141,9 @@ class Preprocessor:
             rows = rows.resize((right - left, y1 - y0), self._resample, box=(left * sx, 0, right * sx, y1 - y0))
         if new_h == height:
             return rows.crop((0, top - y0, right - left, bottom - y0))
-        return rows.resize((right - left, bottom - top), self._resample,
-                           box=(0, top * sy - y0, right - left, bottom * sy - y0))
+        return rows.resize(
+            (right - left, bottom - top), self._resample, box=(0, top * sy - y0, right - left, bottom * sy - y0)
+        )
 
     def from_pil(self, img: Image.Image) -> np.ndarray:
         rgb = np.asarray(self.resize_crop(img).convert("RGB"))

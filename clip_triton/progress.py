@@ -1,8 +1,11 @@
-"""Progress for long work, always on stderr: step lines with elapsed time and memory (export, engine
-builds) and bars with rate and ETA (bulk embedding, evaluation, export steps)."""
+"""Progress for long work: step lines with elapsed time and memory (export, engine builds), logged to
+``clip_triton.<prefix>`` at INFO, and bars with rate and ETA on stderr (bulk embedding, evaluation,
+export steps). The CLI sends log records to stderr as plain lines; a library caller configures
+``logging`` as it likes."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
@@ -10,10 +13,11 @@ import time
 class Progress:
     def __init__(self, prefix: str, stream=None, enabled: bool = True, start: float | None = None, sink=None):
         self.prefix = prefix
-        self.stream = stream or sys.stderr
+        self.stream = stream or sys.stderr  # where bars go
         self.enabled = enabled
         self.start = time.monotonic() if start is None else start  # monotonic: shared across processes
-        self.sink = sink  # where lines go instead of the stream (a progress bar's writer, a child's queue)
+        self.sink = sink  # where lines go instead of the log (a child's queue to its parent)
+        self.logger = logging.getLogger(f"clip_triton.{prefix}")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -24,7 +28,25 @@ class Progress:
             if self.sink is not None:
                 self.sink(line)
             else:
-                print(line, file=self.stream, flush=True)
+                emit(self.logger, line)
+
+
+def emit(logger: logging.Logger, line: str) -> None:
+    """Log ``line`` at INFO without tearing a progress bar that is on screen (tqdm clears and redraws)."""
+    from tqdm import tqdm  # noqa: PLC0415
+
+    with tqdm.external_write_mode(file=sys.stderr):
+        logger.info(line)
+
+
+def configure_cli_logging(level: int = logging.INFO) -> None:
+    """What the command line shows: clip_triton's records as plain lines on stderr (once)."""
+    root = logging.getLogger("clip_triton")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 def memory() -> str:
@@ -43,5 +65,13 @@ def bar(total: int | None, desc: str, *, unit: str = "item", enabled: bool | Non
     terminal, so logs and pipes stay clean; ``True``/``False`` force it."""
     from tqdm import tqdm  # noqa: PLC0415
 
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None if enabled is None else not enabled,
-                dynamic_ncols=True, smoothing=0.1, leave=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        disable=None if enabled is None else not enabled,
+        dynamic_ncols=True,
+        smoothing=0.1,
+        leave=True,
+    )

@@ -120,7 +120,7 @@ class ServingFacts:
     logit_scale_source: str = "checkpoint"
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "ServingFacts":
+    def from_manifest(cls, manifest: dict) -> ServingFacts:
         verification = manifest.get("verification", {})
         if verification.get("performed") and not verification.get("passed"):
             raise ClipTritonError(
@@ -135,7 +135,7 @@ class ServingFacts:
         )
 
     @classmethod
-    def default(cls) -> "ServingFacts":
+    def default(cls) -> ServingFacts:
         return cls(
             contract=ModelContract.default(),
             logit_scale=ASSUMED_LOGIT_SCALE,
@@ -222,21 +222,33 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     contract_json = c.to_json()
     configs = {}
 
-    pre = _base(PREPROCESS_MODEL, max_batch, [c.image_input], [c.pixels, c.status], {
-        "contract": contract_json,
-        "max_image_pixels": str(options.max_image_pixels or DEFAULT_MAX_PIXELS),
-        "max_image_bytes": str(options.max_image_bytes or DEFAULT_MAX_BYTES),
-    })
+    pre = _base(
+        PREPROCESS_MODEL,
+        max_batch,
+        [c.image_input],
+        [c.pixels, c.status],
+        {
+            "contract": contract_json,
+            "max_image_pixels": str(options.max_image_pixels or DEFAULT_MAX_PIXELS),
+            "max_image_bytes": str(options.max_image_bytes or DEFAULT_MAX_BYTES),
+        },
+    )
     pre.backend = "python"
     _batching(pre, preferred, delay)
     # CPU-bound decoding: a GPU host gets 8 instances (~300 images/s each); a CPU-only server one per core.
     _instances(pre, options.preprocess_instances or (8 if gpu else cores), "KIND_CPU")
     configs[PREPROCESS_MODEL] = pre
 
-    tok = _base(TOKENIZER_MODEL, max_batch, [c.text_input], [c.input_ids, c.status], {
-        "contract": contract_json,
-        "max_text_chars": str(options.max_text_chars),
-    })
+    tok = _base(
+        TOKENIZER_MODEL,
+        max_batch,
+        [c.text_input],
+        [c.input_ids, c.status],
+        {
+            "contract": contract_json,
+            "max_text_chars": str(options.max_text_chars),
+        },
+    )
     tok.backend = "python"
     _batching(tok, preferred, delay)
     _instances(tok, options.tokenizer_instances, "KIND_CPU")
@@ -277,11 +289,14 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _warmup(enc, spec_in, sorted({1, preferred[0]}))
         configs[name] = enc
 
-    facts_params = {**facts.parameters(), "encoder_runtime": options.encoder_runtime,
-                    "served_model_name": options.served_model_name or c.model}
-    for name, spec_in, first, mid, second, spec_mid, spec_enc_out in (
-        (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, c.pixels, VISION_MODEL, c.pixels, c.image_embeds),
-        (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, c.input_ids, TEXT_MODEL, c.input_ids, c.text_embeds),
+    facts_params = {
+        **facts.parameters(),
+        "encoder_runtime": options.encoder_runtime,
+        "served_model_name": options.served_model_name or c.model,
+    }
+    for name, spec_in, first, second, spec_mid, spec_enc_out in (
+        (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, VISION_MODEL, c.pixels, c.image_embeds),
+        (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, TEXT_MODEL, c.input_ids, c.text_embeds),
     ):
         ens = _base(name, max_batch, [spec_in], [c.embedding, c.status], facts_params)
         ens.platform = "ensemble"
@@ -360,8 +375,9 @@ def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
             shutil.copy2(source, target)
 
 
-def write_repository(out: str | Path, *, onnx_dir: str | Path | None = None, options: RepoOptions = RepoOptions(),
-                     force: bool = False) -> Path:
+def write_repository(
+    out: str | Path, *, onnx_dir: str | Path | None = None, options: RepoOptions = RepoOptions(), force: bool = False
+) -> Path:
     """Write a repository. With ``onnx_dir``, facts come from its manifest and graphs are placed."""
     out = Path(out)
     if onnx_dir is not None:

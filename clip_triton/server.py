@@ -8,8 +8,10 @@ Triton's python stub gets this package and the current environment's site-packag
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
+import logging
 import os
 import secrets
 import signal
@@ -25,6 +27,8 @@ import urllib.request
 from pathlib import Path
 
 from .errors import ClipTritonError
+
+LOG = logging.getLogger("clip_triton.server")
 
 
 def pytriton_root() -> Path:
@@ -44,8 +48,9 @@ def backend_directory(cache: Path | None = None) -> Path:
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.is_file():
-        raise ClipTritonError(f"nvidia-pytriton ships no python backend stub for Python {version}",
-                              "use Python 3.8-3.13")
+        raise ClipTritonError(
+            f"nvidia-pytriton ships no python backend stub for Python {version}", "use Python 3.8-3.13"
+        )
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip-triton"
     backends = cache / f"triton-backends-py{version}"
     python = backends / "python"
@@ -90,7 +95,9 @@ def check_repository(repo: Path) -> list[str]:
             )
         if config.backend == "python":
             if not (version / "model.py").is_file():
-                raise ClipTritonError(f"{version / 'model.py'} missing", "rewrite the repository with `clip-triton repo`")
+                raise ClipTritonError(
+                    f"{version / 'model.py'} missing", "rewrite the repository with `clip-triton repo`"
+                )
             onnx_file = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else ""
             if onnx_file and not (version / onnx_file).is_file():
                 raise ClipTritonError(
@@ -126,8 +133,10 @@ def _check_port(host: str, port: int, what: str) -> None:
         try:
             sock.bind((host, port))
         except OSError:
-            raise ClipTritonError(f"{what} port {port} on {host} is already in use",
-                                  f"stop what listens there or pass another --{what}-port") from None
+            raise ClipTritonError(
+                f"{what} port {port} on {host} is already in use",
+                f"stop what listens there or pass another --{what}-port",
+            ) from None
 
 
 def stub_pythonpath() -> str:
@@ -166,10 +175,20 @@ def _die_with(parent: int):
 class TritonServer:
     """A local tritonserver process: ``with TritonServer(repo) as server: server.grpc_url``."""
 
-    def __init__(self, repo: str | Path, *, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
-                 host: str = "127.0.0.1", log_verbose: int = 0, log_file: str | Path | None = None,
-                 extra_args: tuple[str, ...] = (), admin_key: str | None = None,
-                 restricted_apis: tuple[str, ...] = ADMIN_APIS):
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        log_verbose: int = 0,
+        log_file: str | Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        admin_key: str | None = None,
+        restricted_apis: tuple[str, ...] = ADMIN_APIS,
+    ):
         self.repo = Path(repo).resolve()
         self.host = host
         spare = iter(free_ports(3, host))
@@ -242,7 +261,7 @@ class TritonServer:
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         return env
 
-    def start(self, timeout: float = 300) -> "TritonServer":
+    def start(self, timeout: float = 300) -> TritonServer:
         check_repository(self.repo)
         for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
             _check_port(self.host, port, what)
@@ -252,9 +271,14 @@ class TritonServer:
         # The parent-death signal fires when the *thread* that forked exits, so it is set only from the
         # main thread (a watchdog thread that restarts the server must not take it down when it ends).
         main = threading.current_thread() is threading.main_thread()
-        self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=self._log_handle,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_die_with(os.getpid()) if main else None)
+        self.process = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()) if main else None,
+        )
         try:
             self.wait_ready(timeout)
         except BaseException:  # Ctrl-C or a failed start: never leave the server (own session) behind
@@ -273,8 +297,10 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise ClipTritonError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
-                                      f"{self.log_tail()}", f"full log: {self.log_file}")
+                raise ClipTritonError(
+                    f"tritonserver exited with code {self.process.returncode} while starting:\n{self.log_tail()}",
+                    f"full log: {self.log_file}",
+                )
             if self.ready():
                 return
             time.sleep(0.25)
@@ -300,15 +326,13 @@ class TritonServer:
                 self.process.wait()
         # A stub that Triton launched while it was shutting down (Ctrl-C during start-up) missed the
         # SIGTERM and would outlive it, orphaned: clear whatever is left of the group.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.process = None
         if getattr(self, "_log_handle", None):
             self._log_handle.close()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc) -> None:
@@ -323,8 +347,9 @@ class TritonServer:
         self.stop(timeout=grace)
         self.start(timeout)
 
-    def watchdog_step(self, state: dict, failures_before_restart: int = 2, timeout: float = 300,
-                      canary_timeout: float = 10.0) -> bool:
+    def watchdog_step(
+        self, state: dict, failures_before_restart: int = 2, timeout: float = 300, canary_timeout: float = 10.0
+    ) -> bool:
         """One liveness check; True if it restarted the server.
 
         Restart only on evidence of death: tritonserver exited (at once), or :func:`health.probe` found
@@ -354,16 +379,19 @@ class TritonServer:
         now = time.monotonic()
         recent = [t for t in state.get("restart_times", []) if now - t < CRASH_WINDOW_S]
         if len(recent) >= CRASH_LIMIT:
-            raise ClipTritonError(f"tritonserver failed {len(recent)} times in {CRASH_WINDOW_S:.0f} s; last: {reason}\n"
-                                  f"{self.log_tail()}", f"full log: {self.log_file}")
+            raise ClipTritonError(
+                f"tritonserver failed {len(recent)} times in {CRASH_WINDOW_S:.0f} s; last: {reason}\n{self.log_tail()}",
+                f"full log: {self.log_file}",
+            )
         _say(f"watchdog: {reason}; restarting tritonserver")
         self.restart(timeout)
         state.update(failures=0, restarts=state.get("restarts", 0) + 1, restart_times=[*recent, now])
         _say("watchdog: ready again")
         return True
 
-    def run_foreground(self, timeout: float = 300, watchdog_interval: float = 15.0,
-                       canary_timeout: float = 10.0) -> int:
+    def run_foreground(
+        self, timeout: float = 300, watchdog_interval: float = 15.0, canary_timeout: float = 10.0
+    ) -> int:
         """``clip-triton serve``: start, print the endpoints, watch, stop cleanly on Ctrl-C/SIGTERM.
 
         A tritonserver that exits is restarted at once (at most ``CRASH_LIMIT`` times in
@@ -377,8 +405,17 @@ class TritonServer:
         try:
             print(f"starting tritonserver on {self.repo} ...", flush=True)
             self.start(timeout)
-            print(json.dumps({"http": self.http_url, "grpc": self.grpc_url, "metrics": self.metrics_url,
-                              "log": str(self.log_file)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "http": self.http_url,
+                        "grpc": self.grpc_url,
+                        "metrics": self.metrics_url,
+                        "log": str(self.log_file),
+                    }
+                ),
+                flush=True,
+            )
             print("ready; Ctrl-C stops the server", flush=True)
             next_check = time.monotonic() + watchdog_interval
             while True:
@@ -400,4 +437,5 @@ class TritonServer:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Watchdog and lifecycle events: logged (the CLI shows them on stderr)."""
+    LOG.warning(message)

@@ -163,8 +163,8 @@ def _merge(word: str, ranks: dict[tuple[str, str], int], end_of_word: bool = Tru
 class ClipTokenizer:
     """Tokenize strings to ``int32`` ids of shape ``[N, context_length]``."""
 
-    def __init__(self, spec: TokenizerSpec = TokenizerSpec(), max_chars: int = 65536):
-        self.spec = spec
+    def __init__(self, spec: TokenizerSpec | None = None, max_chars: int = 65536):
+        self.spec = spec = spec or TokenizerSpec()
         self.max_chars = max_chars
         self.encoder, self.ranks = _load_vocab()
         self.sot = self.encoder[_SPECIAL[0]]
@@ -237,7 +237,9 @@ class ClipTokenizer:
     def __call__(self, texts: str | list[str]) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
-        return np.stack([self.ids(text) for text in texts]) if texts else np.zeros((0, self.spec.context_length), np.int32)
+        return (
+            np.stack([self.ids(text) for text in texts]) if texts else np.zeros((0, self.spec.context_length), np.int32)
+        )
 
 
 def decode_utf8(data: bytes) -> str:

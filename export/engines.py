@@ -85,11 +85,18 @@ class Platform:
 def gpu_identity() -> tuple[str, str]:
     """(name, compute capability) of GPU 0, from nvidia-smi."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        raise ClipTritonError("no NVIDIA GPU found (nvidia-smi failed)",
-                              "build engines on the GPU host that will serve them, in the TensorRT container") from None
+        raise ClipTritonError(
+            "no NVIDIA GPU found (nvidia-smi failed)",
+            "build engines on the GPU host that will serve them, in the TensorRT container",
+        ) from None
     name, capability = (field.strip() for field in out.splitlines()[0].split(","))
     return name, capability
 
@@ -111,9 +118,11 @@ def tensorrt_version() -> str:
         return f"{code // 10000}.{code // 100 % 100}.{code % 100}"
     if os.environ.get("TRT_VERSION"):
         return os.environ["TRT_VERSION"]
-    raise ClipTritonError("TensorRT is not installed",
-                          "run inside nvcr.io/nvidia/tensorrt:<release>-py3 (docker compose run engines) "
-                          "or pip install 'clip-triton[gpu]'")
+    raise ClipTritonError(
+        "TensorRT is not installed",
+        "run inside nvcr.io/nvidia/tensorrt:<release>-py3 (docker compose run engines) "
+        "or pip install 'clip-triton[gpu]'",
+    )
 
 
 def current_platform() -> Platform:
@@ -131,21 +140,25 @@ def check_engine_manifest(manifest: dict, platform: Platform, where: str = "engi
         raise ClipTritonError(
             f"{where} did not pass its validation against open_clip PyTorch (min cosine {worst:.6f}, "
             f"needs >= {validation.get('min_cosine', MIN_ENGINE_COSINE)})",
-            "do not serve it: rebuild with `clip-triton build-engines` (try --optimization-level 5 or an fp32 export)")
+            "do not serve it: rebuild with `clip-triton build-engines` (try --optimization-level 5 or an fp32 export)",
+        )
     built = Platform(**manifest["platform"])
     if parse_version(built.tensorrt)[:3] != parse_version(platform.tensorrt)[:3]:
         raise ClipTritonError(
             f"engine built with TensorRT {built.tensorrt}, but this environment has TensorRT {platform.tensorrt}",
-            "rebuild with `clip-triton build-engines` in the TensorRT container of the serving Triton release")
+            "rebuild with `clip-triton build-engines` in the TensorRT container of the serving Triton release",
+        )
     if built.compute_capability != platform.compute_capability or built.gpu != platform.gpu:
         raise ClipTritonError(
             f"engine built for {built.gpu} (sm {built.compute_capability}), this GPU is "
             f"{platform.gpu} (sm {platform.compute_capability})",
-            "rebuild the engines on the GPU type that will serve them")
+            "rebuild the engines on the GPU type that will serve them",
+        )
 
 
-def check_repository_engines(repo: str | Path, platform: Platform | None = None,
-                             onnx_dir: str | Path | None = None) -> list[str]:
+def check_repository_engines(
+    repo: str | Path, platform: Platform | None = None, onnx_dir: str | Path | None = None
+) -> list[str]:
     """Check every engine in a repository against this host before Triton loads them.
 
     Each ``model.plan`` needs its ``engine.json`` saying it passed validation on this TensorRT and GPU.
@@ -160,16 +173,20 @@ def check_repository_engines(repo: str | Path, platform: Platform | None = None,
         if not plan.is_file():
             raise ClipTritonError(f"{plan} is missing", "run `clip-triton build-engines` first")
         if not manifest_path.is_file():
-            raise ClipTritonError(f"{plan} has no {ENGINE_MANIFEST}: nothing says it was validated",
-                                  "rebuild it with `clip-triton build-engines`, which validates and records it")
+            raise ClipTritonError(
+                f"{plan} has no {ENGINE_MANIFEST}: nothing says it was validated",
+                "rebuild it with `clip-triton build-engines`, which validates and records it",
+            )
         manifest = json.loads(manifest_path.read_text())
         check_engine_manifest(manifest, platform, where=str(plan))
         if onnx_dir is not None:
             built_from, now = manifest.get("onnx", {}), graph_identity(Path(onnx_dir), tower)
-            if {k: built_from.get(k) for k in ("sha256", "data_sha256")} != \
-                    {k: now[k] for k in ("sha256", "data_sha256")}:
-                raise ClipTritonError(f"{plan} was built from other graphs than {now['file']}",
-                                      "rebuild with `clip-triton build-engines`")
+            if {k: built_from.get(k) for k in ("sha256", "data_sha256")} != {
+                k: now[k] for k in ("sha256", "data_sha256")
+            }:
+                raise ClipTritonError(
+                    f"{plan} was built from other graphs than {now['file']}", "rebuild with `clip-triton build-engines`"
+                )
         checked.append(model)
     return checked
 
@@ -216,8 +233,10 @@ def read_timing_cache(path: Path, platform: Platform, log: Progress) -> bytes:
     except (OSError, ValueError):
         built = None
     if built != asdict(platform):
-        log(f"dropping timing cache {path}: built by {built or 'an unrecorded TensorRT/GPU'}, "
-            f"this is TensorRT {platform.tensorrt} on {platform.gpu}")
+        log(
+            f"dropping timing cache {path}: built by {built or 'an unrecorded TensorRT/GPU'}, "
+            f"this is TensorRT {platform.tensorrt} on {platform.gpu}"
+        )
         return b""
     return path.read_bytes()
 
@@ -238,11 +257,21 @@ def apply_timing_cache(config, data: bytes, log: Progress) -> None:
         raise ClipTritonError("TensorRT refused an empty timing cache", "pass --timing-cache to a new file path")
 
 
-def build_engine(onnx_path: Path, plan_path: Path, profile: Profile, precision: str, options: BuildOptions,
-                 cache_path: Path, platform: Platform, log: Progress) -> dict:  # pragma: no cover - needs a GPU
+def build_engine(
+    onnx_path: Path,
+    plan_path: Path,
+    profile: Profile,
+    precision: str,
+    options: BuildOptions,
+    cache_path: Path,
+    platform: Platform,
+    log: Progress,
+) -> dict:  # pragma: no cover - needs a GPU
     import tensorrt as trt  # noqa: PLC0415
 
-    strongly = options.strongly_typed if options.strongly_typed is not None else strongly_typed_supported(trt.__version__)
+    strongly = (
+        options.strongly_typed if options.strongly_typed is not None else strongly_typed_supported(trt.__version__)
+    )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly else 0
@@ -327,22 +356,31 @@ def validate_engine(tower: str, cases, reference, outputs) -> list[dict]:
     rows = []
     for (label, x), ref, out in zip(cases, reference, outputs):
         cos = float(cosine(ref, out).min())
-        rows.append({"tower": tower, "inputs": label, "batch": int(x.shape[0]), "min_cosine": cos,
-                     "max_abs_diff": float(np.abs(ref - out).max()),
-                     "passed": bool(np.isfinite(out).all() and cos >= MIN_ENGINE_COSINE)})
+        rows.append(
+            {
+                "tower": tower,
+                "inputs": label,
+                "batch": int(x.shape[0]),
+                "min_cosine": cos,
+                "max_abs_diff": float(np.abs(ref - out).max()),
+                "passed": bool(np.isfinite(out).all() and cos >= MIN_ENGINE_COSINE),
+            }
+        )
     return rows
 
 
-def validate_plan(tower: str, plan_path: Path, profile: Profile, contract: ModelContract, references: list,
-                  runner=None) -> list[dict]:
+def validate_plan(
+    tower: str, plan_path: Path, profile: Profile, contract: ModelContract, references: list, runner=None
+) -> list[dict]:
     """Run an engine on the export's reference inputs and compare with the PyTorch references."""
     cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references]
     outputs = run_engine(plan_path, profile, [x for _, x in cases], runner=runner)
     return validate_engine(tower, cases, [ref for _, _, ref in references], outputs)
 
 
-def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(),
-                  log: Progress | None = None) -> dict:  # pragma: no cover - needs a GPU and TensorRT
+def build_engines(
+    onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(), log: Progress | None = None
+) -> dict:  # pragma: no cover - needs a GPU and TensorRT
     """Build, place and validate ``vision_encoder/1/model.plan`` and ``text_encoder/1/model.plan``."""
     from .pipeline import REFERENCES, load_references, read_manifest  # noqa: PLC0415
 
@@ -362,14 +400,17 @@ def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions 
     for tower, model in TOWER_MODELS.items():
         folder = repo / model / "1"
         if not (repo / model / "config.pbtxt").is_file():
-            raise ClipTritonError(f"{repo / model} is not a model folder",
-                                  "write the repository first: clip-triton repo --runtime tensorrt --onnx-dir DIR --out REPO")
+            raise ClipTritonError(
+                f"{repo / model} is not a model folder",
+                "write the repository first: clip-triton repo --runtime tensorrt --onnx-dir DIR --out REPO",
+            )
         folder.mkdir(parents=True, exist_ok=True)
         profile = profile_for(contract, tower)
         onnx_path = onnx_dir / GRAPH_FILES[tower]
         log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
-        built = build_engine(onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path,
-                             platform, log)
+        built = build_engine(
+            onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path, platform, log
+        )
         checks = validate_plan(tower, folder / PLAN_FILE, profile, contract, references[tower])
         engine_manifest = {
             "platform": asdict(platform),
@@ -377,18 +418,26 @@ def build_engines(onnx_dir: str | Path, repo: str | Path, options: BuildOptions 
             "profile": asdict(profile),
             "precision": contract.precision,
             "builder": {**asdict(options), **built},
-            "validation": {"reference": "open_clip PyTorch fp32", "min_cosine": MIN_ENGINE_COSINE, "checks": checks,
-                           "passed": all(row["passed"] for row in checks)},
+            "validation": {
+                "reference": "open_clip PyTorch fp32",
+                "min_cosine": MIN_ENGINE_COSINE,
+                "checks": checks,
+                "passed": all(row["passed"] for row in checks),
+            },
             "model": manifest["model"],
             "pretrained": manifest["pretrained"],
         }
         (folder / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest, indent=2) + "\n")
         for row in checks:
-            log(f"{tower} {row['inputs']} batch {row['batch']}: cosine {row['min_cosine']:.6f} "
-                f"{'ok' if row['passed'] else 'FAIL'}")
+            log(
+                f"{tower} {row['inputs']} batch {row['batch']}: cosine {row['min_cosine']:.6f} "
+                f"{'ok' if row['passed'] else 'FAIL'}"
+            )
         if not engine_manifest["validation"]["passed"]:
-            raise VerificationError(f"{model} engine disagrees with open_clip PyTorch (cosine < {MIN_ENGINE_COSINE})",
-                                    "do not serve it; try --optimization-level 5 or an fp32 export")
+            raise VerificationError(
+                f"{model} engine disagrees with open_clip PyTorch (cosine < {MIN_ENGINE_COSINE})",
+                "do not serve it; try --optimization-level 5 or an fp32 export",
+            )
         report[model] = engine_manifest
     (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return report

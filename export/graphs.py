@@ -185,7 +185,9 @@ def check_graph(path: Path, contract: ModelContract, tower: str) -> None:
             raise ClipTritonError(f"{path}: expected one tensor named {spec.name}, found {[v.name for v in value]}")
         tensor_type = value[0].type.tensor_type
         if tensor_type.elem_type != dtype[spec.dtype]:
-            raise ClipTritonError(f"{path}: {spec.name} has element type {tensor_type.elem_type}, expected {spec.dtype}")
+            raise ClipTritonError(
+                f"{path}: {spec.name} has element type {tensor_type.elem_type}, expected {spec.dtype}"
+            )
         dims = tensor_type.shape.dim
         if dims[0].dim_value != 0 or not dims[0].dim_param:
             raise ClipTritonError(f"{path}: {spec.name} has no dynamic batch axis")

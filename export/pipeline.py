@@ -22,14 +22,21 @@ import numpy as np
 
 from clip_triton.contract import MANIFEST, ModelContract, register_model_cfg
 from clip_triton.errors import ClipTritonError, VerificationError
-from clip_triton.progress import Progress
+from clip_triton.progress import Progress, emit
 
 from . import verify as V
 from .graphs import DEFAULT_EXTERNAL_THRESHOLD, GRAPH_FILES, export_tower, to_half
 from .weights import load_model
 
-TEXT_ATTRIBUTES = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection",
-                   "attn_mask", "text")
+TEXT_ATTRIBUTES = (
+    "transformer",
+    "token_embedding",
+    "positional_embedding",
+    "ln_final",
+    "text_projection",
+    "attn_mask",
+    "text",
+)
 DEFAULT_VERIFY_BATCHES = (1, 3, 8)
 # Inputs and open_clip PyTorch fp32 outputs of the verification, kept so that TensorRT engines built
 # later are checked against PyTorch itself (a few MB, even for bigG).
@@ -74,13 +81,21 @@ def _export_stage(job: dict) -> dict:
         events.put(("step", name))
 
     out = Path(job["out"])
-    loaded = load_model(job["model"], job["pretrained"], precision=job["precision"], seed=job["seed"],
-                        cache_dir=job["cache_dir"], log=log)
+    loaded = load_model(
+        job["model"],
+        job["pretrained"],
+        precision=job["precision"],
+        seed=job["seed"],
+        cache_dir=job["cache_dir"],
+        log=log,
+    )
     step("weights")
     contract: ModelContract = loaded.contract
     net = loaded.model
-    log(f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
-        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}")
+    log(
+        f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
+        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}"
+    )
     if job["verify"]:
         inputs = V.verification_inputs(contract, tuple(job["verify_batches"]))
         arrays = {}
@@ -95,12 +110,17 @@ def _export_stage(job: dict) -> dict:
         to_half(net)
     graphs = {}
     for tower in ("text", "vision"):
-        log(f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {job['opset']}, "
-            f"{job['precision']})")
-        graphs[tower] = export_tower(net, contract, tower, out, opset=job["opset"],
-                                     external_threshold=job["external_threshold"])
+        log(
+            f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {job['opset']}, "
+            f"{job['precision']})"
+        )
+        graphs[tower] = export_tower(
+            net, contract, tower, out, opset=job["opset"], external_threshold=job["external_threshold"]
+        )
         mib = (graphs[tower]["graph_bytes"] + graphs[tower]["data_bytes"]) / 1024**2
-        log(f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})")
+        log(
+            f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})"
+        )
         step(f"{tower} graph")
         if tower == "text":  # the vision export needs no text weights
             for name in TEXT_ATTRIBUTES:
@@ -130,8 +150,15 @@ def load_references(path: Path) -> dict[str, list]:
     return {tower: [tuple(found[tower][i]) for i in sorted(found[tower])] for tower in found}
 
 
-def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, list], log: Progress,
-                 engine: str = "onnxruntime", cpu_precision: str = "fp32", steps=None) -> list:
+def check_graphs(
+    onnx_dir: Path,
+    contract: ModelContract,
+    batches: dict[str, list],
+    log: Progress,
+    engine: str = "onnxruntime",
+    cpu_precision: str = "fp32",
+    steps=None,
+) -> list:
     """A CPU engine (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
 
     ``batches`` is ``{tower: [(label, input, reference), ...]}``.
@@ -142,8 +169,15 @@ def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, lis
     for tower in ("text", "vision"):
         log(f"verifying {tower}.onnx with {engine} ({cpu_precision}) at batch sizes {sizes} and real inputs")
         cases = [(label, x) for label, x, _ in batches[tower]]
-        outputs = V.run_graph(Path(onnx_dir) / GRAPH_FILES[tower], contract, tower, cases, log=log,
-                              engine=engine, cpu_precision=cpu_precision)
+        outputs = V.run_graph(
+            Path(onnx_dir) / GRAPH_FILES[tower],
+            contract,
+            tower,
+            cases,
+            log=log,
+            engine=engine,
+            cpu_precision=cpu_precision,
+        )
         checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
         del outputs
         gc.collect()
@@ -154,8 +188,9 @@ def check_graphs(onnx_dir: Path, contract: ModelContract, batches: dict[str, lis
     return checks
 
 
-def current_export(folder: str | Path, model: str, pretrained: str | None, *, precision: str = "fp32",
-                   seed: int = 0) -> dict | None:
+def current_export(
+    folder: str | Path, model: str, pretrained: str | None, *, precision: str = "fp32", seed: int = 0
+) -> dict | None:
     """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
     seed, for random weights), else None. A checkpoint file must have the recorded sha256."""
     from clip_triton.contract import normalise_pretrained  # noqa: PLC0415
@@ -166,8 +201,11 @@ def current_export(folder: str | Path, model: str, pretrained: str | None, *, pr
     except (OSError, ValueError):
         return None
     tag = normalise_pretrained(pretrained)
-    same = (manifest.get("model") == Path(model).stem and manifest.get("precision") == precision
-            and manifest.get("verification", {}).get("passed") is True)
+    same = (
+        manifest.get("model") == Path(model).stem
+        and manifest.get("precision") == precision
+        and manifest.get("verification", {}).get("passed") is True
+    )
     if not same:
         return None
     if tag == "none":
@@ -268,7 +306,8 @@ def _run_child(job: dict, steps, write_line) -> dict:
                     raise ClipTritonError(
                         f"the export process died (exit code {child.exitcode})",
                         "a negative code is the signal that killed it (-9: often the kernel's OOM killer; "
-                        "bigG needs ~24 GiB)") from None
+                        "bigG needs ~24 GiB)",
+                    ) from None
                 continue
             if kind == "step":
                 steps.update(1)
@@ -315,8 +354,6 @@ def export_model(
     (returns its manifest); anything else there is replaced. ``progress``: a step bar on stderr
     (None: when stderr is a terminal).
     """
-    from tqdm import tqdm  # noqa: PLC0415
-
     from clip_triton.progress import bar  # noqa: PLC0415
 
     require_modules("torch", "open_clip", "onnx", "onnxruntime")  # before any work, not after minutes of it
@@ -330,12 +367,22 @@ def export_model(
     work = _prepare_folder(out, force or reuse)
     started = time.monotonic()
     steps = bar(len(CHILD_STEPS) + (3 if verify else 1), "export", unit="step", enabled=progress)
-    log = Progress(log.prefix, stream=log.stream, enabled=log.enabled, start=log.start,
-                   sink=lambda line: tqdm.write(line, file=log.stream))
     try:
-        manifest = _export_into(work, model, pretrained, precision=precision, opset=opset, seed=seed, verify=verify,
-                                verify_batches=verify_batches, external_threshold=external_threshold,
-                                cache_dir=cache_dir, log=log, steps=steps, started=started)
+        manifest = _export_into(
+            work,
+            model,
+            pretrained,
+            precision=precision,
+            opset=opset,
+            seed=seed,
+            verify=verify,
+            verify_batches=verify_batches,
+            external_threshold=external_threshold,
+            cache_dir=cache_dir,
+            log=log,
+            steps=steps,
+            started=started,
+        )
     except VerificationError:
         _publish(work, out)  # kept for inspection: its manifest says the verification failed, so nothing serves it
         steps.close()
@@ -347,19 +394,45 @@ def export_model(
     _publish(work, out)
     steps.update(1)
     steps.close()
-    log(f"wrote {out / MANIFEST} (peak RSS: export {manifest['peak_rss_gib']['export_process']} GiB, "
-        f"verification {manifest['peak_rss_gib']['verification_process']} GiB)")
+    log(
+        f"wrote {out / MANIFEST} (peak RSS: export {manifest['peak_rss_gib']['export_process']} GiB, "
+        f"verification {manifest['peak_rss_gib']['verification_process']} GiB)"
+    )
     return manifest
 
 
-def _export_into(work: Path, model: str, pretrained: str | None, *, precision: str, opset: int, seed: int,
-                 verify: bool, verify_batches: tuple[int, ...], external_threshold: int, cache_dir: str | None,
-                 log: Progress, steps, started: float) -> dict:
+def _export_into(
+    work: Path,
+    model: str,
+    pretrained: str | None,
+    *,
+    precision: str,
+    opset: int,
+    seed: int,
+    verify: bool,
+    verify_batches: tuple[int, ...],
+    external_threshold: int,
+    cache_dir: str | None,
+    log: Progress,
+    steps,
+    started: float,
+) -> dict:
     references = work / REFERENCES
-    job = {"model": model, "pretrained": pretrained, "out": str(work), "precision": precision, "opset": opset,
-           "seed": seed, "verify": verify, "verify_batches": list(verify_batches), "cache_dir": cache_dir,
-           "external_threshold": external_threshold, "references": str(references), "start": log.start}
-    facts = _run_child(job, steps, log.sink)
+    job = {
+        "model": model,
+        "pretrained": pretrained,
+        "out": str(work),
+        "precision": precision,
+        "opset": opset,
+        "seed": seed,
+        "verify": verify,
+        "verify_batches": list(verify_batches),
+        "cache_dir": cache_dir,
+        "external_threshold": external_threshold,
+        "references": str(references),
+        "start": log.start,
+    }
+    facts = _run_child(job, steps, lambda line: emit(log.logger, line) if log.enabled else None)
     contract = ModelContract.from_dict(facts["contract"])
 
     checks = []
@@ -407,9 +480,16 @@ def read_manifest(onnx_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def verify_export(onnx_dir: str | Path, *, seed: int | None = None, checkpoint: str | None = None,
-                  batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES, log: Progress | None = None,
-                  engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list:
+def verify_export(
+    onnx_dir: str | Path,
+    *,
+    seed: int | None = None,
+    checkpoint: str | None = None,
+    batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES,
+    log: Progress | None = None,
+    engine: str = "onnxruntime",
+    cpu_precision: str = "fp32",
+) -> list:
     """Re-check an existing export against open_clip rebuilt from its manifest.
 
     Random-weight exports are rebuilt from their recorded seed (``seed`` overrides it); exports of
@@ -425,9 +505,13 @@ def verify_export(onnx_dir: str | Path, *, seed: int | None = None, checkpoint: 
     model_name = register_model_cfg(contract.model, contract.model_cfg)
     loaded = load_model(model_name, pretrained, precision=contract.precision, seed=use_seed, log=log)
     inputs = V.verification_inputs(contract, tuple(batches))
-    cases = {tower: [(label, x, ref) for (label, x), ref in zip(inputs[tower],
-                                                                V.torch_reference(loaded.model, tower, inputs[tower]))]
-             for tower in ("text", "vision")}
+    cases = {
+        tower: [
+            (label, x, ref)
+            for (label, x), ref in zip(inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower]))
+        ]
+        for tower in ("text", "vision")
+    }
     del loaded  # no export ran here, so this frees the weights before ONNX Runtime loads the graphs
     gc.collect()
     checks = check_graphs(Path(onnx_dir), contract, cases, log, engine=engine, cpu_precision=cpu_precision)

@@ -27,6 +27,7 @@ def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:
     """Which tolerance applies: the graph's precision, or bf16 when the engine computes in bf16."""
     return "bf16" if cpu_precision == "bf16" else graph_precision
 
+
 SAMPLE_IMAGES = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
 SAMPLE_PROMPTS = (
     "a photo of a cat",
@@ -50,7 +51,9 @@ class Check:
 
     def row(self) -> str:
         mark = "ok" if self.passed else "FAIL"
-        return f"{self.tower:<7}{self.inputs:<10}{self.batch:>6}{self.min_cosine:>16.9f}{self.max_abs_diff:>14.3e}  {mark}"
+        return (
+            f"{self.tower:<7}{self.inputs:<10}{self.batch:>6}{self.min_cosine:>16.9f}{self.max_abs_diff:>14.3e}  {mark}"
+        )
 
 
 HEADER = f"{'tower':<7}{'inputs':<10}{'batch':>6}{'min cosine':>16}{'max |diff|':>14}  result"
@@ -96,8 +99,16 @@ def torch_reference(model, tower: str, batches: list[tuple[str, np.ndarray]]) ->
         return [module(torch.from_numpy(x)).numpy() for _, x in batches]
 
 
-def run_graph(path, contract: ModelContract, tower: str, batches, threads: int | None = None,
-              log=None, engine: str = "onnxruntime", cpu_precision: str = "fp32") -> list[np.ndarray]:
+def run_graph(
+    path,
+    contract: ModelContract,
+    tower: str,
+    batches,
+    threads: int | None = None,
+    log=None,
+    engine: str = "onnxruntime",
+    cpu_precision: str = "fp32",
+) -> list[np.ndarray]:
     from clip_triton.cpuengine import open_session  # noqa: PLC0415
 
     spec_in, _ = contract.encoder_io(tower)
@@ -109,8 +120,10 @@ def run_graph(path, contract: ModelContract, tower: str, batches, threads: int |
         x = x.astype(spec_in.dtype)
         (out,) = session.run(None, {spec_in.name: x})
         if out.shape != (x.shape[0], contract.embed_dim) or out.dtype != np.float32:
-            raise VerificationError(f"{tower} graph returned {out.dtype}{list(out.shape)}, "
-                                    f"expected float32[{x.shape[0]}, {contract.embed_dim}]")
+            raise VerificationError(
+                f"{tower} graph returned {out.dtype}{list(out.shape)}, "
+                f"expected float32[{x.shape[0]}, {contract.embed_dim}]"
+            )
         outputs.append(out)
     del session
     return outputs
@@ -132,8 +145,11 @@ def report(checks: list[Check], precision: str, stream=None, engine_note: str = 
 
     stream = stream or sys.stdout
     tol = TOLERANCES[precision]
-    print(f"verification ({precision}; pass: cosine >= {tol['min_cosine']}, max |diff| <= {tol['max_abs_diff']:g},"
-          f" reference: open_clip PyTorch fp32){engine_note}", file=stream)
+    print(
+        f"verification ({precision}; pass: cosine >= {tol['min_cosine']}, max |diff| <= {tol['max_abs_diff']:g},"
+        f" reference: open_clip PyTorch fp32){engine_note}",
+        file=stream,
+    )
     print(HEADER, file=stream)
     for check in checks:
         print(check.row(), file=stream)

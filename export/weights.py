@@ -65,16 +65,19 @@ def _reachable(url: str, timeout: float = 5.0) -> str | None:
         return None
     parts = urlsplit(url)
     try:
-        socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
-                                 timeout=timeout).close()
+        socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout
+        ).close()
     except OSError as exc:
         return f"{parts.hostname}: {exc.strerror or exc}"
     return None
 
 
-OFFLINE_HINT = ("offline: pass a checkpoint file with --pretrained /path/to/open_clip_pytorch_model.bin, set "
-                "HF_HUB_OFFLINE=1 to use only the local Hugging Face cache, or use --pretrained none for random "
-                "weights")
+OFFLINE_HINT = (
+    "offline: pass a checkpoint file with --pretrained /path/to/open_clip_pytorch_model.bin, set "
+    "HF_HUB_OFFLINE=1 to use only the local Hugging Face cache, or use --pretrained none for random "
+    "weights"
+)
 
 
 def _download(name: str, tag: str, cache_dir: str | None, log: Progress) -> str:
@@ -93,16 +96,16 @@ def _download(name: str, tag: str, cache_dir: str | None, log: Progress) -> str:
         from huggingface_hub import constants  # noqa: PLC0415
 
         if constants.HF_HUB_OFFLINE:
-            raise ClipTritonError(f"the weights for {name}/{tag} are not in the Hugging Face cache and HF_HUB_OFFLINE "
-                                  "is set", "download them where there is internet, or pass a checkpoint file "
-                                            "with --pretrained PATH")
+            raise ClipTritonError(
+                f"the weights for {name}/{tag} are not in the Hugging Face cache and HF_HUB_OFFLINE is set",
+                "download them where there is internet, or pass a checkpoint file with --pretrained PATH",
+            )
         endpoint = constants.ENDPOINT
     else:
         endpoint = cfg.get("url", "")
     why = _reachable(endpoint) if endpoint else None
     if why:
-        raise ClipTritonError(f"cannot reach {endpoint} to download the weights for {name}/{tag} ({why})",
-                              OFFLINE_HINT)
+        raise ClipTritonError(f"cannot reach {endpoint} to download the weights for {name}/{tag} ({why})", OFFLINE_HINT)
     log(f"downloading weights {name}/{tag} from {source}")
     try:
         path = download_pretrained(cfg, cache_dir=cache_dir)
@@ -128,13 +131,15 @@ def load_model(
     The model is returned in fp32: it is the reference every exported graph is compared with.
     ``precision`` only selects the contract's encoder dtypes.
     """
-    import torch  # noqa: PLC0415
     import open_clip  # noqa: PLC0415
+    import torch  # noqa: PLC0415
 
     log = log or Progress("export")
     name = register_model_config(model)
     tag = normalise_pretrained(pretrained)
-    local = tag != "none" and (Path(tag).exists() or os.sep in tag or tag.endswith((".bin", ".pt", ".pth", ".safetensors")))
+    local = tag != "none" and (
+        Path(tag).exists() or os.sep in tag or tag.endswith((".bin", ".pt", ".pth", ".safetensors"))
+    )
     if local and not Path(tag).is_file():
         raise ClipTritonError(f"checkpoint file {tag} not found", "pass an existing checkpoint path, a tag, or 'none'")
     contract = ModelContract.from_open_clip(model, tag, precision=precision)  # validates name and tag

@@ -82,13 +82,15 @@ class PolygraphyHostTwin:
         out = np.ascontiguousarray(self.compute(feed_dict), dtype=np.float32)
         self._device = out  # the output allocator's device buffer, alive until the next call
         view = cuda.DeviceView(out.ctypes.data, (out.nbytes,), DataType.UINT8)
-        raw = runner._get_array_on_cpu(view, self.output_name, self.host_output_buffers, _Stream(), out.nbytes,
-                                       use_torch=False)
+        raw = runner._get_array_on_cpu(
+            view, self.output_name, self.host_output_buffers, _Stream(), out.nbytes, use_torch=False
+        )
         return OrderedDict({self.output_name: util.array.view(raw, DataType.FLOAT32, out.shape)})
 
 
-def fake_gpu_env(folder: Path, gpu: str = "NVIDIA H200", capability: str = "9.0",
-                 tensorrt: str = "10.13.3.9") -> dict[str, str]:
+def fake_gpu_env(
+    folder: Path, gpu: str = "NVIDIA H200", capability: str = "9.0", tensorrt: str = "10.13.3.9"
+) -> dict[str, str]:
     """Environment of a GPU host as clip-triton sees it: ``nvidia-smi`` answers for one GPU (a script
     printing its CSV query, the GPU boundary) and ``TRT_VERSION`` is set as in NGC TensorRT images."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,8 +138,12 @@ class Stage:
         return found
 
     def other_commands(self) -> list[str]:
-        return [part.strip() for run in self.runs for part in run.split("&&")
-                if shlex.split(part)[:2] not in (["pip", "install"], ["pip3", "install"])]
+        return [
+            part.strip()
+            for run in self.runs
+            for part in run.split("&&")
+            if shlex.split(part)[:2] not in (["pip", "install"], ["pip3", "install"])
+        ]
 
     def constraints(self) -> list[Path]:
         return [Path(argv[argv.index("-c") + 1]) for argv in self.pip_installs() if "-c" in argv]
@@ -186,8 +192,13 @@ def stage_environment(stage: Stage, log=print) -> Path:
     reinstalled (without dependencies) on every call so the twin tests the code in this checkout.
     """
     pyproject = (ROOT / "pyproject.toml").read_bytes()
-    key = _digest(stage.python, PREINSTALLED.get(stage.name, ()), stage.pip_installs(), pyproject,
-                  *(path.read_bytes() for path in stage.constraints()))
+    key = _digest(
+        stage.python,
+        PREINSTALLED.get(stage.name, ()),
+        stage.pip_installs(),
+        pyproject,
+        *(path.read_bytes() for path in stage.constraints()),
+    )
     venv = TWIN_CACHE / f"{stage.name}-py{stage.python}-{key}"
     python = venv / "bin" / "python"
     env = {**os.environ, **stage.env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
@@ -202,15 +213,23 @@ def stage_environment(stage: Stage, log=print) -> Path:
             subprocess.run([str(python), "-m", *argv], check=True, env=env, cwd=ROOT)
         (venv / ".complete").write_text("\n".join(" ".join(argv) for argv in stage.pip_installs()) + "\n")
     else:
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
-                       check=True, env=env, cwd=ROOT)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(ROOT)],
+            check=True,
+            env=env,
+            cwd=ROOT,
+        )
     return venv
 
 
 def installed(venv: Path) -> dict[str, str]:
     """{normalised name: version} of what a stage environment holds."""
-    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     found = {}
     for line in out.splitlines():
         name, _, version = line.partition("==")
@@ -224,8 +243,11 @@ NOT_PINNED = {"pip", "setuptools", "wheel", "clip-triton"}
 def added_by_stage(venv: Path) -> dict[str, str]:
     """What the stage's own lines installed or changed on top of the base image's packages."""
     before = json.loads((venv / BASE_IMAGE_PACKAGES).read_text())
-    return {name: version for name, version in installed(venv).items()
-            if before.get(name) != version and name not in NOT_PINNED}
+    return {
+        name: version
+        for name, version in installed(venv).items()
+        if before.get(name) != version and name not in NOT_PINNED
+    }
 
 
 def read_constraints(path: Path) -> dict[str, str]:
@@ -243,8 +265,10 @@ def write_stage_constraints(stage: Stage) -> Path:
     step after changing dependencies: `python -m tests.gpu_twin`; the drift test says when)."""
     venv = stage_environment(stage)
     path = ROOT / "requirements" / "docker" / f"{stage.name}.txt"
-    header = (f"# Constraints of the `{stage.name}` image ({stage.base}, Python {stage.python}): what its pip line\n"
-              "# installs on top of the base image, resolved by tests/gpu_twin.py (python -m tests.gpu_twin).\n")
+    header = (
+        f"# Constraints of the `{stage.name}` image ({stage.base}, Python {stage.python}): what its pip line\n"
+        "# installs on top of the base image, resolved by tests/gpu_twin.py (python -m tests.gpu_twin).\n"
+    )
     pins = sorted(f"{name}=={version}" for name, version in added_by_stage(venv).items())
     path.write_text(header + "\n".join(pins) + "\n")
     return path
@@ -285,8 +309,12 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
         config = parse((out / name / "config.pbtxt").read_text())
         assert config.platform == "tensorrt_plan", f"{name} is not a TensorRT model in {trt_repo}"
         config.platform, config.default_model_filename, config.backend = "", "", "python"
-        for key, value in {"onnx_file": "model.onnx", "engine": "onnxruntime", "precision": "fp32",
-                           "threads": "1"}.items():
+        for key, value in {
+            "onnx_file": "model.onnx",
+            "engine": "onnxruntime",
+            "precision": "fp32",
+            "threads": "1",
+        }.items():
             config.parameters[key].string_value = value
         for group in config.instance_group:
             group.kind = group.KIND_CPU
@@ -301,7 +329,9 @@ def io_signature(config) -> dict:
     """What clients and the ensembles see of a model: the part a stand-in must keep identical."""
     from google.protobuf import json_format
 
-    return {"max_batch_size": config.max_batch_size,
-            "input": [json_format.MessageToDict(t) for t in config.input],
-            "output": [json_format.MessageToDict(t) for t in config.output],
-            "dynamic_batching": json_format.MessageToDict(config.dynamic_batching)}
+    return {
+        "max_batch_size": config.max_batch_size,
+        "input": [json_format.MessageToDict(t) for t in config.input],
+        "output": [json_format.MessageToDict(t) for t in config.output],
+        "dynamic_batching": json_format.MessageToDict(config.dynamic_batching),
+    }

@@ -5,16 +5,34 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import tied_to_this_process
+from .helpers import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_pytorch_gpu_baseline_runs_on_cpu_with_a_tiny_model(tiny_config, tmp_path):
     out = tmp_path / "baseline.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "pytorch_gpu_baseline.py"), "--model", str(tiny_config),
-                             "--device", "cpu", "--dtypes", "fp32", "--batches", "1,4", "--iters", "2",
-                             "--json", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "pytorch_gpu_baseline.py"),
+            "--model",
+            str(tiny_config),
+            "--device",
+            "cpu",
+            "--dtypes",
+            "fp32",
+            "--batches",
+            "1,4",
+            "--iters",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["tower"], r["batch"]) for r in rows} == {("image", 1), ("image", 4), ("text", 1), ("text", 4)}
@@ -22,52 +40,113 @@ def test_pytorch_gpu_baseline_runs_on_cpu_with_a_tiny_model(tiny_config, tmp_pat
     assert "items/s" in result.stdout
 
 
-def test_bigG_flop_figures_are_the_issue_figures():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import pytorch_gpu_baseline
-    finally:
-        sys.path.pop(0)
-    assert pytorch_gpu_baseline.GFLOP["ViT-bigG-14"] == {"image": 967.5, "text": 97.9}
-
-
 def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_path):
     """bench/run.py end to end on the tiny model (short windows): every row of the table is measured,
     both precisions, in-process and through a real tritonserver."""
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--model", str(tiny_config),
-                             "--batches", "4", "--concurrency", "2", "--seconds", "0.3", "--client-items", "16",
-                             "--measurement-ms", "1000", "--engines", "onnxruntime:fp32,openvino:bf16", "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT, **tied_to_this_process())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--model",
+            str(tiny_config),
+            "--batches",
+            "4",
+            "--concurrency",
+            "2",
+            "--seconds",
+            "0.3",
+            "--client-items",
+            "16",
+            "--measurement-ms",
+            "1000",
+            "--engines",
+            "onnxruntime:fp32,openvino:bf16",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "run.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        **tied_to_this_process(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("x base: ratio"):].splitlines()[2:-1]
+    assert "x base: ratio" in result.stdout  # the printed table; its figures are read from the JSON
     rows = {}
-    for line in table:
-        parts = line.split()  # name words, then: prec, images/s, x base, x same, texts/s, x base, x same, p50, p99
-        rows[(" ".join(parts[:-9]), parts[-9])] = [float(v) for v in parts[-8:]]
+    for row in json.loads((tmp_path / "run.json").read_text())["rows"]:
+        rows[(row["path"], row["precision"])] = [
+            row[k]
+            for k in (
+                "images_per_s",
+                "x_base_images",
+                "x_same_images",
+                "texts_per_s",
+                "x_base_texts",
+                "x_same_texts",
+                "p50_ms",
+                "p99_ms",
+            )
+        ]
     for precision, engine in (("fp32", "onnxruntime"), ("bf16", "openvino")):
-        for name in ("PyTorch eager in-process (batch 4/4)", f"{engine} in-process (batch 4/4)",
-                     f"Triton {engine}, perf_analyzer c2", f"Triton {engine}, ClipClient c2"):
+        for name in (
+            "PyTorch eager in-process (batch 4/4)",
+            f"{engine} in-process (batch 4/4)",
+            f"Triton {engine}, perf_analyzer c2",
+            f"Triton {engine}, ClipClient c2",
+        ):
             cells = rows[(name, precision)]
             assert cells[0] > 0 and cells[3] > 0, (name, precision, cells)  # images/s, texts/s
-    base, same = rows[("PyTorch eager in-process (batch 4/4)", "fp32")], rows[("PyTorch eager in-process (batch 4/4)", "bf16")]
+    base, same = (
+        rows[("PyTorch eager in-process (batch 4/4)", "fp32")],
+        rows[("PyTorch eager in-process (batch 4/4)", "bf16")],
+    )
     assert base[1] == base[2] == base[4] == base[5] == 1.0  # the baseline's own ratios
     assert same[2] == same[5] == 1.0 and abs(same[1] - same[0] / base[0]) <= 0.02 * same[1] + 0.01
 
 
 def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "forward.py"), "--model", str(tiny_config),
-                             "--batch", "4", "--seconds", "0.3", "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "forward.py"),
+            "--model",
+            str(tiny_config),
+            "--batch",
+            "4",
+            "--seconds",
+            "0.3",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "forward.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("runtime  "):].splitlines()[1:]
-    rows = {}
-    for line in table:
-        parts = line.split()  # name words, then: prec, images/s, cosine, texts/s, cosine
-        rows[(" ".join(parts[:-5]), parts[-5])] = [float(v) for v in parts[-4:]]
-    assert set(rows) == {("PyTorch eager", "fp32"), ("ONNX Runtime, exported graphs", "fp32"),
-                         ("OpenVINO, exported graphs", "fp32"), ("OpenVINO, exported graphs", "bf16"),
-                         ("OpenVINO, exported graphs, batch 4 only", "bf16"),
-                         ("OpenVINO, converted from PyTorch", "bf16"), ("PyTorch eager", "bf16")}
+    assert "runtime  " in result.stdout
+    rows = {
+        (row["runtime"], row["precision"]): [
+            row["images_per_s"],
+            row["image_cosine"],
+            row["texts_per_s"],
+            row["text_cosine"],
+        ]
+        for row in json.loads((tmp_path / "forward.json").read_text())["rows"]
+    }
+    assert set(rows) == {
+        ("PyTorch eager", "fp32"),
+        ("ONNX Runtime, exported graphs", "fp32"),
+        ("OpenVINO, exported graphs", "fp32"),
+        ("OpenVINO, exported graphs", "bf16"),
+        ("OpenVINO, exported graphs, batch 4 only", "bf16"),
+        ("OpenVINO, converted from PyTorch", "bf16"),
+        ("PyTorch eager", "bf16"),
+    }
     for (_, precision), (images, img_cos, texts, txt_cos) in rows.items():
         assert images > 0 and texts > 0
         assert min(img_cos, txt_cos) >= (0.99999 if precision == "fp32" else 0.999)
@@ -78,9 +157,27 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
     dirty data costs no more than its clean version beyond noise (a generous bound: timing on a shared
     2-core machine; the per-item round-trip count is asserted in tests/test_client.py)."""
     out = tmp_path / "dirty.json"
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "dirty.py"), "--model", str(tiny_config),
-                             "--images", "60", "--texts", "600", "--workdir", str(tmp_path), "--json", str(out)],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT, **tied_to_this_process())
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "dirty.py"),
+            "--model",
+            str(tiny_config),
+            "--images",
+            "60",
+            "--texts",
+            "600",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        **tied_to_this_process(),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"].split(",")[0] for r in rows] == ["ClipClient", "ClipClient", "clip-triton embed"]

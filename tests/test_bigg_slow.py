@@ -19,8 +19,22 @@ def test_bigG_exports_both_towers_within_memory(tmp_path):
     out = tmp_path / "bigG"
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "clip_triton.cli", "export", "--model", "ViT-bigG-14", "--pretrained", "none",
-         "--out", str(out)], capture_output=True, text=True, env=dict(os.environ))
+        [
+            sys.executable,
+            "-m",
+            "clip_triton.cli",
+            "export",
+            "--model",
+            "ViT-bigG-14",
+            "--pretrained",
+            "none",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+    )
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     # ru_maxrss of children: the largest single process of the export (the torch stage or ORT stage).
@@ -28,9 +42,11 @@ def test_bigG_exports_both_towers_within_memory(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     sizes = {p.name: p.stat().st_size for p in out.iterdir()}
     checks = manifest["verification"]["checks"]
-    print(f"\nViT-bigG-14 export: {seconds:.0f} s, peak RSS {peak_gib:.2f} GiB "
-          f"(export process {manifest['peak_rss_gib']['export_process']} GiB, "
-          f"verification process {manifest['peak_rss_gib']['verification_process']} GiB)")
+    print(
+        f"\nViT-bigG-14 export: {seconds:.0f} s, peak RSS {peak_gib:.2f} GiB "
+        f"(export process {manifest['peak_rss_gib']['export_process']} GiB, "
+        f"verification process {manifest['peak_rss_gib']['verification_process']} GiB)"
+    )
     for name, size in sorted(sizes.items()):
         print(f"  {name:<20}{size / 1024**3:10.2f} GiB")
     print(result.stdout)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clip_triton.client import ClipClient, ItemErrors, rank
 
-from .conftest import cos, local_http_server
+from .helpers import cos, local_http_server
 
 
 @pytest.fixture()
@@ -140,7 +140,9 @@ def test_cli_classify_embed_search(triton, photos, tmp_path):
     for name, data in photos.items():
         (folder / f"{name}.jpg").write_bytes(data)
     url = ["--url", triton.grpc_url]
-    result = _cli("classify", str(folder / "cat.jpg"), str(folder / "rocket.jpg"), "--prompts", "a cat", "a rocket", *url)
+    result = _cli(
+        "classify", str(folder / "cat.jpg"), str(folder / "rocket.jpg"), "--prompts", "a cat", "a rocket", *url
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("a cat") == 2 and "probability" in result.stdout and "RANDOM" in result.stderr
 
@@ -148,9 +150,13 @@ def test_cli_classify_embed_search(triton, photos, tmp_path):
     assert result.returncode == 0, result.stderr
     index = np.load(tmp_path / "index.npy")
     meta = json.loads((tmp_path / "index.json").read_text())
-    assert index.shape == (4, 32) and [p.rsplit("/", 1)[-1] for p in meta["items"]] == sorted(f"{n}.jpg" for n in photos)
+    assert index.shape == (4, 32) and [p.rsplit("/", 1)[-1] for p in meta["items"]] == sorted(
+        f"{n}.jpg" for n in photos
+    )
 
-    result = _cli("search", "--index", str(tmp_path / "index.npy"), "--image", str(folder / "coffee.jpg"), "-k", "2", *url)
+    result = _cli(
+        "search", "--index", str(tmp_path / "index.npy"), "--image", str(folder / "coffee.jpg"), "-k", "2", *url
+    )
     assert result.returncode == 0, result.stderr
     first = result.stdout.splitlines()[1].split()
     assert first[-1].endswith("coffee.jpg") and float(first[1]) == pytest.approx(1.0, abs=1e-5)
@@ -175,7 +181,7 @@ def test_zero_shot_eval_on_an_image_folder(client, tmp_path, photos):
     from clip_triton.client.zeroshot import evaluate, templates, topk_accuracy
 
     root = tmp_path / "dataset"
-    for label, name in enumerate(["cat", "cup_of_coffee", "rocket"]):
+    for name in ["cat", "cup_of_coffee", "rocket"]:
         (root / name).mkdir(parents=True)
         source = photos["coffee" if name == "cup_of_coffee" else name]
         img = Image.open(io.BytesIO(source))
@@ -275,8 +281,17 @@ def test_index_folder_and_search(client, photos, tmp_path):
     assert loaded.failed == index.failed and loaded.search("a photo of a cat", k=4) == text_hits
     with pytest.raises(Exception, match="no client"):
         EmbeddingIndex.load(tmp_path / "photos-index").search("a cat")
-    result = _cli("search", "--index", str(tmp_path / "photos-index"), "--text", "a photo of a cat", "-k", "1",
-                  "--url", client.target)  # the CLI reads what the API wrote
+    result = _cli(
+        "search",
+        "--index",
+        str(tmp_path / "photos-index"),
+        "--text",
+        "a photo of a cat",
+        "-k",
+        "1",
+        "--url",
+        client.target,
+    )  # the CLI reads what the API wrote
     assert result.returncode == 0 and result.stdout.splitlines()[1].split()[-1] == text_hits[0].item
 
 
@@ -304,8 +319,21 @@ def test_embed_cli_writes_every_answered_row_when_the_server_dies(tiny_repo, tmp
     stopper = threading.Thread(target=stop_once_the_job_runs)
     try:
         stopper.start()
-        result = _cli("embed", "--texts", str(texts), "--url", server.grpc_url, "--batch-size", "3",
-                      "--concurrency", "1", "--retry-seconds", "3", "--out", str(tmp_path / "emb.npy"))
+        result = _cli(
+            "embed",
+            "--texts",
+            str(texts),
+            "--url",
+            server.grpc_url,
+            "--batch-size",
+            "3",
+            "--concurrency",
+            "1",
+            "--retry-seconds",
+            "3",
+            "--out",
+            str(tmp_path / "emb.npy"),
+        )
     finally:
         stopper.join()
         server.stop()
@@ -337,12 +365,16 @@ def test_embed_reports_what_it_skips_and_can_try_every_file(triton, photos, tmp_
     assert result.returncode == 0, result.stderr
     assert "skipped 3 files whose suffix is not an image suffix" in result.stderr and "--all-files" in result.stderr
     meta = json.loads((tmp_path / "a.json").read_text())
-    assert len(meta["items"]) == 2 and sorted(Path(p).name for p in meta["skipped"]) == ["coffee", "notes.txt",
-                                                                                         "thumbs.db"]
+    assert len(meta["items"]) == 2 and sorted(Path(p).name for p in meta["skipped"]) == [
+        "coffee",
+        "notes.txt",
+        "thumbs.db",
+    ]
     assert all("not an image suffix" in reason for reason in meta["skipped"].values())
 
-    result = _cli("embed", "--images", str(folder), "--out", str(tmp_path / "b.npy"), "--all-files",
-                  "--skip-errors", *url)
+    result = _cli(
+        "embed", "--images", str(folder), "--out", str(tmp_path / "b.npy"), "--all-files", "--skip-errors", *url
+    )
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "b.json").read_text())
     assert sorted(Path(p).name for p in meta["items"]) == ["cat.jpg", "coffee", "rocket.JPEG"]
@@ -364,14 +396,14 @@ def test_a_batch_with_bad_items_costs_one_round_trip(triton, photos, open_clip_r
 
     def requests_so_far() -> int:
         model = stats.get_inference_statistics(C.TEXT_ENSEMBLE, as_json=True)["model_stats"][0]
-        return int(model["inference_stats"]["success"].get("count", 0)) + \
-            int(model["inference_stats"]["fail"].get("count", 0))
+        return int(model["inference_stats"]["success"].get("count", 0)) + int(
+            model["inference_stats"]["fail"].get("count", 0)
+        )
 
     try:
         before = requests_so_far()
-        with ClipClient(triton.grpc_url, batch_size=64, concurrency=1) as client:
-            with pytest.raises(ItemErrors) as err:
-                client.embed_texts(texts)
+        with ClipClient(triton.grpc_url, batch_size=64, concurrency=1) as client, pytest.raises(ItemErrors) as err:
+            client.embed_texts(texts)
         assert requests_so_far() - before == 1
     finally:
         stats.close()

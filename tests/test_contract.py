@@ -69,12 +69,15 @@ def test_any_open_clip_vit_through_the_same_code(tiny_config):
     assert custom.pretrained == "none"
 
 
-@pytest.mark.parametrize("model, pretrained, fragment", [
-    ("ViT-Nope-99", "none", "unknown open_clip architecture"),
-    ("ViT-bigG-14", "laion_does_not_exist", "unknown pretrained tag"),
-    ("RN50", "openai", "ResNet"),
-    ("missing-config.json", "none", "not found"),
-])
+@pytest.mark.parametrize(
+    "model, pretrained, fragment",
+    [
+        ("ViT-Nope-99", "none", "unknown open_clip architecture"),
+        ("ViT-bigG-14", "laion_does_not_exist", "unknown pretrained tag"),
+        ("RN50", "openai", "ResNet"),
+        ("missing-config.json", "none", "not found"),
+    ],
+)
 def test_errors_say_what_to_do(model, pretrained, fragment):
     with pytest.raises(ClipTritonError) as err:
         C.ModelContract.from_open_clip(model, pretrained)
@@ -90,8 +93,12 @@ def test_batch_profile():
         C.BatchProfile(1, 128, 64)
 
 
-def test_snapshot_file_is_canonical():
+def test_snapshot_round_trips_through_the_contract():
+    """The shipped snapshot is exactly what ModelContract writes for what it reads (no field lost,
+    added or reordered), so the default contract a server uses is the one the snapshot test checked."""
     from importlib import resources
 
     text = resources.files("clip_triton").joinpath("assets", C.DEFAULT_SNAPSHOT).read_text()
-    assert json.loads(text)["model"] == C.DEFAULT_MODEL
+    contract = C.ModelContract.default()
+    assert json.loads(contract.to_json()) == json.loads(text)
+    assert C.ModelContract.from_json(contract.to_json()) == contract

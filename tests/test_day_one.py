@@ -15,14 +15,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from .conftest import IMAGES, TINY_CONFIG, cos, tied_to_this_process
+from .helpers import IMAGES, TINY_CONFIG, cos, tied_to_this_process
 
 CLI = [sys.executable, "-m", "clip_triton.cli"]
 
 
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, **tied_to_this_process())
+    return subprocess.run(
+        [*CLI, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        **tied_to_this_process(),
+    )
 
 
 def one_line_error(result: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -50,7 +56,7 @@ def photo_folder(tmp_path_factory) -> Path:
 def test_300_photos_embed_with_defaults(triton, photo_folder, tmp_path, reference_model):
     """With every default (auto deadlines, 4 requests in flight, the server's batch), a 300-photo folder
     is embedded in full, and the rows are open_clip's."""
-    from .conftest import open_clip_reference_for
+    from .helpers import open_clip_reference_for
 
     result = cli("embed", "--images", photo_folder, "--out", tmp_path / "photos", "--url", triton.grpc_url)
     assert result.returncode == 0, result.stderr
@@ -59,7 +65,8 @@ def test_300_photos_embed_with_defaults(triton, photo_folder, tmp_path, referenc
     assert rows.shape == (300, 32) and len(index["items"]) == 300 and not index["failed"]
     sample = [0, 77, 150, 299]
     reference = open_clip_reference_for(TINY_CONFIG, reference_model).images(
-        [Path(index["items"][i]).read_bytes() for i in sample])
+        [Path(index["items"][i]).read_bytes() for i in sample]
+    )
     assert cos(rows[sample], reference).min() >= 0.9999
 
 
@@ -68,8 +75,19 @@ def test_a_deadline_error_says_deadline_and_names_the_flags(triton, photo_folder
     Now it says deadline, what was in flight, and which flags to change; the rows answered are kept."""
     from clip_triton.client import ClipClient, DeadlineExceeded, JobFailed
 
-    result = cli("embed", "--images", photo_folder, "--out", tmp_path / "x", "--url", triton.grpc_url,
-                 "--timeout", "0.02", "--batch-size", "64")
+    result = cli(
+        "embed",
+        "--images",
+        photo_folder,
+        "--out",
+        tmp_path / "x",
+        "--url",
+        triton.grpc_url,
+        "--timeout",
+        "0.02",
+        "--batch-size",
+        "64",
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "missed its" in error[0] and "deadline" in error[0]
@@ -84,8 +102,12 @@ def test_a_deadline_error_says_deadline_and_names_the_flags(triton, photo_folder
 def test_automatic_deadlines_scale_with_the_work_in_flight():
     """The auto deadline grows with the items ahead of a request and the server's measured speed; a
     fixed --timeout stays fixed."""
-    from clip_triton.client.grpc_client import AUTO_DEADLINE_FLOOR_S, DEADLINE_SAFETY, FIRST_SECONDS_PER_ITEM
-    from clip_triton.client.grpc_client import DeadlinePolicy
+    from clip_triton.client.grpc_client import (
+        AUTO_DEADLINE_FLOOR_S,
+        DEADLINE_SAFETY,
+        FIRST_SECONDS_PER_ITEM,
+        DeadlinePolicy,
+    )
 
     now = [100.0]
     auto = DeadlinePolicy(None, clock=lambda: now[0])
@@ -107,11 +129,24 @@ def test_ctrl_c_during_embed_writes_what_was_answered_and_a_rerun_finishes(trito
     from clip_triton.health import completed_requests
 
     out = tmp_path / "photos"
-    command = [*CLI, "embed", "--images", str(photo_folder), "--out", str(out), "--url", triton.grpc_url,
-               "--batch-size", "2", "--concurrency", "2"]
+    command = [
+        *CLI,
+        "embed",
+        "--images",
+        str(photo_folder),
+        "--out",
+        str(out),
+        "--url",
+        triton.grpc_url,
+        "--batch-size",
+        "2",
+        "--concurrency",
+        "2",
+    ]
     before = completed_requests(triton.metrics_url) or 0
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               **tied_to_this_process())
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **tied_to_this_process()
+    )
     try:
         deadline = time.monotonic() + 300
         while (completed_requests(triton.metrics_url) or 0) - before < 12 and time.monotonic() < deadline:
@@ -131,7 +166,7 @@ def test_ctrl_c_during_embed_writes_what_was_answered_and_a_rerun_finishes(trito
     assert 0 < len(partial["items"]) < 300 and partial["interrupted"] is True
     assert np.load(out.with_suffix(".npy")).shape == (len(partial["items"]), 32)
 
-    again = cli(*command[len(CLI):])
+    again = cli(*command[len(CLI) :])
     assert again.returncode == 0, again.stderr
     assert f"resuming {out.with_suffix('.npy')}: {len(partial['items'])} of 300" in again.stderr
     done = json.loads(out.with_suffix(".json").read_text())
@@ -228,16 +263,23 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("blocked, args, extra", [
-    ({"torch", "open_clip"}, ["export", "--model", "ViT-B-32", "--pretrained", "none", "--onnx-dir", "{tmp}/x"],
-     "export"),
-    ({"fastapi"}, ["gateway", "--no-auth"], "gateway"),
-    ({"tritonclient"}, ["classify", "x.jpg", "--prompts", "a"], "client"),
-])
+@pytest.mark.parametrize(
+    "blocked, args, extra",
+    [
+        (
+            {"torch", "open_clip"},
+            ["export", "--model", "ViT-B-32", "--pretrained", "none", "--onnx-dir", "{tmp}/x"],
+            "export",
+        ),
+        ({"fastapi"}, ["gateway", "--no-auth"], "gateway"),
+        ({"tritonclient"}, ["classify", "x.jpg", "--prompts", "a"], "client"),
+    ],
+)
 def test_a_missing_extra_is_named(tmp_path, blocked, args, extra):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    result = subprocess.run([sys.executable, "-c", BLOCK.format(blocked=blocked), *args], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK.format(blocked=blocked), *args], capture_output=True, text=True, timeout=300
+    )
     line = one_line_error(result)
     assert f"pip install 'clip-triton[{extra}]'" in line and "not installed" in line
 
@@ -247,16 +289,27 @@ def test_export_with_a_tag_offline_fails_fast_and_whole(tmp_path):
     the cache, then whether the hub is reachable, and names every way forward (HF_HUB_OFFLINE too)."""
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""}
     started = time.monotonic()
-    result = cli("export", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--onnx-dir",
-                 tmp_path / "b32", env=env)
+    result = cli(
+        "export", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--onnx-dir", tmp_path / "b32", env=env
+    )
     took = time.monotonic() - started
     line = one_line_error(result)
     print(f"offline export failed after {took:.1f} s")
     assert "cannot reach" in line and "HF_HUB_OFFLINE=1" in line and "--pretrained none" in line
     assert line.endswith("random weights)")  # whole, not cut at 200 characters
     assert not (tmp_path / "b32").exists() and not list(tmp_path.glob(".b32.partial-*"))
-    line = one_line_error(cli("export", "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--onnx-dir",
-                              tmp_path / "b32", env={**env, "HF_HUB_OFFLINE": "1"}))
+    line = one_line_error(
+        cli(
+            "export",
+            "--model",
+            "ViT-B-32",
+            "--pretrained",
+            "laion2b_s34b_b79k",
+            "--onnx-dir",
+            tmp_path / "b32",
+            env={**env, "HF_HUB_OFFLINE": "1"},
+        )
+    )
     assert "not in the Hugging Face cache and HF_HUB_OFFLINE is set" in line
 
 
@@ -268,9 +321,13 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     assert "already holds an export" in line and "--force" in line
 
     out = tmp_path / "fresh"
-    process = subprocess.Popen([*CLI, "export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--onnx-dir",
-                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               **tied_to_this_process())
+    process = subprocess.Popen(
+        [*CLI, "export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--onnx-dir", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **tied_to_this_process(),
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(tmp_path.glob(".fresh.partial-*/text.onnx")) and time.monotonic() < deadline:
@@ -293,24 +350,33 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     assert current_export(out, str(TINY_CONFIG), "none") is not None
     assert current_export(out, str(TINY_CONFIG), "none", seed=1) is None  # other weights: replaced by --reuse
     assert current_export(out, str(TINY_CONFIG), "none", precision="fp16") is None
-    replaced = cli("export", "--model", TINY_CONFIG, "--pretrained", "none", "--onnx-dir", out, "--force",
-                   "--no-verify")
-    assert replaced.returncode == 0 and json.loads((out / "manifest.json").read_text())["verification"]["performed"] \
-        is False and not list(tmp_path.glob(".fresh.*"))
+    replaced = cli(
+        "export", "--model", TINY_CONFIG, "--pretrained", "none", "--onnx-dir", out, "--force", "--no-verify"
+    )
+    assert (
+        replaced.returncode == 0
+        and json.loads((out / "manifest.json").read_text())["verification"]["performed"] is False
+        and not list(tmp_path.glob(".fresh.*"))
+    )
 
 
-@pytest.mark.parametrize("args, says", [
-    (["repo", "--runtime", "tensorrt", "--cpu-runtime", "openvino", "--repo", "{tmp}/r"], "needs --runtime python"),
-    (["repo", "--runtime", "tensorrt", "--encoder-threads", "4", "--repo", "{tmp}/r"], "CPU encoders"),
-    (["export", "--pretrained", "laion2b_s39b_b160k", "--seed", "3", "--onnx-dir", "{tmp}/e"], "--pretrained none"),
-    (["export", "--pretrained", "none", "--no-verify", "--verify-batches", "1", "--onnx-dir", "{tmp}/e"],
-     "no effect with --no-verify"),
-    (["embed", "--texts", "{tmp}/t.txt", "--all-files", "--out", "{tmp}/o"], "applies to --images"),
-    (["gateway", "--no-auth", "--api-key-file", "{tmp}/keys"], "no effect with --no-auth"),
-    (["verify", "{tmp}/a", "--onnx-dir", "{tmp}/b"], "two export folders"),
-    (["serve", "--repo", "{tmp}/r", "--watchdog-interval", "0", "--watchdog-timeout", "5"], "watchdog off"),
-    (["repo", "--runtime", "python", "--served-model-name", "bad name!", "--repo", "{tmp}/r"], "not a model id"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["repo", "--runtime", "tensorrt", "--cpu-runtime", "openvino", "--repo", "{tmp}/r"], "needs --runtime python"),
+        (["repo", "--runtime", "tensorrt", "--encoder-threads", "4", "--repo", "{tmp}/r"], "CPU encoders"),
+        (["export", "--pretrained", "laion2b_s39b_b160k", "--seed", "3", "--onnx-dir", "{tmp}/e"], "--pretrained none"),
+        (
+            ["export", "--pretrained", "none", "--no-verify", "--verify-batches", "1", "--onnx-dir", "{tmp}/e"],
+            "no effect with --no-verify",
+        ),
+        (["embed", "--texts", "{tmp}/t.txt", "--all-files", "--out", "{tmp}/o"], "applies to --images"),
+        (["gateway", "--no-auth", "--api-key-file", "{tmp}/keys"], "no effect with --no-auth"),
+        (["verify", "{tmp}/a", "--onnx-dir", "{tmp}/b"], "two export folders"),
+        (["serve", "--repo", "{tmp}/r", "--watchdog-interval", "0", "--watchdog-timeout", "5"], "watchdog off"),
+        (["repo", "--runtime", "python", "--served-model-name", "bad name!", "--repo", "{tmp}/r"], "not a model id"),
+    ],
+)
 def test_flags_a_combination_ignores_are_refused(tmp_path, args, says):
     line = one_line_error(cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]))
     assert says in line
@@ -349,8 +415,12 @@ def test_one_word_per_folder_across_commands(tmp_path):
     assert parser.parse_args(["export", "--out", "e"]).onnx_dir == "e"
     assert parser.parse_args(["repo", "--repo", "r"]).repo == "r"
     assert parser.parse_args(["repo", "--out", "r"]).repo == "r"
-    for command in (["verify", "--onnx-dir", "e"], ["build-engines", "--onnx-dir", "e", "--repo", "r"],
-                    ["check-engines", "--repo", "r", "--onnx-dir", "e"], ["serve", "--repo", "r"]):
+    for command in (
+        ["verify", "--onnx-dir", "e"],
+        ["build-engines", "--onnx-dir", "e", "--repo", "r"],
+        ["check-engines", "--repo", "r", "--onnx-dir", "e"],
+        ["serve", "--repo", "r"],
+    ):
         parser.parse_args(command)
 
 
@@ -364,8 +434,21 @@ def test_bf16_on_a_cpu_without_it_reports_fp32(monkeypatch, tiny_export, tmp_pat
     monkeypatch.setattr(cpuengine, "cpu_supports_bf16", lambda: False)
     options = RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16")
     assert options.encoder_runtime == "openvino (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
-    code = cli.main(["repo", "--runtime", "python", "--cpu-runtime", "openvino", "--cpu-precision", "bf16",
-                     "--onnx-dir", str(tiny_export), "--repo", str(tmp_path / "r")])
+    code = cli.main(
+        [
+            "repo",
+            "--runtime",
+            "python",
+            "--cpu-runtime",
+            "openvino",
+            "--cpu-precision",
+            "bf16",
+            "--onnx-dir",
+            str(tiny_export),
+            "--repo",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert "fp32 (bf16 requested" in captured.out and "no native bf16" in captured.err
@@ -392,22 +475,43 @@ def test_eval_with_class_name_and_template_files_writes_a_table_and_json(triton,
 
     (tmp_path / "names.txt").write_text("astronaut\ncat\ncup of coffee\nrocket launch\n")
     (tmp_path / "templates.txt").write_text("a photo of a {}.\na blurry photo of a {}.\n")
-    result = cli("eval", dataset, "--classnames", tmp_path / "names.txt", "--templates", tmp_path / "templates.txt",
-                 "--json", tmp_path / "report.json", "--url", triton.grpc_url)
+    result = cli(
+        "eval",
+        dataset,
+        "--classnames",
+        tmp_path / "names.txt",
+        "--templates",
+        tmp_path / "templates.txt",
+        "--json",
+        tmp_path / "report.json",
+        "--url",
+        triton.grpc_url,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["images"] == 12 and report["classes"] == 4 and report["top5"] is None  # 4 classes <= 5: n/a
     assert set(report["per_class"]) == {"astronaut", "cat", "cup of coffee", "rocket launch"}
     assert "n/a" in result.stdout and "cup of coffee" in result.stdout
     with ClipClient(triton.grpc_url) as client:  # the same figures from the API's own embeddings
-        classifier = client.prompt_embeddings(["astronaut", "cat", "cup of coffee", "rocket launch"],
-                                              ["a photo of a {}.", "a blurry photo of a {}."])
+        classifier = client.prompt_embeddings(
+            ["astronaut", "cat", "cup of coffee", "rocket launch"], ["a photo of a {}.", "a blurry photo of a {}."]
+        )
         paths = sorted(dataset.rglob("*.jpg"))
         predicted = (client.embed_images(paths) @ classifier.T).argmax(1)
     labels = np.array([["astronaut", "cat", "coffee", "rocket"].index(p.parent.name) for p in paths])
     assert report["top1"] == pytest.approx(float((predicted == labels).mean()))
-    comma = cli("eval", dataset, "--classnames", "astronaut,cat,cup of coffee,rocket launch", "--templates",
-                tmp_path / "templates.txt", "--json", tmp_path / "comma.json", "--url", triton.grpc_url)
+    comma = cli(
+        "eval",
+        dataset,
+        "--classnames",
+        "astronaut,cat,cup of coffee,rocket launch",
+        "--templates",
+        tmp_path / "templates.txt",
+        "--json",
+        tmp_path / "comma.json",
+        "--url",
+        triton.grpc_url,
+    )
     assert comma.returncode == 0 and json.loads((tmp_path / "comma.json").read_text()) == report
 
 
@@ -420,15 +524,38 @@ def test_retrieval_recall_on_an_image_caption_folder(triton, dataset, tmp_path, 
     paths = sorted(dataset.rglob("*.jpg"))
     captions = {p: [f"a photo of a {p.parent.name}", f"{p.parent.name} number {p.stem}"] for p in paths}
     if layout == "coco":
-        document = {"images": [{"id": i, "file_name": str(p.relative_to(dataset))} for i, p in enumerate(paths)],
-                    "annotations": [{"image_id": i, "caption": c} for i, p in enumerate(paths) for c in captions[p]]}
+        document = {
+            "images": [{"id": i, "file_name": str(p.relative_to(dataset))} for i, p in enumerate(paths)],
+            "annotations": [{"image_id": i, "caption": c} for i, p in enumerate(paths) for c in captions[p]],
+        }
     else:
-        document = {"images": [{"filename": p.name, "filepath": p.parent.name, "split": "test" if i % 4 else "train",
-                                "sentences": [{"raw": c} for c in captions[p]]} for i, p in enumerate(paths)]}
+        document = {
+            "images": [
+                {
+                    "filename": p.name,
+                    "filepath": p.parent.name,
+                    "split": "test" if i % 4 else "train",
+                    "sentences": [{"raw": c} for c in captions[p]],
+                }
+                for i, p in enumerate(paths)
+            ]
+        }
     (tmp_path / "captions.json").write_text(json.dumps(document))
     split = ["--split", "test"] if layout == "karpathy" else []
-    result = cli("eval-retrieval", "--images", dataset, "--captions", tmp_path / "captions.json", *split,
-                 "-k", "1,5", "--json", tmp_path / "r.json", "--url", triton.grpc_url)
+    result = cli(
+        "eval-retrieval",
+        "--images",
+        dataset,
+        "--captions",
+        tmp_path / "captions.json",
+        *split,
+        "-k",
+        "1,5",
+        "--json",
+        tmp_path / "r.json",
+        "--url",
+        triton.grpc_url,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     kept = [p for i, p in enumerate(paths) if layout == "coco" or i % 4]
@@ -441,8 +568,19 @@ def test_retrieval_recall_on_an_image_caption_folder(triton, dataset, tmp_path, 
     assert {int(k): v for k, v in report["text_to_image"].items()} == pytest.approx(t2i)
     assert "R@1" in result.stdout and "image -> text" in result.stdout
     if layout == "coco":  # --split means nothing for a COCO file: refused, not ignored
-        line = one_line_error(cli("eval-retrieval", "--images", dataset, "--captions", tmp_path / "captions.json",
-                                  "--split", "test", "--url", triton.grpc_url))
+        line = one_line_error(
+            cli(
+                "eval-retrieval",
+                "--images",
+                dataset,
+                "--captions",
+                tmp_path / "captions.json",
+                "--split",
+                "test",
+                "--url",
+                triton.grpc_url,
+            )
+        )
         assert "has no splits" in line
 
 
@@ -462,18 +600,21 @@ def test_recall_at_k_counts_hits_exactly():
 # -- served model name ---------------------------------------------------------------------------
 def test_served_model_name_hides_a_checkpoint_path(tiny_export, tmp_path):
     """A repository can name its model for the world; a checkpoint path never becomes the public id."""
-    from clip_triton.client.grpc_client import facts_from_config
-    from clip_triton.repository import RepoOptions, parse, write_repository
     from google.protobuf import json_format
 
-    repo = write_repository(tmp_path / "r", onnx_dir=tiny_export,
-                            options=RepoOptions(runtime="python", served_model_name="clip-tiny"))
+    from clip_triton.client.grpc_client import facts_from_config
+    from clip_triton.repository import RepoOptions, parse, write_repository
+
+    repo = write_repository(
+        tmp_path / "r", onnx_dir=tiny_export, options=RepoOptions(runtime="python", served_model_name="clip-tiny")
+    )
     config = parse((repo / "clip_image" / "config.pbtxt").read_text())
     facts = facts_from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
     assert facts.public_id == "clip-tiny" and facts.model == "clip-triton-tiny"
     default = write_repository(tmp_path / "d", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
     config = parse((default / "clip_text" / "config.pbtxt").read_text())
     assert config.parameters["served_model_name"].string_value == "clip-triton-tiny"
-    private = facts.__class__(**{**facts.__dict__, "pretrained": "/home/me/ckpt/open_clip_pytorch_model.bin",
-                                 "served_model_name": ""})
+    private = facts.__class__(
+        **{**facts.__dict__, "pretrained": "/home/me/ckpt/open_clip_pytorch_model.bin", "served_model_name": ""}
+    )
     assert private.public_id == "clip-triton-tiny" and private.public_pretrained == "local checkpoint"

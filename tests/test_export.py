@@ -17,12 +17,17 @@ from clip_triton.export.graphs import float32_islands
 from clip_triton.export.verify import TOLERANCES
 from clip_triton.ortutil import make_session
 
-from .conftest import SEED, TINY_CONFIG
+from .helpers import SEED, TINY_CONFIG
 
 
 def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "clip_triton.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "clip_triton.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def run_graph(folder: Path, tower: str, x: np.ndarray) -> np.ndarray:
@@ -95,8 +100,9 @@ def test_text_pools_at_end_of_text_with_int32_ids(tiny_export, reference_model):
 def test_external_data_path(tmp_path):
     """With a lowered threshold, weights go to one .data file beside each graph; the checker and
     ONNX Runtime load them by path, and verification still passes."""
-    manifest = export_model(str(TINY_CONFIG), "none", tmp_path, precision="fp32", seed=SEED, external_threshold=0,
-                            verify_batches=(1, 3))
+    manifest = export_model(
+        str(TINY_CONFIG), "none", tmp_path, precision="fp32", seed=SEED, external_threshold=0, verify_batches=(1, 3)
+    )
     for tower in ("vision", "text"):
         data = tmp_path / f"{tower}.onnx.data"
         assert data.is_file()
@@ -107,7 +113,13 @@ def test_external_data_path(tmp_path):
         assert manifest["graphs"][tower]["external_data"] == data.name
         onnx.checker.check_model(str(tmp_path / f"{tower}.onnx"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json", "references.npz", "text.onnx", "text.onnx.data", "vision.onnx", "vision.onnx.data"]
+        "manifest.json",
+        "references.npz",
+        "text.onnx",
+        "text.onnx.data",
+        "vision.onnx",
+        "vision.onnx.data",
+    ]
     assert manifest["verification"]["passed"]
 
 
@@ -142,12 +154,18 @@ def test_local_checkpoint_is_reloaded_and_matched(tmp_path, tiny_export, referen
     assert np.abs(run_graph(out, "text", ids) - run_graph(tiny_export, "text", ids)).max() < 1e-6
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--model", "ViT-Nope-99", "--pretrained", "none"], "unknown open_clip architecture"),
-    (["--model", "ViT-B-32", "--pretrained", "no_such_tag"], "unknown pretrained tag"),
-    (["--model", "ViT-B-32", "--pretrained", "/nonexistent/weights.bin"], "checkpoint file /nonexistent/weights.bin not found"),
-    (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "not in the Hugging Face cache"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--model", "ViT-Nope-99", "--pretrained", "none"], "unknown open_clip architecture"),
+        (["--model", "ViT-B-32", "--pretrained", "no_such_tag"], "unknown pretrained tag"),
+        (
+            ["--model", "ViT-B-32", "--pretrained", "/nonexistent/weights.bin"],
+            "checkpoint file /nonexistent/weights.bin not found",
+        ),
+        (["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"], "not in the Hugging Face cache"),
+    ],
+)
 def test_cli_errors_are_one_line_with_next_step(tmp_path, args, fragment):
     # HF_HUB_OFFLINE makes "no network for a hub tag" fail at once instead of after retries.
     result = cli("export", *args, "--out", str(tmp_path / "out"), env={"HF_HUB_OFFLINE": "1"})

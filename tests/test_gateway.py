@@ -15,7 +15,7 @@ from clip_triton.errors import ClipTritonError
 from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
 from clip_triton.server import free_port
 
-from .conftest import cos, local_http_server
+from .helpers import cos, local_http_server
 
 KEY = "sk-test-key-123"
 
@@ -46,8 +46,9 @@ class LiveGateway:
 
         self.settings = settings
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -63,8 +64,14 @@ class LiveGateway:
 
 @pytest.fixture(scope="module")
 def gateway(triton):
-    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), max_body_bytes=2 * 1024 * 1024,
-                                       fetch=FetchPolicy(resolver=StubResolver())))
+    live = LiveGateway(
+        GatewaySettings(
+            triton_url=triton.grpc_url,
+            api_keys=(KEY,),
+            max_body_bytes=2 * 1024 * 1024,
+            fetch=FetchPolicy(resolver=StubResolver()),
+        )
+    )
     yield live
     live.stop()
 
@@ -99,14 +106,22 @@ def test_data_url_images_and_mixed_lists(oai, reference, photos):
     items = ["a rocket", data_url(photos["rocket"]), data_url(photos["cat"]), "a cat"]
     result = oai.embeddings.create(model="clip-triton-tiny", input=items)
     got = np.array([d.embedding for d in result.data], dtype=np.float32)
-    expected = np.concatenate([reference.embed_texts(["a rocket"]), reference.embed_images([photos["rocket"], photos["cat"]]),
-                               reference.embed_texts(["a cat"])])
+    expected = np.concatenate(
+        [
+            reference.embed_texts(["a rocket"]),
+            reference.embed_images([photos["rocket"], photos["cat"]]),
+            reference.embed_texts(["a cat"]),
+        ]
+    )
     assert got.shape == (4, 32) and cos(got, expected).min() > 0.99999
 
 
 def test_base64_encoding_is_little_endian_float32(gateway, reference):
-    response = httpx.post(f"{gateway.url}/v1/embeddings", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "clip-triton-tiny", "input": "a cat", "encoding_format": "base64"})
+    response = httpx.post(
+        f"{gateway.url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "clip-triton-tiny", "input": "a cat", "encoding_format": "base64"},
+    )
     assert response.status_code == 200
     vector = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
     assert np.abs(vector - reference.embed_texts(["a cat"])[0]).max() < 1e-6
@@ -114,9 +129,16 @@ def test_base64_encoding_is_little_endian_float32(gateway, reference):
 
 def test_zero_shot_endpoint(gateway, reference, photos):
     prompts = ["a cat", "a rocket", "a cup of coffee"]
-    response = httpx.post(f"{gateway.url}/v1/classify", headers={"Authorization": f"Bearer {KEY}"},
-                          json={"model": "clip-triton-tiny", "images": [data_url(photos["cat"]), data_url(photos["coffee"])],
-                                "prompts": prompts}, timeout=60)
+    response = httpx.post(
+        f"{gateway.url}/v1/classify",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "clip-triton-tiny",
+            "images": [data_url(photos["cat"]), data_url(photos["coffee"])],
+            "prompts": prompts,
+        },
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["logit_scale"] == pytest.approx(reference.facts.logit_scale)
@@ -142,7 +164,9 @@ def test_auth_failures(gateway):
         client.embeddings.create(model="clip-triton-tiny", input="x")
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
     for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer"}):
-        response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": "x"})
+        response = httpx.post(
+            f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": "x"}
+        )
         assert response.status_code == 401 and response.json()["error"]["code"] == "missing_api_key"
     assert httpx.get(f"{gateway.url}/v1/models").status_code == 401
 
@@ -168,15 +192,20 @@ def test_schema_model_and_size_errors(gateway, oai):
     headers = {"Authorization": f"Bearer {KEY}"}
     missing = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "input"
-    tokens = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": [[1, 2]]})
+    tokens = httpx.post(
+        f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": [[1, 2]]}
+    )
     assert tokens.status_code == 400 and tokens.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError) as err:
         oai.embeddings.create(model="text-embedding-3-small", input="x")
     assert err.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError, match="dimensions"):
         oai.embeddings.create(model="clip-triton-tiny", input="x", dimensions=8)
-    huge = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers,
-                      json={"model": "clip-triton-tiny", "input": "y" * (3 * 1024 * 1024)})
+    huge = httpx.post(
+        f"{gateway.url}/v1/embeddings",
+        headers=headers,
+        json={"model": "clip-triton-tiny", "input": "y" * (3 * 1024 * 1024)},
+    )
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "body_too_large"
     empty = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": []})
     assert empty.status_code == 400
@@ -226,8 +255,13 @@ def test_urls_to_loopback_are_refused_by_default(oai, image_host):
     with pytest.raises(openai.BadRequestError) as err:
         oai.embeddings.create(model="clip-triton-tiny", input=["a cat", f"{image_host}/cat.jpg"])
     assert err.value.body["param"] == "input[1]" and "private, loopback or link-local" in err.value.body["message"]
-    for url in ("http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x.jpg", "http://[::1]/x.jpg",
-                "http://localhost/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg"):
+    for url in (
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/x.jpg",
+        "http://[::1]/x.jpg",
+        "http://localhost/x.jpg",
+        "http://[::ffff:127.0.0.1]/x.jpg",
+    ):
         with pytest.raises(openai.BadRequestError) as err:
             oai.embeddings.create(model="clip-triton-tiny", input=[url])
         assert "refused" in err.value.body["message"]
@@ -242,17 +276,23 @@ def test_other_schemes_are_text_never_fetched(oai, reference):
 
 
 def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, photos):
-    settings = GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,),
-                               fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2,
-                                                 resolver=StubResolver()))
+    settings = GatewaySettings(
+        triton_url=triton.grpc_url,
+        api_keys=(KEY,),
+        fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2, resolver=StubResolver()),
+    )
     live = LiveGateway(settings)
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
         got = client.embeddings.create(model="clip-triton-tiny", input=[f"{image_host}/cat.jpg", f"{image_host}/hop1"])
         vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
         assert cos(vectors, reference.embed_images([photos["cat"]] * 2)).min() > 0.99999
-        for path, fragment in (("/page.html", "not image/*"), ("/huge.jpg", "byte limit"), ("/missing.jpg", "HTTP 404"),
-                               ("/hop5", "redirects")):
+        for path, fragment in (
+            ("/page.html", "not image/*"),
+            ("/huge.jpg", "byte limit"),
+            ("/missing.jpg", "HTTP 404"),
+            ("/hop5", "redirects"),
+        ):
             with pytest.raises(openai.BadRequestError) as err:
                 client.embeddings.create(model="clip-triton-tiny", input=["ok", f"{image_host}{path}"])
             assert err.value.body["param"] == "input[1]" and fragment in err.value.body["message"], err.value.body
@@ -261,15 +301,29 @@ def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, ph
 
 
 # -- SSRF ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "10.1.2.3", "169.254.169.254", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:10.0.0.1",
-    "2002:7f00:1::",                          # 6to4 of 127.0.0.1 (passed the old check)
-    "2002:a9fe:a9fe::",                       # 6to4 of the cloud metadata address
-    "2001:0:4136:e378:8000:63bf:3fff:fdd2",   # Teredo
-    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix around private IPv4
-    "64:ff9b:1::a00:1",                       # NAT64 local-use prefix
-    "0.0.0.0", "::", "224.0.0.1", "240.0.0.1",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "169.254.169.254",
+        "100.64.0.1",
+        "::1",
+        "fe80::1",
+        "fd00::1",
+        "::ffff:10.0.0.1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1 (passed the old check)
+        "2002:a9fe:a9fe::",  # 6to4 of the cloud metadata address
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "64:ff9b::7f00:1",
+        "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix around private IPv4
+        "64:ff9b:1::a00:1",  # NAT64 local-use prefix
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "240.0.0.1",
+    ],
+)
 def test_private_addresses_are_refused_however_wrapped(address):
     from clip_triton.gateway.fetch import forbidden
 
@@ -320,8 +374,9 @@ def test_fetch_connects_to_the_vetted_address_with_the_name_as_host(triton, phot
     with local_http_server(route, hosts) as base:
         port = base.rsplit(":", 1)[1]
         resolver = StubResolver({"images.test": ["127.0.0.1"]})
-        body = asyncio.run(fetch_image(f"http://images.test:{port}/cat.jpg",
-                                       FetchPolicy(allow_private=True, resolver=resolver)))
+        body = asyncio.run(
+            fetch_image(f"http://images.test:{port}/cat.jpg", FetchPolicy(allow_private=True, resolver=resolver))
+        )
     assert body == photos["cat"] and seen == ["/cat.jpg"] and resolver.asked == ["images.test"]
     assert hosts == [f"images.test:{port}"]
 
@@ -344,8 +399,10 @@ def test_a_chunked_body_is_refused_as_it_arrives_before_any_auth(gateway):
     chunk = b"x" * (256 * 1024)
     sent, answer = 0, b""
     try:
-        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         while sent < 64 * 1024 * 1024:
             try:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -373,18 +430,29 @@ def test_a_chunked_body_is_refused_as_it_arrives_before_any_auth(gateway):
 
 def test_templates_are_literal_and_bounded(gateway, oai, photos):
     headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": "clip-triton-tiny", "images": [data_url(photos["cat"])], "prompts": ["cat", "dog"],
-            "templates": ["{:>30000000} {}", "{0.__class__} a photo of a {}."]}
+    body = {
+        "model": "clip-triton-tiny",
+        "images": [data_url(photos["cat"])],
+        "prompts": ["cat", "dog"],
+        "templates": ["{:>30000000} {}", "{0.__class__} a photo of a {}."],
+    }
     before = _rss_mib()
     literal = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json=body, timeout=120)
     assert literal.status_code == 200, literal.text  # str.format would have padded to 30 MB, or failed (500)
     assert _rss_mib() - before < 64
-    too_many = httpx.post(f"{gateway.url}/v1/classify", headers=headers, timeout=120, json={
-        **body, "prompts": [f"p{i}" for i in range(32)], "templates": [f"t{i} {{}}" for i in range(32)]})
+    too_many = httpx.post(
+        f"{gateway.url}/v1/classify",
+        headers=headers,
+        timeout=120,
+        json={**body, "prompts": [f"p{i}" for i in range(32)], "templates": [f"t{i} {{}}" for i in range(32)]},
+    )
     assert too_many.status_code == 400 and too_many.json()["error"]["code"] == "too_many_texts"
     assert "32 prompts x 32 templates = 1024" in too_many.json()["error"]["message"]
-    for templates, fragment in ((["no placeholder"], "placeholder"), (["{}" + "x" * 2000], "characters"),
-                                ([f"{{}} {i}" for i in range(65)], "templates, over the limit")):
+    for templates, fragment in (
+        (["no placeholder"], "placeholder"),
+        (["{}" + "x" * 2000], "characters"),
+        ([f"{{}} {i}" for i in range(65)], "templates, over the limit"),
+    ):
         bad = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json={**body, "templates": templates})
         assert bad.status_code == 400 and fragment in bad.json()["error"]["message"], bad.text
 
@@ -394,8 +462,12 @@ def test_classify_usage_counts_every_templated_text(gateway, photos):
 
     headers = {"Authorization": f"Bearer {KEY}"}
     templates = ["a photo of a {}.", "a sketch of the {}, in pencil"]
-    body = {"model": "clip-triton-tiny", "images": [data_url(photos["cat"])], "prompts": ["cat", "red panda"],
-            "templates": templates}
+    body = {
+        "model": "clip-triton-tiny",
+        "images": [data_url(photos["cat"])],
+        "prompts": ["cat", "red panda"],
+        "templates": templates,
+    }
     usage = httpx.post(f"{gateway.url}/v1/classify", headers=headers, json=body, timeout=120).json()["usage"]
     tokenizer = ClipTokenizer()
     expected = sum(int((tokenizer.ids(t.replace("{}", p)) != 0).sum()) for p in body["prompts"] for t in templates)
@@ -414,12 +486,18 @@ def test_lone_surrogates_are_400_not_500(gateway, photos):
     response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, content=raw)
     assert response.status_code == 400 and response.json()["error"]["param"] == "input[1]", response.text
     assert "surrogate" in response.json()["error"]["message"]
-    raw = ('{"model": "clip-triton-tiny", "images": ["%s"], "prompts": ["cat"], "templates": ["a {} \\udfff"]}'
-           % data_url(photos["cat"]))
+    raw = (
+        '{"model": "clip-triton-tiny", "images": ["'
+        + data_url(photos["cat"])
+        + '"], "prompts": ["cat"], "templates": ["a {} \\udfff"]}'
+    )
     response = httpx.post(f"{gateway.url}/v1/classify", headers=headers, content=raw)
     assert response.status_code == 400 and response.json()["error"]["param"] == "templates[0]", response.text
-    raw = ('{"model": "clip-triton-tiny", "images": ["%s"], "prompts": ["cat", "dog \\ud800"], '
-           '"templates": ["a {}", "the {}"]}' % data_url(photos["cat"]))
+    raw = (
+        '{"model": "clip-triton-tiny", "images": ["'
+        + data_url(photos["cat"])
+        + '"], "prompts": ["cat", "dog \\ud800"], "templates": ["a {}", "the {}"]}'
+    )
     response = httpx.post(f"{gateway.url}/v1/classify", headers=headers, content=raw)
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompts[1]", response.text
 
@@ -475,8 +553,13 @@ def test_prompt_cache_is_bounded():
 def test_data_prefixed_text_is_text_and_only_data_image_is_an_image(oai, reference, photos):
     """Only `data:image/...` items are images; "data: the quick brown fox" is a caption (it was refused
     as a malformed data URL)."""
-    items = ["data: the quick brown fox", "data:text/plain;base64,aGVsbG8=", "Data: Sources and methods",
-             data_url(photos["cat"]), "DATA:IMAGE/JPEG;BASE64," + data_url(photos["cat"]).split(",", 1)[1]]
+    items = [
+        "data: the quick brown fox",
+        "data:text/plain;base64,aGVsbG8=",
+        "Data: Sources and methods",
+        data_url(photos["cat"]),
+        "DATA:IMAGE/JPEG;BASE64," + data_url(photos["cat"]).split(",", 1)[1],
+    ]
     got = oai.embeddings.create(model="clip-triton-tiny", input=items)
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
     assert cos(vectors[:3], reference.embed_texts(items[:3])).min() > 0.99999
@@ -492,21 +575,30 @@ def test_typed_items_say_what_they_are(gateway, reference, photos):
     headers = {"Authorization": f"Bearer {KEY}"}
     resolver = gateway_resolver(gateway)
     asked_before = list(resolver.asked)
-    items = [{"type": "text", "text": "https://example.com/cat.jpg"},
-             {"type": "image_url", "image_url": {"url": data_url(photos["cat"])}},
-             {"type": "image_url", "image_url": data_url(photos["rocket"])},
-             "a plain caption"]
-    response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, timeout=60,
-                          json={"model": "clip-triton-tiny", "input": items})
+    items = [
+        {"type": "text", "text": "https://example.com/cat.jpg"},
+        {"type": "image_url", "image_url": {"url": data_url(photos["cat"])}},
+        {"type": "image_url", "image_url": data_url(photos["rocket"])},
+        "a plain caption",
+    ]
+    response = httpx.post(
+        f"{gateway.url}/v1/embeddings", headers=headers, timeout=60, json={"model": "clip-triton-tiny", "input": items}
+    )
     assert response.status_code == 200, response.text
     vectors = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
-    assert cos(vectors[[0, 3]], reference.embed_texts(["https://example.com/cat.jpg", "a plain caption"])).min() > 0.99999
+    assert (
+        cos(vectors[[0, 3]], reference.embed_texts(["https://example.com/cat.jpg", "a plain caption"])).min() > 0.99999
+    )
     assert cos(vectors[[1, 2]], reference.embed_images([photos["cat"], photos["rocket"]])).min() > 0.99999
     assert resolver.asked == asked_before  # the URL-looking caption was never resolved, let alone fetched
-    for bad, fragment in (({"type": "image_url", "image_url": "file:///etc/passwd"}, "image_url must be"),
-                          ({"type": "audio", "data": "x"}, "a typed item is"), ({"text": "no type"}, "a typed item is")):
-        response = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers,
-                              json={"model": "clip-triton-tiny", "input": ["fine", bad]})
+    for bad, fragment in (
+        ({"type": "image_url", "image_url": "file:///etc/passwd"}, "image_url must be"),
+        ({"type": "audio", "data": "x"}, "a typed item is"),
+        ({"text": "no type"}, "a typed item is"),
+    ):
+        response = httpx.post(
+            f"{gateway.url}/v1/embeddings", headers=headers, json={"model": "clip-triton-tiny", "input": ["fine", bad]}
+        )
         assert response.status_code == 400 and response.json()["error"]["param"] == "input[1]", response.text
         assert fragment in response.json()["error"]["message"]
 
@@ -518,8 +610,14 @@ def gateway_resolver(gateway) -> StubResolver:
 def test_served_model_name_is_the_only_public_id(triton):
     """`gateway --served-model-name` gives the model the id clients use; the architecture name (and any
     checkpoint path behind it) is not accepted or shown."""
-    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), served_model_name="clip-tiny-v1",
-                                       fetch=FetchPolicy(resolver=StubResolver())))
+    live = LiveGateway(
+        GatewaySettings(
+            triton_url=triton.grpc_url,
+            api_keys=(KEY,),
+            served_model_name="clip-tiny-v1",
+            fetch=FetchPolicy(resolver=StubResolver()),
+        )
+    )
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
         listed = client.models.list().data

@@ -88,8 +88,10 @@ def test_export_and_engines_jobs():
     engines = command_text("engines")
     assert "clip-triton repo --runtime tensorrt --onnx-dir /exports/current --repo /models" in engines
     assert "clip-triton build-engines --onnx-dir /exports/current --repo /models" in engines
-    assert "--timing-cache /trt-cache/timing.cache" in engines and "trt-cache:/trt-cache" in \
-        COMPOSE["services"]["engines"]["volumes"]
+    assert (
+        "--timing-cache /trt-cache/timing.cache" in engines
+        and "trt-cache:/trt-cache" in COMPOSE["services"]["engines"]["volumes"]
+    )
     assert set(COMPOSE["volumes"]) == {"hf-cache", "exports", "models", "trt-cache"}
 
 
@@ -141,8 +143,10 @@ def test_profile_comes_from_the_contract_and_matches_triton():
     assert E.profile_dtype(contract, "vision") == "float16" and E.profile_dtype(contract, "text") == "int32"
 
 
-@pytest.mark.parametrize("version, strong", [("10.12.0.36", True), ("10.13.3", True), ("11.0.0", True),
-                                             ("10.11.0.33", False), ("8.6.1", False)])
+@pytest.mark.parametrize(
+    "version, strong",
+    [("10.12.0.36", True), ("10.13.3", True), ("11.0.0", True), ("10.11.0.33", False), ("8.6.1", False)],
+)
 def test_strongly_typed_from_tensorrt_10_12(version, strong):
     assert E.strongly_typed_supported(version) is strong
 
@@ -150,8 +154,10 @@ def test_strongly_typed_from_tensorrt_10_12(version, strong):
 def _manifest(passed=True, **platform):
     base = {"tensorrt": "10.13.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
     checks = [{"inputs": "photos", "batch": 4, "min_cosine": 0.9999 if passed else 0.41, "passed": passed}]
-    return {"platform": {**base, **platform},
-            "validation": {"min_cosine": E.MIN_ENGINE_COSINE, "checks": checks, "passed": passed}}
+    return {
+        "platform": {**base, **platform},
+        "validation": {"min_cosine": E.MIN_ENGINE_COSINE, "checks": checks, "passed": passed},
+    }
 
 
 def test_engine_manifest_must_match_the_serving_platform():
@@ -209,8 +215,12 @@ def test_check_engines_refuses_a_plan_without_its_manifest(tmp_path):
 
 def test_check_engines_cli_exits_2_on_a_failed_engine(tmp_path, fake_gpu):
     repo = _engine_repo(tmp_path, _manifest(passed=False, tensorrt="10.13.3.9"))
-    result = subprocess.run([sys.executable, "-m", "clip_triton.cli", "check-engines", "--repo", str(repo)],
-                            capture_output=True, text=True, env=fake_gpu)
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_triton.cli", "check-engines", "--repo", str(repo)],
+        capture_output=True,
+        text=True,
+        env=fake_gpu,
+    )
     assert result.returncode == 2 and "did not pass its validation" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -221,8 +231,9 @@ def test_engines_are_current_only_for_the_same_graphs(tiny_export, tmp_path):
     manifest = _manifest(**{"tensorrt": here.tensorrt})
     repo = _engine_repo(tmp_path, None)
     for tower, model in E.TOWER_MODELS.items():
-        (repo / model / "1" / "engine.json").write_text(json.dumps(
-            {**manifest, "onnx": E.graph_identity(tiny_export, tower)}))
+        (repo / model / "1" / "engine.json").write_text(
+            json.dumps({**manifest, "onnx": E.graph_identity(tiny_export, tower)})
+        )
     assert E.check_repository_engines(repo, here, onnx_dir=tiny_export) == ["vision_encoder", "text_encoder"]
     other = tmp_path / "other-export"
     shutil.copytree(tiny_export, other)
@@ -236,12 +247,14 @@ def test_run_engine_copies_each_output_from_polygraphys_reused_buffer():
     """Polygraphy's TrtRunner.infer returns views of one host buffer it reuses: without a copy every
     batch but the last would be overwritten. Polygraphy's own host-copy code runs here."""
     import numpy as np
+
     from .gpu_twin import PolygraphyHostTwin
 
     profile = E.Profile("pixel_values", (1, 4), (2, 4), (4, 4))
     batches = [np.full((2, 4), value, np.float32) for value in (1.0, 2.0, 3.0)]
-    outputs = E.run_engine(Path("unused.plan"), profile,
-                           batches, runner=PolygraphyHostTwin(lambda feed: feed["pixel_values"] * 10))
+    outputs = E.run_engine(
+        Path("unused.plan"), profile, batches, runner=PolygraphyHostTwin(lambda feed: feed["pixel_values"] * 10)
+    )
     assert [float(out[0, 0]) for out in outputs] == [10.0, 20.0, 30.0]
 
 
@@ -249,9 +262,10 @@ def test_engine_validation_passes_through_the_polygraphy_twin(tiny_export):
     """build-engines' own validation step (validate_plan) on the export's references, with the
     "engine" computed by ONNX Runtime from the same graphs: every batch must pass."""
     import onnxruntime as ort
-    from .gpu_twin import PolygraphyHostTwin
 
     from clip_triton.export.pipeline import REFERENCES, load_references, read_manifest
+
+    from .gpu_twin import PolygraphyHostTwin
 
     contract = C.ModelContract.from_dict(read_manifest(tiny_export)["contract"])
     references = load_references(tiny_export / REFERENCES)
@@ -333,8 +347,20 @@ def test_build_options_are_checked():
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="a GPU is present")
 def test_no_gpu_is_a_clear_error(tiny_export, tmp_path, monkeypatch):
     monkeypatch.setenv("TRT_VERSION", "10.13.0")  # get past the TensorRT lookup to the GPU lookup
-    result = subprocess.run([sys.executable, "-m", "clip_triton.cli", "build-engines", "--onnx-dir", str(tiny_export),
-                             "--repo", str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_triton.cli",
+            "build-engines",
+            "--onnx-dir",
+            str(tiny_export),
+            "--repo",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2 and "no NVIDIA GPU found" in result.stderr
 
 

@@ -37,7 +37,6 @@ from clip_triton.export import engines as E
 from clip_triton.export.verify import TOLERANCES
 from clip_triton.repository import RepoOptions, parse, write_repository
 
-from .conftest import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, tied_to_this_process
 from .gpu_twin import (
     PREINSTALLED,
     ROOT,
@@ -51,6 +50,7 @@ from .gpu_twin import (
     stage_environment,
     standin_repository,
 )
+from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, tied_to_this_process
 
 STAGES = dockerfile_stages()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -72,7 +72,7 @@ def stage_env(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 def test_dockerfile_has_the_expected_stages_and_pythons():
     assert set(STAGES) == {"source", "triton", "engines", "export", "sdk", "gateway"}
-    assert NGC == {"triton", "engines", "sdk"}
+    assert {"triton", "engines", "sdk"} == NGC
     assert {STAGES[n].python for n in NGC} == {"3.12"}  # NGC 25.10 is Ubuntu 24.04
     # The python:3.11 stages install CI's own environment: CI runs on that Python.
     assert STAGES["export"].python == STAGES["gateway"].python == f"{sys.version_info[0]}.{sys.version_info[1]}"
@@ -86,8 +86,11 @@ def test_every_stage_installs_against_its_own_constraints_file():
         assert installs, f"{name} installs nothing"
         for argv in installs:
             assert "-c" in argv, f"{name}: {' '.join(argv)} has no constraints file"
-        expected = (ROOT / "requirements" / "docker" / f"{name}.txt" if name in NGC
-                    else ROOT / "requirements" / "constraints.txt")
+        expected = (
+            ROOT / "requirements" / "docker" / f"{name}.txt"
+            if name in NGC
+            else ROOT / "requirements" / "constraints.txt"
+        )
         assert stage.constraints() == [expected] * len(installs), name
         assert expected.is_file()
     # The only RUN command that is not an install is the engines image's TensorRT version check.
@@ -115,8 +118,9 @@ def test_stage_environment_is_what_its_constraints_pin(name):
         assert added_by_stage(venv) == pins
     else:
         have = installed(venv)
-        loose = {n: v for n, v in have.items() if n not in {"pip", "setuptools", "wheel", "clip-triton"}
-                 and pins.get(n) != v}
+        loose = {
+            n: v for n, v in have.items() if n not in {"pip", "setuptools", "wheel", "clip-triton"} and pins.get(n) != v
+        }
         assert not loose, f"installed but not pinned by requirements/constraints.txt: {loose}"
 
 
@@ -144,11 +148,19 @@ def bigg_io_export(tmp_path_factory) -> Path:
 
 
 def _passed_manifest(onnx_dir: Path, tower: str, platform: E.Platform) -> dict:
-    return {"platform": {"tensorrt": platform.tensorrt, "gpu": platform.gpu,
-                         "compute_capability": platform.compute_capability},
-            "onnx": E.graph_identity(onnx_dir, tower),
-            "validation": {"min_cosine": E.MIN_ENGINE_COSINE, "passed": True,
-                           "checks": [{"inputs": "references", "batch": 4, "min_cosine": 0.9999, "passed": True}]}}
+    return {
+        "platform": {
+            "tensorrt": platform.tensorrt,
+            "gpu": platform.gpu,
+            "compute_capability": platform.compute_capability,
+        },
+        "onnx": E.graph_identity(onnx_dir, tower),
+        "validation": {
+            "min_cosine": E.MIN_ENGINE_COSINE,
+            "passed": True,
+            "checks": [{"inputs": "references", "batch": 4, "min_cosine": 0.9999, "passed": True}],
+        },
+    }
 
 
 def _place_engines(repo: Path, onnx_dir: Path) -> None:
@@ -163,24 +175,39 @@ def test_engines_stage_writes_the_repository_and_checks_engines(fp16_export, tmp
     """The engines service's own commands, in the engines image's environment."""
     venv, env = stage_env("engines"), fake_gpu_env(tmp_path / "gpu")
     repo = tmp_path / "models"
-    result = run_in(venv, ["clip-triton", "repo", "--runtime", "tensorrt", "--onnx-dir", str(fp16_export),
-                           "--repo", str(repo), "--force"], env=env)
+    result = run_in(
+        venv,
+        [
+            "clip-triton",
+            "repo",
+            "--runtime",
+            "tensorrt",
+            "--onnx-dir",
+            str(fp16_export),
+            "--repo",
+            str(repo),
+            "--force",
+        ],
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert parse((repo / "vision_encoder" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     result = run_in(venv, ["python", "-c", "import onnx, polygraphy.backend.trt, clip_triton.export.engines"], env=env)
     assert result.returncode == 0, result.stderr
     _place_engines(repo, fp16_export)
     for stage in ("engines", "triton"):  # the build Job's check, and the triton service's first command
-        result = run_in(stage_env(stage), ["clip-triton", "check-engines", "--repo", str(repo),
-                                           "--onnx-dir", str(fp16_export)], env=env)
+        result = run_in(
+            stage_env(stage),
+            ["clip-triton", "check-engines", "--repo", str(repo), "--onnx-dir", str(fp16_export)],
+            env=env,
+        )
         assert result.returncode == 0, (stage, result.stderr)
         assert result.stdout.count("passed validation and matches this TensorRT and GPU") == 2
 
 
 def test_python_models_import_with_only_the_triton_stage_packages(tmp_path):
     """Each python-backend model.py of a TensorRT repository imports in the triton image's environment."""
-    repos = [ROOT / "model_repository",
-             write_repository(tmp_path / "written", options=RepoOptions(runtime="tensorrt"))]
+    repos = [ROOT / "model_repository", write_repository(tmp_path / "written", options=RepoOptions(runtime="tensorrt"))]
     models = [path for repo in repos for path in sorted(repo.glob("*/1/model.py"))]
     assert {path.parent.parent.name for path in models} == {"preprocess", "tokenizer"}
     for path in models:
@@ -201,7 +228,7 @@ def _compose_binary() -> str:
 def documented_compose_commands() -> list[str]:
     """Every `docker compose ...` line of README's GPU section and of deploy/gpu-check.sh."""
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## GPU hosts"):readme.index("## Benchmarks")]
+    section = readme[readme.index("## GPU hosts") : readme.index("## Benchmarks")]
     text = section.replace("\\\n", " ") + "\n" + (ROOT / "deploy" / "gpu-check.sh").read_text().replace("\\\n", " ")
     commands = []
     for line in text.splitlines():
@@ -234,9 +261,10 @@ def test_compose_renders_for_each_documented_command(command, tmp_path):
     base += [f"--profile={p}" for p in profiles]
     result = subprocess.run([*base, "config"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, f"{command}: {result.stderr}"
-    services = subprocess.run([*base, "config", "--services"], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, check=True).stdout.split()
-    verb_args = [a for a in argv[argv.index(next(a for a in argv if not a.startswith("-") and a not in profiles)):]]
+    services = subprocess.run(
+        [*base, "config", "--services"], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    ).stdout.split()
+    verb_args = [a for a in argv[argv.index(next(a for a in argv if not a.startswith("-") and a not in profiles)) :]]
     named = [a for a in verb_args[1:] if a in COMPOSE["services"]]
     assert set(named) <= set(services), f"{command}: {named} not rendered ({services})"
 
@@ -244,13 +272,29 @@ def test_compose_renders_for_each_documented_command(command, tmp_path):
 def test_compose_without_keys_leaves_the_gateway_to_refuse(tmp_path):
     """No key set: the gateway's environment renders empty, and the gateway itself refuses to start."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIP_")}
-    rendered = subprocess.run([_compose_binary(), "--project-directory", str(ROOT), "-f",
-                               str(ROOT / "docker-compose.yml"), "--profile=gateway", "config"],
-                              capture_output=True, text=True, env=env, check=True).stdout
+    rendered = subprocess.run(
+        [
+            _compose_binary(),
+            "--project-directory",
+            str(ROOT),
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "--profile=gateway",
+            "config",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     gateway = yaml.safe_load(rendered)["services"]["gateway"]
     assert gateway["environment"]["CLIP_TRITON_API_KEYS"] == ""
-    result = run_in(stage_env("gateway"), gateway["command"][:2] + ["--port", "1", "--url", "127.0.0.1:1"],
-                    env={**env, "CLIP_TRITON_API_KEYS": ""}, timeout=120)
+    result = run_in(
+        stage_env("gateway"),
+        gateway["command"][:2] + ["--port", "1", "--url", "127.0.0.1:1"],
+        env={**env, "CLIP_TRITON_API_KEYS": ""},
+        timeout=120,
+    )
     assert result.returncode == 2 and "API key" in result.stderr, result.stderr
 
 
@@ -278,8 +322,9 @@ def serve_standins(trt_repo: Path, onnx_dir: Path, config: Path, tmp: Path):
 def committed_standins(bigg_io_export, tmp_path_factory):
     """The committed model_repository/ (bigG's contract), its engines replaced by stand-ins running a
     tiny model with bigG's exact encoder I/O."""
-    with serve_standins(ROOT / "model_repository", bigg_io_export, BIGG_IO_CONFIG,
-                        tmp_path_factory.mktemp("standin-committed")) as served:
+    with serve_standins(
+        ROOT / "model_repository", bigg_io_export, BIGG_IO_CONFIG, tmp_path_factory.mktemp("standin-committed")
+    ) as served:
         yield served
 
 
@@ -304,8 +349,9 @@ def test_standins_keep_the_engines_io(standin_server):
         standin = parse((repo / model / "config.pbtxt").read_text())
         assert original.platform == "tensorrt_plan" and standin.backend == "python"
         assert io_signature(standin) == io_signature(original)
-    contract = C.ModelContract.from_json(parse((repo / "vision_encoder" / "config.pbtxt").read_text())
-                                         .parameters["contract"].string_value)
+    contract = C.ModelContract.from_json(
+        parse((repo / "vision_encoder" / "config.pbtxt").read_text()).parameters["contract"].string_value
+    )
     exported = C.ModelContract.from_dict(json.loads((onnx_dir / C.MANIFEST).read_text())["contract"])
     for tower in ("vision", "text"):
         assert contract.encoder_io(tower) == exported.encoder_io(tower)  # the graph fits the config exactly
@@ -351,8 +397,14 @@ def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
     venv = stage_env("gateway")
     env = {**os.environ, "CLIP_TRITON_API_KEYS": "twin-key", "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True, **tied_to_this_process())
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        **tied_to_this_process(),
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and process.poll() is None:
@@ -393,16 +445,28 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
     shim = tmp_path / "bin" / "tritonserver"  # the pip build needs its backend folder named
     shim.parent.mkdir()
     root = pytriton_root()
-    shim.write_text(f"#!/bin/sh\nexport LD_LIBRARY_PATH={root.parent.parent / 'nvidia_pytriton.libs'}\n"
-                    f"exec {root / 'bin' / 'tritonserver'} --backend-directory={backend_directory()} "
-                    "--http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 \"$@\"\n")
+    shim.write_text(
+        f"#!/bin/sh\nexport LD_LIBRARY_PATH={root.parent.parent / 'nvidia_pytriton.libs'}\n"
+        f"exec {root / 'bin' / 'tritonserver'} --backend-directory={backend_directory()} "
+        '--http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 "$@"\n'
+    )
     shim.chmod(0o755)
     from clip_triton.server import stub_pythonpath
 
-    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}", "CLIP_TRITON_ADMIN_KEY": "k3y",
-           "PYTHONPATH": stub_pythonpath()}
-    process = subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                               start_new_session=True, **tied_to_this_process())
+    env = {
+        **os.environ,
+        "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}",
+        "CLIP_TRITON_ADMIN_KEY": "k3y",
+        "PYTHONPATH": stub_pythonpath(),
+    }
+    process = subprocess.Popen(
+        ["sh", "-c", script],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **tied_to_this_process(),
+    )
     client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
     try:
         deadline = time.monotonic() + 300

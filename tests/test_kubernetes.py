@@ -26,8 +26,12 @@ def render(target: str) -> list[dict]:
 def by_kind_and_name(target: str) -> dict:
     found = {}
     for doc in render(target):
-        found[(doc["kind"], doc["metadata"]["name"].rsplit("-", 1)[0] if doc["kind"] == "ConfigMap"
-               else doc["metadata"]["name"])] = doc
+        found[
+            (
+                doc["kind"],
+                doc["metadata"]["name"].rsplit("-", 1)[0] if doc["kind"] == "ConfigMap" else doc["metadata"]["name"],
+            )
+        ] = doc
     found["_target"] = target
     return found
 
@@ -94,15 +98,19 @@ def test_services_and_selectors_match_pod_labels(docs):
     assert docs[("Deployment", "clip-triton-triton")]["spec"]["selector"]["matchLabels"].items() <= labels.items()
     for kind, name in (("Service", "clip-triton-triton"), ("Service", "clip-triton-triton-grpc")):
         assert docs[(kind, name)]["spec"]["selector"].items() <= labels.items()
-    assert docs[("PodDisruptionBudget", "clip-triton-triton")]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert (
+        docs[("PodDisruptionBudget", "clip-triton-triton")]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    )
     assert docs[("NetworkPolicy", "clip-triton-triton")]["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
     grpc = docs[("Service", "clip-triton-triton-grpc")]["spec"]
     assert grpc["clusterIP"] == "None" and [p["name"] for p in grpc["ports"]] == ["grpc"]
     http = docs[("Service", "clip-triton-triton")]["spec"]
     assert sorted(p["name"] for p in http["ports"]) == ["http", "metrics"]
     gateway = docs[("Deployment", "clip-triton-gateway")]
-    assert docs[("Service", "clip-triton-gateway")]["spec"]["selector"].items() <= \
-        gateway["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        docs[("Service", "clip-triton-gateway")]["spec"]["selector"].items()
+        <= gateway["spec"]["template"]["metadata"]["labels"].items()
+    )
     env = {e["name"]: e.get("value") for e in pod_spec(gateway)["containers"][0]["env"]}
     assert env["CLIP_TRITON_URL"] == "dns:///clip-triton-triton-grpc:8001"
 
@@ -121,20 +129,29 @@ def test_gateway_egress_reaches_only_triton_dns_and_public_web(docs):
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     to_triton, dns, web = policy["egress"]
     assert to_triton["to"][0]["podSelector"]["matchLabels"] == TRITON and to_triton["ports"] == [
-        {"protocol": "TCP", "port": 8001}]
+        {"protocol": "TCP", "port": 8001}
+    ]
     assert {p["port"] for p in dns["ports"]} == {53}
     assert sorted(p["port"] for p in web["ports"]) == [80, 443]
     v4 = web["to"][0]["ipBlock"]
-    assert v4["cidr"] == "0.0.0.0/0" and {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
-                                          "127.0.0.0/8"} <= set(v4["except"])
+    assert v4["cidr"] == "0.0.0.0/0" and {
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "127.0.0.0/8",
+    } <= set(v4["except"])
     assert {"fc00::/7", "fe80::/10"} <= set(web["to"][1]["ipBlock"]["except"])
 
 
 def test_every_pod_is_hardened(docs):
     """Non-root, no privilege escalation, no capabilities, read-only root filesystem, the runtime's
     seccomp profile, and no service-account token (nothing here talks to the Kubernetes API)."""
-    for kind, name in (("Deployment", "clip-triton-triton"), ("Deployment", "clip-triton-gateway"),
-                       ("Job", "clip-triton-build")):
+    for kind, name in (
+        ("Deployment", "clip-triton-triton"),
+        ("Deployment", "clip-triton-gateway"),
+        ("Job", "clip-triton-build"),
+    ):
         spec = pod_spec(docs[(kind, name)])
         assert spec["automountServiceAccountToken"] is False, name
         assert spec["securityContext"]["runAsNonRoot"] is True, name
@@ -166,8 +183,12 @@ def test_build_job_writes_what_triton_serves_on_the_same_gpu(docs):
     configmap = docs[("ConfigMap", "clip-triton-engine")]["metadata"]["name"]
     for container in (builder, triton(docs)):
         assert container["envFrom"][0]["configMapRef"]["name"] == configmap  # hashed name: rollouts follow it
-    claims = {v["persistentVolumeClaim"]["claimName"] for d in (job, deployment) for v in pod_spec(d)["volumes"]
-              if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in (job, deployment)
+        for v in pod_spec(d)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {"clip-triton-models"}
     assert docs[("PersistentVolumeClaim", "clip-triton-models")]["spec"]["accessModes"] == ["ReadWriteMany"]
 
@@ -185,8 +206,13 @@ def test_autoscaling_and_monitoring(docs):
 
 def test_production_overlay_pins_images_gpu_and_namespace():
     docs = render("overlays/production")
-    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
-              for c in d["spec"]["template"]["spec"].get("containers", []) + d["spec"]["template"]["spec"].get("initContainers", [])}
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] in ("Deployment", "Job")
+        for c in d["spec"]["template"]["spec"].get("containers", [])
+        + d["spec"]["template"]["spec"].get("initContainers", [])
+    }
     assert images and all(i.startswith("registry.example.com/") and not i.endswith(":latest") for i in images)
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in namespaced} == {"clip-triton"}
@@ -223,11 +249,20 @@ KUBERNETES_VERSION = "1.31.0"
 def test_manifests_pass_strict_schema_validation(docs, tmp_path):
     rendered = tmp_path / "rendered.yaml"
     rendered.write_text(yaml.safe_dump_all([d for k, d in docs.items() if k != "_target"]))
-    result = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSION,
-                             str(rendered)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBERNETES_VERSION, str(rendered)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    builtin = [d for k, d in docs.items() if k != "_target" and "." not in d["apiVersion"].split("/")[0]
-               or k != "_target" and d["apiVersion"].split("/")[0].endswith("k8s.io")]
+    builtin = [
+        d
+        for k, d in docs.items()
+        if k != "_target"
+        and "." not in d["apiVersion"].split("/")[0]
+        or k != "_target"
+        and d["apiVersion"].split("/")[0].endswith("k8s.io")
+    ]
     passed = re.findall(r"passed for resource (\S+) against version", result.stdout + result.stderr)
     assert len(passed) == len(builtin) and len(passed) >= 8, result.stdout + result.stderr
 
@@ -237,20 +272,32 @@ def test_custom_resources_pass_their_crd_schemas(docs):
     their CRDs (tests/crd: @kubernetes-models, pinned by package-lock.json; dev.sh installs them)."""
     crd = ROOT / "tests" / "crd"
     assert (crd / "node_modules").is_dir() and shutil.which("node"), "run `bash dev.sh install` (npm ci in tests/crd)"
-    custom = [d for k, d in docs.items() if k != "_target" and d["apiVersion"].split("/")[0] in
-              ("keda.sh", "monitoring.coreos.com")]
-    result = subprocess.run(["node", str(crd / "validate.mjs")], input=yaml.safe_dump_all(custom),
-                            capture_output=True, text=True)
+    custom = [
+        d
+        for k, d in docs.items()
+        if k != "_target" and d["apiVersion"].split("/")[0] in ("keda.sh", "monitoring.coreos.com")
+    ]
+    result = subprocess.run(
+        ["node", str(crd / "validate.mjs")], input=yaml.safe_dump_all(custom), capture_output=True, text=True
+    )
     verdicts = [json.loads(line) for line in result.stdout.splitlines()]
     assert result.returncode == 0 and all(v["passed"] for v in verdicts), result.stdout + result.stderr
     assert len(verdicts) == len(custom) == (0 if docs["_target"] == "overlays/no-operators" else 2)
 
 
 def test_crd_validation_rejects_a_broken_scaled_object():
-    broken = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-              "spec": {"scaleTargetRef": {"name": 5}, "triggers": "prometheus"}}
-    result = subprocess.run(["node", str(ROOT / "tests" / "crd" / "validate.mjs")], input=yaml.safe_dump(broken),
-                            capture_output=True, text=True)
+    broken = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {"scaleTargetRef": {"name": 5}, "triggers": "prometheus"},
+    }
+    result = subprocess.run(
+        ["node", str(ROOT / "tests" / "crd" / "validate.mjs")],
+        input=yaml.safe_dump(broken),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1 and "must be" in result.stdout
 
 

@@ -21,8 +21,14 @@ def spec() -> PreprocessSpec:
 def reference(spec):
     import open_clip
 
-    transform = open_clip.image_transform(spec.image_size, is_train=False, mean=spec.mean, std=spec.std,
-                                          interpolation=spec.interpolation, resize_mode=spec.resize_mode)
+    transform = open_clip.image_transform(
+        spec.image_size,
+        is_train=False,
+        mean=spec.mean,
+        std=spec.std,
+        interpolation=spec.interpolation,
+        resize_mode=spec.resize_mode,
+    )
     return lambda data: transform(Image.open(io.BytesIO(data))).numpy()
 
 
@@ -105,12 +111,15 @@ def test_squash_resize_mode_matches_open_clip(photos):
     assert np.abs(Preprocessor(spec).from_bytes(data) - expected).max() <= TOLERANCE
 
 
-@pytest.mark.parametrize("data, fragment", [
-    (b"", "empty image"),
-    (b"this is not an image at all", "not a decodable image"),
-    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a decodable image"),
-    (b"<html><body>hi</body></html>", "not a decodable image"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"", "empty image"),
+        (b"this is not an image at all", "not a decodable image"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a decodable image"),
+        (b"<html><body>hi</body></html>", "not a decodable image"),
+    ],
+)
 def test_bad_bytes(data, fragment):
     with pytest.raises(ImageError, match=fragment):
         decode_image(data)

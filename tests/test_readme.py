@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import IMAGES, ROOT, tied_to_this_process
+from .helpers import IMAGES, ROOT, tied_to_this_process
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGS = [ROOT / "docker-compose.yml", ROOT / "deploy" / "k8s" / "base" / "build-job.yaml"]
@@ -48,7 +48,7 @@ def clip_triton_invocations(line: str) -> list[list[str]]:
         except ValueError:
             continue
         if "clip-triton" in words:
-            argv = words[words.index("clip-triton") + 1:]
+            argv = words[words.index("clip-triton") + 1 :]
             found.append([w for w in argv if w != "&"])
     return found
 
@@ -103,8 +103,11 @@ def test_every_documented_command_parses_with_the_real_cli():
 def test_repo_examples_write_to_different_folders():
     from clip_triton.cli import build_parser
 
-    folders = [build_parser().parse_args(argv).repo for where, argv in documented_commands()
-               if where.startswith("README") and argv[:1] == ["repo"]]
+    folders = [
+        build_parser().parse_args(argv).repo
+        for where, argv in documented_commands()
+        if where.startswith("README") and argv[:1] == ["repo"]
+    ]
     assert len(folders) >= 5 and len(set(folders)) == len(folders), folders
 
 
@@ -125,9 +128,14 @@ def readme_folder(tmp_path, photos) -> Path:
     names = ["cat", "coffee", "rocket", "astronaut"]
     for i, name in enumerate(names):
         (tmp_path / "coco" / f"{i:012d}.jpg").write_bytes(photos[name])
-    (tmp_path / "coco" / "captions.json").write_text(json.dumps({
-        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(len(names))],
-        "annotations": [{"image_id": i, "caption": f"a photo of a {name}"} for i, name in enumerate(names)]}))
+    (tmp_path / "coco" / "captions.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(len(names))],
+                "annotations": [{"image_id": i, "caption": f"a photo of a {name}"} for i, name in enumerate(names)],
+            }
+        )
+    )
     return tmp_path
 
 
@@ -138,8 +146,15 @@ def marked_block(name: str) -> list[str]:
 
 
 def shell(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", f"set -euo pipefail\n{line}"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, **tied_to_this_process())
+    return subprocess.run(
+        ["bash", "-c", f"set -euo pipefail\n{line}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **tied_to_this_process(),
+    )
 
 
 def readme_env(triton) -> dict:
@@ -167,8 +182,11 @@ def test_the_perf_block_runs_as_written(triton, tmp_path):
         assert [row[:3] for row in rows] == [["clip_text", "1", "1"], ["clip_text", "1", "2"]]
         assert all(float(row[3]) > 0 for row in rows)
     # --print-command prints a perf_analyzer line that runs by hand as printed (libcudart on its path)
-    printed = shell("clip-triton perf --ensembles clip_image --concurrency 1 --measurement-ms 1000 --print-command",
-                    tmp_path, readme_env(triton))
+    printed = shell(
+        "clip-triton perf --ensembles clip_image --concurrency 1 --measurement-ms 1000 --print-command",
+        tmp_path,
+        readme_env(triton),
+    )
     assert printed.returncode == 0, printed.stderr
     by_hand = next(line for line in printed.stderr.splitlines() if line.startswith("LD_LIBRARY_PATH="))
     result = shell(by_hand, tmp_path, readme_env(triton))
@@ -182,14 +200,19 @@ def test_the_gateway_block_runs_as_written(triton, readme_folder):
 
     port = str(free_port())
     env = readme_env(triton)
-    lines = [line.replace("localhost:8001", triton.grpc_url).replace("8080", port)
-             for line in marked_block("gateway")]
+    lines = [line.replace("localhost:8001", triton.grpc_url).replace("8080", port) for line in marked_block("gateway")]
     exports = [line for line in lines if line.startswith("export ")]
     server_line = next(line for line in lines if line.startswith("clip-triton gateway"))
     prefix = "\n".join(exports)  # lines, not "; ": a line's comment would swallow what follows
-    gateway = subprocess.Popen(["bash", "-c", f"{prefix}\nexec {server_line.split(' &')[0]}"], cwd=readme_folder,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               **tied_to_this_process())
+    gateway = subprocess.Popen(
+        ["bash", "-c", f"{prefix}\nexec {server_line.split(' &')[0]}"],
+        cwd=readme_folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **tied_to_this_process(),
+    )
     try:
         deadline = time.monotonic() + 120
         while shell(f"curl -sf localhost:{port}/healthz", readme_folder, env).returncode != 0:

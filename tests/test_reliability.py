@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -65,8 +66,13 @@ def soak_server(tiny_export, tmp_path_factory):
 def test_soak_mixed_valid_and_invalid(soak_server):
     images = [png(i, (24 + i % 13, 30)) for i in range(24)]
     texts = [f"caption {i}: a photo of thing number {i}" for i in range(24)]
-    bad = [("IMAGE", b""), ("IMAGE", b"<html>nope</html>"), ("IMAGE", images[0][:60]),
-           ("TEXT", b"\xff\xfe"), ("TEXT", b"   ")]
+    bad = [
+        ("IMAGE", b""),
+        ("IMAGE", b"<html>nope</html>"),
+        ("IMAGE", images[0][:60]),
+        ("TEXT", b"\xff\xfe"),
+        ("TEXT", b"   "),
+    ]
     client = grpcclient.InferenceServerClient(soak_server.grpc_url)
 
     def send(c, kind, item):
@@ -125,7 +131,7 @@ def test_soak_mixed_valid_and_invalid(soak_server):
 
     assert len(results) == len(jobs) == 10_000  # none lost
     worst = 0.0
-    for (key, kind, _), result in zip(jobs, results):
+    for (key, _kind, _), result in zip(jobs, results):
         if key == "bad":
             assert isinstance(result, InferenceServerException), "an invalid request was answered"
             assert result.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in result.message()
@@ -135,9 +141,11 @@ def test_soak_mixed_valid_and_invalid(soak_server):
     assert worst < 1e-5  # each answer is its own item's embedding, whatever it was batched with
     assert ready_samples and all(ready_samples)
     assert rss["end"] - rss["warm"] < max(64.0, 0.1 * rss["warm"]), rss  # flat after warm-up
-    print(f"\nsoak: 10,000 requests (2,000 invalid) from 64 clients in {elapsed:.1f} s "
-          f"({10_000 / elapsed:.0f} req/s); max |diff| vs alone {worst:.2e}; "
-          f"server RSS {rss['warm']:.0f} MiB after warm-up, {rss['end']:.0f} MiB at the end")
+    print(
+        f"\nsoak: 10,000 requests (2,000 invalid) from 64 clients in {elapsed:.1f} s "
+        f"({10_000 / elapsed:.0f} req/s); max |diff| vs alone {worst:.2e}; "
+        f"server RSS {rss['warm']:.0f} MiB after warm-up, {rss['end']:.0f} MiB at the end"
+    )
 
 
 def stub_pids(server: TritonServer, model: str) -> list[int]:
@@ -152,8 +160,13 @@ def stub_pids(server: TritonServer, model: str) -> list[int]:
                 args = handle.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if args and args[0].endswith("triton_python_backend_stub") and len(args) > 1 and \
-                args[1].startswith(f"{server.repo}/{model}/") and _parent(int(entry)) == server.process.pid:
+        if (
+            args
+            and args[0].endswith("triton_python_backend_stub")
+            and len(args) > 1
+            and args[1].startswith(f"{server.repo}/{model}/")
+            and _parent(int(entry)) == server.process.pid
+        ):
             found.append(int(entry))
     return found
 
@@ -246,8 +259,14 @@ def _corpus():
         ("random bytes", *img, "BYTES", one(os.urandom(2048)), bad, "not a decodable image"),
         ("plain text", *img, "BYTES", one(b"hello, I am not an image"), bad, "not a decodable image"),
         ("html", *img, "BYTES", one(b"<!doctype html><html><body>x</body></html>"), bad, "not a decodable image"),
-        ("svg", *img, "BYTES", one(b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>"), bad,
-         "not a decodable image"),
+        (
+            "svg",
+            *img,
+            "BYTES",
+            one(b"<svg xmlns='http://www.w3.org/2000/svg' width='9' height='9'/>"),
+            bad,
+            "not a decodable image",
+        ),
         ("pdf header", *img, "BYTES", one(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj"), bad, "not a decodable image"),
         ("jpeg magic only", *img, "BYTES", one(b"\xff\xd8\xff\xe0"), bad, "image"),
         ("truncated jpeg", *img, "BYTES", one(jpeg[: len(jpeg) // 2]), bad, "corrupt or truncated"),
@@ -256,14 +275,32 @@ def _corpus():
         ("truncated webp", *img, "BYTES", one(_encode(photo, "WEBP")[:40]), bad, "image"),
         ("truncated bmp", *img, "BYTES", one(_encode(photo, "BMP")[:100]), bad, "corrupt or truncated"),
         ("truncated tiff", *img, "BYTES", one(_encode(photo, "TIFF")[:200]), bad, "image"),
-        ("png decompression bomb", *img, "BYTES", one(_encode(Image.new("1", (12_000, 12_000)), "PNG")), bad,
-         "over the limit"),
-        ("gif decompression bomb", *img, "BYTES", one(_encode(Image.new("P", (9_000, 9_000)), "GIF")), bad,
-         "over the limit"),
+        (
+            "png decompression bomb",
+            *img,
+            "BYTES",
+            one(_encode(Image.new("1", (12_000, 12_000)), "PNG")),
+            bad,
+            "over the limit",
+        ),
+        (
+            "gif decompression bomb",
+            *img,
+            "BYTES",
+            one(_encode(Image.new("P", (9_000, 9_000)), "GIF")),
+            bad,
+            "over the limit",
+        ),
         ("1x1 image", *img, "BYTES", one(_encode(photo.resize((1, 1)), "PNG")), ok, ""),
         ("animated gif (first frame)", *img, "BYTES", one(animated), ok, ""),
-        ("16-bit grayscale png", *img, "BYTES", one(_encode(Image.fromarray(np.full((9, 9), 40000, np.uint16)), "PNG")),
-         ok, ""),
+        (
+            "16-bit grayscale png",
+            *img,
+            "BYTES",
+            one(_encode(Image.fromarray(np.full((9, 9), 40000, np.uint16)), "PNG")),
+            ok,
+            "",
+        ),
         ("cmyk jpeg", *img, "BYTES", one(_encode(photo.convert("CMYK"), "JPEG")), ok, ""),
         # a request of several items is answered whole; the bad one is flagged in STATUS (test_serving)
         ("one bad item in a batch", *img, "BYTES", np.array([[jpeg], [b"junk"], [jpeg]], dtype=object), ok, ""),
@@ -276,52 +313,119 @@ def _corpus():
         ("long text is truncated, not refused", *txt, "BYTES", one(b"word " * 2000), ok, ""),
         ("nul bytes in text", *txt, "BYTES", one(b"a\x00b"), ok, ""),
         ("image input as FP32", C.IMAGE_ENSEMBLE, "IMAGE", "FP32", np.zeros((1, 1), np.float32), bad, "data-type"),
-        ("image input wrong shape", C.IMAGE_ENSEMBLE, "IMAGE", "BYTES", np.array([[b"a", b"b"]], dtype=object), bad,
-         "unexpected shape"),
+        (
+            "image input wrong shape",
+            C.IMAGE_ENSEMBLE,
+            "IMAGE",
+            "BYTES",
+            np.array([[b"a", b"b"]], dtype=object),
+            bad,
+            "unexpected shape",
+        ),
         ("text input as INT32", C.TEXT_ENSEMBLE, "TEXT", "INT32", np.zeros((1, 1), np.int32), bad, "data-type"),
         ("unknown input name", C.TEXT_ENSEMBLE, "PROMPT", "BYTES", one(b"x"), bad, "PROMPT"),
         ("batch over max_batch_size", *txt, "BYTES", np.array([[b"x"]] * 65, dtype=object), bad, "batch"),
-        ("pixels of the wrong size to the encoder", C.VISION_MODEL, C.PIXELS, "FP32",
-         np.zeros((1, 3, 16, 16), np.float32), bad, "unexpected shape"),
-        ("int64 ids to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT64", np.zeros((1, 77), np.int64), bad,
-         "data-type"),
-        ("ids outside the vocabulary to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT32",
-         np.full((1, 77), 60_000, np.int32), bad, "token ids must lie in [0, 49408)"),
-        ("negative ids to the text encoder", C.TEXT_MODEL, C.INPUT_IDS, "INT32", np.full((1, 77), -1, np.int32),
-         bad, "token ids"),
-        ("nan pixels to the vision encoder", C.VISION_MODEL, C.PIXELS, "FP32",
-         np.full((1, 3, 32, 32), np.nan, np.float32), bad, "finite"),
+        (
+            "pixels of the wrong size to the encoder",
+            C.VISION_MODEL,
+            C.PIXELS,
+            "FP32",
+            np.zeros((1, 3, 16, 16), np.float32),
+            bad,
+            "unexpected shape",
+        ),
+        (
+            "int64 ids to the text encoder",
+            C.TEXT_MODEL,
+            C.INPUT_IDS,
+            "INT64",
+            np.zeros((1, 77), np.int64),
+            bad,
+            "data-type",
+        ),
+        (
+            "ids outside the vocabulary to the text encoder",
+            C.TEXT_MODEL,
+            C.INPUT_IDS,
+            "INT32",
+            np.full((1, 77), 60_000, np.int32),
+            bad,
+            "token ids must lie in [0, 49408)",
+        ),
+        (
+            "negative ids to the text encoder",
+            C.TEXT_MODEL,
+            C.INPUT_IDS,
+            "INT32",
+            np.full((1, 77), -1, np.int32),
+            bad,
+            "token ids",
+        ),
+        (
+            "nan pixels to the vision encoder",
+            C.VISION_MODEL,
+            C.PIXELS,
+            "FP32",
+            np.full((1, 3, 32, 32), np.nan, np.float32),
+            bad,
+            "finite",
+        ),
         # A few bytes declaring an extreme aspect ratio: the full resize would be 4,480,000 x 224 pixels.
         ("20000x1 png", *img, "BYTES", one(_encode(Image.new("RGB", (20_000, 1)), "PNG")), ok, ""),
         ("1x300000 png", *img, "BYTES", one(_encode(Image.new("L", (1, 300_000)), "PNG")), ok, ""),
-        *[(f"{fmt.lower()} (not an accepted format)", *img, "BYTES", one(_encode(photo.convert(mode), fmt)), bad,
-           "accepted format") for fmt, mode in (("PCX", "RGB"), ("SGI", "RGB"), ("TGA", "RGB"), ("XBM", "1"),
-                                                ("ICO", "RGB"), ("JPEG2000", "RGB"), ("QOI", "RGB"),
-                                                ("DDS", "RGB"), ("PPM", "RGB"), ("IM", "RGB"))],
+        *[
+            (
+                f"{fmt.lower()} (not an accepted format)",
+                *img,
+                "BYTES",
+                one(_encode(photo.convert(mode), fmt)),
+                bad,
+                "accepted format",
+            )
+            for fmt, mode in (
+                ("PCX", "RGB"),
+                ("SGI", "RGB"),
+                ("TGA", "RGB"),
+                ("XBM", "1"),
+                ("ICO", "RGB"),
+                ("JPEG2000", "RGB"),
+                ("QOI", "RGB"),
+                ("DDS", "RGB"),
+                ("PPM", "RGB"),
+                ("IM", "RGB"),
+            )
+        ],
     ]
-    return cases
+    return [Case(*case) for case in cases]
+
+
+class Case(NamedTuple):
+    """One bad-input case: what is sent where, and what must come back."""
+
+    label: str
+    model: str  # the Triton model the request goes to
+    tensor: str  # input tensor name
+    datatype: str  # wire datatype sent
+    array: np.ndarray
+    status: str  # "ok" (answered) or the gRPC status expected
+    fragment: str  # what the error message must say
 
 
 CORPUS = _corpus()
 
 
-def test_corpus_is_large_enough():
-    assert len(CORPUS) >= 30
-    assert sum(case[5] != "ok" for case in CORPUS) >= 28
-
-
-@pytest.mark.parametrize("label, model, name, datatype, array, status, fragment", CORPUS, ids=[c[0] for c in CORPUS])
-def test_bad_input_corpus(grpc, triton, label, model, name, datatype, array, status, fragment):
-    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-    tensor.set_data_from_numpy(array)
-    if status == "ok":
-        out = grpc.infer(model, [tensor]).as_numpy(C.EMBEDDING_OUTPUT)
-        assert out.shape == (array.shape[0], 32) and np.isfinite(out).all()
+@pytest.mark.parametrize("case", CORPUS, ids=[case.label for case in CORPUS])
+def test_bad_input_corpus(grpc, triton, case: Case):
+    tensor = grpcclient.InferInput(case.tensor, list(case.array.shape), case.datatype)
+    tensor.set_data_from_numpy(case.array)
+    if case.status == "ok":
+        out = grpc.infer(case.model, [tensor]).as_numpy(C.EMBEDDING_OUTPUT)
+        assert out.shape == (case.array.shape[0], 32) and np.isfinite(out).all()
     else:
         with pytest.raises(InferenceServerException) as err:
-            grpc.infer(model, [tensor])
-        assert err.value.status() == status, err.value.message()
-        assert fragment.lower() in err.value.message().lower(), err.value.message()
+            grpc.infer(case.model, [tensor])
+        assert err.value.status() == case.status, err.value.message()
+        assert case.fragment.lower() in err.value.message().lower(), err.value.message()
     assert triton.ready()
 
 
@@ -349,8 +453,11 @@ def test_hostile_requests_do_not_fail_their_batch_mates(triton):
     jobs = []
     for i in range(72):
         if i % 2:
-            jobs.append(("ok", C.TEXT_ENSEMBLE, C.TEXT_INPUT, "BYTES", text) if i % 3 else
-                        ("StatusCode.INVALID_ARGUMENT", C.TEXT_MODEL, C.INPUT_IDS, "INT32", oov))
+            jobs.append(
+                ("ok", C.TEXT_ENSEMBLE, C.TEXT_INPUT, "BYTES", text)
+                if i % 3
+                else ("StatusCode.INVALID_ARGUMENT", C.TEXT_MODEL, C.INPUT_IDS, "INT32", oov)
+            )
         else:
             jobs.append(("ok", C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, "BYTES", tall if i % 3 == 0 else photo))
     with ThreadPoolExecutor(24) as pool:
@@ -403,8 +510,12 @@ def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
             raise OverflowError("Python int too large to convert to C long")
         return np.zeros(2, np.float32)
 
-    requests = [{"IMAGE": np.array([[b"ok"]], dtype=object)}, {"IMAGE": np.array([[b"ok"], [b"oom"]], dtype=object)},
-                {"IMAGE": np.array([[b"overflow"]], dtype=object)}, {"IMAGE": np.array([[b"ok"]], dtype=object)}]
+    requests = [
+        {"IMAGE": np.array([[b"ok"]], dtype=object)},
+        {"IMAGE": np.array([[b"ok"], [b"oom"]], dtype=object)},
+        {"IMAGE": np.array([[b"overflow"]], dtype=object)},
+        {"IMAGE": np.array([[b"ok"]], dtype=object)},
+    ]
     responses = per_item(requests, "IMAGE", "PIXELS", convert, (ValueError,), "STATUS", np.ones(2, np.float32))
     assert [r.error is None for r in responses] == [True, True, False, True]
     pixels, status = responses[1].output_tensors  # answered whole: the failed item flagged, its row blank

@@ -29,7 +29,9 @@ def committed_files() -> dict[str, str]:
 
 def test_committed_repository_has_not_drifted_from_the_generator():
     expected = repository_files(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
-    assert committed_files() == expected, "regenerate: clip-triton repo --runtime tensorrt --repo model_repository --force"
+    assert committed_files() == expected, (
+        "regenerate: clip-triton repo --runtime tensorrt --repo model_repository --force"
+    )
 
 
 def test_committed_configs_parse_as_model_config():
@@ -61,8 +63,22 @@ def test_ensemble_wiring_matches_the_contract():
         return {t.name: (t.data_type, tuple(t.dims)) for t in getattr(configs[model], kind)}
 
     for ensemble, first, second, source, middle, encoder_out in (
-        (C.IMAGE_ENSEMBLE, C.PREPROCESS_MODEL, C.VISION_MODEL, contract.image_input, contract.pixels, contract.image_embeds),
-        (C.TEXT_ENSEMBLE, C.TOKENIZER_MODEL, C.TEXT_MODEL, contract.text_input, contract.input_ids, contract.text_embeds),
+        (
+            C.IMAGE_ENSEMBLE,
+            C.PREPROCESS_MODEL,
+            C.VISION_MODEL,
+            contract.image_input,
+            contract.pixels,
+            contract.image_embeds,
+        ),
+        (
+            C.TEXT_ENSEMBLE,
+            C.TOKENIZER_MODEL,
+            C.TEXT_MODEL,
+            contract.text_input,
+            contract.input_ids,
+            contract.text_embeds,
+        ),
     ):
         steps = configs[ensemble].ensemble_scheduling.step
         assert [s.model_name for s in steps] == [first, second]
@@ -75,8 +91,10 @@ def test_ensemble_wiring_matches_the_contract():
         dtype = pb.DataType.Value(middle.config_type)
         assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
         assert io(ensemble, "input") == {source.name: (pb.TYPE_STRING, (1,))}
-        assert io(ensemble, "output") == {C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,)),
-                                          C.STATUS_OUTPUT: (pb.TYPE_STRING, (1,))}
+        assert io(ensemble, "output") == {
+            C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,)),
+            C.STATUS_OUTPUT: (pb.TYPE_STRING, (1,)),
+        }
         assert io(first, "output")[C.STATUS_OUTPUT] == (pb.TYPE_STRING, (1,))
         assert io(second, "output") == {encoder_out.name: (pb.TYPE_FP32, (contract.embed_dim,))}
 
@@ -99,9 +117,13 @@ def test_all_runtimes_share_one_signature(runtime):
         assert list(configs[name].input) == list(reference[name].input)
         assert list(configs[name].output) == list(reference[name].output)
     encoder = configs[C.VISION_MODEL]
-    assert {"tensorrt": encoder.platform == "tensorrt_plan", "onnxruntime": encoder.platform == "onnxruntime_onnx",
-            "openvino": encoder.backend == "openvino", "python": encoder.backend == "python",
-            "python-openvino": encoder.backend == "python"}[runtime]
+    assert {
+        "tensorrt": encoder.platform == "tensorrt_plan",
+        "onnxruntime": encoder.platform == "onnxruntime_onnx",
+        "openvino": encoder.backend == "openvino",
+        "python": encoder.backend == "python",
+        "python-openvino": encoder.backend == "python",
+    }[runtime]
     for config in configs.values():
         assert parse(render(config)) == config  # renders and parses back unchanged
     ensemble = configs[C.IMAGE_ENSEMBLE].parameters
@@ -109,25 +131,33 @@ def test_all_runtimes_share_one_signature(runtime):
 
 
 def test_openvino_configs_carry_the_backends_own_keys():
-    native = build_configs(ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16",
-                                                                encoder_threads=2))[C.TEXT_MODEL]
+    native = build_configs(
+        ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_threads=2)
+    )[C.TEXT_MODEL]
     assert native.backend == "openvino" and native.default_model_filename == "model.onnx"
     assert native.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
     params = {k: v.string_value for k, v in native.parameters.items()}
     # The keys Triton's OpenVINO backend reads (openvino_backend README): anything else is ignored.
     assert {k: params[k] for k in ("PERFORMANCE_HINT", "NUM_STREAMS", "HINT_BF16", "INFERENCE_NUM_THREADS")} == {
-        "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "HINT_BF16": "YES", "INFERENCE_NUM_THREADS": "2"}
+        "PERFORMANCE_HINT": "LATENCY",
+        "NUM_STREAMS": "1",
+        "HINT_BF16": "YES",
+        "INFERENCE_NUM_THREADS": "2",
+    }
     python = build_configs(ServingFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
     params = {k: v.string_value for k, v in python.parameters.items()}
     assert (params["engine"], params["precision"], params["threads"]) == ("openvino", "bf16", "0")
 
 
-@pytest.mark.parametrize("options, fragment", [
-    (dict(runtime="python", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
-    (dict(runtime="openvino"), "cannot force fp32"),
-    (dict(runtime="python", cpu_engine="tvm"), "unknown CPU engine"),
-    (dict(runtime="python", cpu_precision="int8"), "unknown CPU precision"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (dict(runtime="python", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
+        (dict(runtime="openvino"), "cannot force fp32"),
+        (dict(runtime="python", cpu_engine="tvm"), "unknown CPU engine"),
+        (dict(runtime="python", cpu_precision="int8"), "unknown CPU precision"),
+    ],
+)
 def test_impossible_cpu_settings_are_refused_with_the_next_step(options, fragment):
     with pytest.raises(ClipTritonError, match=fragment) as caught:
         RepoOptions(**options)
@@ -151,7 +181,9 @@ def test_python_repository_places_graphs(tiny_export, tmp_path):
     assert (repo / C.VISION_MODEL / "1" / "model.onnx").is_file()
     assert (repo / C.TEXT_MODEL / "1" / "model.onnx").is_file()
     entry = (repo / C.PREPROCESS_MODEL / "1" / "model.py").read_text()
-    assert len(entry.splitlines()) < 20 and "from clip_triton.serving.preprocess_model import TritonPythonModel" in entry
+    assert (
+        len(entry.splitlines()) < 20 and "from clip_triton.serving.preprocess_model import TritonPythonModel" in entry
+    )
     assert sorted(check_repository(repo)) == sorted(MODELS)
 
 

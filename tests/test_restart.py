@@ -8,7 +8,7 @@ import numpy as np
 from clip_triton.client import ClipClient
 from clip_triton.server import TritonServer
 
-from .conftest import cos
+from .helpers import cos
 
 
 def test_job_finishes_across_a_server_restart(tiny_repo, tmp_path, open_clip_reference):
@@ -77,8 +77,7 @@ def test_client_defaults_outlast_a_slow_restart(tiny_repo, tmp_path, open_clip_r
 
 def test_a_job_that_fails_keeps_every_answered_row(tiny_repo, tmp_path, open_clip_reference, monkeypatch):
     """The server goes away for good mid-job: JobFailed carries every row answered before it."""
-    from clip_triton.client import JobFailed, ServerUnavailable
-    from clip_triton.client import grpc_client
+    from clip_triton.client import JobFailed, ServerUnavailable, grpc_client
 
     texts = [f"caption {i} of a job that dies" for i in range(30)]
     server = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)

@@ -18,7 +18,7 @@ from clip_triton.errors import ClipTritonError
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer, check_repository
 
-from .conftest import TINY_CONFIG, tied_to_this_process
+from .helpers import TINY_CONFIG, tied_to_this_process
 
 
 def test_repository_without_graphs_is_refused_with_the_fix(tmp_path, tiny_export):
@@ -62,9 +62,26 @@ def _serve(repo, *extra: str):
 
     http, grpc_port, metrics = free_ports(3)
     process = subprocess.Popen(
-        [sys.executable, "-m", "clip_triton.cli", "serve", "--repo", str(repo), "--http-port", str(http),
-         "--grpc-port", str(grpc_port), "--metrics-port", str(metrics), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **tied_to_this_process())
+        [
+            sys.executable,
+            "-m",
+            "clip_triton.cli",
+            "serve",
+            "--repo",
+            str(repo),
+            "--http-port",
+            str(http),
+            "--grpc-port",
+            str(grpc_port),
+            "--metrics-port",
+            str(metrics),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **tied_to_this_process(),
+    )
     return process, http
 
 
@@ -182,7 +199,12 @@ def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
     """The README's main job, on the tiny architecture to keep the suite fast."""
     result = subprocess.run(
         [sys.executable, "-m", "clip_triton.cli", "demo", "--model", str(TINY_CONFIG), "--workdir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ), **tied_to_this_process())
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+        **tied_to_this_process(),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "RANDOM" in out
@@ -199,8 +221,11 @@ def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
 
     from clip_triton.cli import build_parser, check_combinations
 
-    nexts = [line.split("#")[0].strip() for line in out.split("Next, with this repository:")[1].splitlines()
-             if line.strip().startswith("clip-triton ")]
+    nexts = [
+        line.split("#")[0].strip()
+        for line in out.split("Next, with this repository:")[1].splitlines()
+        if line.strip().startswith("clip-triton ")
+    ]
     assert len(nexts) == 5 and f"--repo {tmp_path / 'model_repository'}" in nexts[0]
     for line in nexts:
         parser = build_parser()
@@ -220,7 +245,9 @@ def test_serve_restarts_a_crashed_tritonserver(own_repo):
     out = _Lines(process)
     try:
         out.wait_for("ready; Ctrl-C stops the server")
-        (triton,) = [pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+        (triton,) = [
+            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
         os.kill(triton, signal.SIGKILL)
         crashed = out.wait_for("tritonserver exited with code -9; restarting tritonserver")
         out.wait_for("watchdog: ready again", start=crashed)
@@ -249,8 +276,11 @@ def test_sigkill_of_serve_takes_tritonserver_and_its_stubs_along(own_repo):
             process.kill()
 
 
-@pytest.mark.parametrize("flags", [(), ("--watchdog-interval=1", "--watchdog-timeout=0.05")],
-                         ids=["serve defaults", "probing every second, 50 ms canary deadline"])
+@pytest.mark.parametrize(
+    "flags",
+    [(), ("--watchdog-interval=1", "--watchdog-timeout=0.05")],
+    ids=["serve defaults", "probing every second, 50 ms canary deadline"],
+)
 def test_a_busy_server_is_not_restarted(own_repo, photos, flags):
     """Saturated CPU, 32 concurrent clients for 30 s: zero restarts, zero lost requests, and the liveness
     check answering during the load. With a canary deadline the load makes it miss, requests keep
@@ -292,9 +322,23 @@ def test_a_busy_server_is_not_restarted(own_repo, photos, flags):
         for thread in threads:
             thread.start()
         time.sleep(10)  # under full load: the liveness check (k8s probe, compose healthcheck) says alive
-        health = subprocess.run([sys.executable, "-m", "clip_triton.cli", "health", "--url", grpc_port,
-                                 "--metrics-url", endpoints["metrics"], "--timeout", "0.05" if flags else "10"],
-                                capture_output=True, text=True, timeout=120)
+        health = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "clip_triton.cli",
+                "health",
+                "--url",
+                grpc_port,
+                "--metrics-url",
+                endpoints["metrics"],
+                "--timeout",
+                "0.05" if flags else "10",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         for thread in threads:
             thread.join(300)
         log = out.text()
@@ -304,9 +348,11 @@ def test_a_busy_server_is_not_restarted(own_repo, photos, flags):
             assert "busy: the canary did not finish" in log, log  # the load really made the canary miss
             assert "busy" in health.stdout, health.stdout
         assert not results["failed"] and results["ok"] > 32, results
-        print(f"\nload held ({' '.join(flags) or 'serve defaults'}): {results['ok']} requests of {batch.shape[0]} "
-              f"images from 32 clients in 30 s, 0 failed, {log.count('busy: the canary')} busy verdicts, 0 restarts; "
-              f"health during the load: {health.stdout.strip()[:120]}")
+        print(
+            f"\nload held ({' '.join(flags) or 'serve defaults'}): {results['ok']} requests of {batch.shape[0]} "
+            f"images from 32 clients in 30 s, 0 failed, {log.count('busy: the canary')} busy verdicts, 0 restarts; "
+            f"health during the load: {health.stdout.strip()[:120]}"
+        )
     finally:
         process.send_signal(signal.SIGINT)
         process.wait(300)
@@ -354,7 +400,7 @@ def test_a_job_completes_across_a_kill_9_of_tritonserver(own_repo, open_clip_ref
     defaults) ride out the restart, every item is answered once, in order."""
     from clip_triton.client import ClipClient
 
-    from .conftest import cos
+    from .helpers import cos
 
     process, http = _serve(own_repo)
     out = _Lines(process)
@@ -362,7 +408,9 @@ def test_a_job_completes_across_a_kill_9_of_tritonserver(own_repo, open_clip_ref
     try:
         ready = out.wait_for("ready; Ctrl-C stops the server")
         grpc_url = json.loads(out.lines[ready - 1])["grpc"]
-        (triton,) = [pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+        (triton,) = [
+            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
         rows = []
         with ClipClient(grpc_url, batch_size=3, concurrency=1) as client:
             for start in range(0, len(texts), 3):

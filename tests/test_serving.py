@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from clip_triton import contract as C
 
-from .conftest import cos
+from .helpers import cos
 
 PARITY = 0.9999  # served path vs open_clip PyTorch in-process, fp32 (observed: 1.0 to 1e-7)
 
@@ -116,12 +116,15 @@ def test_bad_image_is_flagged_and_its_batch_mates_answered(grpc, triton, photos,
     assert triton.ready()
 
 
-@pytest.mark.parametrize("data, fragment", [
-    (b"\xff\xfe\xfd", "not valid UTF-8"),
-    (b"", "empty text"),
-    (b"   \n\t", "empty text"),
-    (b"y" * 70_000, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        (b"\xff\xfe\xfd", "not valid UTF-8"),
+        (b"", "empty text"),
+        (b"   \n\t", "empty text"),
+        (b"y" * 70_000, "over the limit"),
+    ],
+)
 def test_bad_text_is_flagged_and_its_batch_mates_answered(grpc, triton, data, fragment, open_clip_reference):
     served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [b"fine", data, b"a photo of a cat"])
     assert status[0] == status[2] == "" and status[1].startswith("item 1: ") and fragment in status[1]
@@ -182,4 +185,6 @@ def test_server_exposes_the_export_facts(grpc, tiny_export):
         assert float(params["logit_scale"].string_value) == pytest.approx(manifest["logit_scale"])
         assert int(params["embed_dim"].string_value) == 32
         assert params["random_weights"].string_value == "true"
-        assert C.ModelContract.from_json(params["contract"].string_value) == C.ModelContract.from_dict(manifest["contract"])
+        assert C.ModelContract.from_json(params["contract"].string_value) == C.ModelContract.from_dict(
+            manifest["contract"]
+        )

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from clip_triton import contract as C
 from clip_triton.export.verify import TOLERANCES
 
-from .conftest import cos
+from .helpers import cos
 from .test_serving import _png, embed, embed_with_status
 
 BF16 = TOLERANCES["bf16"]["min_cosine"]  # 0.999 vs open_clip PyTorch fp32
@@ -24,8 +24,9 @@ def ov_triton(tiny_export, tmp_path_factory):
     from clip_triton.server import TritonServer
 
     root = tmp_path_factory.mktemp("ov-repo")
-    options = RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16", queue_delay_us=20000,
-                          preprocess_instances=2)
+    options = RepoOptions(
+        runtime="python", cpu_engine="openvino", cpu_precision="bf16", queue_delay_us=20000, preprocess_instances=2
+    )
     repo = write_repository(root / "model_repository", onnx_dir=tiny_export, options=options)
     with TritonServer(repo, log_file=root / "tritonserver.log") as server:
         yield server

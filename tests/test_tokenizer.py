@@ -9,14 +9,83 @@ import pytest
 from clip_triton.contract import ModelContract
 from clip_triton.tokenizer import ClipTokenizer, TextError, decode_utf8
 
-WORDS = ("cat dog photo of a the an astronaut rocket coffee tree car bicycle bird painting sketch "
-         "close-up night city river mountain neural network diagram cake pizza").split()
-SCRIPTS = ["café", "naïve", "Straße", "smörgåsbord", "Ελληνικά", "русский", "العربية", "עברית", "हिन्दी", "ภาษาไทย",
-           "東京タワー", "北京烤鸭", "한국어", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "ｆｕｌｌｗｉｄｔｈ", "ﬁ ligature", "Ⅻ", "①②③"]
+WORDS = [
+    "cat",
+    "dog",
+    "photo",
+    "of",
+    "a",
+    "the",
+    "an",
+    "astronaut",
+    "rocket",
+    "coffee",
+    "tree",
+    "car",
+    "bicycle",
+    "bird",
+    "painting",
+    "sketch",
+    "close-up",
+    "night",
+    "city",
+    "river",
+    "mountain",
+    "neural",
+    "network",
+    "diagram",
+    "cake",
+    "pizza",
+]
+SCRIPTS = [
+    "café",
+    "naïve",
+    "Straße",
+    "smörgåsbord",
+    "Ελληνικά",
+    "русский",
+    "العربية",
+    "עברית",
+    "हिन्दी",
+    "ภาษาไทย",
+    "東京タワー",
+    "北京烤鸭",
+    "한국어",
+    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+    "ｆｕｌｌｗｉｄｔｈ",
+    "ﬁ ligature",
+    "Ⅻ",
+    "①②③",
+]
 EMOJI = ["🐱", "🐶", "🚀", "☕", "👩‍🚀", "👍🏽", "🇯🇵", "❤️", "🧑‍🤝‍🧑", "✨"]
 ENTITIES = ["&amp;", "&lt;b&gt;", "&quot;", "&#39;", "&#x27;", "&nbsp;", "&amp;amp;", "&eacute;", "&copy;", "&#128049;"]
-PUNCT = ["'s", "'re", "’s", "...", "!!!", "?!", "--", "(", ")", "[x]", "#tag", "@user", "$99.99", "50%", "3.14", "1,000",
-         "e-mail", "C++", "<end_of_text>", "<START_OF_TEXT>", "\t", "\n", "\u00a0", "\u200b", "  "]
+PUNCT = [
+    "'s",
+    "'re",
+    "’s",
+    "...",
+    "!!!",
+    "?!",
+    "--",
+    "(",
+    ")",
+    "[x]",
+    "#tag",
+    "@user",
+    "$99.99",
+    "50%",
+    "3.14",
+    "1,000",
+    "e-mail",
+    "C++",
+    "<end_of_text>",
+    "<START_OF_TEXT>",
+    "\t",
+    "\n",
+    "\u00a0",
+    "\u200b",
+    "  ",
+]
 
 
 def mojibake(text: str) -> str:

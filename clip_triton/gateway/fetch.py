@@ -62,8 +62,16 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 def forbidden(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     candidates = [ip, *(embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else [])]
-    return any(not c.is_global or c.is_multicast or c.is_reserved or c.is_loopback or c.is_link_local
-               or c.is_private or c.is_unspecified for c in candidates)
+    return any(
+        not c.is_global
+        or c.is_multicast
+        or c.is_reserved
+        or c.is_loopback
+        or c.is_link_local
+        or c.is_private
+        or c.is_unspecified
+        for c in candidates
+    )
 
 
 def ascii_host(hostname: str) -> str:
@@ -129,8 +137,9 @@ async def fetch_image(url: str, policy: FetchPolicy) -> bytes:
                 for _ in range(policy.max_redirects + 1):
                     target = await vet(url, policy)
                     headers = {"User-Agent": "clip-triton-gateway", "Host": target.host_header}
-                    request = client.build_request("GET", target.url, headers=headers,
-                                                   extensions={"sni_hostname": target.server_name})
+                    request = client.build_request(
+                        "GET", target.url, headers=headers, extensions={"sni_hostname": target.server_name}
+                    )
                     response = await client.send(request, stream=True)
                     try:
                         if response.is_redirect:

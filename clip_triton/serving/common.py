@@ -27,8 +27,15 @@ def items(request, name: str) -> list[bytes]:
     return [bytes(x) if not isinstance(x, bytes) else x for x in array.reshape(-1)]
 
 
-def per_item(requests: Sequence, input_name: str, output_name: str, convert: Callable[[bytes], np.ndarray],
-             errors: tuple[type[Exception], ...], status_name: str, blank: np.ndarray) -> list:
+def per_item(
+    requests: Sequence,
+    input_name: str,
+    output_name: str,
+    convert: Callable[[bytes], np.ndarray],
+    errors: tuple[type[Exception], ...],
+    status_name: str,
+    blank: np.ndarray,
+) -> list:
     """Run ``convert`` on every item of every request; a bad item never fails another request.
 
     A request of several items is answered whole: each good item's row, and for each bad one the
@@ -54,13 +61,24 @@ def per_item(requests: Sequence, input_name: str, output_name: str, convert: Cal
                 rows.append(blank)
                 statuses.append(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})".encode())
         if not rows:
-            responses.append(pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the request holds no item", pb_utils.TritonError.INVALID_ARG)))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError("the request holds no item", pb_utils.TritonError.INVALID_ARG)
+                )
+            )
         elif len(rows) == 1 and statuses[0]:
-            responses.append(pb_utils.InferenceResponse(
-                error=pb_utils.TritonError(statuses[0].decode(), pb_utils.TritonError.INVALID_ARG)))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(statuses[0].decode(), pb_utils.TritonError.INVALID_ARG)
+                )
+            )
         else:
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor(output_name, np.stack(rows)),
-                pb_utils.Tensor(status_name, np.array(statuses, dtype=object).reshape(-1, 1))]))
+            responses.append(
+                pb_utils.InferenceResponse(
+                    output_tensors=[
+                        pb_utils.Tensor(output_name, np.stack(rows)),
+                        pb_utils.Tensor(status_name, np.array(statuses, dtype=object).reshape(-1, 1)),
+                    ]
+                )
+            )
     return responses

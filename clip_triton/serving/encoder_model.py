@@ -27,13 +27,15 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
         threads = int(params.get("threads", "0")) or None
         engine, precision = params.get("engine", "onnxruntime"), params.get("precision", "fp32")
-        spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""), None)
-        self.session = open_session(path, engine, precision, threads=threads, spinning=spinning,
-                                    fp16_graph=contract.precision == "fp16")
+        spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""))
+        self.session = open_session(
+            path, engine, precision, threads=threads, spinning=spinning, fp16_graph=contract.precision == "fp16"
+        )
         effective = getattr(self.session, "effective_precision", precision)
         if effective != precision:
-            pb_utils.Logger.log_warn(f"{args['model_name']}: this CPU has no native {precision}; "
-                                     f"{engine} computes in {effective}")
+            pb_utils.Logger.log_warn(
+                f"{args['model_name']}: this CPU has no native {precision}; {engine} computes in {effective}"
+            )
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415
@@ -47,8 +49,9 @@ class TritonPythonModel:
         responses, start = [], 0
         for array, problem in zip(arrays, problems):
             if problem is not None:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)))
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG))
+                )
                 continue
             rows = out[start : start + len(array)]
             start += len(array)
@@ -59,8 +62,10 @@ class TritonPythonModel:
         """Why a request's input cannot be encoded, or None."""
         if self.vocab_size is not None:
             if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
-                return (f"token ids must lie in [0, {self.vocab_size}): got {int(array.min())}..{int(array.max())}"
-                        " (send text to clip_text, which tokenizes it)")
+                return (
+                    f"token ids must lie in [0, {self.vocab_size}): got {int(array.min())}..{int(array.max())}"
+                    " (send text to clip_text, which tokenizes it)"
+                )
         elif not np.isfinite(array).all():
             return "pixel values must be finite (send encoded images to clip_image, which preprocesses them)"
         return None

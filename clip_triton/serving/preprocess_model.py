@@ -18,5 +18,6 @@ class TritonPythonModel:
         self.blank = np.zeros(contract.pixels.shape, dtype=contract.pixel_dtype)  # a refused item's row
 
     def execute(self, requests):
-        return per_item(requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,), STATUS_OUTPUT,
-                        self.blank)
+        return per_item(
+            requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,), STATUS_OUTPUT, self.blank
+        )

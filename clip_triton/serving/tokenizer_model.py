@@ -16,5 +16,12 @@ class TritonPythonModel:
         self.blank[:2] = (self.tokenizer.sot, self.tokenizer.eot)
 
     def execute(self, requests):
-        return per_item(requests, TEXT_INPUT, INPUT_IDS, lambda item: self.tokenizer.ids(decode_utf8(item)),
-                        (TextError,), STATUS_OUTPUT, self.blank)
+        return per_item(
+            requests,
+            TEXT_INPUT,
+            INPUT_IDS,
+            lambda item: self.tokenizer.ids(decode_utf8(item)),
+            (TextError,),
+            STATUS_OUTPUT,
+            self.blank,
+        )

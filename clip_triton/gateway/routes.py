@@ -1,0 +1,280 @@
+"""The gateway's endpoints and the checks they share, as one object per app (its settings, metrics
+and fetch limit); ``create_app`` mounts them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from tritonclient.utils import InferenceServerException
+
+from clip_triton.client import ClipClientError, ItemErrors, rank
+from clip_triton.client.grpc_client import template_texts
+
+from ..contract import ModelContract, TokenizerSpec
+from ..tokenizer import ClipTokenizer, TextError
+from .app import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
+from .fetch import FetchError, fetch_image
+from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, item_error
+
+
+class Routes:
+    """Endpoints (``healthz``, ``readyz``, ``metrics``, ``models``, ``embeddings``, ``classify``) and
+    the request checks they share."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self.requests_total = Counter(
+            "clip_gateway_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+        )
+        self.refused_bodies = Counter(
+            "clip_gateway_bodies_refused", "request bodies over the size limit", registry=self.registry
+        )
+        self.latency = Histogram(
+            "clip_gateway_request_seconds",
+            "request latency",
+            ["endpoint"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.items_total = Counter("clip_gateway_items", "embedded items", ["kind"], registry=self.registry)
+        self.fetch_gate = asyncio.Semaphore(settings.max_concurrent_fetches)
+
+    # -- auth ------------------------------------------------------------------------------------
+    async def authorise(self, request: Request) -> None:
+        if not self.settings.auth:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.settings.api_keys):
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    # -- helpers ---------------------------------------------------------------------------------
+    async def facts(self, request: Request):
+        try:
+            return await request.app.state.client.get_facts()
+        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:
+            raise ApiError(
+                503,
+                f"the model server is unavailable ({type(exc).__name__})",
+                type_="server_error",
+                code="triton_unavailable",
+            ) from None
+
+    async def tokenizer(self, request: Request) -> ClipTokenizer:
+        if request.app.state.tokenizer is None:
+            served = await self.facts(request)
+            spec = ModelContract.from_json(served.contract).tokenizer if served.contract else TokenizerSpec()
+            request.app.state.tokenizer = ClipTokenizer(spec)
+        return request.app.state.tokenizer
+
+    def public_id(self, served) -> str:
+        return self.settings.served_model_name or served.public_id
+
+    def check_model(self, model: str, served) -> None:
+        accepted = {self.public_id(served)}
+        if self.public_id(served) == served.model:  # no alias: "ARCH/TAG" is accepted too
+            accepted.add(f"{served.model}/{served.public_pretrained}")
+        if model not in accepted:
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this gateway serves {self.public_id(served)!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def check_text(self, items: list[tuple[int, str]], name: str) -> None:
+        for index, text in items:
+            if (problem := utf8_error(text)) is not None:
+                raise item_error(index, problem, name)
+
+    async def count_tokens(self, request: Request, texts: list[tuple[int, str]], name: str) -> int:
+        """Tokens of the texts as the server will encode them; in a worker thread, never on the event
+        loop (tokenizing is CPU work, bounded per text but not free)."""
+        tok = await self.tokenizer(request)
+        self.check_text(texts, name)
+
+        def count() -> int:
+            total = 0
+            for index, text in texts:
+                try:
+                    total += int((tok.ids(text) != 0).sum())
+                except TextError as exc:
+                    raise item_error(index, str(exc), name) from None
+            return total
+
+        return await asyncio.to_thread(count)
+
+    async def load_images(self, refs: list[tuple[int, str]], name: str) -> list[bytes]:
+        urls = sum(1 for _, ref in refs if not is_data_url(ref))
+        if urls > self.settings.max_urls_per_request:
+            raise ApiError(
+                400,
+                f"{urls} image URLs in one request, over the limit of {self.settings.max_urls_per_request}; "
+                "send fewer per request, or the images themselves as data URLs",
+                param=name,
+                code="too_many_urls",
+            )
+
+        async def one(index: int, ref: str) -> bytes:
+            try:
+                if is_data_url(ref):
+                    return decode_data_url(ref)
+                async with self.fetch_gate:  # bounded across all requests: memory in flight stays bounded
+                    return await fetch_image(ref, self.settings.fetch)
+            except (ValueError, FetchError) as exc:
+                raise item_error(index, str(exc), name) from None
+
+        return list(await asyncio.gather(*(one(i, r) for i, r in refs)))
+
+    async def triton_call(self, coro, positions: list[int], name: str):
+        try:
+            return await coro
+        except ItemErrors as exc:
+            index, reason = next(iter(exc.errors.items()))
+            raise item_error(positions[index], reason, name) from None
+        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:  # transport failures
+            raise ApiError(
+                503,
+                f"the model server is unavailable ({str(exc)[:200]})",
+                type_="server_error",
+                code="triton_unavailable",
+            ) from None
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def healthz(self):
+        return {"status": "ok"}
+
+    async def readyz(self, request: Request):
+        if not await request.app.state.client.is_ready():
+            raise ApiError(503, "the model server is not ready", type_="server_error", code="triton_not_ready")
+        return {"status": "ready"}
+
+    async def metrics(self):
+        return PlainTextResponse(generate_latest(self.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request):
+        served = await self.facts(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.public_id(served),
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "clip-triton",
+                    "pretrained": served.public_pretrained,
+                    "embed_dim": served.embed_dim,
+                }
+            ],
+        }
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request):
+        items = [body.input] if isinstance(body.input, str) else list(body.input)
+        if not items:
+            raise ApiError(400, "input must not be empty", param="input", code="empty_input")
+        if len(items) > self.settings.max_items:
+            raise ApiError(
+                400, f"input has {len(items)} items, over the limit of {self.settings.max_items}", param="input"
+            )
+        served = await self.facts(request)
+        self.check_model(body.model, served)
+        if body.dimensions is not None and body.dimensions != served.embed_dim:
+            raise ApiError(
+                400,
+                f"dimensions={body.dimensions} is not supported; {self.public_id(served)} returns {served.embed_dim}",
+                param="dimensions",
+            )
+        kinds = [classify_item(x, i) for i, x in enumerate(items)]
+        texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "text"]
+        refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "image"]
+        tokens = await self.count_tokens(request, texts, "input")
+        images = await self.load_images(refs, "input")
+        client = request.app.state.client
+        text_vectors, image_vectors = await asyncio.gather(  # an empty side returns a (0, D) array
+            self.triton_call(client.embed_texts([t for _, t in texts]), [i for i, _ in texts], "input"),
+            self.triton_call(client.embed_images(images), [i for i, _ in refs], "input"),
+        )
+        vectors = np.empty((len(items), served.embed_dim), dtype=np.float32)
+        vectors[[i for i, _ in texts]] = text_vectors
+        vectors[[i for i, _ in refs]] = image_vectors
+        self.items_total.labels("text").inc(len(texts))
+        self.items_total.labels("image").inc(len(refs))
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if body.encoding_format == "base64"
+                else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.public_id(served),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    async def classify(self, body: ClassifyRequest, request: Request):
+        """Zero-shot scores: for each image, every prompt's cosine and probability, ranked."""
+        if len(body.images) > self.settings.max_items or len(body.prompts) > self.settings.max_items:
+            raise ApiError(400, f"at most {self.settings.max_items} images and {self.settings.max_items} prompts")
+        served = await self.facts(request)
+        self.check_model(body.model, served)
+        templates = body.templates or []
+        if len(templates) > self.settings.max_templates:
+            raise ApiError(
+                400, f"{len(templates)} templates, over the limit of {self.settings.max_templates}", param="templates"
+            )
+        for index, template in enumerate(templates):
+            if "{}" not in template:
+                raise item_error(index, "needs a {} placeholder for the prompt", "templates")
+            if len(template) > self.settings.max_template_chars:
+                raise item_error(
+                    index,
+                    f"{len(template)} characters, over the limit of {self.settings.max_template_chars}",
+                    "templates",
+                )
+        self.check_text(list(enumerate(templates)), "templates")
+        n_texts = len(body.prompts) * max(1, len(templates))
+        if n_texts > self.settings.max_template_texts:
+            raise ApiError(
+                400,
+                f"{len(body.prompts)} prompts x {len(templates)} templates = {n_texts} texts to "
+                f"encode, over the limit of {self.settings.max_template_texts}",
+                param="templates",
+                code="too_many_texts",
+            )
+        for index, ref in enumerate(body.images):
+            if not is_image_reference(ref):
+                raise item_error(index, "not an image: pass a data:image/...;base64, URL or an http(s) URL", "images")
+        texts = template_texts(body.prompts, templates) if templates else list(body.prompts)
+        # usage counts what is encoded: every prompt in every template (checked there, named by prompt)
+        tokens = await self.count_tokens(
+            request, [(i // max(1, len(templates)), t) for i, t in enumerate(texts)], "prompts"
+        )
+        images = await self.load_images(list(enumerate(body.images)), "images")
+        client = request.app.state.client
+        prompt_vectors = await self.triton_call(
+            client.prompt_embeddings(body.prompts, templates or None), list(range(len(body.prompts))), "prompts"
+        )
+        image_vectors = await self.triton_call(client.embed_images(images), list(range(len(images))), "images")
+        ranked = rank(image_vectors @ prompt_vectors.T, body.prompts, served.logit_scale, served.logit_bias)
+        self.items_total.labels("image").inc(len(images))
+        return {
+            "object": "list",
+            "model": self.public_id(served),
+            "logit_scale": served.logit_scale,
+            "data": [{"object": "classification", "index": i, "scores": scores} for i, scores in enumerate(ranked)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

@@ -1,0 +1,48 @@
+"""The gateway's wire schemas: request bodies (OpenAI's embeddings shape, and /v1/classify) and the
+error body, ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def item_error(index: int, reason: str, name: str = "input") -> ApiError:
+    return ApiError(400, f"{name}[{index}]: {reason}", param=f"{name}[{index}]", code="invalid_item")
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI's schema): strings, data URLs, image URLs or typed items."""
+
+    input: str | list[str | dict]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: images and prompts (and optional templates with ``{}``)."""
+
+    model: str
+    images: list[str] = Field(min_length=1)
+    prompts: list[str] = Field(min_length=1)
+    templates: list[str] | None = None
