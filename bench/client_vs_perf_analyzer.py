@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from importlib import resources
 from pathlib import Path
 
 from common import prepared_export  # bench/common.py
 
 from clip_triton.client import ClipClient
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
-from clip_triton.perf import SAMPLE_PROMPTS, run_perf_analyzer
+from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.samples import PERF_PROMPTS, image_bytes
 from clip_triton.server import TritonServer
 
 
@@ -36,10 +36,9 @@ def main() -> None:
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
-    folder = resources.files("clip_triton").joinpath("assets", "images")
-    photos = [folder.joinpath(n).read_bytes() for n in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+    photos = image_bytes()
     images = [photos[i % len(photos)] for i in range(args.images)]
-    texts = [f"{SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]} #{i}" for i in range(args.images)]
+    texts = [f"{PERF_PROMPTS[i % len(PERF_PROMPTS)]} #{i}" for i in range(args.images)]
 
     rows = []
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:

@@ -23,18 +23,15 @@ from common import prepared_export  # bench/common.py
 
 def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
     """``n`` camera-sized JPEGs, variations of the bundled photographs (made once, then reused)."""
-    from importlib import resources
 
     from PIL import Image, ImageEnhance
 
     folder.mkdir(parents=True, exist_ok=True)
     if len(list(folder.glob("*.jpg"))) == n:
         return folder
-    images = resources.files("clip_triton").joinpath("assets", "images")
-    sources = [
-        Image.open(images.joinpath(name)).convert("RGB").resize(size)
-        for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
-    ]
+    from clip_triton.samples import image_paths
+
+    sources = [Image.open(path).convert("RGB").resize(size) for path in image_paths()]
     for i in range(n):
         image = ImageEnhance.Brightness(sources[i % 4]).enhance(0.7 + (i % 13) * 0.05).rotate((i // 4) % 9 - 4)
         image.save(folder / f"IMG_{i:04d}.jpg", quality=90)

@@ -42,7 +42,7 @@ def main() -> None:
     from common import prepared_export  # bench/common.py
 
     from clip_triton.contract import cosine
-    from clip_triton.cpuengine import OpenVINOSession, cpu_supports_bf16
+    from clip_triton.cpuruntime import OpenVINOSession, cpu_supports_bf16
     from clip_triton.export.graphs import tower_module
     from clip_triton.export.weights import load_model
     from clip_triton.ortutil import make_session

@@ -1,11 +1,11 @@
 """Side-by-side throughput on this machine, one run, one model (random weights, so offline):
 
-    python bench/run.py [--model ViT-B-32] [--concurrency 1,4,16] [--engines onnxruntime:fp32,openvino:bf16]
+    python bench/run.py [--model ViT-B-32] [--concurrency 1,4,16] [--cpu-runtimes onnxruntime:fp32,openvino:bf16]
 
 rows, at each precision (fp32; bf16 where OpenVINO is installed): open_clip PyTorch eager in-process
-(its own PIL transform and tokenizer + forward; fp32 is the baseline), each CPU engine in-process on
+(its own PIL transform and tokenizer + forward; fp32 is the baseline), each CPU runtime in-process on
 the exported graphs (ONNX Runtime fp32, OpenVINO fp32 and bf16; clip-triton's preprocess/tokenizer),
-and the Triton ensembles over gRPC with each engine (JPEG bytes in for ``clip_image``, strings in
+and the Triton ensembles over gRPC with each CPU runtime (JPEG bytes in for ``clip_image``, strings in
 for ``clip_text``) through perf_analyzer and through ``ClipClient``. Every row includes
 preprocessing or tokenization. Each row has two ratios: to PyTorch eager fp32 (the baseline) and to
 PyTorch eager at the row's own precision. Steps run one after another so they do not compete for
@@ -20,27 +20,17 @@ import json
 import os
 import statistics
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-PHOTOS = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
-PROMPTS = (
-    "a photo of a cat",
-    "a photo of a dog",
-    "a diagram of a neural network",
-    "an astronaut on the moon",
-    "a cup of coffee on a wooden table",
-    "a rocket launch at night",
-    "a bowl of soup",
-    "a rainy city street",
-)
+from clip_triton.samples import BENCH_PROMPTS as PROMPTS
 
 
 def photos() -> list[bytes]:
-    folder = resources.files("clip_triton").joinpath("assets", "images")
-    return [folder.joinpath(name).read_bytes() for name in PHOTOS]
+    from clip_triton.samples import image_bytes
+
+    return image_bytes()
 
 
 def timed(fn, items: list, batch: int, seconds: float) -> tuple[float, float, float]:
@@ -116,9 +106,11 @@ def main() -> None:
     parser.add_argument("--batches", default="8,16,32", help="in-process batch sizes tried (best is reported)")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument(
+        "--cpu-runtimes",
         "--engines",
+        dest="engines",
         default=None,
-        help="CPU engine:precision pairs (default where OpenVINO is installed: "
+        help="CPU runtime:precision pairs (--engines: old spelling) (default where OpenVINO is installed: "
         "onnxruntime:fp32,openvino:fp32,openvino:bf16; else onnxruntime:fp32)",
     )
     parser.add_argument("--seconds", type=float, default=6.0, help="per in-process measurement")
@@ -137,7 +129,7 @@ def main() -> None:
     from common import prepared_export  # bench/common.py
     from PIL import Image
 
-    from clip_triton.cpuengine import cpu_supports_bf16, open_session
+    from clip_triton.cpuruntime import cpu_supports_bf16, open_session
     from clip_triton.export.weights import load_model
     from clip_triton.preprocess import Preprocessor
     from clip_triton.repository import RepoOptions, write_repository
@@ -196,11 +188,11 @@ def main() -> None:
         baseline[precision] = (img_rate, txt_rate)
     model = loaded = None  # free it before the next rows
 
-    # 2. In-process CPU engines on the exported graphs, clip-triton's preprocessing and tokenizer.
+    # 2. In-process CPU runtimes on the exported graphs, clip-triton's preprocessing and tokenizer.
     ours, tok = Preprocessor(pre), ClipTokenizer(contract.tokenizer)
-    for engine, precision in configs:
-        vision = open_session(onnx_dir / "vision.onnx", engine, precision)
-        text = open_session(onnx_dir / "text.onnx", engine, precision)
+    for runtime, precision in configs:
+        vision = open_session(onnx_dir / "vision.onnx", runtime, precision)
+        text = open_session(onnx_dir / "text.onnx", runtime, precision)
         bi, (o_img, o_p50, o_p99) = best(
             lambda b, vision=vision: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
             images,
@@ -210,21 +202,21 @@ def main() -> None:
         bt, (o_txt, _, _) = best(
             lambda s, text=text: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds
         )
-        add((precision, f"{engine} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
+        add((precision, f"{runtime} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
         vision = text = None
 
-    # 3. Triton over gRPC, JPEG bytes / strings in: one repository per engine and precision.
-    for engine, precision in configs:
+    # 3. Triton over gRPC, JPEG bytes / strings in: one repository per CPU runtime and precision.
+    for runtime, precision in configs:
         options = RepoOptions(
             runtime="python",
-            cpu_engine=engine,
+            cpu_runtime=runtime,
             cpu_precision=precision,
             queue_delay_us=args.queue_delay_us,
             preprocess_instances=args.preprocess_instances,
         )
         repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
         for row in triton_rows(
-            engine, repo, work, concurrencies, images, texts, args.client_items, args.measurement_ms
+            runtime, repo, work, concurrencies, images, texts, args.client_items, args.measurement_ms
         ):
             add((precision, *row))
 

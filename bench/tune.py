@@ -20,7 +20,7 @@ from clip_triton.perf import run_perf_analyzer
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import ADMIN_APIS, TritonServer
 
-OV = {"cpu_engine": "openvino", "cpu_precision": "bf16"}
+OV = {"cpu_runtime": "openvino", "cpu_precision": "bf16"}
 SETTINGS = {
     "fp32 default (ORT, 2 ms delay, spinning, 2 threads)": {},
     "fp32, ORT threads do not spin": {"ort_spinning": False},

@@ -18,7 +18,6 @@ from .grpc_client import (
     PromptCache,
     ServerFacts,
     ensemble_templates,
-    facts_from_config,
     plan_batches,
     prepare_images,
     prepare_texts,
@@ -88,7 +87,7 @@ class AsyncClipClient:
 
     async def get_facts(self) -> ServerFacts:
         if self._facts is None:
-            self._facts = facts_from_config(
+            self._facts = ServerFacts.from_config(
                 await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
             )
         return self._facts

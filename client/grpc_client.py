@@ -19,7 +19,6 @@ import urllib.request
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STATUS_OUTPUT, TEXT_ENSEMBLE, TEXT_INPUT
 from clip_triton.errors import ClipTritonError
+from clip_triton.facts import ServerFacts
 
 from .index import EmbeddingIndex
 
@@ -117,55 +117,6 @@ def retry_delay(attempt: int, backoff: float) -> float:
 
 def should_retry(exc, attempt: int, retries: int, deadline: float) -> bool:
     return retryable(exc) and attempt < retries and time.monotonic() < deadline
-
-
-@dataclass(frozen=True)
-class ServerFacts:
-    model: str
-    pretrained: str
-    embed_dim: int
-    logit_scale: float
-    logit_bias: float | None
-    max_batch_size: int
-    random_weights: bool
-    contract: str = ""  # the served ModelContract as JSON (tokenizer, preprocessing, tensor specs)
-    item_status: bool = False  # the ensembles answer a batch with bad items whole, flagging them in STATUS
-    served_model_name: str = ""  # the public model id set by `repo --served-model-name` ("" when unset)
-    encoder_runtime: str = ""  # what computes the embeddings, in words (e.g. "onnxruntime (python backend), fp32")
-
-    @property
-    def public_id(self) -> str:
-        """The model id to show the world: the served name, else the architecture name (never a path)."""
-        return self.served_model_name or self.model
-
-    @property
-    def public_pretrained(self) -> str:
-        """The pretrained tag, or "local checkpoint" where the export read a file (its path stays private)."""
-        tag = self.pretrained
-        return (
-            "local checkpoint"
-            if ("/" in tag or "\\" in tag or tag.endswith((".bin", ".pt", ".pth", ".safetensors")))
-            else tag
-        )
-
-
-def facts_from_config(response: dict) -> ServerFacts:
-    """Read the deployment's facts from ``get_model_config(clip_image, as_json=True)``."""
-    config = response.get("config", response)
-    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    return ServerFacts(
-        model=params["model"],
-        pretrained=params["pretrained"],
-        embed_dim=int(params["embed_dim"]),
-        logit_scale=float(params["logit_scale"]),
-        logit_bias=float(params["logit_bias"]) if params.get("logit_bias") else None,
-        max_batch_size=int(config.get("max_batch_size", 1)),
-        random_weights=params.get("random_weights") == "true",
-        contract=params.get("contract", ""),
-        item_status=any(o.get("name") == STATUS_OUTPUT for o in config.get("output", [])),
-        served_model_name=params.get("served_model_name", ""),
-        encoder_runtime=params.get("encoder_runtime", ""),
-    )
 
 
 def requested_outputs(grpc, facts: ServerFacts) -> list:
@@ -661,7 +612,7 @@ class ClipClient:
                 config = self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
             except InferenceServerException as exc:
                 raise transport_error(exc, IMAGE_ENSEMBLE, self.target) from None
-            self._facts = facts_from_config(config)
+            self._facts = ServerFacts.from_config(config)
         return self._facts
 
     @property

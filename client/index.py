@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clip_triton.contract import TEXT, TOWERS, VISION
 from clip_triton.errors import ClipTritonError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .grpc_client import ClipClient
 
 FORMAT = 1
+KINDS = tuple(tower.kind for tower in TOWERS)  # what an index holds: image or text embeddings
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -90,7 +92,7 @@ class EmbeddingIndex:
 
     items: list[str]
     embeddings: np.ndarray
-    kind: str = "image"
+    kind: str = VISION.kind
     model: str = ""
     pretrained: str = ""
     failed: dict[str, str] = field(default_factory=dict)
@@ -106,8 +108,8 @@ class EmbeddingIndex:
                 f"{len(self.items)} items need an (N, D) array with N = {len(self.items)}, "
                 f"got shape {self.embeddings.shape}"
             )
-        if self.kind not in ("image", "text"):
-            raise ValueError(f"kind must be 'image' or 'text', not {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
         self.items = [str(item) for item in self.items]
 
     # -- building --------------------------------------------------------------------------
@@ -117,7 +119,7 @@ class EmbeddingIndex:
         items: Sequence,
         embeddings: np.ndarray,
         *,
-        kind: str = "image",
+        kind: str = VISION.kind,
         model: str = "",
         pretrained: str = "",
         client: ClipClient | None = None,
@@ -128,19 +130,19 @@ class EmbeddingIndex:
     def from_folder(cls, client: ClipClient, folder: str | os.PathLike, *, all_files: bool = False) -> EmbeddingIndex:
         """Embed every image under ``folder``; items the server refuses go to ``failed``, not to rows."""
         files, skipped = image_files(folder, all_files=all_files)
-        index = cls._embed(client, [str(p) for p in files], "image")
+        index = cls._embed(client, [str(p) for p in files], VISION.kind)
         index.skipped = skipped
         return index
 
     @classmethod
     def from_texts(cls, client: ClipClient, texts: Sequence[str]) -> EmbeddingIndex:
-        return cls._embed(client, list(texts), "text")
+        return cls._embed(client, list(texts), TEXT.kind)
 
     @classmethod
     def _embed(cls, client: ClipClient, items: list[str], kind: str) -> EmbeddingIndex:
         from .grpc_client import ItemErrors  # noqa: PLC0415
 
-        embed = client.embed_images if kind == "image" else client.embed_texts
+        embed = client.embed_images if kind == VISION.kind else client.embed_texts
         refused: dict[int, str] = {}
         try:
             rows = embed(items)
@@ -205,7 +207,7 @@ class EmbeddingIndex:
         return cls(
             items,
             embeddings,
-            kind=document.get("kind", "image"),
+            kind=document.get("kind", VISION.kind),
             model=document.get("model", ""),
             pretrained=document.get("pretrained", ""),
             failed=document.get("failed", {}),

@@ -7,7 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-from .contract import CPU_ENGINES, CPU_PRECISIONS, DEFAULT_MODEL, DEFAULT_PRETRAINED, PRECISIONS, RUNTIMES
+from .contract import (
+    CPU_PRECISIONS,
+    CPU_RUNTIMES,
+    DEFAULT_MODEL,
+    DEFAULT_PRECISION,
+    DEFAULT_PRETRAINED,
+    PRECISIONS,
+    RUNTIMES,
+    TEXT,
+    VISION,
+)
 from .errors import ClipTritonError, VerificationError
 
 EXIT_USER_ERROR = 2
@@ -43,7 +53,7 @@ def _verify(args) -> int:
         args.onnx_dir,
         seed=args.seed,
         checkpoint=args.checkpoint,
-        engine=args.cpu_runtime,
+        runtime=args.cpu_runtime,
         cpu_precision=args.cpu_precision,
     )
     return 0
@@ -81,7 +91,7 @@ def _repo(args) -> int:
         encoder_instances=args.encoder_instances,
         preprocess_instances=args.preprocess_instances,
         tokenizer_instances=args.tokenizer_instances,
-        cpu_engine=args.cpu_runtime,
+        cpu_runtime=args.cpu_runtime,
         cpu_precision=args.cpu_precision,
         encoder_threads=args.encoder_threads,
         max_image_pixels=args.max_image_pixels,
@@ -96,7 +106,7 @@ def _repo(args) -> int:
 def _warn_precision(options) -> None:
     """bf16 asked for on a CPU that computes fp32: say so where the user is looking."""
     if options.runtime == "python" and options.cpu_precision == "bf16":
-        from .cpuengine import cpu_supports_bf16  # noqa: PLC0415
+        from .cpuruntime import cpu_supports_bf16  # noqa: PLC0415
 
         if not cpu_supports_bf16():
             print(
@@ -140,7 +150,7 @@ def _demo(args) -> int:
         workdir=args.workdir,
         images=args.images,
         prompts=args.prompts,
-        cpu_engine=args.cpu_runtime,
+        cpu_runtime=args.cpu_runtime,
         cpu_precision=args.cpu_precision,
     )
 
@@ -259,7 +269,7 @@ def _embed(args) -> int:
     from clip_triton.client import ItemErrors, JobFailed, JobInterrupted  # noqa: PLC0415
     from clip_triton.client.index import EmbeddingIndex, image_files, index_paths  # noqa: PLC0415
 
-    kind = "image" if args.images else "text"
+    kind = VISION.kind if args.images else TEXT.kind
     skipped: dict[str, str] = {}
     if args.images:
         files, skipped = image_files(args.images, all_files=args.all_files)
@@ -458,7 +468,7 @@ def _cpu_args(p: argparse.ArgumentParser, applies: str) -> None:
         "--cpu-runtime",
         "--cpu-engine",
         dest="cpu_runtime",
-        choices=CPU_ENGINES,
+        choices=CPU_RUNTIMES,
         default="onnxruntime",
         help=f"what runs the graphs on the CPU{applies} (--cpu-engine: old spelling)",
     )
@@ -530,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep a verified export of the same model, weights and precision already in --onnx-dir "
         "(exit 0 at once); replace anything else (for jobs that run on every start)",
     )
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="precision of the exported graphs")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default=DEFAULT_PRECISION, help="precision of the exported graphs"
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset, 17-20")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (--pretrained none only)")
     p.add_argument("--no-verify", action="store_true", help="skip ONNX Runtime vs PyTorch verification")
@@ -591,7 +603,6 @@ def build_parser() -> argparse.ArgumentParser:
     _cpu_args(p, " (--runtime python)")
     p.add_argument(
         "--encoder-threads",
-        "--ort-threads",
         dest="encoder_threads",
         type=int,
         default=0,

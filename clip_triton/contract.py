@@ -50,12 +50,44 @@ TEXT_EMBEDS = "text_embeds"  # [B, D] float32, the text graph's output
 VISION_ONNX = "vision.onnx"
 TEXT_ONNX = "text.onnx"
 MANIFEST = "manifest.json"
+PLAN_FILE = "model.plan"  # a TensorRT engine inside an encoder's version folder
+ENCODER_ONNX_FILE = "model.onnx"  # a graph inside an encoder's version folder (ONNX Runtime, OpenVINO, python)
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One encoder tower, declared once: its name, the Triton models around it and its files. Its
+    tensors depend on the model and precision: :meth:`ModelContract.encoder`."""
+
+    name: str  # "vision" | "text"
+    model: str  # the Triton encoder model
+    onnx_file: str  # its graph in an export folder
+    ensemble: str  # the public ensemble that ends in it
+    front: str  # the python model that feeds it (preprocess | tokenizer)
+    kind: str  # what clients send: "image" | "text"
+
+
+VISION = Tower("vision", VISION_MODEL, VISION_ONNX, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image")
+TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text")
+TOWERS = (VISION, TEXT)
+
+
+def tower(name: str) -> Tower:
+    """The tower named ``name`` (``vision``/``text``) or served by the Triton model ``name``."""
+    for candidate in TOWERS:
+        if name in (candidate.name, candidate.model):
+            return candidate
+    raise ValueError(f"no tower {name!r}: expected one of {[t.name for t in TOWERS]} or {[t.model for t in TOWERS]}")
+
 
 PRECISIONS = ("fp32", "fp16")  # of the exported graphs
+# The graph precision when none is given: fp32, exact on every runtime. GPU deployments export fp16
+# explicitly (the shipped bigG snapshot and committed repository record it).
+DEFAULT_PRECISION = "fp32"
 # Encoder runtimes: tensorrt (GPU), onnxruntime (Triton's ORT backend), openvino (Triton's OpenVINO
-# backend, CPU), python (python-backend models running the graphs with a CPU engine, below).
+# backend, CPU), python (python-backend models running the graphs with a CPU runtime, below).
 RUNTIMES = ("tensorrt", "onnxruntime", "openvino", "python")
-CPU_ENGINES = ("onnxruntime", "openvino")  # what --runtime python runs the graphs with
+CPU_RUNTIMES = ("onnxruntime", "openvino")  # what --runtime python runs the graphs with
 CPU_PRECISIONS = ("fp32", "bf16")  # compute precision on the CPU; bf16 needs OpenVINO
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -92,6 +124,16 @@ class TensorSpec:
     def wire_type(self) -> str:
         """Triton inference-protocol data type, e.g. ``FP32``."""
         return _TRITON_TYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """One encoder of one model: its tower, the graph's input and output, and what clients send."""
+
+    tower: Tower
+    input: TensorSpec
+    output: TensorSpec
+    client_input: TensorSpec  # IMAGE bytes or TEXT strings, at the ensemble
 
 
 @dataclass(frozen=True)
@@ -169,7 +211,7 @@ class ModelContract:
     embed_dim: int = 1280
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
-    precision: str = "fp16"
+    precision: str = DEFAULT_PRECISION
     batch: BatchProfile = field(default_factory=BatchProfile)
     model_cfg: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -224,13 +266,17 @@ class ModelContract:
     def status(self) -> TensorSpec:
         return TensorSpec(STATUS_OUTPUT, "bytes", (1,))
 
-    def encoder_io(self, tower: str) -> tuple[TensorSpec, TensorSpec]:
+    def encoder(self, name: str) -> EncoderSpec:
+        """The full spec of one encoder (by tower name or Triton model name)."""
+        spec = tower(name)
+        if spec is VISION:
+            return EncoderSpec(spec, self.pixels, self.image_embeds, self.image_input)
+        return EncoderSpec(spec, self.input_ids, self.text_embeds, self.text_input)
+
+    def encoder_io(self, name: str) -> tuple[TensorSpec, TensorSpec]:
         """(input, output) of the ``vision`` or ``text`` encoder."""
-        if tower == "vision":
-            return self.pixels, self.image_embeds
-        if tower == "text":
-            return self.input_ids, self.text_embeds
-        raise ValueError(f"tower must be 'vision' or 'text', got {tower!r}")
+        encoder = self.encoder(name)
+        return encoder.input, encoder.output
 
     # -- variants and persistence ----------------------------------------------------------
     def with_(self, **changes) -> ModelContract:
@@ -258,7 +304,7 @@ class ModelContract:
             embed_dim=int(data["embed_dim"]),
             preprocess=PreprocessSpec(**pre),
             tokenizer=TokenizerSpec(**data.get("tokenizer", {})),
-            precision=data.get("precision", "fp32"),
+            precision=data.get("precision", DEFAULT_PRECISION),
             batch=BatchProfile(**data.get("batch", {})),
             model_cfg=dict(data.get("model_cfg", {})),
         )
@@ -282,7 +328,7 @@ class ModelContract:
         cls,
         model: str = DEFAULT_MODEL,
         pretrained: str | None = DEFAULT_PRETRAINED,
-        precision: str = "fp16",
+        precision: str = DEFAULT_PRECISION,
         batch: BatchProfile | None = None,
     ) -> ModelContract:
         """Read an architecture's config and a tag's preprocessing from open_clip (no weights).
@@ -385,7 +431,7 @@ def register_model_config(model: str) -> str:
     return model
 
 
-def register_model_cfg(name: str, model_cfg: dict[str, Any]) -> str:
+def register_recorded_config(name: str, model_cfg: dict[str, Any]) -> str:
     """Make an architecture recorded in a manifest known to open_clip (custom configs included)."""
     open_clip = _import_open_clip()
     if open_clip.get_model_config(name) is None and model_cfg:

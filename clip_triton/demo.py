@@ -6,18 +6,10 @@ ClipClient: image bytes and prompt strings in, zero-shot scores out.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from .progress import Progress
-
-DEFAULT_PROMPTS = (
-    "a photo of a cat",
-    "a photo of a cup of coffee",
-    "a photo of an astronaut",
-    "a photo of a rocket launch",
-    "a photo of a dog",
-)
+from .samples import DEMO_PROMPTS, image_paths
 
 
 def run_demo(
@@ -26,7 +18,7 @@ def run_demo(
     workdir: str = ".clip-triton/demo",
     images: list[str] | None = None,
     prompts: list[str] | None = None,
-    cpu_engine: str = "onnxruntime",
+    cpu_runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
 ) -> int:
     from clip_triton.client import ClipClient  # noqa: PLC0415
@@ -39,18 +31,14 @@ def run_demo(
     work = Path(workdir)
     onnx_dir, repo = work / "onnx", work / "model_repository"
     export_model(model, pretrained, onnx_dir, precision="fp32", log=log, reuse=True)
-    options = RepoOptions(runtime="python", cpu_engine=cpu_engine, cpu_precision=cpu_precision)
+    options = RepoOptions(runtime="python", cpu_runtime=cpu_runtime, cpu_precision=cpu_precision)
     write_repository(repo, onnx_dir=onnx_dir, force=True, options=options)
     log(f"wrote the Triton model repository {repo} (encoders: {options.encoder_runtime})")
     if "requested" in options.encoder_runtime:
         log("WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here")
 
-    if images:
-        items = [Path(p) for p in images]
-    else:
-        folder = resources.files("clip_triton").joinpath("assets", "images")
-        items = [Path(str(folder.joinpath(name))) for name in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
-    prompts = list(prompts or DEFAULT_PROMPTS)
+    items = [Path(p) for p in images] if images else image_paths()
+    prompts = list(prompts or DEMO_PROMPTS)
 
     log("starting tritonserver (CPU, python backend)")
     with TritonServer(repo, log_file=work / "tritonserver.log") as server:

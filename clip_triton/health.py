@@ -14,6 +14,7 @@ completed while it waited). `clip-triton health` (Kubernetes liveness, compose h
 from __future__ import annotations
 
 import io
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -79,19 +80,52 @@ def metrics_url_for(grpc_url: str, metrics_port: int = 8002) -> str:
     return f"http://{host}:{metrics_port}/metrics"
 
 
-def probe(grpc_url: str, metrics_url: str | None, timeout: float = 10.0) -> tuple[bool, str]:
+# Completions are looked for over at least this long before a failed canary counts as evidence of
+# death: on a saturated server one request can take seconds, so a window as short as a 50 ms canary
+# deadline sees none complete although the server is working (it restarted busy servers under load).
+MIN_WINDOW_S = 5.0
+
+
+def probe(
+    grpc_url: str, metrics_url: str | None, timeout: float = 10.0, counter: dict | None = None
+) -> tuple[bool, str]:
     """(alive, reason). Dead only on evidence: a dead stub, no server, or a failed canary while no
-    request completed. A canary that fails while requests keep completing means busy, not dead."""
+    request completed. A canary that fails while requests keep completing means busy, not dead.
+
+    Completions count from ``counter["completed"]`` when given (the reading of the previous probe: the
+    watchdog's window is then the whole interval between probes), and over at least ``MIN_WINDOW_S``.
+    ``counter`` is updated with the latest reading.
+    """
+    started = time.monotonic()
     before = completed_requests(metrics_url) if metrics_url else None
+    baseline = before
+    if counter is not None and counter.get("completed") is not None and before is not None:
+        baseline = min(before, counter["completed"])
     healthy, reason = canary(grpc_url, timeout=timeout)
+    after = completed_requests(metrics_url) if metrics_url else None
+    while (
+        not healthy
+        and baseline is not None
+        and after is not None
+        and after <= baseline
+        and STUB_DEAD not in reason
+        and not any(marker in reason for marker in UNREACHABLE)
+        and time.monotonic() - started < MIN_WINDOW_S
+    ):
+        time.sleep(0.25)
+        after = completed_requests(metrics_url)
+    if counter is not None:
+        counter["completed"] = after
     if healthy:
         return True, "ok"
     if STUB_DEAD in reason:
         return False, f"a python-backend stub died: {reason}"
     if any(marker in reason for marker in UNREACHABLE):
         return False, f"the server cannot be reached: {reason}"
-    after = completed_requests(metrics_url) if metrics_url else None
-    if before is not None and after is not None and after > before:
-        return True, f"busy: the canary did not finish ({reason}) but {after - before:.0f} requests completed meanwhile"
+    if baseline is not None and after is not None and after > baseline:
+        return (
+            True,
+            f"busy: the canary did not finish ({reason}) but {after - baseline:.0f} requests completed meanwhile",
+        )
     evidence = "no request completed meanwhile" if after is not None else "and its metrics are unreachable"
     return False, f"the canary failed ({reason}) and {evidence}"

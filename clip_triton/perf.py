@@ -18,22 +18,11 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from .contract import IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
 from .errors import ClipTritonError
-
-SAMPLE_PROMPTS = (
-    "a photo of a cat",
-    "a photo of a dog",
-    "a diagram",
-    "an astronaut on the moon",
-    "a cup of coffee",
-    "a rocket launch at night",
-    "a bowl of soup",
-    "a city street in the rain",
-)
+from .samples import PERF_PROMPTS, image_bytes
 
 
 @dataclass
@@ -72,12 +61,11 @@ def perf_environment() -> dict[str, str]:
     return env
 
 
-def input_data(model: str, images: list[bytes] | None = None, prompts: tuple[str, ...] = SAMPLE_PROMPTS) -> dict:
+def input_data(model: str, images: list[bytes] | None = None, prompts: tuple[str, ...] = PERF_PROMPTS) -> dict:
     """perf_analyzer's --input-data JSON: one entry per real item, cycled through by perf_analyzer."""
     if model == IMAGE_ENSEMBLE:
         if images is None:
-            folder = resources.files("clip_triton").joinpath("assets", "images")
-            images = [folder.joinpath(n).read_bytes() for n in ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")]
+            images = image_bytes()
         name, items = IMAGE_INPUT, images
     elif model == TEXT_ENSEMBLE:
         name, items = TEXT_INPUT, [p.encode() for p in prompts]

@@ -41,12 +41,13 @@ def emit(logger: logging.Logger, line: str) -> None:
 
 def configure_cli_logging(level: int = logging.INFO) -> None:
     """What the command line shows: clip_triton's records as plain lines on stderr (once)."""
-    root = logging.getLogger("clip_triton")
-    if not root.handlers:
+    ours = logging.getLogger("clip_triton")
+    if not ours.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        root.addHandler(handler)
-    root.setLevel(level)
+        ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False  # a library that configures the root logger must not print each line twice
 
 
 def memory() -> str:

@@ -23,31 +23,32 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from .contract import (
+    ENCODER_ONNX_FILE,
     IMAGE_ENSEMBLE,
     MANIFEST,
+    PLAN_FILE,
     PREPROCESS_MODEL,
     RUNTIMES,
     TEXT_ENSEMBLE,
     TEXT_MODEL,
     TOKENIZER_MODEL,
+    TOWERS,
     VISION_MODEL,
     ModelContract,
     TensorSpec,
     check_served_model_name,
 )
-from .cpuengine import check_engine
+from .cpuruntime import check_cpu_runtime
 from .errors import ClipTritonError
+from .facts import ServerFacts
 from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 MODELS = (PREPROCESS_MODEL, TOKENIZER_MODEL, VISION_MODEL, TEXT_MODEL, IMAGE_ENSEMBLE, TEXT_ENSEMBLE)
-ENCODERS = {VISION_MODEL: ("vision", "vision.onnx"), TEXT_MODEL: ("text", "text.onnx")}
 PYTHON_MODELS = {
     PREPROCESS_MODEL: "clip_triton.serving.preprocess_model",
     TOKENIZER_MODEL: "clip_triton.serving.tokenizer_model",
     "encoder": "clip_triton.serving.encoder_model",
 }
-PLAN_FILE = "model.plan"
-ONNX_FILE = "model.onnx"
 # The committed repository is the production default. Its logit_scale cannot be read from weights
 # here; open_clip clamps logit_scale at ln(100) during training and LAION's runs end at the clamp.
 # `clip-triton repo --onnx-dir` (which docker compose runs) replaces it with the checkpoint's value.
@@ -70,7 +71,7 @@ class RepoOptions:
     encoder_instances: int = 1
     preprocess_instances: int | None = None  # default: 8 on GPU runtimes, one per core for --runtime python
     tokenizer_instances: int = 1
-    cpu_engine: str = "onnxruntime"  # --runtime python: what runs the graphs (onnxruntime | openvino)
+    cpu_runtime: str = "onnxruntime"  # --runtime python: what runs the graphs (onnxruntime | openvino)
     cpu_precision: str = "fp32"  # CPU encoders: fp32, or bf16 (OpenVINO; AMX/AVX512-BF16 CPUs)
     encoder_threads: int = 0  # CPU encoders: threads per instance, 0 = all cores
     ort_spinning: bool = True  # ONNX Runtime encoders: let idle threads busy-wait (ORT's default)
@@ -83,9 +84,9 @@ class RepoOptions:
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ClipTritonError(f"unknown runtime {self.runtime!r}", f"choose one of {RUNTIMES}")
-        check_engine(self.cpu_engine)
+        check_cpu_runtime(self.cpu_runtime)
         # Triton's own OpenVINO backend is the engine for --runtime openvino, whatever --cpu-engine says.
-        check_engine("openvino" if self.runtime == "openvino" else self.cpu_engine, self.cpu_precision)
+        check_cpu_runtime("openvino" if self.runtime == "openvino" else self.cpu_runtime, self.cpu_precision)
         if self.served_model_name is not None:
             check_served_model_name(self.served_model_name)
         if self.runtime == "openvino" and self.cpu_precision != "bf16":
@@ -99,11 +100,11 @@ class RepoOptions:
         """What computes the embeddings, in words clients can read (an ensemble parameter)."""
         if self.runtime == "python":
             if self.cpu_precision == "bf16":
-                from .cpuengine import cpu_supports_bf16  # noqa: PLC0415
+                from .cpuruntime import cpu_supports_bf16  # noqa: PLC0415
 
                 if not cpu_supports_bf16():  # OpenVINO falls back to fp32: say what runs
-                    return f"{self.cpu_engine} (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
-            return f"{self.cpu_engine} (python backend), {self.cpu_precision}"
+                    return f"{self.cpu_runtime} (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
+            return f"{self.cpu_runtime} (python backend), {self.cpu_precision}"
         if self.runtime == "openvino":
             return "openvino, bf16"
         return self.runtime
@@ -142,19 +143,22 @@ class ServingFacts:
             logit_scale_source="assumed (open_clip clamps at 100); `clip-triton repo --onnx-dir` writes the checkpoint's",
         )
 
-    def parameters(self) -> dict[str, str]:
+    def server_facts(self, options: RepoOptions) -> ServerFacts:
+        """The facts the ensembles carry for clients (written as config parameters by facts.py)."""
         c = self.contract
-        return {
-            "model": c.model,
-            "pretrained": c.pretrained,
-            "precision": c.precision,
-            "embed_dim": str(c.embed_dim),
-            "logit_scale": repr(float(self.logit_scale)),
-            "logit_bias": "" if self.logit_bias is None else repr(float(self.logit_bias)),
-            "logit_scale_source": self.logit_scale_source,
-            "random_weights": "true" if self.random_weights else "false",
-            "contract": c.to_json(),
-        }
+        return ServerFacts(
+            model=c.model,
+            pretrained=c.pretrained,
+            embed_dim=c.embed_dim,
+            logit_scale=self.logit_scale,
+            logit_bias=self.logit_bias,
+            random_weights=self.random_weights,
+            contract=c.to_json(),
+            served_model_name=options.served_model_name or c.model,
+            encoder_runtime=options.encoder_runtime,
+            precision=c.precision,
+            logit_scale_source=self.logit_scale_source,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +258,12 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     _instances(tok, options.tokenizer_instances, "KIND_CPU")
     configs[TOKENIZER_MODEL] = tok
 
-    for name, (tower, _) in ENCODERS.items():
-        spec_in, spec_out = c.encoder_io(tower)
-        params = {"contract": contract_json}
+    for tower in TOWERS:
+        name, encoder = tower.model, c.encoder(tower.name)
+        spec_in, spec_out = encoder.input, encoder.output
+        # The tower is written down, never guessed from the name; the contract goes only where it is
+        # read (the python-backend encoder checks token ids against the vocabulary).
+        params = {"tower": tower.name, **({"contract": contract_json} if options.runtime == "python" else {})}
         enc = _base(name, max_batch, [spec_in], [spec_out], params)
         if options.runtime == "tensorrt":
             enc.platform = "tensorrt_plan"
@@ -264,12 +271,12 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _instances(enc, options.encoder_instances, "KIND_GPU")
         elif options.runtime == "onnxruntime":
             enc.platform = "onnxruntime_onnx"
-            enc.default_model_filename = ONNX_FILE
+            enc.default_model_filename = ENCODER_ONNX_FILE
             _instances(enc, options.encoder_instances, "KIND_GPU")
         elif options.runtime == "openvino":
             # Triton's OpenVINO backend reads ONNX directly; the keys are the backend's own.
             enc.backend = "openvino"
-            enc.default_model_filename = ONNX_FILE
+            enc.default_model_filename = ENCODER_ONNX_FILE
             enc.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
             enc.parameters["NUM_STREAMS"].string_value = "1"
             enc.parameters["HINT_BF16"].string_value = "YES"
@@ -278,9 +285,9 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _instances(enc, options.encoder_instances, "KIND_CPU")
         else:
             enc.backend = "python"
-            enc.parameters["onnx_file"].string_value = ONNX_FILE
-            enc.parameters["engine"].string_value = options.cpu_engine
-            enc.parameters["precision"].string_value = options.cpu_precision
+            enc.parameters["onnx_file"].string_value = ENCODER_ONNX_FILE
+            enc.parameters["cpu_runtime"].string_value = options.cpu_runtime
+            enc.parameters["compute_precision"].string_value = options.cpu_precision
             enc.parameters["threads"].string_value = threads
             enc.parameters["ort_spinning"].string_value = "true" if options.ort_spinning else "false"
             _instances(enc, options.encoder_instances, "KIND_CPU")
@@ -289,26 +296,22 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _warmup(enc, spec_in, sorted({1, preferred[0]}))
         configs[name] = enc
 
-    facts_params = {
-        **facts.parameters(),
-        "encoder_runtime": options.encoder_runtime,
-        "served_model_name": options.served_model_name or c.model,
-    }
-    for name, spec_in, first, second, spec_mid, spec_enc_out in (
-        (IMAGE_ENSEMBLE, c.image_input, PREPROCESS_MODEL, VISION_MODEL, c.pixels, c.image_embeds),
-        (TEXT_ENSEMBLE, c.text_input, TOKENIZER_MODEL, TEXT_MODEL, c.input_ids, c.text_embeds),
-    ):
+    facts_params = facts.server_facts(options).parameters()
+    for tower in TOWERS:
+        encoder = c.encoder(tower.name)
+        spec_in, spec_mid = encoder.client_input, encoder.input
+        name = tower.ensemble
         ens = _base(name, max_batch, [spec_in], [c.embedding, c.status], facts_params)
         ens.platform = "ensemble"
         step = ens.ensemble_scheduling.step.add()
-        step.model_name, step.model_version = first, -1
+        step.model_name, step.model_version = tower.front, -1
         step.input_map[spec_in.name] = spec_in.name
         step.output_map[spec_mid.name] = spec_mid.name
         step.output_map[c.status.name] = c.status.name  # per-item status, straight to the ensemble's output
         step = ens.ensemble_scheduling.step.add()
-        step.model_name, step.model_version = second, -1
+        step.model_name, step.model_version = tower.model, -1
         step.input_map[spec_mid.name] = spec_mid.name
-        step.output_map[spec_enc_out.name] = c.embedding.name
+        step.output_map[encoder.output.name] = c.embedding.name
         configs[name] = ens
     return configs
 
@@ -353,8 +356,8 @@ def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str
         elif config.platform == "ensemble":
             files[f"{name}/1/.gitkeep"] = ""  # ensembles need a version folder
     if options.runtime == "tensorrt":
-        for name in ENCODERS:
-            files[f"{name}/1/.gitkeep"] = ""  # model.plan is written by `clip-triton build-engines`
+        for tower in TOWERS:
+            files[f"{tower.model}/1/.gitkeep"] = ""  # model.plan is written by `clip-triton build-engines`
     return files
 
 
@@ -363,7 +366,7 @@ def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
     src = onnx_dir / graph
     if not src.is_file():
         raise ClipTritonError(f"{src} not found", "run `clip-triton export` into that folder first")
-    pairs = [(src, version_dir / ONNX_FILE)]
+    pairs = [(src, version_dir / ENCODER_ONNX_FILE)]
     data = onnx_dir / f"{graph}.data"
     if data.exists():
         pairs.append((data, version_dir / data.name))  # the graph refers to its data file by this name
@@ -384,7 +387,7 @@ def write_repository(
         onnx_dir = Path(onnx_dir)
         manifest_path = onnx_dir / MANIFEST
         if not manifest_path.is_file():
-            raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --out DIR` first")
+            raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --onnx-dir DIR` first")
         facts = ServingFacts.from_manifest(json.loads(manifest_path.read_text()))
     else:
         if options.runtime != "tensorrt":
@@ -400,9 +403,9 @@ def write_repository(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     if onnx_dir is not None and options.runtime in ("onnxruntime", "openvino", "python"):
-        for name, (_, graph) in ENCODERS.items():
-            (out / name / "1").mkdir(parents=True, exist_ok=True)  # native backends have no other file there
-            _place_graph(onnx_dir, graph, out / name / "1")
+        for tower in TOWERS:
+            (out / tower.model / "1").mkdir(parents=True, exist_ok=True)  # native backends have no other file there
+            _place_graph(onnx_dir, tower.onnx_file, out / tower.model / "1")
     if onnx_dir is not None:
         shutil.copy2(onnx_dir / MANIFEST, out / MANIFEST)  # provenance beside the configs
     return out

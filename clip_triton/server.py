@@ -362,7 +362,7 @@ class TritonServer:
         if self.process is None or self.process.poll() is not None:
             code = self.process.returncode if self.process is not None else None
             return self._restart_after(state, f"tritonserver exited with code {code}", timeout)
-        alive, reason = probe(self.grpc_url, self.metrics_url, timeout=canary_timeout)
+        alive, reason = probe(self.grpc_url, self.metrics_url, timeout=canary_timeout, counter=state)
         if alive:
             state["failures"] = 0
             if reason != "ok":

@@ -24,23 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import MANIFEST, TEXT_MODEL, VISION_MODEL, ModelContract, cosine
+from clip_triton.contract import MANIFEST, PLAN_FILE, TOWERS, ModelContract
+from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress
 
-from .graphs import GRAPH_FILES
+from .verify import TOLERANCES
 
 ENGINE_MANIFEST = "engine.json"
-PLAN_FILE = "model.plan"
 TIMING_CACHE = "timing.cache"
 TIMING_CACHE_PLATFORM = ".platform.json"  # beside the cache: the TensorRT and GPU that built it
-MIN_ENGINE_COSINE = 0.999
+ENGINE_TOLERANCE = "tensorrt"  # the key of export.verify.TOLERANCES that engines must meet
+MIN_ENGINE_COSINE = TOLERANCES[ENGINE_TOLERANCE]["min_cosine"]
 STRONGLY_TYPED_SINCE = (10, 12)
 # The TensorRT inside the pinned NGC release (deploy/Dockerfile ARG TRITON_RELEASE=25.10). Pinned once
 # here; the [gpu] extra, the Dockerfile's build-time check and README repeat it, and a test keeps
 # them equal. TensorRT 11 removed BuilderFlag.FP16, which `--typing weak` needs.
 TENSORRT_PIN = "10.13.3.9"
-TOWER_MODELS = {"vision": VISION_MODEL, "text": TEXT_MODEL}
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,8 @@ def check_repository_engines(
     """
     platform = platform or current_platform()
     checked = []
-    for tower, model in TOWER_MODELS.items():
+    for spec in TOWERS:
+        tower, model = spec.name, spec.model
         folder = Path(repo) / model / "1"
         plan, manifest_path = folder / PLAN_FILE, folder / ENGINE_MANIFEST
         if not plan.is_file():
@@ -193,7 +194,7 @@ def check_repository_engines(
 
 def graph_identity(onnx_dir: Path, tower: str) -> dict:
     """What an engine is built from: the graph file and its external data, by sha256."""
-    path = onnx_dir / GRAPH_FILES[tower]
+    path = onnx_dir / tower_spec(tower).onnx_file
     if not path.is_file():
         raise ClipTritonError(f"{path} not found", "run `clip-triton export` into that folder first")
     data = path.with_name(path.name + ".data")
@@ -352,21 +353,11 @@ def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray], run
 
 
 def validate_engine(tower: str, cases, reference, outputs) -> list[dict]:
-    """Engine outputs vs open_clip PyTorch fp32: cosine >= MIN_ENGINE_COSINE for every embedding."""
-    rows = []
-    for (label, x), ref, out in zip(cases, reference, outputs):
-        cos = float(cosine(ref, out).min())
-        rows.append(
-            {
-                "tower": tower,
-                "inputs": label,
-                "batch": int(x.shape[0]),
-                "min_cosine": cos,
-                "max_abs_diff": float(np.abs(ref - out).max()),
-                "passed": bool(np.isfinite(out).all() and cos >= MIN_ENGINE_COSINE),
-            }
-        )
-    return rows
+    """Engine outputs vs open_clip PyTorch fp32, with verify's comparison at the engine tolerance
+    (cosine >= MIN_ENGINE_COSINE for every embedding); rows as ``engine.json`` records them."""
+    from . import verify as V  # noqa: PLC0415
+
+    return V.as_dicts(V.compare(tower, cases, reference, outputs, ENGINE_TOLERANCE))
 
 
 def validate_plan(
@@ -397,7 +388,8 @@ def build_engines(
         raise ClipTritonError(f"{onnx_dir / REFERENCES} missing", "re-run `clip-triton export` with verification on")
     cache_path = Path(options.timing_cache) if options.timing_cache else repo / TIMING_CACHE
     report = {}
-    for tower, model in TOWER_MODELS.items():
+    for spec in TOWERS:
+        tower, model = spec.name, spec.model
         folder = repo / model / "1"
         if not (repo / model / "config.pbtxt").is_file():
             raise ClipTritonError(
@@ -406,7 +398,7 @@ def build_engines(
             )
         folder.mkdir(parents=True, exist_ok=True)
         profile = profile_for(contract, tower)
-        onnx_path = onnx_dir / GRAPH_FILES[tower]
+        onnx_path = onnx_dir / spec.onnx_file
         log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
         built = build_engine(
             onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path, platform, log

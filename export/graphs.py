@@ -6,12 +6,12 @@ import gc
 import os
 from pathlib import Path
 
-from clip_triton.contract import TEXT_ONNX, VISION_ONNX, ModelContract
+from clip_triton.contract import VISION, ModelContract
+from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_EXTERNAL_THRESHOLD = int(1.8 * 1024**3)  # leave headroom under protobuf's 2 GB
-GRAPH_FILES = {"vision": VISION_ONNX, "text": TEXT_ONNX}
 
 
 def tower_module(model, tower: str):
@@ -19,27 +19,21 @@ def tower_module(model, tower: str):
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
-    class VisionTower(torch.nn.Module):
-        def __init__(self, clip):
+    class Tower(torch.nn.Module):
+        """One tower of an open_clip model as a module: its encoder, then L2 normalisation in float32."""
+
+        def __init__(self, clip, encode_name: str):
             super().__init__()
-            self.clip = clip
+            self.clip, self.encode_name = clip, encode_name
 
-        def forward(self, pixel_values):
-            return F.normalize(self.clip.encode_image(pixel_values).float(), dim=-1)
+        def forward(self, x):
+            return F.normalize(getattr(self.clip, self.encode_name)(x).float(), dim=-1)
 
-    class TextTower(torch.nn.Module):
-        def __init__(self, clip):
-            super().__init__()
-            self.clip = clip
-
-        def forward(self, input_ids):
-            return F.normalize(self.clip.encode_text(input_ids).float(), dim=-1)
-
-    return (VisionTower if tower == "vision" else TextTower)(model).eval()
+    return Tower(model, "encode_image" if tower_spec(tower) is VISION else "encode_text").eval()
 
 
 def tower_parameter_bytes(model, tower: str) -> int:
-    prefix = "visual." if tower == "vision" else None
+    prefix = "visual." if tower_spec(tower) is VISION else None
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         in_vision = name.startswith("visual.")
@@ -69,7 +63,7 @@ def example_input(contract: ModelContract, tower: str, batch: int = 2):
     import torch  # noqa: PLC0415
 
     spec, _ = contract.encoder_io(tower)
-    if tower == "vision":
+    if tower_spec(tower) is VISION:
         dtype = torch.float16 if spec.dtype == "float16" else torch.float32
         return torch.zeros((batch, *spec.shape), dtype=dtype)
     ids = torch.zeros((batch, *spec.shape), dtype=torch.int32)
@@ -92,7 +86,7 @@ def export_tower(
     if not 17 <= opset <= 20:
         raise ClipTritonError(f"opset {opset} is outside 17-20", "LayerNormalization needs opset >= 17")
     spec_in, spec_out = contract.encoder_io(tower)
-    path = Path(out_dir) / GRAPH_FILES[tower]
+    path = Path(out_dir) / tower_spec(tower).onnx_file
     for stale in (path, path.with_name(path.name + ".data")):
         stale.unlink(missing_ok=True)
     size = tower_parameter_bytes(model, tower)
@@ -105,7 +99,7 @@ def export_tower(
             dynamo=True,
             input_names=[spec_in.name],
             output_names=[spec_out.name],
-            dynamic_shapes={spec_in.name: {0: batch}},
+            dynamic_shapes=({0: batch},),  # by position: the graph's input is named by input_names
             opset_version=opset,
             verbose=False,
         )

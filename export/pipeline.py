@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import MANIFEST, ModelContract, register_model_cfg
+from clip_triton.contract import DEFAULT_PRECISION, MANIFEST, TEXT, VISION, ModelContract, register_recorded_config
+from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress, emit
 
 from . import verify as V
-from .graphs import DEFAULT_EXTERNAL_THRESHOLD, GRAPH_FILES, export_tower, to_half
+from .graphs import DEFAULT_EXTERNAL_THRESHOLD, export_tower, to_half
 from .weights import load_model
 
 TEXT_ATTRIBUTES = (
@@ -38,6 +39,8 @@ TEXT_ATTRIBUTES = (
     "text",
 )
 DEFAULT_VERIFY_BATCHES = (1, 3, 8)
+# Text first: its weights are deleted before the (much larger) vision tower is exported.
+EXPORT_ORDER = (TEXT.name, VISION.name)
 # Inputs and open_clip PyTorch fp32 outputs of the verification, kept so that TensorRT engines built
 # later are checked against PyTorch itself (a few MB, even for bigG).
 REFERENCES = "references.npz"
@@ -99,7 +102,7 @@ def _export_stage(job: dict) -> dict:
     if job["verify"]:
         inputs = V.verification_inputs(contract, tuple(job["verify_batches"]))
         arrays = {}
-        for tower in ("text", "vision"):
+        for tower in EXPORT_ORDER:
             log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
             for i, ((label, x), ref) in enumerate(zip(inputs[tower], V.torch_reference(net, tower, inputs[tower]))):
                 arrays[f"{tower}/{i}/{label}/input"], arrays[f"{tower}/{i}/{label}/reference"] = x, ref
@@ -109,9 +112,9 @@ def _export_stage(job: dict) -> dict:
         log("converting weights to fp16 (LayerNorm kept in float32)")
         to_half(net)
     graphs = {}
-    for tower in ("text", "vision"):
+    for tower in EXPORT_ORDER:
         log(
-            f"exporting {tower} tower to {out / GRAPH_FILES[tower]} (torch.onnx dynamo, opset {job['opset']}, "
+            f"exporting {tower} tower to {out / tower_spec(tower).onnx_file} (torch.onnx dynamo, opset {job['opset']}, "
             f"{job['precision']})"
         )
         graphs[tower] = export_tower(
@@ -122,7 +125,7 @@ def _export_stage(job: dict) -> dict:
             f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})"
         )
         step(f"{tower} graph")
-        if tower == "text":  # the vision export needs no text weights
+        if tower == TEXT.name:  # the vision export needs no text weights
             for name in TEXT_ATTRIBUTES:
                 if hasattr(net, name):
                     delattr(net, name)
@@ -143,7 +146,7 @@ def _export_stage(job: dict) -> dict:
 def load_references(path: Path) -> dict[str, list]:
     """{tower: [(label, input, reference), ...]} in the order they were computed."""
     with np.load(path) as data:
-        found: dict[str, dict[int, list]] = {"text": {}, "vision": {}}
+        found: dict[str, dict[int, list]] = {tower: {} for tower in EXPORT_ORDER}
         for key in data.files:
             tower, index, label, kind = key.split("/")
             found[tower].setdefault(int(index), [label, None, None])[1 if kind == "input" else 2] = data[key]
@@ -155,27 +158,27 @@ def check_graphs(
     contract: ModelContract,
     batches: dict[str, list],
     log: Progress,
-    engine: str = "onnxruntime",
+    runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
     steps=None,
 ) -> list:
-    """A CPU engine (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
+    """A CPU runtime (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
 
     ``batches`` is ``{tower: [(label, input, reference), ...]}``.
     """
     checks = []
     tolerance = V.tolerance_key(contract.precision, cpu_precision)
-    sizes = sorted({x.shape[0] for label, x, _ in batches["vision"] if label == "random"})
-    for tower in ("text", "vision"):
-        log(f"verifying {tower}.onnx with {engine} ({cpu_precision}) at batch sizes {sizes} and real inputs")
+    sizes = sorted({x.shape[0] for label, x, _ in batches[VISION.name] if label == "random"})
+    for tower in EXPORT_ORDER:
+        log(f"verifying {tower}.onnx with {runtime} ({cpu_precision}) at batch sizes {sizes} and real inputs")
         cases = [(label, x) for label, x, _ in batches[tower]]
         outputs = V.run_graph(
-            Path(onnx_dir) / GRAPH_FILES[tower],
+            Path(onnx_dir) / tower_spec(tower).onnx_file,
             contract,
             tower,
             cases,
             log=log,
-            engine=engine,
+            runtime=runtime,
             cpu_precision=cpu_precision,
         )
         checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
@@ -184,12 +187,12 @@ def check_graphs(
         if steps is not None:
             steps.update(1)
             steps.set_postfix_str(f"{tower} verified", refresh=True)
-    V.report(checks, tolerance, engine_note=f"; engine: {engine} {cpu_precision}")
+    V.report(checks, tolerance, note=f"; CPU runtime: {runtime} {cpu_precision}")
     return checks
 
 
 def current_export(
-    folder: str | Path, model: str, pretrained: str | None, *, precision: str = "fp32", seed: int = 0
+    folder: str | Path, model: str, pretrained: str | None, *, precision: str = DEFAULT_PRECISION, seed: int = 0
 ) -> dict | None:
     """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
     seed, for random weights), else None. A checkpoint file must have the recorded sha256."""
@@ -334,7 +337,7 @@ def export_model(
     pretrained: str | None,
     out_dir: str | Path,
     *,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     opset: int = 18,
     seed: int = 0,
     verify: bool = True,
@@ -487,7 +490,7 @@ def verify_export(
     checkpoint: str | None = None,
     batches: tuple[int, ...] = DEFAULT_VERIFY_BATCHES,
     log: Progress | None = None,
-    engine: str = "onnxruntime",
+    runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
 ) -> list:
     """Re-check an existing export against open_clip rebuilt from its manifest.
@@ -502,7 +505,7 @@ def verify_export(
         pretrained, use_seed = "none", manifest["seed"] if seed is None else seed
     else:
         pretrained, use_seed = checkpoint or manifest["checkpoint"]["path"] or manifest["pretrained"], 0
-    model_name = register_model_cfg(contract.model, contract.model_cfg)
+    model_name = register_recorded_config(contract.model, contract.model_cfg)
     loaded = load_model(model_name, pretrained, precision=contract.precision, seed=use_seed, log=log)
     inputs = V.verification_inputs(contract, tuple(batches))
     cases = {
@@ -510,10 +513,10 @@ def verify_export(
             (label, x, ref)
             for (label, x), ref in zip(inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower]))
         ]
-        for tower in ("text", "vision")
+        for tower in EXPORT_ORDER
     }
     del loaded  # no export ran here, so this frees the weights before ONNX Runtime loads the graphs
     gc.collect()
-    checks = check_graphs(Path(onnx_dir), contract, cases, log, engine=engine, cpu_precision=cpu_precision)
+    checks = check_graphs(Path(onnx_dir), contract, cases, log, runtime=runtime, cpu_precision=cpu_precision)
     V.raise_on_failure(checks)
     return checks

@@ -7,11 +7,11 @@ CLI), it never downgrades to a warning.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
 
 import numpy as np
 
-from clip_triton.contract import ModelContract, cosine
+from clip_triton import samples
+from clip_triton.contract import TEXT, VISION, ModelContract, cosine
 from clip_triton.errors import VerificationError
 
 # Per embedding: cosine similarity to the reference, and max |difference| of its elements.
@@ -20,24 +20,14 @@ TOLERANCES = {
     "fp16": {"min_cosine": 0.9995, "max_abs_diff": 1e-2},  # against the fp32 PyTorch reference
     # bf16 compute (OpenVINO on the CPU) keeps 8 mantissa bits to fp16's 11.
     "bf16": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
+    # A TensorRT engine (fp16 kernels, its own tactics) against the fp32 PyTorch reference.
+    "tensorrt": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
 }
 
 
 def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:
-    """Which tolerance applies: the graph's precision, or bf16 when the engine computes in bf16."""
+    """Which tolerance applies: the graph's precision, or bf16 when the CPU runtime computes in bf16."""
     return "bf16" if cpu_precision == "bf16" else graph_precision
-
-
-SAMPLE_IMAGES = ("cat.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg")
-SAMPLE_PROMPTS = (
-    "a photo of a cat",
-    "a cup of coffee on a saucer",
-    "an astronaut in a space suit",
-    "a rocket launching into the sky",
-    "a diagram of a neural network",
-    "Ünïcödé, emoji 🐱 and 日本語 together",
-    "a very long caption " + "that keeps going " * 30,
-)
 
 
 @dataclass
@@ -59,11 +49,6 @@ class Check:
 HEADER = f"{'tower':<7}{'inputs':<10}{'batch':>6}{'min cosine':>16}{'max |diff|':>14}  result"
 
 
-def sample_image_bytes() -> list[bytes]:
-    folder = resources.files("clip_triton").joinpath("assets", "images")
-    return [folder.joinpath(name).read_bytes() for name in SAMPLE_IMAGES]
-
-
 def verification_inputs(contract: ModelContract, batches: tuple[int, ...], seed: int = 1234) -> dict:
     """Deterministic inputs per tower: random tensors at each batch size, and real data."""
     from clip_triton.preprocess import Preprocessor  # noqa: PLC0415
@@ -72,19 +57,20 @@ def verification_inputs(contract: ModelContract, batches: tuple[int, ...], seed:
     rng = np.random.default_rng(seed)
     pixels = contract.pixels
     tok = contract.tokenizer
-    inputs: dict[str, list[tuple[str, np.ndarray]]] = {"vision": [], "text": []}
+    vision, text = VISION.name, TEXT.name
+    inputs: dict[str, list[tuple[str, np.ndarray]]] = {vision: [], text: []}
     for batch in batches:
-        inputs["vision"].append(("random", rng.standard_normal((batch, *pixels.shape)).astype(np.float32)))
+        inputs[vision].append(("random", rng.standard_normal((batch, *pixels.shape)).astype(np.float32)))
         ids = np.zeros((batch, tok.context_length), dtype=np.int32)
         for row in ids:
             length = int(rng.integers(1, tok.context_length - 1))
             row[0] = tok.sot_token_id
             row[1 : length + 1] = rng.integers(1, tok.sot_token_id, size=length)
             row[length + 1] = tok.eot_token_id  # length + 1 <= context_length - 1
-        inputs["text"].append(("random", ids))
+        inputs[text].append(("random", ids))
     pre = Preprocessor(contract.preprocess, dtype="float32")
-    inputs["vision"].append(("photos", np.stack([pre.from_bytes(b) for b in sample_image_bytes()])))
-    inputs["text"].append(("prompts", ClipTokenizer(tok)(list(SAMPLE_PROMPTS))))
+    inputs[vision].append(("photos", np.stack([pre.from_bytes(b) for b in samples.image_bytes()])))
+    inputs[text].append(("prompts", ClipTokenizer(tok)(list(samples.VERIFICATION_PROMPTS))))
     return inputs
 
 
@@ -106,15 +92,15 @@ def run_graph(
     batches,
     threads: int | None = None,
     log=None,
-    engine: str = "onnxruntime",
+    runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
 ) -> list[np.ndarray]:
-    from clip_triton.cpuengine import open_session  # noqa: PLC0415
+    from clip_triton.cpuruntime import open_session  # noqa: PLC0415
 
     spec_in, _ = contract.encoder_io(tower)
-    session = open_session(path, engine, cpu_precision, threads=threads, fp16_graph=contract.precision == "fp16")
+    session = open_session(path, runtime, cpu_precision, threads=threads, fp16_graph=contract.precision == "fp16")
     if log:
-        log(f"{engine} session ready for {tower} ({getattr(session, 'effective_precision', cpu_precision)})")
+        log(f"{runtime} session ready for {tower} ({getattr(session, 'effective_precision', cpu_precision)})")
     outputs = []
     for _, x in batches:
         x = x.astype(spec_in.dtype)
@@ -140,14 +126,14 @@ def compare(tower: str, batches, reference, outputs, precision: str) -> list[Che
     return checks
 
 
-def report(checks: list[Check], precision: str, stream=None, engine_note: str = "") -> None:
+def report(checks: list[Check], precision: str, stream=None, note: str = "") -> None:
     import sys  # noqa: PLC0415
 
     stream = stream or sys.stdout
     tol = TOLERANCES[precision]
     print(
         f"verification ({precision}; pass: cosine >= {tol['min_cosine']}, max |diff| <= {tol['max_abs_diff']:g},"
-        f" reference: open_clip PyTorch fp32){engine_note}",
+        f" reference: open_clip PyTorch fp32){note}",
         file=stream,
     )
     print(HEADER, file=stream)

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_triton.contract import ModelContract, normalise_pretrained, register_model_config
+from clip_triton.contract import DEFAULT_PRECISION, ModelContract, normalise_pretrained, register_model_config
 from clip_triton.errors import ClipTritonError
 from clip_triton.progress import Progress
 
@@ -121,7 +121,7 @@ def load_model(
     model: str,
     pretrained: str | None,
     *,
-    precision: str = "fp32",
+    precision: str = DEFAULT_PRECISION,
     seed: int = 0,
     cache_dir: str | None = None,
     log: Progress | None = None,

@@ -302,17 +302,21 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
     group becomes CPU (the pip tritonserver has no GPU)."""
     import shutil
 
-    from clip_triton.repository import ENCODERS, PYTHON_MODELS, _place_graph, parse, python_entry_point, render
+    from clip_triton.contract import ENCODER_ONNX_FILE, TOWERS
+    from clip_triton.repository import PYTHON_MODELS, _place_graph, parse, python_entry_point, render
 
     shutil.copytree(trt_repo, out)
-    for name, (_, graph) in ENCODERS.items():
+    contract = parse((out / TOWERS[0].front / "config.pbtxt").read_text()).parameters["contract"].string_value
+    for tower in TOWERS:
+        name, graph = tower.model, tower.onnx_file
         config = parse((out / name / "config.pbtxt").read_text())
         assert config.platform == "tensorrt_plan", f"{name} is not a TensorRT model in {trt_repo}"
         config.platform, config.default_model_filename, config.backend = "", "", "python"
         for key, value in {
-            "onnx_file": "model.onnx",
-            "engine": "onnxruntime",
-            "precision": "fp32",
+            "onnx_file": ENCODER_ONNX_FILE,
+            "contract": contract,  # a python-backend encoder reads it (a TensorRT one does not carry it)
+            "cpu_runtime": "onnxruntime",
+            "compute_precision": "fp32",
             "threads": "1",
         }.items():
             config.parameters[key].string_value = value

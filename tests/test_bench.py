@@ -59,7 +59,7 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
             "16",
             "--measurement-ms",
             "1000",
-            "--engines",
+            "--cpu-runtimes",
             "onnxruntime:fp32,openvino:bf16",
             "--workdir",
             str(tmp_path),

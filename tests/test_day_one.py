@@ -428,11 +428,11 @@ def test_bf16_on_a_cpu_without_it_reports_fp32(monkeypatch, tiny_export, tmp_pat
     """On a CPU without native bf16, OpenVINO computes in fp32: the repository's encoder_runtime and the
     console say so instead of "bf16". (This machine has AMX, so the CPU's capability is the boundary
     replaced here.)"""
-    from clip_triton import cli, cpuengine
+    from clip_triton import cli, cpuruntime
     from clip_triton.repository import RepoOptions, parse
 
-    monkeypatch.setattr(cpuengine, "cpu_supports_bf16", lambda: False)
-    options = RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16")
+    monkeypatch.setattr(cpuruntime, "cpu_supports_bf16", lambda: False)
+    options = RepoOptions(runtime="python", cpu_runtime="openvino", cpu_precision="bf16")
     assert options.encoder_runtime == "openvino (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
     code = cli.main(
         [
@@ -454,8 +454,8 @@ def test_bf16_on_a_cpu_without_it_reports_fp32(monkeypatch, tiny_export, tmp_pat
     assert "fp32 (bf16 requested" in captured.out and "no native bf16" in captured.err
     config = parse((tmp_path / "r" / "clip_image" / "config.pbtxt").read_text())
     assert "fp32 (bf16 requested" in config.parameters["encoder_runtime"].string_value
-    monkeypatch.setattr(cpuengine, "cpu_supports_bf16", lambda: True)
-    assert RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16").encoder_runtime.endswith("bf16")
+    monkeypatch.setattr(cpuruntime, "cpu_supports_bf16", lambda: True)
+    assert RepoOptions(runtime="python", cpu_runtime="openvino", cpu_precision="bf16").encoder_runtime.endswith("bf16")
 
 
 # -- evaluation ----------------------------------------------------------------------------------
@@ -602,14 +602,14 @@ def test_served_model_name_hides_a_checkpoint_path(tiny_export, tmp_path):
     """A repository can name its model for the world; a checkpoint path never becomes the public id."""
     from google.protobuf import json_format
 
-    from clip_triton.client.grpc_client import facts_from_config
+    from clip_triton.facts import ServerFacts
     from clip_triton.repository import RepoOptions, parse, write_repository
 
     repo = write_repository(
         tmp_path / "r", onnx_dir=tiny_export, options=RepoOptions(runtime="python", served_model_name="clip-tiny")
     )
     config = parse((repo / "clip_image" / "config.pbtxt").read_text())
-    facts = facts_from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
+    facts = ServerFacts.from_config(json_format.MessageToDict(config, preserving_proto_field_name=True))
     assert facts.public_id == "clip-tiny" and facts.model == "clip-triton-tiny"
     default = write_repository(tmp_path / "d", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
     config = parse((default / "clip_text" / "config.pbtxt").read_text())

@@ -216,13 +216,13 @@ def test_verify_fails_against_a_wrong_reference(tiny_export):
 def test_openvino_runs_the_graphs_within_the_stated_tolerances(tiny_export):
     """The CPU's other engine, OpenVINO, on the same graphs against the same open_clip references:
     fp32 to fp32's tolerance, bf16 to bf16's, and bf16 really computes in bf16 where the CPU has it."""
-    from clip_triton.cpuengine import cpu_supports_bf16
+    from clip_triton.cpuruntime import cpu_supports_bf16
     from clip_triton.export import verify_export
 
-    fp32 = verify_export(tiny_export, engine="openvino", cpu_precision="fp32")
+    fp32 = verify_export(tiny_export, runtime="openvino", cpu_precision="fp32")
     assert fp32 and all(c.passed for c in fp32)
     assert min(c.min_cosine for c in fp32) >= TOLERANCES["fp32"]["min_cosine"]
-    bf16 = verify_export(tiny_export, engine="openvino", cpu_precision="bf16")
+    bf16 = verify_export(tiny_export, runtime="openvino", cpu_precision="bf16")
     assert all(c.passed for c in bf16) and len(bf16) == len(fp32)
     if cpu_supports_bf16():  # bf16 rounding shows: fp32 lands within ~1e-7 of PyTorch
         assert max(c.max_abs_diff for c in bf16) > 1e-5
@@ -231,6 +231,6 @@ def test_openvino_runs_the_graphs_within_the_stated_tolerances(tiny_export):
 def test_cli_verify_with_openvino_bf16_passes_and_still_catches_a_wrong_reference(tiny_export):
     ok = cli("verify", str(tiny_export), "--cpu-engine", "openvino", "--cpu-precision", "bf16")
     assert ok.returncode == 0, ok.stderr
-    assert "engine: openvino bf16" in ok.stdout and "cosine >= 0.999," in ok.stdout
+    assert "CPU runtime: openvino bf16" in ok.stdout and "cosine >= 0.999," in ok.stdout
     wrong = cli("verify", str(tiny_export), "--cpu-engine", "openvino", "--cpu-precision", "bf16", "--seed", "1")
     assert wrong.returncode == 3 and "verification checks failed" in wrong.stderr

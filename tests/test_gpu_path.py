@@ -230,7 +230,7 @@ def test_engines_are_current_only_for_the_same_graphs(tiny_export, tmp_path):
     here = E.Platform("10.13.3.9", "NVIDIA H200", "9.0")
     manifest = _manifest(**{"tensorrt": here.tensorrt})
     repo = _engine_repo(tmp_path, None)
-    for tower, model in E.TOWER_MODELS.items():
+    for tower, model in ((t.name, t.model) for t in C.TOWERS):
         (repo / model / "1" / "engine.json").write_text(
             json.dumps({**manifest, "onnx": E.graph_identity(tiny_export, tower)})
         )

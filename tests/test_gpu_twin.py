@@ -166,8 +166,8 @@ def _passed_manifest(onnx_dir: Path, tower: str, platform: E.Platform) -> dict:
 def _place_engines(repo: Path, onnx_dir: Path) -> None:
     """What build-engines leaves behind on a GPU host: a plan and its passed engine.json per encoder."""
     platform = E.Platform("10.13.3.9", "NVIDIA H200", "9.0")
-    for tower, model in E.TOWER_MODELS.items():
-        (repo / model / "1" / E.PLAN_FILE).write_bytes(b"serialized engine (GPU boundary)")
+    for tower, model in ((t.name, t.model) for t in C.TOWERS):
+        (repo / model / "1" / C.PLAN_FILE).write_bytes(b"serialized engine (GPU boundary)")
         (repo / model / "1" / E.ENGINE_MANIFEST).write_text(json.dumps(_passed_manifest(onnx_dir, tower, platform)))
 
 
@@ -344,7 +344,7 @@ def standin_server(request):
 
 def test_standins_keep_the_engines_io(standin_server):
     trt_repo, repo, onnx_dir, _, _ = standin_server
-    for model in E.TOWER_MODELS.values():
+    for model in (t.model for t in C.TOWERS):
         original = parse((trt_repo / model / "config.pbtxt").read_text())
         standin = parse((repo / model / "config.pbtxt").read_text())
         assert original.platform == "tensorrt_plan" and standin.backend == "python"

@@ -315,11 +315,12 @@ if os.environ.get("SHIM_BUILD_FAILS"):
     print("engine validation failed", file=sys.stderr)
     sys.exit(3)
 opts = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+from clip_triton import contract as C
 from clip_triton.export import engines as E
 platform = E.Platform(os.environ["TRT_VERSION"], "NVIDIA H200", "9.0")
-for tower, model in E.TOWER_MODELS.items():
+for tower, model in ((t.name, t.model) for t in C.TOWERS):
     folder = Path(opts["--repo"]) / model / "1"
-    (folder / E.PLAN_FILE).write_bytes(b"engine")
+    (folder / C.PLAN_FILE).write_bytes(b"engine")
     (folder / E.ENGINE_MANIFEST).write_text(json.dumps({{
         "platform": {{"tensorrt": platform.tensorrt, "gpu": platform.gpu, "compute_capability": "9.0"}},
         "onnx": E.graph_identity(Path(opts["--onnx-dir"]), tower),

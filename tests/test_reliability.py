@@ -548,3 +548,35 @@ def test_probe_reads_completed_requests_from_the_metrics(triton, grpc):
     tensor.set_data_from_numpy(np.array([[b"a photo of a cat"]], dtype=object))
     grpc.infer(C.TEXT_ENSEMBLE, [tensor])
     assert completed_requests(triton.metrics_url) > before
+
+
+def test_a_failed_canary_on_a_slowly_completing_server_is_busy_not_dead(triton):
+    """A saturated server can take seconds per request: a canary deadline of 50 ms then sees no request
+    complete inside its own window, and the watchdog restarted busy servers (every in-flight request
+    died). Completions are now looked for over at least MIN_WINDOW_S, and since the previous probe.
+    Here Triton's metrics come from a stand-in whose success counter moves once a second."""
+    from clip_triton import health
+
+    from .helpers import local_http_server
+
+    started = time.monotonic()
+
+    def metrics(path):
+        count = int(time.monotonic() - started)  # one more completed request each second
+        body = f'nv_inference_request_success{{model="clip_image",version="1"}} {count}\n'.encode()
+        return 200, {"Content-Type": "text/plain"}, body
+
+    with local_http_server(metrics) as base:
+        url = f"{base}/metrics"
+        alive, reason = health.probe(triton.grpc_url, url, timeout=0.0001)  # the canary cannot make it
+        assert alive and reason.startswith("busy"), reason
+        counter = {"completed": 0.0}  # the watchdog's window starts at its previous probe
+        alive, reason = health.probe(triton.grpc_url, url, timeout=0.0001, counter=counter)
+        assert alive and counter["completed"] >= 1, reason
+
+    def frozen(path):
+        return 200, {"Content-Type": "text/plain"}, b'nv_inference_request_success{model="clip_image",version="1"} 7\n'
+
+    with local_http_server(frozen) as base:  # no completion in the whole window: evidence of death
+        alive, reason = health.probe(triton.grpc_url, f"{base}/metrics", timeout=0.0001)
+        assert not alive and "no request completed" in reason, reason

@@ -104,7 +104,7 @@ RUNTIME_OPTIONS = {
     "onnxruntime": RepoOptions(runtime="onnxruntime"),
     "openvino": RepoOptions(runtime="openvino", cpu_precision="bf16"),
     "python": RepoOptions(runtime="python"),
-    "python-openvino": RepoOptions(runtime="python", cpu_engine="openvino", cpu_precision="bf16"),
+    "python-openvino": RepoOptions(runtime="python", cpu_runtime="openvino", cpu_precision="bf16"),
 }
 
 
@@ -146,7 +146,7 @@ def test_openvino_configs_carry_the_backends_own_keys():
     }
     python = build_configs(ServingFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
     params = {k: v.string_value for k, v in python.parameters.items()}
-    assert (params["engine"], params["precision"], params["threads"]) == ("openvino", "bf16", "0")
+    assert (params["cpu_runtime"], params["compute_precision"], params["threads"]) == ("openvino", "bf16", "0")
 
 
 @pytest.mark.parametrize(
@@ -154,7 +154,7 @@ def test_openvino_configs_carry_the_backends_own_keys():
     [
         (dict(runtime="python", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
         (dict(runtime="openvino"), "cannot force fp32"),
-        (dict(runtime="python", cpu_engine="tvm"), "unknown CPU engine"),
+        (dict(runtime="python", cpu_runtime="tvm"), "unknown CPU runtime"),
         (dict(runtime="python", cpu_precision="int8"), "unknown CPU precision"),
     ],
 )

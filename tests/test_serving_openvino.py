@@ -25,7 +25,7 @@ def ov_triton(tiny_export, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ov-repo")
     options = RepoOptions(
-        runtime="python", cpu_engine="openvino", cpu_precision="bf16", queue_delay_us=20000, preprocess_instances=2
+        runtime="python", cpu_runtime="openvino", cpu_precision="bf16", queue_delay_us=20000, preprocess_instances=2
     )
     repo = write_repository(root / "model_repository", onnx_dir=tiny_export, options=options)
     with TritonServer(repo, log_file=root / "tritonserver.log") as server:

@@ -1,4 +1,4 @@
-"""Triton python model ``vision_encoder``/``text_encoder``: the exported ONNX graph on a CPU engine.
+"""Triton python model ``vision_encoder``/``text_encoder``: the exported ONNX graph on a CPU runtime.
 
 For the pip-installed Triton, which has neither an ONNX Runtime nor an OpenVINO backend. The engine
 is ONNX Runtime (fp32, exact) or OpenVINO (fp32, or bf16 on CPUs with native bf16). All requests of a
@@ -11,7 +11,8 @@ import os
 
 import numpy as np
 
-from ..cpuengine import open_session
+from ..contract import TEXT
+from ..cpuruntime import open_session
 from .common import contract_from, parameters
 
 
@@ -21,20 +22,20 @@ class TritonPythonModel:
 
         params = parameters(args)
         contract = contract_from(params)
-        tower = "vision" if args["model_name"].startswith("vision") else "text"
-        self.spec_in, self.spec_out = contract.encoder_io(tower)
-        self.vocab_size = contract.tokenizer.vocab_size if tower == "text" else None
+        encoder = contract.encoder(params["tower"])  # written by `clip-triton repo`, never guessed from a name
+        self.spec_in, self.spec_out = encoder.input, encoder.output
+        self.vocab_size = contract.tokenizer.vocab_size if encoder.tower is TEXT else None
         path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
         threads = int(params.get("threads", "0")) or None
-        engine, precision = params.get("engine", "onnxruntime"), params.get("precision", "fp32")
+        runtime, precision = params.get("cpu_runtime", "onnxruntime"), params.get("compute_precision", "fp32")
         spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""))
         self.session = open_session(
-            path, engine, precision, threads=threads, spinning=spinning, fp16_graph=contract.precision == "fp16"
+            path, runtime, precision, threads=threads, spinning=spinning, fp16_graph=contract.precision == "fp16"
         )
         effective = getattr(self.session, "effective_precision", precision)
         if effective != precision:
             pb_utils.Logger.log_warn(
-                f"{args['model_name']}: this CPU has no native {precision}; {engine} computes in {effective}"
+                f"{args['model_name']}: this CPU has no native {precision}; {runtime} computes in {effective}"
             )
 
     def execute(self, requests):

@@ -1,4 +1,4 @@
-"""The CPU engines that run the exported graphs, behind one ``run(output_names, feeds)`` call.
+"""The CPU runtimes that run the exported graphs, behind one ``run(output_names, feeds)`` call.
 
 ONNX Runtime (fp32, the exact reference path) or OpenVINO (fp32 or bf16).
 
@@ -15,25 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import CPU_ENGINES, CPU_PRECISIONS
+from .contract import CPU_PRECISIONS, CPU_RUNTIMES
 from .errors import ClipTritonError
 
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
-def check_engine(engine: str, precision: str | None = None) -> None:
-    """Refuse an engine, or an engine/precision pair, that no CPU engine here can run (repository
+def check_cpu_runtime(runtime: str, precision: str | None = None) -> None:
+    """Refuse a CPU runtime, or a runtime/compute-precision pair, that cannot run here (repository
     writer and graph loader alike)."""
-    if engine not in CPU_ENGINES:
-        raise ClipTritonError(f"unknown CPU engine {engine!r}", f"choose one of {CPU_ENGINES}")
+    if runtime not in CPU_RUNTIMES:
+        raise ClipTritonError(f"unknown CPU runtime {runtime!r}", f"choose one of {CPU_RUNTIMES}")
     if precision is None:
         return
     if precision not in CPU_PRECISIONS:
         raise ClipTritonError(f"unknown CPU precision {precision!r}", f"choose one of {CPU_PRECISIONS}")
-    if precision == "bf16" and engine != "openvino":
+    if precision == "bf16" and runtime != "openvino":
         raise ClipTritonError(
             "bf16 on the CPU needs OpenVINO (ONNX Runtime's CPU kernels have no bf16 GEMM)",
-            "add --cpu-engine openvino (for a repository, or use --runtime openvino)",
+            "add --cpu-runtime openvino (for a repository, or use --runtime openvino)",
         )
 
 
@@ -66,7 +66,7 @@ class OpenVINOSession:
             import openvino as ov  # noqa: PLC0415
         except ImportError as exc:
             raise ClipTritonError("OpenVINO is not installed", "pip install 'clip-triton[cpu]'") from exc
-        check_engine("openvino", precision)
+        check_cpu_runtime("openvino", precision)
         path = Path(path)
         if not path.is_file():
             raise ClipTritonError(f"ONNX graph {path} not found", "run `clip-triton export` first")
@@ -111,15 +111,16 @@ class OpenVINOSession:
 
 def open_session(
     path: str | Path,
-    engine: str = "onnxruntime",
+    runtime: str = "onnxruntime",
     precision: str = "fp32",
     threads: int | None = None,
     spinning: bool | None = None,
     fp16_graph: bool | None = None,
 ):
-    """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph."""
-    check_engine(engine, precision)
-    if engine == "openvino":
+    """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph; ``precision`` is
+    the compute precision (the graph's own precision is ``fp16_graph``)."""
+    check_cpu_runtime(runtime, precision)
+    if runtime == "openvino":
         return OpenVINOSession(path, precision=precision, threads=threads)
     from .ortutil import make_session  # noqa: PLC0415
 
