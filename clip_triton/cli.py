@@ -16,6 +16,7 @@ from .contract import (
     PRECISIONS,
     RUNTIMES,
     TEXT,
+    TOWERS,
     VISION,
 )
 from .errors import ClipTritonError, VerificationError
@@ -829,8 +830,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ensembles",
         nargs="+",
-        choices=["clip_image", "clip_text"],
-        default=["clip_image", "clip_text"],
+        choices=[tower.ensemble for tower in TOWERS],
+        default=[tower.ensemble for tower in TOWERS],
         help="ensembles to measure",
     )
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")

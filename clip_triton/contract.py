@@ -126,14 +126,27 @@ class TensorSpec:
         return _TRITON_TYPES[self.dtype][1]
 
 
+# Numerical fidelity, per embedding of any exported graph or served path: cosine similarity to the reference, and max |difference| of its elements.
+TOLERANCES = {
+    "fp32": {"min_cosine": 0.99999, "max_abs_diff": 1e-4},
+    "fp16": {"min_cosine": 0.9995, "max_abs_diff": 1e-2},  # against the fp32 PyTorch reference
+    # bf16 compute (OpenVINO on the CPU) keeps 8 mantissa bits to fp16's 11.
+    "bf16": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
+    # A TensorRT engine (fp16 kernels, its own tactics) against the fp32 PyTorch reference.
+    "tensorrt": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
+}
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
-    """One encoder of one model: its tower, the graph's input and output, and what clients send."""
+    """One encoder of one model: its tower, the graph's input and output, what clients send, and how
+    close to open_clip PyTorch fp32 its embeddings must be (at the graph's precision)."""
 
     tower: Tower
     input: TensorSpec
     output: TensorSpec
     client_input: TensorSpec  # IMAGE bytes or TEXT strings, at the ensemble
+    tolerance: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -269,9 +282,10 @@ class ModelContract:
     def encoder(self, name: str) -> EncoderSpec:
         """The full spec of one encoder (by tower name or Triton model name)."""
         spec = tower(name)
+        tolerance = TOLERANCES[self.precision]
         if spec is VISION:
-            return EncoderSpec(spec, self.pixels, self.image_embeds, self.image_input)
-        return EncoderSpec(spec, self.input_ids, self.text_embeds, self.text_input)
+            return EncoderSpec(spec, self.pixels, self.image_embeds, self.image_input, tolerance)
+        return EncoderSpec(spec, self.input_ids, self.text_embeds, self.text_input, tolerance)
 
     def encoder_io(self, name: str) -> tuple[TensorSpec, TensorSpec]:
         """(input, output) of the ``vision`` or ``text`` encoder."""

@@ -29,10 +29,12 @@ from .contract import (
     PLAN_FILE,
     PREPROCESS_MODEL,
     RUNTIMES,
+    TEXT,
     TEXT_ENSEMBLE,
     TEXT_MODEL,
     TOKENIZER_MODEL,
     TOWERS,
+    VISION,
     VISION_MODEL,
     ModelContract,
     TensorSpec,
@@ -226,37 +228,32 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     contract_json = c.to_json()
     configs = {}
 
-    pre = _base(
-        PREPROCESS_MODEL,
-        max_batch,
-        [c.image_input],
-        [c.pixels, c.status],
-        {
-            "contract": contract_json,
+    # The python models in front of the encoders: image decoding and tokenization, per tower.
+    limits = {
+        VISION.name: {
             "max_image_pixels": str(options.max_image_pixels or DEFAULT_MAX_PIXELS),
             "max_image_bytes": str(options.max_image_bytes or DEFAULT_MAX_BYTES),
         },
-    )
-    pre.backend = "python"
-    _batching(pre, preferred, delay)
+        TEXT.name: {"max_text_chars": str(options.max_text_chars)},
+    }
     # CPU-bound decoding: a GPU host gets 8 instances (~300 images/s each); a CPU-only server one per core.
-    _instances(pre, options.preprocess_instances or (8 if gpu else cores), "KIND_CPU")
-    configs[PREPROCESS_MODEL] = pre
-
-    tok = _base(
-        TOKENIZER_MODEL,
-        max_batch,
-        [c.text_input],
-        [c.input_ids, c.status],
-        {
-            "contract": contract_json,
-            "max_text_chars": str(options.max_text_chars),
-        },
-    )
-    tok.backend = "python"
-    _batching(tok, preferred, delay)
-    _instances(tok, options.tokenizer_instances, "KIND_CPU")
-    configs[TOKENIZER_MODEL] = tok
+    instances = {
+        VISION.name: options.preprocess_instances or (8 if gpu else cores),
+        TEXT.name: options.tokenizer_instances,
+    }
+    for tower in TOWERS:
+        encoder = c.encoder(tower.name)
+        front = _base(
+            tower.front,
+            max_batch,
+            [encoder.client_input],
+            [encoder.input, c.status],
+            {"contract": contract_json, **limits[tower.name]},
+        )
+        front.backend = "python"
+        _batching(front, preferred, delay)
+        _instances(front, instances[tower.name], "KIND_CPU")
+        configs[tower.front] = front
 
     for tower in TOWERS:
         name, encoder = tower.model, c.encoder(tower.name)

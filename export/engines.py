@@ -24,17 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import MANIFEST, PLAN_FILE, TOWERS, ModelContract
+from clip_triton.contract import MANIFEST, PLAN_FILE, TOLERANCES, TOWERS, ModelContract
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress
 
-from .verify import TOLERANCES
-
 ENGINE_MANIFEST = "engine.json"
 TIMING_CACHE = "timing.cache"
 TIMING_CACHE_PLATFORM = ".platform.json"  # beside the cache: the TensorRT and GPU that built it
-ENGINE_TOLERANCE = "tensorrt"  # the key of export.verify.TOLERANCES that engines must meet
+ENGINE_TOLERANCE = "tensorrt"  # the key of contract.TOLERANCES that engines must meet
 MIN_ENGINE_COSINE = TOLERANCES[ENGINE_TOLERANCE]["min_cosine"]
 STRONGLY_TYPED_SINCE = (10, 12)
 # The TensorRT inside the pinned NGC release (deploy/Dockerfile ARG TRITON_RELEASE=25.10). Pinned once

@@ -11,18 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clip_triton import samples
-from clip_triton.contract import TEXT, VISION, ModelContract, cosine
+from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract, cosine
 from clip_triton.errors import VerificationError
-
-# Per embedding: cosine similarity to the reference, and max |difference| of its elements.
-TOLERANCES = {
-    "fp32": {"min_cosine": 0.99999, "max_abs_diff": 1e-4},
-    "fp16": {"min_cosine": 0.9995, "max_abs_diff": 1e-2},  # against the fp32 PyTorch reference
-    # bf16 compute (OpenVINO on the CPU) keeps 8 mantissa bits to fp16's 11.
-    "bf16": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
-    # A TensorRT engine (fp16 kernels, its own tactics) against the fp32 PyTorch reference.
-    "tensorrt": {"min_cosine": 0.999, "max_abs_diff": 2e-2},
-}
 
 
 def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:

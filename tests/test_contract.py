@@ -102,3 +102,15 @@ def test_snapshot_round_trips_through_the_contract():
     contract = C.ModelContract.default()
     assert json.loads(contract.to_json()) == json.loads(text)
     assert C.ModelContract.from_json(contract.to_json()) == contract
+
+
+def test_each_tower_is_declared_once_and_found_by_either_name():
+    contract = C.ModelContract.default()
+    for tower in C.TOWERS:
+        assert C.tower(tower.name) is C.tower(tower.model) is tower
+        encoder = contract.encoder(tower.name)
+        assert (encoder.input, encoder.output) == contract.encoder_io(tower.model)
+        assert encoder.tolerance == C.TOLERANCES[contract.precision]
+    assert contract.encoder("vision").client_input.name == C.IMAGE_INPUT
+    with pytest.raises(ValueError, match="no tower"):
+        C.tower("audio")

@@ -216,3 +216,31 @@ def test_force_empties_the_folder_in_place(tmp_path, tiny_export):
     assert out.stat().st_ino == inode
     assert not (out / "stale").exists() and not (out / "old-file").exists()
     assert (out / "clip_image" / "config.pbtxt").is_file()
+
+
+def test_facts_are_written_and_read_by_one_module():
+    """What `repo` writes into the ensembles is exactly what the client reads back: one module spells
+    the keys (clip_triton/facts.py)."""
+    from google.protobuf import json_format
+
+    from clip_triton.facts import ServerFacts
+
+    options = RepoOptions(runtime="python", served_model_name="clip-big")
+    facts = ServingFacts.default().server_facts(options)
+    configs = build_configs(ServingFacts.default(), options)
+    for tower in C.TOWERS:
+        read = ServerFacts.from_config(
+            json_format.MessageToDict(configs[tower.ensemble], preserving_proto_field_name=True)
+        )
+        assert read == facts.with_(max_batch_size=configs[tower.ensemble].max_batch_size, item_status=True)
+        assert read.public_id == "clip-big" and read.encoder_runtime == options.encoder_runtime
+
+
+def test_encoder_configs_name_their_tower_and_carry_the_contract_only_where_read():
+    for runtime in ("tensorrt", "onnxruntime", "python"):
+        options = RUNTIME_OPTIONS.get(runtime) or RepoOptions(runtime=runtime)
+        configs = build_configs(ServingFacts.default(), options)
+        for tower in C.TOWERS:
+            params = configs[tower.model].parameters
+            assert params["tower"].string_value == tower.name
+            assert ("contract" in params) == (runtime == "python"), runtime  # the python encoder reads it

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..contract import check_served_model_name
+from ..contract import TEXT, VISION, check_served_model_name
 from ..errors import ClipTritonError
 from .fetch import FetchPolicy
 from .schemas import ApiError, item_error
@@ -85,15 +85,15 @@ def classify_item(item, index: int, name: str = "input") -> tuple[str, str]:
     or a typed object ``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url": URL or
     {"url": URL}}`` that says which it is (OpenAI's content-part shape)."""
     if isinstance(item, str):
-        return ("image" if is_image_reference(item) else "text"), item
+        return (VISION.kind if is_image_reference(item) else TEXT.kind), item
     kind = item.get("type")
-    if kind == "text" and isinstance(item.get("text"), str):
-        return "text", item["text"]
+    if kind == "text" and isinstance(item.get("text"), str):  # OpenAI's part type, not ours
+        return TEXT.kind, item["text"]
     if kind == "image_url":
         url = item.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
         if isinstance(url, str) and is_image_reference(url):
-            return "image", url
+            return VISION.kind, url
         raise item_error(index, "image_url must be a data:image/...;base64, URL or an http(s) URL", name)
     raise item_error(
         index, 'a typed item is {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}', name

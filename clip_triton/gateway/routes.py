@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 from clip_triton.client import ClipClientError, ItemErrors, rank
 from clip_triton.client.grpc_client import template_texts
 
-from ..contract import ModelContract, TokenizerSpec
+from ..contract import TEXT, VISION, ModelContract, TokenizerSpec
 from ..tokenizer import ClipTokenizer, TextError
 from .app import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
 from .fetch import FetchError, fetch_image
@@ -194,8 +194,8 @@ class Routes:
                 param="dimensions",
             )
         kinds = [classify_item(x, i) for i, x in enumerate(items)]
-        texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "text"]
-        refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == "image"]
+        texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == TEXT.kind]
+        refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == VISION.kind]
         tokens = await self.count_tokens(request, texts, "input")
         images = await self.load_images(refs, "input")
         client = request.app.state.client
@@ -206,8 +206,8 @@ class Routes:
         vectors = np.empty((len(items), served.embed_dim), dtype=np.float32)
         vectors[[i for i, _ in texts]] = text_vectors
         vectors[[i for i, _ in refs]] = image_vectors
-        self.items_total.labels("text").inc(len(texts))
-        self.items_total.labels("image").inc(len(refs))
+        self.items_total.labels(TEXT.kind).inc(len(texts))
+        self.items_total.labels(VISION.kind).inc(len(refs))
         data = [
             {
                 "object": "embedding",
@@ -270,7 +270,7 @@ class Routes:
         )
         image_vectors = await self.triton_call(client.embed_images(images), list(range(len(images))), "images")
         ranked = rank(image_vectors @ prompt_vectors.T, body.prompts, served.logit_scale, served.logit_bias)
-        self.items_total.labels("image").inc(len(images))
+        self.items_total.labels(VISION.kind).inc(len(images))
         return {
             "object": "list",
             "model": self.public_id(served),
