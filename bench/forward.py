@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from common import prepared_export  # bench/common.py
 
-    from clip_triton.contract import cosine
+    from clip_triton.contract import TEXT, TOWERS, VISION, cosine
     from clip_triton.cpuruntime import OpenVINOSession, cpu_supports_bf16
     from clip_triton.export.graphs import tower_module
     from clip_triton.export.weights import load_model
@@ -55,12 +55,12 @@ def main() -> None:
     tok = contract.tokenizer
     ids = rng.integers(1, tok.sot_token_id, size=(args.batch, tok.context_length)).astype(np.int32)
     ids[:, 0], ids[:, -1] = tok.sot_token_id, tok.eot_token_id
-    inputs = {"vision": (contract.pixels.name, pixels), "text": (contract.input_ids.name, ids)}
+    inputs = {VISION.name: (contract.pixels.name, pixels), TEXT.name: (contract.input_ids.name, ids)}
     rows, reference = [], {}
 
     def measure(name: str, precision: str, run) -> None:
         cells = []
-        for tower in ("vision", "text"):
+        for tower in (VISION.name, TEXT.name):
             out = np.asarray(run(tower), dtype=np.float32)
             reference.setdefault(tower, out)
             speed = rate(lambda t=tower: run(t), args.batch, args.seconds)
@@ -68,16 +68,16 @@ def main() -> None:
         rows.append((name, precision, *cells))
         print(f"[forward] {name} ({precision}): {cells[0]:.1f} images/s, {cells[2]:.1f} texts/s", flush=True)
 
-    towers = {tower: tower_module(model, tower) for tower in ("vision", "text")}
+    towers = {tower.name: tower_module(model, tower.name) for tower in TOWERS}
     with torch.inference_mode():
         measure("PyTorch eager", "fp32", lambda t: towers[t](torch.from_numpy(inputs[t][1])).numpy())
 
-    sessions = {t: make_session(onnx_dir / f"{t}.onnx") for t in ("vision", "text")}
+    sessions = {t.name: make_session(onnx_dir / t.onnx_file) for t in TOWERS}
     measure("ONNX Runtime, exported graphs", "fp32", lambda t: sessions[t].run(None, dict([inputs[t]]))[0])
     for precision in ("fp32", "bf16"):
-        sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", precision) for t in ("vision", "text")}
+        sessions = {t.name: OpenVINOSession(onnx_dir / t.onnx_file, precision) for t in TOWERS}
         measure("OpenVINO, exported graphs", precision, lambda t, s=sessions: s[t].run(None, dict([inputs[t]]))[0])
-    sessions = {t: OpenVINOSession(onnx_dir / f"{t}.onnx", "bf16", static_batch=args.batch) for t in ("vision", "text")}
+    sessions = {t.name: OpenVINOSession(onnx_dir / t.onnx_file, "bf16", static_batch=args.batch) for t in TOWERS}
     measure(
         f"OpenVINO, exported graphs, batch {args.batch} only",
         "bf16",
@@ -89,7 +89,7 @@ def main() -> None:
 
     core, compiled = ov.Core(), {}
     with torch.no_grad():
-        for tower in ("vision", "text"):
+        for tower in (VISION.name, TEXT.name):
             example = torch.from_numpy(inputs[tower][1])
             converted = ov.convert_model(towers[tower], example_input=example)
             compiled[tower] = core.compile_model(
@@ -112,7 +112,7 @@ def main() -> None:
             "PyTorch eager",
             "bf16",
             lambda t: towers[t](
-                torch.from_numpy(inputs[t][1]).to(torch.bfloat16 if t == "vision" else torch.int32)
+                torch.from_numpy(inputs[t][1]).to(torch.bfloat16 if t == VISION.name else torch.int32)
             ).numpy(),
         )
 

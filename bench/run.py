@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clip_triton.contract import TEXT, VISION
 from clip_triton.samples import BENCH_PROMPTS as PROMPTS
 
 
@@ -191,8 +192,8 @@ def main() -> None:
     # 2. In-process CPU runtimes on the exported graphs, clip-triton's preprocessing and tokenizer.
     ours, tok = Preprocessor(pre), ClipTokenizer(contract.tokenizer)
     for runtime, precision in configs:
-        vision = open_session(onnx_dir / "vision.onnx", runtime, precision)
-        text = open_session(onnx_dir / "text.onnx", runtime, precision)
+        vision = open_session(onnx_dir / VISION.onnx_file, runtime, precision)
+        text = open_session(onnx_dir / TEXT.onnx_file, runtime, precision)
         bi, (o_img, o_p50, o_p99) = best(
             lambda b, vision=vision: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
             images,

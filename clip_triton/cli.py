@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check-engines",
         "refuse engines that failed validation or were built for another TensorRT version or GPU (exit 2)",
     )
-    p.add_argument("--repo", required=True, help="TensorRT repository (each model.plan with its engine.json)")
+    p.add_argument("--repo", required=True, help="TensorRT repository (each encoder's plan with its engine.json)")
     p.add_argument(
         "--onnx-dir",
         default=None,

@@ -4,7 +4,7 @@ ONNX Runtime (fp32, the exact reference path) or OpenVINO (fp32 or bf16).
 
 OpenVINO reads the exported ONNX graphs as they are (external data included). Its CPU plugin runs
 bf16 on processors with native bf16 (AVX512-BF16, AMX): there the matrix products go through AMX
-tiles, which fp32 cannot use. ``precision="fp32"`` forces fp32 everywhere; ``"bf16"`` asks for bf16
+tiles, which fp32 cannot use. ``compute_precision="fp32"`` forces fp32 everywhere; ``"bf16"`` asks for bf16
 and falls back to fp32 on CPUs without it (``effective_precision`` says which one runs).
 """
 
@@ -57,7 +57,7 @@ class OpenVINOSession:
     def __init__(
         self,
         path: str | Path,
-        precision: str = "bf16",
+        compute_precision: str = "bf16",
         threads: int | None = None,
         streams: int = 1,
         static_batch: int | None = None,
@@ -66,6 +66,7 @@ class OpenVINOSession:
             import openvino as ov  # noqa: PLC0415
         except ImportError as exc:
             raise ClipTritonError("OpenVINO is not installed", "pip install 'clip-triton[cpu]'") from exc
+        precision = compute_precision
         check_cpu_runtime("openvino", precision)
         path = Path(path)
         if not path.is_file():
@@ -112,16 +113,16 @@ class OpenVINOSession:
 def open_session(
     path: str | Path,
     runtime: str = "onnxruntime",
-    precision: str = "fp32",
+    compute_precision: str = "fp32",
     threads: int | None = None,
     spinning: bool | None = None,
     fp16_graph: bool | None = None,
 ):
-    """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph; ``precision`` is
-    the compute precision (the graph's own precision is ``fp16_graph``)."""
-    check_cpu_runtime(runtime, precision)
+    """An ONNX Runtime session or an :class:`OpenVINOSession` for one exported graph, computing in
+    ``compute_precision`` (the graph's own precision is ``fp16_graph``)."""
+    check_cpu_runtime(runtime, compute_precision)
     if runtime == "openvino":
-        return OpenVINOSession(path, precision=precision, threads=threads)
+        return OpenVINOSession(path, compute_precision=compute_precision, threads=threads)
     from .ortutil import make_session  # noqa: PLC0415
 
     return make_session(path, threads=threads, fp16=fp16_graph, spinning=spinning)

@@ -2,8 +2,9 @@
 
 The folder tree is the serving graph::
 
-    clip_image  (ensemble)  IMAGE bytes --> preprocess --> pixel_values --> vision_encoder --> EMBEDDING
-    clip_text   (ensemble)  TEXT strings --> tokenizer --> input_ids   --> text_encoder   --> EMBEDDING
+    image ensemble: image bytes --> preprocess --> pixels    --> vision encoder --> embedding
+    text ensemble:  strings     --> tokenizer  --> token ids --> text encoder   --> embedding
+    (names, tensors and files: clip_triton/contract.py, one Tower each)
 
 ``preprocess`` and ``tokenizer`` are python-backend models (PIL/numpy, no torch). The encoders come in
 four interchangeable runtimes with one signature: ``tensorrt`` (``tensorrt_plan``, GPU),
@@ -354,12 +355,12 @@ def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str
             files[f"{name}/1/.gitkeep"] = ""  # ensembles need a version folder
     if options.runtime == "tensorrt":
         for tower in TOWERS:
-            files[f"{tower.model}/1/.gitkeep"] = ""  # model.plan is written by `clip-triton build-engines`
+            files[f"{tower.model}/1/.gitkeep"] = ""  # the plan is written by `clip-triton build-engines`
     return files
 
 
 def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
-    """Copy (hard-link when possible) a graph as model.onnx, keeping its external data's name."""
+    """Copy (hard-link when possible) a graph into a version folder, keeping its external data's name."""
     src = onnx_dir / graph
     if not src.is_file():
         raise ClipTritonError(f"{src} not found", "run `clip-triton export` into that folder first")

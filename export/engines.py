@@ -159,7 +159,7 @@ def check_repository_engines(
 ) -> list[str]:
     """Check every engine in a repository against this host before Triton loads them.
 
-    Each ``model.plan`` needs its ``engine.json`` saying it passed validation on this TensorRT and GPU.
+    Each encoder's plan needs its ``engine.json`` saying it passed validation on this TensorRT and GPU.
     With ``onnx_dir``, the engines must also have been built from exactly those graphs (sha256 of
     each graph and its external data): then they are current and need no rebuild.
     """
@@ -370,7 +370,7 @@ def validate_plan(
 def build_engines(
     onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(), log: Progress | None = None
 ) -> dict:  # pragma: no cover - needs a GPU and TensorRT
-    """Build, place and validate ``vision_encoder/1/model.plan`` and ``text_encoder/1/model.plan``."""
+    """Build, place and validate each encoder's TensorRT plan (``<encoder>/1/``, name from the contract)."""
     from .pipeline import REFERENCES, load_references, read_manifest  # noqa: PLC0415
 
     log = log or Progress("engines")

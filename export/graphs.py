@@ -80,7 +80,7 @@ def export_tower(
     opset: int = 18,
     external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
 ) -> dict:
-    """Write ``vision.onnx`` or ``text.onnx``; return facts for the manifest."""
+    """Write the tower's graph (file name from the contract); return facts for the manifest."""
     import torch  # noqa: PLC0415
 
     if not 17 <= opset <= 20:

@@ -36,7 +36,7 @@ TEXT_ATTRIBUTES = (
     "ln_final",
     "text_projection",
     "attn_mask",
-    "text",
+    "text",  # open_clip's attribute of a custom text tower (not a tower name)
 )
 DEFAULT_VERIFY_BATCHES = (1, 3, 8)
 # Text first: its weights are deleted before the (much larger) vision tower is exported.
