@@ -195,13 +195,15 @@ def main() -> None:
         vision = open_session(onnx_dir / VISION.onnx_file, runtime, precision)
         text = open_session(onnx_dir / TEXT.onnx_file, runtime, precision)
         bi, (o_img, o_p50, o_p99) = best(
-            lambda b, vision=vision: vision.run(None, {"pixel_values": np.stack([ours.from_bytes(x) for x in b])}),
+            lambda b, vision=vision: vision.run(
+                None, {contract.pixels.name: np.stack([ours.from_bytes(x) for x in b])}
+            ),
             images,
             batches,
             args.seconds,
         )
         bt, (o_txt, _, _) = best(
-            lambda s, text=text: text.run(None, {"input_ids": tok(s)}), texts, batches, args.seconds
+            lambda s, text=text: text.run(None, {contract.input_ids.name: tok(s)}), texts, batches, args.seconds
         )
         add((precision, f"{runtime} in-process (batch {bi}/{bt})", o_img, o_txt, o_p50, o_p99))
         vision = text = None
