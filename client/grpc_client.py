@@ -235,14 +235,14 @@ def plan_batches(items: list, embed_dim: int, batch_size: int) -> tuple[np.ndarr
     return out, errors, [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
 
 
-def record_or_split(exc, model: str, chunk: list[int], errors: dict[int, str]) -> bool:
+def record_or_split(exc, model: str, chunk: list[int], errors: dict[int, str], target: str = "") -> bool:
     """After a failed batch: True means resend its items one by one to find the bad one(s).
 
     INVALID_ARGUMENT on a single item records that item's reason; any other status is a transport
     or server failure and raises :class:`ClipClientError`.
     """
     if _status(exc) != "StatusCode.INVALID_ARGUMENT":
-        raise transport_error(exc, model) from exc
+        raise transport_error(exc, model, target) from exc
     if len(chunk) == 1:
         errors[chunk[0]] = item_error(exc)
         return False
@@ -441,15 +441,15 @@ class _Job:
         except InferenceServerException as exc:
             if self.stop.is_set():
                 return
-            if _status(exc) != "StatusCode.INVALID_ARGUMENT":
-                self.failure.append(transport_error(exc, self.model, self.client.target))
-                return
-            if len(rows) == 1:
+            try:
                 with self.lock:
-                    self.errors[rows[0]] = item_error(exc)
+                    split = record_or_split(exc, self.model, rows, self.errors, self.client.target)
+            except ClipClientError as err:
+                self.failure.append(err)
                 return
-            for row, item in zip(rows, payload):  # a server without STATUS: isolate the bad item(s)
-                self.send([row], [item])
+            if split:  # a server without STATUS: isolate the bad item(s)
+                for row, item in zip(rows, payload):
+                    self.send([row], [item])
             return
         with self.lock:
             record_rows(self.out, rows, answer, self.errors, self.answered)
