@@ -35,13 +35,15 @@ def main() -> None:
 
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
-    repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
+    repo = write_repository(
+        work / "repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python", response_cache="none"), force=True
+    )
     photos = image_bytes()
     images = [photos[i % len(photos)] for i in range(args.images)]
     texts = [f"{PERF_PROMPTS[i % len(PERF_PROMPTS)]} #{i}" for i in range(args.images)]
 
     rows = []
-    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
+    with TritonServer(repo, log_file=work / "tritonserver.log", response_cache_mib=0) as server:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for model, items in ((IMAGE_ENSEMBLE, images), (TEXT_ENSEMBLE, texts)):
                 perf = run_perf_analyzer(server.grpc_url, model, batch_size=batch, concurrency=args.concurrency)

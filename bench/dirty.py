@@ -104,11 +104,16 @@ def main() -> int:
 
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
-    repo = write_repository(work / "dirty-repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
+    repo = write_repository(
+        work / "dirty-repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python", response_cache="none"), force=True
+    )
     clean_dir, dirty_dir = make_folders(work, args.images, args.bad_images)
     clean_texts, dirty_texts = make_texts(args.texts, args.empty_texts)
     rows = []
-    with TritonServer(repo, log_file=work / "dirty-triton.log") as server, ClipClient(server.grpc_url) as client:
+    with (
+        TritonServer(repo, log_file=work / "dirty-triton.log", response_cache_mib=0) as server,
+        ClipClient(server.grpc_url) as client,
+    ):
 
         def embed(kind, items):
             try:

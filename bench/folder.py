@@ -53,10 +53,15 @@ def main() -> int:
     work = Path(args.workdir)
     size = tuple(int(v) for v in args.size.split("x"))
     onnx_dir = prepared_export(args.model, work)
-    repo = write_repository(work / "folder-repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python"), force=True)
+    repo = write_repository(
+        work / "folder-repo",
+        onnx_dir=onnx_dir,
+        options=RepoOptions(runtime="python", response_cache="none"),
+        force=True,
+    )
     photos = make_photos(work / f"photos-{args.photos}-{args.size}", args.photos, size)
     rows = []
-    with TritonServer(repo, log_file=work / "folder-triton.log") as server:
+    with TritonServer(repo, log_file=work / "folder-triton.log", response_cache_mib=0) as server:
         for label, extra in (
             ("defaults (automatic deadlines)", []),
             ("--timeout 60 (fixed, as before)", ["--timeout", "60"]),

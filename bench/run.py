@@ -71,7 +71,7 @@ def triton_rows(
     from clip_triton.server import TritonServer
 
     rows = []
-    with TritonServer(repo, log_file=work / "tritonserver.log") as server:
+    with TritonServer(repo, log_file=work / "tritonserver.log", response_cache_mib=0) as server:
         for concurrency in concurrencies:
             pi = run_perf_analyzer(
                 server.grpc_url, IMAGE_ENSEMBLE, concurrency=concurrency, measurement_ms=measurement_ms
@@ -216,6 +216,7 @@ def main() -> None:
             cpu_precision=precision,
             queue_delay_us=args.queue_delay_us,
             preprocess_instances=args.preprocess_instances,
+            response_cache="none",  # perf_analyzer and the client repeat their inputs: time the encoders
         )
         repo = write_repository(work / "repo", onnx_dir=onnx_dir, options=options, force=True)
         for row in triton_rows(

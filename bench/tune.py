@@ -52,12 +52,16 @@ def main() -> None:
         if not name.startswith(args.only):
             continue
         client = {k: change[k] for k in CLIENT_KNOBS if k in change}
-        options = replace(RepoOptions(runtime="python"), **{k: v for k, v in change.items() if k not in client})
+        options = replace(
+            RepoOptions(runtime="python", response_cache="none"), **{k: v for k, v in change.items() if k not in client}
+        )
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
         try:
             # perf_analyzer registers its shared memory over gRPC, where it cannot send the admin key.
             apis = tuple(a for a in ADMIN_APIS if a != "shared-memory" or "shared_memory" not in client)
-            with TritonServer(repo, log_file=work / "tune-triton.log", restricted_apis=apis) as server:
+            with TritonServer(
+                repo, log_file=work / "tune-triton.log", restricted_apis=apis, response_cache_mib=0
+            ) as server:
                 image = run_perf_analyzer(server.grpc_url, IMAGE_ENSEMBLE, concurrency=args.concurrency, **client)
                 text = run_perf_analyzer(server.grpc_url, TEXT_ENSEMBLE, concurrency=args.concurrency, **client)
         except ClipTritonError as exc:  # one setting failing is a result too: keep the others

@@ -665,9 +665,10 @@ class ClipClient:
     def classify(
         self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
     ) -> list[list[dict]]:
-        """Zero-shot scores: per image, every prompt's cosine and softmax probability, ranked.
+        """Zero-shot scores: per image, every prompt's cosine and probability, ranked.
 
-        Probabilities use the server's ``logit_scale`` (and ``logit_bias`` where the model has one).
+        Probabilities use the server's ``logit_scale``: a softmax over the prompts for CLIP models, an
+        independent sigmoid per prompt with ``logit_bias`` for SigLIP models (``facts.scoring`` says which).
         """
         if not prompts:
             raise ValueError("classify needs at least one prompt")
@@ -703,11 +704,19 @@ class ClipClient:
 def rank(
     cosines: np.ndarray, prompts: Sequence[str], logit_scale: float, logit_bias: float | None = None
 ) -> list[list[dict]]:
-    """Per row of ``cosines``: prompts ranked by probability, ``softmax(logit_scale * cos + bias)``."""
+    """Per row of ``cosines``: prompts ranked by probability, as the model was trained to score them.
+
+    CLIP (no ``logit_bias``): ``softmax(logit_scale * cos)`` over the prompts, summing to 1. SigLIP
+    (a learned ``logit_bias``): ``sigmoid(logit_scale * cos + logit_bias)`` for each prompt on its
+    own: a probability that the prompt matches, independent of the other prompts (open_clip's
+    ``SigLipLoss``); a softmax there would invent a competition the model never learned."""
     logits = logit_scale * cosines + (logit_bias or 0.0)
-    logits = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(axis=1, keepdims=True)
+    if logit_bias is not None:
+        probs = 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow for large |logits|
+    else:
+        logits = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
     results = []
     for row_cos, row_prob in zip(cosines, probs):
         order = np.argsort(-row_prob, kind="stable")

@@ -14,8 +14,10 @@ from .contract import (
     DEFAULT_PRECISION,
     DEFAULT_PRETRAINED,
     PRECISIONS,
+    RESPONSE_CACHE_CHOICES,
     RUNTIMES,
     TEXT,
+    TEXT_BUCKETS,
     TOWERS,
     VISION,
 )
@@ -43,8 +45,19 @@ def _export(args) -> int:
         force=args.force,
         reuse=args.reuse,
         progress=args.progress,
+        text_buckets=_text_buckets(args.text_buckets),
+        openvino_ir=args.openvino_ir,
     )
     return 0
+
+
+def _text_buckets(text: str | None) -> tuple[int, ...] | None:
+    """--text-buckets: None (the contract's default), 'none' (a static graph) or lengths."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return ()
+    return _int_list(text, "--text-buckets")
 
 
 def _verify(args) -> int:
@@ -97,6 +110,8 @@ def _repo(args) -> int:
         encoder_threads=args.encoder_threads,
         max_image_pixels=args.max_image_pixels,
         served_model_name=args.served_model_name,
+        response_cache=args.response_cache,
+        openvino_ir=not args.no_openvino_ir,
     )
     path = write_repository(args.repo, onnx_dir=args.onnx_dir, options=options, force=args.force)
     print(f"wrote Triton model repository {path} ({options.encoder_runtime})")
@@ -127,6 +142,7 @@ def _serve(args) -> int:
         metrics_port=args.metrics_port,
         host=args.host,
         log_verbose=args.log_verbose,
+        response_cache_mib=args.response_cache_mib,
     )
     return server.run_foreground(
         timeout=args.startup_timeout, watchdog_interval=args.watchdog_interval, canary_timeout=args.watchdog_timeout
@@ -172,6 +188,7 @@ def _gateway(args) -> int:
         max_items=args.max_items,
         docs=args.docs,
         served_model_name=args.served_model_name,
+        tokenizer_dir=args.tokenizer_dir,
         fetch=FetchPolicy(
             timeout_s=args.fetch_timeout,
             max_bytes=int(args.fetch_max_mib * 1024**2),
@@ -242,6 +259,11 @@ def _classify(args) -> int:
         facts = client.facts
     if facts.random_weights:
         print("NOTE: the served model has RANDOM weights; scores carry no meaning", file=sys.stderr)
+    if facts.scoring == "sigmoid":
+        print(
+            f"scoring: sigmoid (logit_scale {facts.logit_scale:.4g}, logit_bias {facts.logit_bias:.4g}): "
+            "each prompt's probability on its own, they need not sum to 1"
+        )
     for image, ranked in zip(args.images, results):
         print(image)
         print(f"  {'rank':<6}{'prompt':<40}{'cosine':>9}{'probability':>13}")
@@ -515,6 +537,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__  # noqa: PLC0415
+    from .server import DEFAULT_RESPONSE_CACHE_MIB  # noqa: PLC0415 (stdlib-only module)
 
     parser = argparse.ArgumentParser(prog="clip-triton", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"clip-triton {__version__}")
@@ -549,6 +572,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip ONNX Runtime vs PyTorch verification")
     p.add_argument("--verify-batches", default="1,3,8", help="comma-separated batch sizes to verify")
     p.add_argument(
+        "--openvino-ir",
+        action="store_true",
+        help="also convert each tower to OpenVINO IR straight from the PyTorch module (verified like the "
+        "graphs); OpenVINO runtimes then serve it: faster than OpenVINO on the ONNX (docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--text-buckets",
+        default=None,
+        metavar="LENGTHS",
+        help="sequence lengths below the context length the text graph is served at, comma-separated, or "
+        f"'none' for one static length (default: {','.join(map(str, TEXT_BUCKETS))} where the text tower is "
+        "causal and pools at its EOT; see docs/benchmarks.md)",
+    )
+    p.add_argument(
         "--external-data-threshold-mib",
         type=float,
         default=1843.2,
@@ -575,6 +612,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--repo", "--out", dest="repo", required=True, help="repository folder to write (--out: old spelling)"
     )
     p.add_argument("--force", action="store_true", help="replace an existing repository folder")
+    p.add_argument(
+        "--no-openvino-ir",
+        action="store_true",
+        help="OpenVINO encoders run the ONNX graphs even where the export has OpenVINO IR (export --openvino-ir)",
+    )
+    p.add_argument(
+        "--response-cache",
+        choices=RESPONSE_CACHE_CHOICES,
+        default="text",
+        help="ensembles answered from Triton's response cache on a repeated request: text (prompts), all "
+        "(images too, keyed on their bytes) or none; the server sizes the cache (serve --response-cache-mib, "
+        "tritonserver --cache-config)",
+    )
     p.add_argument(
         "--served-model-name",
         default=None,
@@ -654,6 +704,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for the models to load")
     p.add_argument(
+        "--response-cache-mib",
+        type=float,
+        default=DEFAULT_RESPONSE_CACHE_MIB,
+        help="size of Triton's local response cache, for the ensembles whose config enables it "
+        "(`repo --response-cache`); 0: off",
+    )
+    p.add_argument(
         "--watchdog-interval",
         type=float,
         default=15.0,
@@ -712,6 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the model id clients send and /v1/models lists (default: the repository's "
         "served_model_name, else the architecture name)",
+    )
+    p.add_argument(
+        "--tokenizer-dir",
+        default=os.environ.get("CLIP_TRITON_TOKENIZER_DIR"),
+        help="folder with the served model's tokenizer.json, for models with a Hugging Face tokenizer "
+        "(SigLIP, MetaCLIP 2): usage tokens are counted with it; the repository's tokenizer/1 "
+        "($CLIP_TRITON_TOKENIZER_DIR)",
     )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (also: $CLIP_TRITON_API_KEYS)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use only)")
@@ -855,6 +919,12 @@ _APPLIES = [
         "--seed seeds random weights: it needs --pretrained none",
     ),
     ("export", "verify_batches", lambda a: not a.no_verify, "--verify-batches has no effect with --no-verify"),
+    (
+        "export",
+        "openvino_ir",
+        lambda a: a.precision == "fp32",
+        "--openvino-ir converts fp32 exports (OpenVINO picks fp32 or bf16 compute itself): drop --precision fp16",
+    ),
     (
         "export",
         "cache_dir",

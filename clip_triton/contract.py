@@ -43,15 +43,19 @@ EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding
 STATUS_OUTPUT = "STATUS"
 
 PIXELS = "pixel_values"  # [B, 3, H, W], the vision graph's input
-INPUT_IDS = "input_ids"  # [B, context_length] int32, the text graph's input
+INPUT_IDS = "input_ids"  # [B, L] int32, the text graph's input: L one of the contract's text lengths
 IMAGE_EMBEDS = "image_embeds"  # [B, D] float32, the vision graph's output
 TEXT_EMBEDS = "text_embeds"  # [B, D] float32, the text graph's output
 
 VISION_ONNX = "vision.onnx"
 TEXT_ONNX = "text.onnx"
+# OpenVINO IR converted from the PyTorch module (`export --openvino-ir`): NAME.xml beside NAME.bin.
+VISION_IR = "vision.xml"
+TEXT_IR = "text.xml"
 MANIFEST = "manifest.json"
 PLAN_FILE = "model.plan"  # a TensorRT engine inside an encoder's version folder
 ENCODER_ONNX_FILE = "model.onnx"  # a graph inside an encoder's version folder (ONNX Runtime, OpenVINO, python)
+ENCODER_IR_FILE = "model.xml"  # an OpenVINO IR there (with model.bin): Triton's OpenVINO backend's default name
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,14 @@ class Tower:
     name: str  # "vision" | "text"
     model: str  # the Triton encoder model
     onnx_file: str  # its graph in an export folder
+    ir_file: str  # its OpenVINO IR in an export folder (`export --openvino-ir`)
     ensemble: str  # the public ensemble that ends in it
     front: str  # the python model that feeds it (preprocess | tokenizer)
     kind: str  # what clients send: "image" | "text"
 
 
-VISION = Tower("vision", VISION_MODEL, VISION_ONNX, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image")
-TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text")
+VISION = Tower("vision", VISION_MODEL, VISION_ONNX, VISION_IR, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image")
+TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_IR, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text")
 TOWERS = (VISION, TEXT)
 
 
@@ -87,6 +92,8 @@ DEFAULT_PRECISION = "fp32"
 # Encoder runtimes: tensorrt (GPU), onnxruntime (Triton's ORT backend), openvino (Triton's OpenVINO
 # backend, CPU), python (python-backend models running the graphs with a CPU runtime, below).
 RUNTIMES = ("tensorrt", "onnxruntime", "openvino", "python")
+# Which ensembles Triton's response cache answers repeated requests for (`clip-triton repo --response-cache`).
+RESPONSE_CACHE_CHOICES = ("none", "text", "all")
 CPU_RUNTIMES = ("onnxruntime", "openvino")  # what --runtime python runs the graphs with
 CPU_PRECISIONS = ("fp32", "bf16")  # compute precision on the CPU; bf16 needs OpenVINO
 
@@ -197,9 +204,33 @@ class PreprocessSpec:
             )
 
 
+# Sequence-length buckets of the text tower (besides the context length itself). CLIP's text tower is
+# causal and pools at the EOT token, so the first L tokens (L past the EOT) give exactly the embedding
+# of all context_length tokens; the tokenizer gives each request the smallest bucket that holds its
+# longest text, and the dynamic batcher groups requests of one bucket. Chosen from measurements
+# (`python bench/text_lengths.py`, docs/benchmarks.md): prompts ("a photo of a cat.") need 6-12 tokens,
+# ImageNet templates x class names 5-22, captions 12-30. More buckets pad less but split the batcher's
+# queue into more shapes; each costs one TensorRT optimisation profile.
+TEXT_BUCKETS = (8, 16, 32)
+# Pooling types for which a text cut after its EOT is exact (with a causal mask): the pooled position
+# lies inside the cut. ``last``/``first``-token pooling or a bidirectional tower would see the padding.
+BUCKETABLE_POOLING = ("argmax", "eos")
+
+
+# Tokenizer kinds: open_clip's SimpleTokenizer (CLIP's byte-level BPE, shipped in this package), or a
+# Hugging Face tokenizer (open_clip's HFTokenizer: SigLIP's Gemma/T5 SentencePiece, MetaCLIP 2's XLM-V),
+# whose tokenizer.json the export copies and the server runs with the torch-free `tokenizers` library.
+TOKENIZER_KINDS = ("clip-bpe", "hf")
+HF_TOKENIZER_DIR = "tokenizer"  # in an export folder: the Hugging Face tokenizer as open_clip loaded it
+HF_TOKENIZER_FILE = "tokenizer.json"  # the file the server's tokenizer model reads (next to its model.py)
+
+
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """open_clip's SimpleTokenizer settings for a model."""
+    """open_clip's tokenizer settings for a model, and the lengths its text graph is served at.
+
+    For a Hugging Face tokenizer the special ids are read from its files at export (-1 until then;
+    ``sot_token_id`` stays -1 where the tokenizer adds no start token, as Gemma's and T5's)."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -207,6 +238,44 @@ class TokenizerSpec:
     eot_token_id: int = 49407
     clean: str = "lower"  # open_clip clean function: lower | whitespace | canonicalize
     pool_type: str = "argmax"  # how the text tower pools: the EOT position (highest id)
+    # Shorter lengths than context_length the text graph accepts (a dynamic sequence axis); empty: the
+    # graph takes exactly context_length tokens (a static graph, as exports before buckets).
+    buckets: tuple[int, ...] = ()
+    kind: str = "clip-bpe"  # one of TOKENIZER_KINDS
+    hf_name: str = ""  # open_clip's hf_tokenizer_name: a hub id or a local folder
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.kind not in TOKENIZER_KINDS:
+            raise ClipTritonError(f"unknown tokenizer kind {self.kind!r}", f"one of {TOKENIZER_KINDS}")
+        object.__setattr__(self, "buckets", tuple(sorted({int(b) for b in self.buckets} - {self.context_length})))
+        if any(not 2 <= b < self.context_length for b in self.buckets):
+            raise ClipTritonError(
+                f"text buckets {list(self.buckets)} must lie in [2, {self.context_length})",
+                "choose lengths between 2 and the context length (a text needs its start and end tokens)",
+            )
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the special ids are known (always for CLIP's BPE; after export for a HF tokenizer)."""
+        return self.kind == "clip-bpe" or min(self.eot_token_id, self.pad_token_id) >= 0
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        """Every sequence length the text graph is served at, shortest first (context_length last)."""
+        return (*self.buckets, self.context_length)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the text graph has a dynamic sequence axis."""
+        return bool(self.buckets)
+
+    def bucket(self, needed: int) -> int:
+        """The shortest served length that holds ``needed`` tokens (the longest row up to its EOT)."""
+        for length in self.lengths:
+            if needed <= length:
+                return length
+        return self.context_length
 
 
 def _tuple(value, n: int | None = None) -> tuple:
@@ -232,6 +301,13 @@ class ModelContract:
         if self.precision not in PRECISIONS:
             raise ClipTritonError(f"unknown precision {self.precision!r}", f"choose one of {PRECISIONS}")
 
+    @property
+    def scoring(self) -> str:
+        """How zero-shot scores come from cosines: ``sigmoid`` for models trained with a sigmoid loss and
+        a learned ``logit_bias`` (SigLIP, SigLIP 2: one independent probability per prompt), else
+        ``softmax`` over the prompts with ``logit_scale`` (CLIP)."""
+        return "sigmoid" if "init_logit_bias" in self.model_cfg else "softmax"
+
     # -- tensors ---------------------------------------------------------------------------
     @property
     def pixel_dtype(self) -> str:
@@ -252,8 +328,10 @@ class ModelContract:
 
     @property
     def input_ids(self) -> TensorSpec:
-        # int32: ONNX Runtime and TensorRT do not run ArgMax (EOT pooling) on int64.
-        return TensorSpec(INPUT_IDS, "int32", (self.tokenizer.context_length,))
+        # int32: ONNX Runtime and TensorRT do not run ArgMax (EOT pooling) on int64. The sequence axis is
+        # dynamic (-1, up to context_length) when the contract has text buckets.
+        length = -1 if self.tokenizer.dynamic else self.tokenizer.context_length
+        return TensorSpec(INPUT_IDS, "int32", (length,))
 
     @property
     def image_embeds(self) -> TensorSpec:
@@ -307,6 +385,9 @@ class ModelContract:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelContract:
         pre = dict(data.get("preprocess", {}))
+        tok: dict[str, Any] = dict(data.get("tokenizer", {}))  # no "buckets": an export from before buckets (static)
+        if "buckets" in tok:
+            tok["buckets"] = tuple(tok["buckets"])
         if "image_size" in pre:
             pre["image_size"] = _tuple(pre["image_size"], 2)
         for key in ("mean", "std"):
@@ -317,7 +398,7 @@ class ModelContract:
             pretrained=data["pretrained"],
             embed_dim=int(data["embed_dim"]),
             preprocess=PreprocessSpec(**pre),
-            tokenizer=TokenizerSpec(**data.get("tokenizer", {})),
+            tokenizer=TokenizerSpec(**tok),
             precision=data.get("precision", DEFAULT_PRECISION),
             batch=BatchProfile(**data.get("batch", {})),
             model_cfg=dict(data.get("model_cfg", {})),
@@ -344,12 +425,15 @@ class ModelContract:
         pretrained: str | None = DEFAULT_PRETRAINED,
         precision: str = DEFAULT_PRECISION,
         batch: BatchProfile | None = None,
+        text_buckets: tuple[int, ...] | None = None,
     ) -> ModelContract:
         """Read an architecture's config and a tag's preprocessing from open_clip (no weights).
 
         ``model`` is an open_clip architecture name or the path of a custom JSON config (which is
         registered with open_clip under its file stem). ``pretrained`` is a tag, a local checkpoint
-        path, or ``None``/``"none"`` for random weights.
+        path, or ``None``/``"none"`` for random weights. ``text_buckets``: the shorter sequence lengths
+        to serve (default :data:`TEXT_BUCKETS`; ``()`` for a static graph); refused for a text tower
+        where a cut text would not be exact.
         """
         open_clip = _import_open_clip()
         name = register_model_config(model)
@@ -360,10 +444,10 @@ class ModelContract:
                 "pass a name from open_clip.list_models() or a path to a model-config JSON",
             )
         vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-        if "timm_model_name" in vision_cfg or "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+        if "hf_model_name" in text_cfg:
             raise ClipTritonError(
-                f"{name} uses a timm or Hugging Face tower, which this exporter does not handle",
-                "clip-triton exports open_clip ViT towers with the CLIP BPE tokenizer",
+                f"{name} uses a Hugging Face text transformer (hf_model_name), which this exporter does not serve",
+                "choose a model whose text tower is open_clip's own (CLIP, SigLIP, MetaCLIP 2, EVA, PE-Core, MobileCLIP)",
             )
         if isinstance(vision_cfg.get("layers"), (list, tuple)):
             raise ClipTritonError(f"{name} is a ResNet (ModifiedResNet) model", "choose an open_clip ViT architecture")
@@ -386,6 +470,25 @@ class ModelContract:
         text_kwargs = text_cfg.get("tokenizer_kwargs", {}) or {}
         if text_kwargs.get("reduction_mask"):
             raise ClipTritonError(f"{name} uses a tokenizer reduction mask", "only truncation is served")
+        hf_name = text_cfg.get("hf_tokenizer_name") or ""
+        unserved = sorted(set(text_kwargs) - {"clean"}) if hf_name else []
+        if unserved:  # CLIPA's strip_sep_token, NLLB's language, 'clips' mode
+            raise ClipTritonError(
+                f"{name}'s tokenizer options {unserved} are not served",
+                "SigLIP, SigLIP 2 and MetaCLIP 2 tokenizers are; these options are not implemented server-side",
+            )
+        context = int(text_cfg.get("context_length", 77))
+        pool_type = text_cfg.get("pool_type", "argmax")
+        exact_cut = pool_type in BUCKETABLE_POOLING and not text_cfg.get("no_causal_mask", False)
+        if text_buckets is None:
+            text_buckets = tuple(b for b in TEXT_BUCKETS if b < context) if exact_cut else ()
+        elif text_buckets and not exact_cut:
+            raise ClipTritonError(
+                f"{name}'s text tower pools with {pool_type!r}"
+                f"{' without a causal mask' if text_cfg.get('no_causal_mask') else ''}: a text cut to a bucket "
+                "would not give the embedding of the whole context",
+                "export without --text-buckets (or --text-buckets none)",
+            )
         return cls(
             model=name,
             pretrained=tag,
@@ -399,10 +502,18 @@ class ModelContract:
                 fill_color=int(pre.get("fill_color", 0)),
             ),
             tokenizer=TokenizerSpec(
-                context_length=int(text_cfg.get("context_length", 77)),
+                context_length=context,
                 vocab_size=int(text_cfg.get("vocab_size", 49408)),
-                clean=text_kwargs.get("clean", "lower"),
-                pool_type=text_cfg.get("pool_type", "argmax"),
+                # open_clip's defaults: SimpleTokenizer lower-cases, HFTokenizer only collapses whitespace
+                clean=text_kwargs.get("clean", "whitespace" if hf_name else "lower"),
+                pool_type=pool_type,
+                buckets=tuple(text_buckets),
+                # A Hugging Face tokenizer's ids are read from its files at export (export.weights).
+                kind="hf" if hf_name else "clip-bpe",
+                hf_name=hf_name,
+                sot_token_id=-1 if hf_name else TokenizerSpec.sot_token_id,
+                eot_token_id=-1 if hf_name else TokenizerSpec.eot_token_id,
+                pad_token_id=-1 if hf_name else TokenizerSpec.pad_token_id,
             ),
             precision=precision,
             batch=batch or BatchProfile(),
@@ -440,6 +551,16 @@ def register_model_config(model: str) -> str:
         if not path.is_file():
             raise ClipTritonError(f"model config {model} not found", "pass an existing JSON file or an open_clip name")
         open_clip = _import_open_clip()
+        cfg = json.loads(path.read_text())
+        tokenizer = (cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
+        if tokenizer and not Path(tokenizer).is_absolute() and (path.parent / tokenizer).is_dir():
+            # A tokenizer folder named relative to the config file (offline use): made absolute, so that
+            # every process (export child, verification) finds it wherever it runs.
+            import tempfile  # noqa: PLC0415
+
+            cfg["text_cfg"]["hf_tokenizer_name"] = str((path.parent / tokenizer).resolve())
+            path = Path(tempfile.mkdtemp(prefix="clip-triton-cfg-")) / path.name
+            path.write_text(json.dumps(cfg))
         open_clip.add_model_config(path)
         return path.stem
     return model

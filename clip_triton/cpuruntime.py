@@ -70,7 +70,7 @@ class OpenVINOSession:
         check_cpu_runtime("openvino", precision)
         path = Path(path)
         if not path.is_file():
-            raise ClipTritonError(f"ONNX graph {path} not found", "run `clip-triton export` first")
+            raise ClipTritonError(f"graph {path} not found", "run `clip-triton export` first")
         config = {
             "INFERENCE_PRECISION_HINT": _OV_PRECISION[precision],
             "PERFORMANCE_HINT": "LATENCY",

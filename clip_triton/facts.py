@@ -46,6 +46,12 @@ class ServerFacts:
     precision: str = ""
     logit_scale_source: str = ""
 
+    @property
+    def scoring(self) -> str:
+        """``sigmoid`` where the model learned a ``logit_bias`` (SigLIP: one independent probability
+        per prompt), else ``softmax`` over the prompts (CLIP): :func:`clip_triton.client.rank`."""
+        return "softmax" if self.logit_bias is None else "sigmoid"
+
     # -- the world's view ----------------------------------------------------------------------
     @property
     def public_id(self) -> str:

@@ -14,8 +14,8 @@ completed while it waited). `clip-triton health` (Kubernetes liveness, compose h
 from __future__ import annotations
 
 import io
+import secrets
 import time
-from functools import lru_cache
 
 import numpy as np
 
@@ -25,26 +25,32 @@ STUB_DEAD = "is not healthy"  # python backend: "Stub process '<model>_0_0' is n
 UNREACHABLE = ("StatusCode.UNAVAILABLE", "Connection refused", "failed to connect")
 
 
-@lru_cache(maxsize=1)
-def canary_image() -> bytes:
+def canary_image(nonce: int = 0) -> bytes:
+    """A small PNG; its colour comes from ``nonce``, so each canary is a new request."""
     from PIL import Image  # noqa: PLC0415
 
     buffer = io.BytesIO()
-    Image.new("RGB", (32, 24), (120, 80, 200)).save(buffer, format="PNG")
+    colour = (nonce & 0xFF, (nonce >> 8) & 0xFF, (nonce >> 16) & 0xFF)
+    Image.new("RGB", (32, 24), colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def canary_items() -> tuple[bytes, bytes]:
+    """(text, image) never sent before: Triton's response cache (repo --response-cache) would answer a
+    repeated canary itself, and a dead tokenizer, preprocess or encoder stub would go unnoticed."""
+    nonce = secrets.randbits(24)
+    return f"a photo of a cat, canary {nonce:06x}".encode(), canary_image(nonce)
 
 
 def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
     """(healthy, reason): both ensembles answer a real request with a finite, normalised embedding."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
+    text, image = canary_items()
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            for model, name, item in (
-                (TEXT_ENSEMBLE, TEXT_INPUT, b"a photo of a cat"),
-                (IMAGE_ENSEMBLE, IMAGE_INPUT, canary_image()),
-            ):
+            for model, name, item in ((TEXT_ENSEMBLE, TEXT_INPUT, text), (IMAGE_ENSEMBLE, IMAGE_INPUT, image)):
                 tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[item]], dtype=object))
                 out = client.infer(model, [tensor], client_timeout=timeout).as_numpy(EMBEDDING_OUTPUT)
@@ -58,8 +64,13 @@ def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
     return True, "ok"
 
 
-def completed_requests(metrics_url: str, timeout: float = 5.0) -> float | None:
-    """Requests Triton has completed successfully so far (all models), or None if unreachable."""
+def completed_requests(metrics_url: str, timeout: float = 5.0, models: tuple[str, ...] | None = None) -> float | None:
+    """Requests Triton has completed successfully so far, or None if unreachable.
+
+    All models by default, or only `models` (e.g. the ensembles, to count what clients asked for).
+    The counter includes model warm-up, which Triton runs at load (every bucket x batch size, 85
+    inferences on the tiny repository): compare counts with a baseline, never with a fixed number.
+    """
     import http.client  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
@@ -71,6 +82,8 @@ def completed_requests(metrics_url: str, timeout: float = 5.0) -> float | None:
     total = 0.0
     for line in text.splitlines():
         if line.startswith("nv_inference_request_success{"):
+            if models is not None and not any(f'model="{m}"' in line for m in models):
+                continue
             total += float(line.rsplit(" ", 1)[1])
     return total
 

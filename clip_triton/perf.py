@@ -3,6 +3,11 @@ with real input data (JPEG bytes for ``clip_image``, prompts for ``clip_text``),
 
 perf_analyzer needs Debian's ``libb64-0d`` and ``libcudart.so.12`` (from the
 ``nvidia-cuda-runtime-cu12`` wheel, found automatically when installed) on this CPU machine.
+
+perf_analyzer cycles through its input data, so against an ensemble with Triton's response cache on
+(``clip_text`` by default) it would measure cache hits: there every request gets its own prompt
+(the sample prompts with two one-token words of their own, :data:`UNIQUE_TEXTS` of them), and a cached
+``clip_image`` (``repo --response-cache all``) is refused with the way out.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import csv
 import ctypes.util
 import json
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -61,14 +67,25 @@ def perf_environment() -> dict[str, str]:
     return env
 
 
-def input_data(model: str, images: list[bytes] | None = None, prompts: tuple[str, ...] = PERF_PROMPTS) -> dict:
-    """perf_analyzer's --input-data JSON: one entry per real item, cycled through by perf_analyzer."""
+# Distinct prompts per perf_analyzer run against a cached clip_text: more requests than one run sends
+# (at 5,000 texts/s and batch 1, six 4 s windows are 120,000 requests; beyond that they cycle).
+UNIQUE_TEXTS = 200_000
+
+
+def input_data(
+    model: str, images: list[bytes] | None = None, prompts: tuple[str, ...] = PERF_PROMPTS, unique: int = 0
+) -> dict:
+    """perf_analyzer's --input-data JSON: one entry per real item, cycled through by perf_analyzer.
+    ``unique``: that many distinct texts (the prompts, each with a suffix of this run's own)."""
     if model == IMAGE_ENSEMBLE:
         if images is None:
             images = image_bytes()
         name, items = IMAGE_INPUT, images
     elif model == TEXT_ENSEMBLE:
-        name, items = TEXT_INPUT, [p.encode() for p in prompts]
+        texts = list(prompts)
+        if unique:
+            texts = distinct_prompts(prompts, unique)
+        name, items = TEXT_INPUT, [t.encode() for t in texts]
     else:
         raise ValueError(f"no sample data for {model}")
     # "b64" holds the raw tensor: for BYTES, each element is a 4-byte little-endian length + the bytes.
@@ -86,15 +103,18 @@ def run_perf_analyzer(
     images: list[bytes] | None = None,
     shared_memory: str = "none",
     timeout: float = 600,
+    data: dict | None = None,
 ) -> PerfResult:
     """One perf_analyzer measurement at one batch size and concurrency.
 
     perf_analyzer stops with a non-zero exit at the first failed request, which raises here: a
     returned result means every request of the measurement succeeded.
     """
+    if data is None:
+        data = perf_input_data(url, model, images, protocol)
     with tempfile.TemporaryDirectory(prefix="clip-triton-perf-") as tmp:
         data_file = Path(tmp) / "input.json"
-        data_file.write_text(json.dumps(input_data(model, images)))
+        data_file.write_text(json.dumps(data))
         csv_file = Path(tmp) / "result.csv"
         command = perf_command(
             url,
@@ -129,6 +149,58 @@ def run_perf_analyzer(
         p50_ms=float(row["p50 latency"]) / 1000,
         p99_ms=float(row["p99 latency"]) / 1000,
     )
+
+
+def distinct_prompts(prompts: tuple[str, ...], count: int) -> list[str]:
+    """``count`` distinct texts: each prompt followed by two words that are one BPE token each (so a
+    text is 2 tokens longer than its prompt, and stays in its length bucket or the next), the pairs
+    starting at a random offset, so another run's texts are not in the cache either."""
+    from .tokenizer import _load_vocab  # noqa: PLC0415
+
+    encoder, _ = _load_vocab()
+    words = sorted(t[:-4] for t in encoder if t.endswith("</w>") and t[:-4].isalpha() and 3 <= len(t) <= 10)
+    words = words[:: max(1, len(words) // 2048)][:2048]
+    start = secrets.randbelow(len(words) ** 2)
+    out = []
+    for i in range(count):
+        pair = (start + i) % len(words) ** 2
+        out.append(f"{prompts[i % len(prompts)]} {words[pair // len(words)]} {words[pair % len(words)]}")
+    return out
+
+
+def perf_input_data(url: str, model: str, images: list[bytes] | None = None, protocol: str = "grpc") -> dict:
+    """The input data for one perf_analyzer run against the server at ``url``: distinct texts where
+    ``clip_text`` is cached (:func:`response_cached`), the sample items otherwise."""
+    return input_data(model, images, unique=UNIQUE_TEXTS if response_cached(url, model, protocol) else 0)
+
+
+def response_cached(url: str, model: str, protocol: str = "grpc") -> bool:
+    """Whether ``model`` answers repeated requests from Triton's response cache; refuses a cached
+    ``clip_image`` (its photos would repeat, and perf_analyzer would time cache hits)."""
+    if protocol == "grpc":
+        import tritonclient.grpc as client_module  # noqa: PLC0415
+    else:
+        import tritonclient.http as client_module  # noqa: PLC0415
+    try:
+        with client_module.InferenceServerClient(url) as client:
+            config = client.get_model_config(model)
+    except Exception as exc:  # noqa: BLE001 (perf_analyzer would fail the same way, less clearly)
+        raise ClipTritonError(
+            f"cannot read {model}'s config at {url}: {exc}", "is the server up at that URL?"
+        ) from None
+    config = config.config if hasattr(config, "config") else config  # gRPC message / HTTP dict
+    cached = (
+        bool(config.response_cache.enable)
+        if hasattr(config, "response_cache")
+        else bool(config.get("response_cache", {}).get("enable"))
+    )
+    if cached and model == IMAGE_ENSEMBLE:
+        raise ClipTritonError(
+            f"{model} answers repeated requests from Triton's response cache (repo --response-cache all): "
+            "perf_analyzer cycles through a few photos and would time cache hits",
+            "measure a repository written with --response-cache text (the default) or none",
+        )
+    return cached
 
 
 def perf_command(
@@ -181,9 +253,10 @@ def perf_table(
     for model in models:
         for batch in batch_sizes:
             for concurrency in concurrencies:
+                data = perf_input_data(url, model)  # per cell: a cached clip_text gets texts no cell sent
                 if print_command:
-                    data = Path(tempfile.gettempdir()) / f"clip-triton-{model}-input.json"
-                    data.write_text(json.dumps(input_data(model)))
+                    data_file = Path(tempfile.gettempdir()) / f"clip-triton-{model}-input.json"
+                    data_file.write_text(json.dumps(data))
                     path = env.get("LD_LIBRARY_PATH", "")
                     print(
                         f"LD_LIBRARY_PATH={shlex.quote(path)} "
@@ -191,7 +264,7 @@ def perf_table(
                             perf_command(
                                 url,
                                 model,
-                                data,
+                                data_file,
                                 batch_size=batch,
                                 concurrency=concurrency,
                                 measurement_ms=measurement_ms,
@@ -200,7 +273,7 @@ def perf_table(
                         file=sys.stderr,
                     )
                 result = run_perf_analyzer(
-                    url, model, batch_size=batch, concurrency=concurrency, measurement_ms=measurement_ms
+                    url, model, batch_size=batch, concurrency=concurrency, measurement_ms=measurement_ms, data=data
                 )
                 rows.append(
                     f"{model:<12}{batch:>6}{concurrency:>13}{result.items_per_sec:>10.1f}"

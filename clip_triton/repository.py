@@ -24,11 +24,15 @@ from pathlib import Path
 from google.protobuf import text_format
 
 from .contract import (
+    ENCODER_IR_FILE,
     ENCODER_ONNX_FILE,
+    HF_TOKENIZER_DIR,
+    HF_TOKENIZER_FILE,
     IMAGE_ENSEMBLE,
     MANIFEST,
     PLAN_FILE,
     PREPROCESS_MODEL,
+    RESPONSE_CACHE_CHOICES,
     RUNTIMES,
     TEXT,
     TEXT_ENSEMBLE,
@@ -66,6 +70,11 @@ def _pb2():
     return model_config_pb2
 
 
+def cached_ensembles(setting: str) -> tuple[str, ...]:
+    """The ensembles whose responses Triton caches for a ``response_cache`` setting."""
+    return {"none": (), "text": (TEXT.ensemble,), "all": tuple(t.ensemble for t in TOWERS)}[setting]
+
+
 @dataclass(frozen=True)
 class RepoOptions:
     runtime: str = "tensorrt"
@@ -83,6 +92,13 @@ class RepoOptions:
     max_text_chars: int = 65536
     warmup: bool = True
     served_model_name: str | None = None  # public model id (gateway, clients); default: the architecture name
+    # Which ensembles answer repeated requests from Triton's response cache (the server needs
+    # --cache-config; `clip-triton serve` sets it): text (prompts repeat), all (images too, keyed on
+    # their bytes) or none. Exact: the key hashes the whole request (model, inputs and their bytes).
+    response_cache: str = "text"
+    # OpenVINO runtimes serve the IR converted from the module when the export has one (`export
+    # --openvino-ir`: faster than OpenVINO on the ONNX, docs/benchmarks.md); False: the ONNX graphs.
+    openvino_ir: bool = True
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -92,6 +108,10 @@ class RepoOptions:
         check_cpu_runtime("openvino" if self.runtime == "openvino" else self.cpu_runtime, self.cpu_precision)
         if self.served_model_name is not None:
             check_served_model_name(self.served_model_name)
+        if self.response_cache not in RESPONSE_CACHE_CHOICES:
+            raise ClipTritonError(
+                f"unknown response cache setting {self.response_cache!r}", f"choose one of {RESPONSE_CACHE_CHOICES}"
+            )
         if self.runtime == "openvino" and self.cpu_precision != "bf16":
             raise ClipTritonError(
                 "Triton's OpenVINO backend cannot force fp32: on bf16-capable CPUs OpenVINO computes in bf16",
@@ -122,6 +142,12 @@ class ServingFacts:
     logit_bias: float | None = None
     random_weights: bool = False
     logit_scale_source: str = "checkpoint"
+    has_openvino_ir: bool = False  # the export holds OpenVINO IR of both towers (`export --openvino-ir`)
+
+    def serves_ir(self, options: RepoOptions) -> bool:
+        """Whether the encoders run the export's OpenVINO IR rather than its ONNX graphs."""
+        openvino = options.runtime == "openvino" or (options.runtime == "python" and options.cpu_runtime == "openvino")
+        return self.has_openvino_ir and options.openvino_ir and openvino
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> ServingFacts:
@@ -136,6 +162,7 @@ class ServingFacts:
             logit_bias=manifest.get("logit_bias"),
             random_weights=bool(manifest.get("random_weights")),
             logit_scale_source="random initialisation" if manifest.get("random_weights") else "checkpoint",
+            has_openvino_ir=bool(manifest.get("openvino_ir")),
         )
 
     @classmethod
@@ -200,16 +227,20 @@ def _instances(config, count: int, kind: str):
     group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
 
 
-def _warmup(config, spec: TensorSpec, batch_sizes):
+def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = ()):
+    """Zero inputs at each batch size; a dynamic (-1) axis at each of ``lengths`` (the text buckets:
+    each is its own TensorRT profile and ONNX Runtime shape, each warmed before the first request)."""
     pb = _pb2()
+    shapes = [tuple(length if d == -1 else d for d in spec.shape) for length in lengths] if -1 in spec.shape else []
     for size in batch_sizes:
-        warm = config.model_warmup.add()
-        warm.name = f"zeros_batch_{size}"
-        warm.batch_size = size
-        data = warm.inputs[spec.name]
-        data.data_type = pb.DataType.Value(spec.config_type)
-        data.dims.extend(spec.shape)
-        data.zero_data = True
+        for shape in shapes or [spec.shape]:
+            warm = config.model_warmup.add()
+            warm.name = f"zeros_batch_{size}" + (f"_length_{shape[-1]}" if shapes else "")
+            warm.batch_size = size
+            data = warm.inputs[spec.name]
+            data.data_type = pb.DataType.Value(spec.config_type)
+            data.dims.extend(shape)
+            data.zero_data = True
 
 
 def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
@@ -226,6 +257,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
     delay = options.queue_delay_us if options.queue_delay_us is not None else (500 if gpu else 2000)
     threads = str(options.encoder_threads)
     cores = os.cpu_count() or 1
+    graph_file = ENCODER_IR_FILE if facts.serves_ir(options) else ENCODER_ONNX_FILE
     contract_json = c.to_json()
     configs = {}
 
@@ -272,9 +304,9 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.default_model_filename = ENCODER_ONNX_FILE
             _instances(enc, options.encoder_instances, "KIND_GPU")
         elif options.runtime == "openvino":
-            # Triton's OpenVINO backend reads ONNX directly; the keys are the backend's own.
+            # Triton's OpenVINO backend reads ONNX or IR; the keys are the backend's own.
             enc.backend = "openvino"
-            enc.default_model_filename = ENCODER_ONNX_FILE
+            enc.default_model_filename = graph_file
             enc.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
             enc.parameters["NUM_STREAMS"].string_value = "1"
             enc.parameters["HINT_BF16"].string_value = "YES"
@@ -283,7 +315,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _instances(enc, options.encoder_instances, "KIND_CPU")
         else:
             enc.backend = "python"
-            enc.parameters["onnx_file"].string_value = ENCODER_ONNX_FILE
+            enc.parameters["graph_file"].string_value = graph_file
             enc.parameters["cpu_runtime"].string_value = options.cpu_runtime
             enc.parameters["compute_precision"].string_value = options.cpu_precision
             enc.parameters["threads"].string_value = threads
@@ -291,7 +323,7 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             _instances(enc, options.encoder_instances, "KIND_CPU")
         _batching(enc, preferred, delay)
         if options.warmup:
-            _warmup(enc, spec_in, sorted({1, preferred[0]}))
+            _warmup(enc, spec_in, sorted({1, preferred[0]}), c.tokenizer.lengths if tower is TEXT else ())
         configs[name] = enc
 
     facts_params = facts.server_facts(options).parameters()
@@ -310,6 +342,8 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         step.model_name, step.model_version = tower.model, -1
         step.input_map[spec_mid.name] = spec_mid.name
         step.output_map[encoder.output.name] = c.embedding.name
+        if name in cached_ensembles(options.response_cache):
+            ens.response_cache.enable = True  # top-level requests of the ensemble (its steps run on a miss)
         configs[name] = ens
     return configs
 
@@ -360,14 +394,24 @@ def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str
 
 
 def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
-    """Copy (hard-link when possible) a graph into a version folder, keeping its external data's name."""
+    """Copy (hard-link when possible) a graph into a version folder: an ONNX graph keeps its external
+    data's name (the graph refers to it); an OpenVINO IR (``.xml``) goes with its ``.bin``."""
     src = onnx_dir / graph
     if not src.is_file():
         raise ClipTritonError(f"{src} not found", "run `clip-triton export` into that folder first")
-    pairs = [(src, version_dir / ENCODER_ONNX_FILE)]
-    data = onnx_dir / f"{graph}.data"
-    if data.exists():
-        pairs.append((data, version_dir / data.name))  # the graph refers to its data file by this name
+    if src.suffix == ".xml":
+        weights = src.with_suffix(".bin")
+        if not weights.is_file():
+            raise ClipTritonError(f"{weights} not found beside {src.name}", "re-run `clip-triton export --openvino-ir`")
+        pairs = [
+            (src, version_dir / ENCODER_IR_FILE),
+            (weights, version_dir / Path(ENCODER_IR_FILE).with_suffix(".bin")),
+        ]
+    else:
+        pairs = [(src, version_dir / ENCODER_ONNX_FILE)]
+        data = onnx_dir / f"{graph}.data"
+        if data.exists():
+            pairs.append((data, version_dir / data.name))  # the graph refers to its data file by this name
     for source, target in pairs:
         target.unlink(missing_ok=True)
         try:
@@ -403,7 +447,17 @@ def write_repository(
     if onnx_dir is not None and options.runtime in ("onnxruntime", "openvino", "python"):
         for tower in TOWERS:
             (out / tower.model / "1").mkdir(parents=True, exist_ok=True)  # native backends have no other file there
-            _place_graph(onnx_dir, tower.onnx_file, out / tower.model / "1")
+            _place_graph(
+                onnx_dir, tower.ir_file if facts.serves_ir(options) else tower.onnx_file, out / tower.model / "1"
+            )
     if onnx_dir is not None:
         shutil.copy2(onnx_dir / MANIFEST, out / MANIFEST)  # provenance beside the configs
+    if facts.contract.tokenizer.kind == "hf":  # the tokenizer model runs the export's copy of it
+        source = (onnx_dir or Path(".")) / HF_TOKENIZER_DIR / HF_TOKENIZER_FILE
+        if not source.is_file():
+            raise ClipTritonError(
+                f"{source} not found: {facts.contract.model} tokenizes with a Hugging Face tokenizer",
+                "re-run `clip-triton export` (it saves the tokenizer beside the graphs)",
+            )
+        shutil.copy2(source, out / TEXT.front / "1" / HF_TOKENIZER_FILE)
     return out

@@ -91,18 +91,18 @@ def check_repository(repo: Path) -> list[str]:
             runtime = "onnxruntime" if config.platform else "openvino"
             raise ClipTritonError(
                 f"{folder.name} uses Triton's {backend} backend, which the pip-installed Triton lacks",
-                f"use --runtime python here (--cpu-engine {runtime}), or the NGC Triton container for --runtime {runtime}",
+                f"use --runtime python here (--cpu-runtime {runtime}), or the NGC Triton container for --runtime {runtime}",
             )
         if config.backend == "python":
             if not (version / "model.py").is_file():
                 raise ClipTritonError(
                     f"{version / 'model.py'} missing", "rewrite the repository with `clip-triton repo`"
                 )
-            onnx_file = config.parameters["onnx_file"].string_value if "onnx_file" in config.parameters else ""
-            if onnx_file and not (version / onnx_file).is_file():
+            graph = config.parameters["graph_file"].string_value if "graph_file" in config.parameters else ""
+            if graph and not (version / graph).is_file():
                 raise ClipTritonError(
-                    f"{version / onnx_file} missing: the repository has no exported graph",
-                    "run `clip-triton export --out DIR`, then `clip-triton repo --runtime python --onnx-dir DIR`",
+                    f"{version / graph} missing: the repository has no exported graph",
+                    "run `clip-triton export --onnx-dir DIR`, then `clip-triton repo --runtime python --onnx-dir DIR`",
                 )
     if not models:
         raise ClipTritonError(f"{repo} holds no model (no */config.pbtxt)", "write one with `clip-triton repo`")
@@ -154,10 +154,99 @@ def stub_pythonpath() -> str:
 # stay open: they are read-only, the metrics port publishes the same numbers, and perf_analyzer
 # reads them over gRPC, where it cannot send headers.
 ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
+# Triton's local response cache: a text request of 16 prompts costs ~16 x 4 x embed_dim bytes (80 KiB
+# for bigG), so 256 MiB keeps ~3000 such requests. docker-compose.yml and the k8s Deployment repeat it
+# (--cache-config=local,size=268435456); tests/test_gpu_path.py keeps them equal.
+DEFAULT_RESPONSE_CACHE_MIB = 256
 ADMIN_HEADER = "clip-triton-admin"
 _PR_SET_PDEATHSIG = 1
 # `serve` restarts a crashed tritonserver, but not forever: this many crashes within the window stop it.
 CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0
+
+
+# Triton's python backend keeps each model instance's messages in a shared-memory region under
+# /dev/shm. A graceful stop removes them; a SIGKILLed tritonserver leaves them behind, and they are RAM:
+# a busy CI machine collected 619 of them (8.6 GB) until an export was OOM-killed. Every server gets
+# its own name prefix (owner pid + token), stop() removes its regions, and every start and stop
+# removes the regions of owners that are dead and that no live process still maps.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "clip_triton_"
+# The containers (docker-compose.yml, deploy/k8s) run one tritonserver each and name its regions with
+# this fixed prefix, so their command removes a killed predecessor's before it starts: Kubernetes
+# keeps a memory-backed /dev/shm across container restarts. Not a pid, so sweep_stale_shm skips it.
+CONTAINER_SHM_PREFIX = f"{SHM_PREFIX}container_"
+
+
+def shm_prefix_for(owner: int) -> str:
+    """The python backend's region prefix for a server started by process ``owner``."""
+    return f"{SHM_PREFIX}{owner}_{secrets.token_hex(4)}_"
+
+
+def shm_regions(prefix: str = SHM_PREFIX) -> list[Path]:
+    """This user's python-backend regions whose names start with ``prefix``."""
+    if not SHM_DIR.is_dir():
+        return []
+    uid = os.getuid()
+    found = []
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_uid == uid:
+                found.append(path)
+    return sorted(found)
+
+
+def _mapped_shm_names() -> set[str]:
+    """Names of /dev/shm files some process of this user maps (those it may not read are unknown)."""
+    names: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            for line in maps.read_text(errors="replace").splitlines():
+                where = line.find(f"{SHM_DIR}/")
+                if where >= 0:
+                    names.add(line[where + len(str(SHM_DIR)) + 1 :].split(" ")[0])
+    return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_shm(prefix: str) -> int:
+    """Remove the regions of one stopped server; returns how many."""
+    removed = 0
+    for path in shm_regions(prefix):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def sweep_stale_shm() -> int:
+    """Remove regions left by servers whose owner is dead (SIGKILL of `serve` or of a test run) and
+    that no live process maps (their tritonserver and stubs are gone too). Returns how many."""
+    stale = []
+    for path in shm_regions():
+        owner = path.name[len(SHM_PREFIX) :].split("_", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            stale.append(path)
+    if not stale:
+        return 0
+    mapped = _mapped_shm_names()
+    removed = 0
+    for path in stale:
+        if path.name not in mapped:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    if removed:
+        LOG.info("removed %d shared-memory regions left by killed tritonservers", removed)
+    return removed
 
 
 def _die_with(parent: int):
@@ -188,6 +277,7 @@ class TritonServer:
         extra_args: tuple[str, ...] = (),
         admin_key: str | None = None,
         restricted_apis: tuple[str, ...] = ADMIN_APIS,
+        response_cache_mib: float = DEFAULT_RESPONSE_CACHE_MIB,
     ):
         self.repo = Path(repo).resolve()
         self.host = host
@@ -200,7 +290,11 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.admin_key = admin_key or os.environ.get("CLIP_TRITON_ADMIN_KEY") or secrets.token_hex(24)
         self.restricted_apis = tuple(restricted_apis)
+        if response_cache_mib < 0:
+            raise ClipTritonError("--response-cache-mib must be 0 (off) or more")
+        self.response_cache_bytes = int(response_cache_mib * 1024**2)
         self.process: subprocess.Popen | None = None
+        self.shm_prefix = shm_prefix_for(os.getpid())
 
     @property
     def http_admin_headers(self) -> dict[str, str]:
@@ -243,8 +337,21 @@ class TritonServer:
             "--allow-cpu-metrics=true",
             "--allow-gpu-metrics=false",
             f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.cache_args(),
             *self.restriction_args(),
             *self.extra_args,
+        ]
+
+    def cache_args(self) -> list[str]:
+        """Triton's local response cache, used by the models whose config enables it (clip_text). The
+        pip-installed server looks for its cache library under /opt/tritonserver unless told where the
+        wheel keeps it."""
+        if not self.response_cache_bytes:
+            return []
+        return [
+            f"--cache-directory={pytriton_root() / 'caches'}",
+            f"--cache-config=local,size={self.response_cache_bytes}",
         ]
 
     def restriction_args(self) -> list[str]:
@@ -263,6 +370,7 @@ class TritonServer:
 
     def start(self, timeout: float = 300) -> TritonServer:
         check_repository(self.repo)
+        sweep_stale_shm()
         for what, port in (("http", self.http_port), ("grpc", self.grpc_port), ("metrics", self.metrics_port)):
             _check_port(self.host, port, what)
         if self.log_file is None:
@@ -329,6 +437,8 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
         self.process = None
+        release_shm(self.shm_prefix)  # a graceful exit removed them; a killed server did not
+        sweep_stale_shm()
         if getattr(self, "_log_handle", None):
             self._log_handle.close()
 

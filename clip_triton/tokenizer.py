@@ -242,6 +242,68 @@ class ClipTokenizer:
         )
 
 
+class HFTextTokenizer:
+    """A Hugging Face tokenizer (SigLIP's Gemma/T5 SentencePiece, MetaCLIP 2's XLM-V) run as open_clip's
+    ``HFTokenizer`` runs it, without torch or transformers: open_clip's cleaning, then the
+    ``tokenizer.json`` the export saved from the tokenizer open_clip loaded (its normaliser,
+    pre-tokeniser, model and special-token template), truncated to the context with the template's
+    tokens kept and padded with the pad id, as ``tokenizer(texts, max_length=L,
+    padding="max_length", truncation=True)`` does (tests/test_hf_tokenizer.py: token for token)."""
+
+    def __init__(self, spec: TokenizerSpec, path, max_chars: int = 65536):
+        from tokenizers import Tokenizer  # noqa: PLC0415 (only models with a HF tokenizer need it)
+
+        if not spec.resolved:
+            raise ValueError("the contract's tokenizer ids are unresolved: export the model to read them")
+        self.spec, self.max_chars = spec, max_chars
+        self.backend = Tokenizer.from_file(str(path))
+        self.backend.no_padding()
+        self.backend.enable_truncation(max_length=spec.context_length)
+
+    check = ClipTokenizer.check
+
+    def ids(self, text: str) -> np.ndarray:
+        self.check(text)
+        tokens = self.backend.encode(_clean(self.spec.clean, text)).ids
+        row = np.full(self.spec.context_length, self.spec.pad_token_id, dtype=np.int32)
+        row[: len(tokens)] = tokens
+        return row
+
+    __call__ = ClipTokenizer.__call__  # rows of self.ids, stacked
+
+
+def text_tokenizer(spec: TokenizerSpec, folder=None, max_chars: int = 65536) -> ClipTokenizer | HFTextTokenizer:
+    """The tokenizer a contract names: CLIP's BPE (shipped here), or the Hugging Face tokenizer whose
+    ``tokenizer.json`` lies in ``folder`` (an export's ``tokenizer/``, or the server model's version folder)."""
+    if spec.kind == "clip-bpe":
+        return ClipTokenizer(spec, max_chars=max_chars)
+    from pathlib import Path  # noqa: PLC0415
+
+    from .contract import HF_TOKENIZER_FILE  # noqa: PLC0415
+
+    path = Path(folder or ".") / HF_TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the export copies the Hugging Face tokenizer there")
+    return HFTextTokenizer(spec, path, max_chars=max_chars)
+
+
+def needed_length(ids: np.ndarray, eot: int) -> int:
+    """Tokens the rows of ``ids`` need: up to and including each row's last EOT, the longest row's."""
+    if not ids.size:
+        return 0
+    hits = ids == eot
+    last = ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)  # a row without EOT (truncated by hand) needs all
+    return int(np.where(hits.any(axis=1), last + 1, ids.shape[1]).max())
+
+
+def cut_to_bucket(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
+    """``[N, context_length]`` ids cut to ``[N, L]``, L the shortest of the contract's lengths that
+    holds every row's EOT: the causal, EOT-pooled text tower then embeds them exactly as whole rows."""
+    if not spec.dynamic:
+        return ids
+    return np.ascontiguousarray(ids[:, : spec.bucket(needed_length(ids, spec.eot_token_id))])
+
+
 def decode_utf8(data: bytes) -> str:
     """Decode one text item sent as bytes; raise :class:`TextError` on invalid UTF-8."""
     try:

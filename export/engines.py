@@ -4,7 +4,8 @@ Runs on a GPU host inside the TensorRT container of the same NGC release as the 
 will serve the engines (engines are tied to the TensorRT version and the GPU). The ONNX graphs are
 parsed by file path, so their external data loads. One declaration, the contract's batch profile,
 drives the ONNX export's dynamic axis, the TensorRT optimisation profile and Triton's
-``max_batch_size``.
+``max_batch_size``; the text tower gets one profile per sequence-length bucket of the contract
+(Triton's TensorRT backend picks, per batch, the profile whose range holds its shape).
 
 Strongly typed networks (TensorRT >= 10.12) take their precision from the fp16 ONNX graph, which
 keeps LayerNorm and Softmax in float32; on older TensorRT the weakly typed fallback sets the FP16
@@ -50,11 +51,31 @@ class Profile:
     opt: tuple[int, ...]
     max: tuple[int, ...]
 
+    def holds(self, shape: tuple[int, ...]) -> bool:
+        return all(lo <= n <= hi for lo, n, hi in zip(self.min, shape, self.max)) and len(shape) == len(self.min)
 
-def profile_for(contract: ModelContract, tower: str) -> Profile:
+
+def profiles_for(contract: ModelContract, tower: str) -> tuple[Profile, ...]:
+    """The encoder's optimisation profiles: batch from the contract's batch profile; a dynamic text
+    axis gets one profile per bucket, covering the lengths above the previous bucket up to it and
+    tuned at the bucket itself (the lengths the tokenizer sends). Every length 2..context is served."""
     spec, _ = contract.encoder_io(tower)
     batch = contract.batch
-    return Profile(spec.name, (batch.min, *spec.shape), (batch.opt, *spec.shape), (batch.max, *spec.shape))
+    if -1 not in spec.shape:
+        return (Profile(spec.name, (batch.min, *spec.shape), (batch.opt, *spec.shape), (batch.max, *spec.shape)),)
+    profiles, floor = [], 2
+    for length in contract.tokenizer.lengths:
+        profiles.append(Profile(spec.name, (batch.min, floor), (batch.opt, length), (batch.max, length)))
+        floor = length + 1
+    return tuple(profiles)
+
+
+def profile_index(profiles: tuple[Profile, ...], shape: tuple[int, ...]) -> int:
+    """The profile that holds ``shape`` (what Triton's TensorRT backend picks for a batch)."""
+    for index, profile in enumerate(profiles):
+        if profile.holds(tuple(shape)):
+            return index
+    raise ClipTritonError(f"no optimisation profile holds shape {list(shape)}", f"profiles: {profiles}")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -259,7 +280,7 @@ def apply_timing_cache(config, data: bytes, log: Progress) -> None:
 def build_engine(
     onnx_path: Path,
     plan_path: Path,
-    profile: Profile,
+    profiles: tuple[Profile, ...],
     precision: str,
     options: BuildOptions,
     cache_path: Path,
@@ -286,9 +307,10 @@ def build_engine(
     if not strongly and precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)  # weakly typed fallback for TensorRT < 10.12
     apply_timing_cache(config, read_timing_cache(cache_path, platform, log), log)
-    trt_profile = builder.create_optimization_profile()
-    trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
-    config.add_optimization_profile(trt_profile)
+    for profile in profiles:
+        trt_profile = builder.create_optimization_profile()
+        trt_profile.set_shape(profile.input_name, profile.min, profile.opt, profile.max)
+        config.add_optimization_profile(trt_profile)
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _progress_monitor(trt, log)
     started = time.monotonic()
@@ -336,8 +358,11 @@ def polygraphy_runner(plan_path: Path):  # pragma: no cover - needs a GPU and Te
     return TrtRunner(EngineFromBytes(BytesFromPath(str(plan_path))))
 
 
-def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray], runner=None) -> list[np.ndarray]:
-    """Execute an engine on host arrays, one output array per batch.
+def run_engine(
+    plan_path: Path, profiles: tuple[Profile, ...], batches: list[np.ndarray], runner=None
+) -> list[np.ndarray]:
+    """Execute an engine on host arrays, one output array per batch, each in the profile that holds
+    its shape (as Triton picks it; ``TrtRunner.set_profile``).
 
     Polygraphy's ``TrtRunner.infer`` returns views of host buffers that it reuses for the next call,
     so each output is copied before the next batch runs (a view would end up holding the last batch).
@@ -345,7 +370,9 @@ def run_engine(plan_path: Path, profile: Profile, batches: list[np.ndarray], run
     outputs = []
     with runner if runner is not None else polygraphy_runner(plan_path) as active:
         for x in batches:
-            result = active.infer({profile.input_name: x})
+            if len(profiles) > 1:
+                active.set_profile(profile_index(profiles, x.shape))
+            result = active.infer({profiles[0].input_name: x})
             outputs.append(np.array(next(iter(result.values())), dtype=np.float32, copy=True))
     return outputs
 
@@ -359,11 +386,17 @@ def validate_engine(tower: str, cases, reference, outputs) -> list[dict]:
 
 
 def validate_plan(
-    tower: str, plan_path: Path, profile: Profile, contract: ModelContract, references: list, runner=None
+    tower: str,
+    plan_path: Path,
+    profiles: tuple[Profile, ...],
+    contract: ModelContract,
+    references: list,
+    runner=None,
 ) -> list[dict]:
-    """Run an engine on the export's reference inputs and compare with the PyTorch references."""
+    """Run an engine on the export's reference inputs (text at every bucket) and compare with the
+    PyTorch references."""
     cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references]
-    outputs = run_engine(plan_path, profile, [x for _, x in cases], runner=runner)
+    outputs = run_engine(plan_path, profiles, [x for _, x in cases], runner=runner)
     return validate_engine(tower, cases, [ref for _, _, ref in references], outputs)
 
 
@@ -395,17 +428,18 @@ def build_engines(
                 "write the repository first: clip-triton repo --runtime tensorrt --onnx-dir DIR --out REPO",
             )
         folder.mkdir(parents=True, exist_ok=True)
-        profile = profile_for(contract, tower)
+        profiles = profiles_for(contract, tower)
         onnx_path = onnx_dir / spec.onnx_file
-        log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
+        for profile in profiles:
+            log(f"building {model}: profile min {profile.min} opt {profile.opt} max {profile.max}")
         built = build_engine(
-            onnx_path, folder / PLAN_FILE, profile, contract.precision, options, cache_path, platform, log
+            onnx_path, folder / PLAN_FILE, profiles, contract.precision, options, cache_path, platform, log
         )
-        checks = validate_plan(tower, folder / PLAN_FILE, profile, contract, references[tower])
+        checks = validate_plan(tower, folder / PLAN_FILE, profiles, contract, references[tower])
         engine_manifest = {
             "platform": asdict(platform),
             "onnx": graph_identity(onnx_dir, tower),
-            "profile": asdict(profile),
+            "profiles": [asdict(profile) for profile in profiles],
             "precision": contract.precision,
             "builder": {**asdict(options), **built},
             "validation": {

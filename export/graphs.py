@@ -6,7 +6,7 @@ import gc
 import os
 from pathlib import Path
 
-from clip_triton.contract import VISION, ModelContract
+from clip_triton.contract import BUCKETABLE_POOLING, VISION, ModelContract
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError
 
@@ -15,7 +15,8 @@ DEFAULT_EXTERNAL_THRESHOLD = int(1.8 * 1024**3)  # leave headroom under protobuf
 
 
 def tower_module(model, tower: str):
-    """A module whose forward is one tower plus L2 normalisation, output in float32."""
+    """open_clip's own encoder of one tower plus L2 normalisation, output in float32: the reference
+    (``encode_text`` takes exactly context_length tokens)."""
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
 
@@ -32,6 +33,56 @@ def tower_module(model, tower: str):
     return Tower(model, "encode_image" if tower_spec(tower) is VISION else "encode_text").eval()
 
 
+def text_tower(model):
+    """The module holding the text tower's layers: CustomTextCLIP (SigLIP, EVA, PE-Core, MobileCLIP)
+    keeps open_clip's TextTransformer in ``.text``; CLIP keeps them on the model itself."""
+    return getattr(model, "text", model)
+
+
+def export_module(model, contract: ModelContract, tower: str):
+    """The module exported for a tower. The vision tower and a static text graph are open_clip's own
+    encoders (:func:`tower_module`); with text buckets the text encoder runs on the first L tokens,
+    L given by the input, with the positional embedding and causal mask cut to L: open_clip's
+    ``encode_text`` step by step otherwise, so a text whose EOT lies inside the cut embeds exactly as
+    its whole context (checked per bucket against ``encode_text`` by verify)."""
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+    from open_clip.transformer import text_global_pool  # noqa: PLC0415
+
+    if tower_spec(tower) is VISION or not contract.tokenizer.dynamic:
+        return tower_module(model, tower)
+    text = text_tower(model)
+    if getattr(text, "attn_mask", None) is None or contract.tokenizer.pool_type not in BUCKETABLE_POOLING:
+        raise ClipTritonError(
+            f"{contract.model}'s text tower is not causal with EOT pooling: it cannot be cut to buckets",
+            "export with --text-buckets none",
+        )
+
+    class CutText(torch.nn.Module):
+        """open_clip's ``encode_text`` on ``ids[:, :L]`` with everything positional cut to L."""
+
+        def __init__(self, tower):
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, ids):
+            tower, length = self.tower, ids.shape[1]
+            cast = tower.transformer.get_cast_dtype()
+            x = tower.token_embedding(ids).to(cast) + tower.positional_embedding[:length].to(cast)
+            x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask[:length, :length]))
+            if tower is model:  # CLIP keeps the text tower's settings under text_* names
+                pool, eos = tower.text_pool_type, getattr(tower, "text_eos_id", None)
+            else:  # open_clip's TextTransformer
+                pool, eos = tower.pool_type, getattr(tower, "eos_id", None)
+            x = text_global_pool(x, ids, pool, eos_token_id=eos)
+            projection = tower.text_projection
+            if projection is not None:
+                x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+            return F.normalize(x.float(), dim=-1)
+
+    return CutText(text).eval()
+
+
 def tower_parameter_bytes(model, tower: str) -> int:
     prefix = "visual." if tower_spec(tower) is VISION else None
     total = 0
@@ -43,20 +94,107 @@ def tower_parameter_bytes(model, tower: str) -> int:
 
 
 def to_half(model) -> None:
-    """fp16 weights with LayerNorm kept in float32, as open_clip's own fp16 models do.
+    """fp16 weights with every normalisation computed in float32, as open_clip's own fp16 models do.
 
-    Linear/conv/attention weights and projections go to fp16 (``convert_weights_to_lp``); LayerNorm
-    modules become ``LayerNormFp32`` (input cast to float32, float32 affine), so the graph computes
-    every normalisation in float32. Softmax is handled on the graph (:func:`softmax_in_fp32`).
+    open_clip's towers: linear/conv/attention weights and projections go to fp16
+    (``convert_weights_to_lp``). A timm vision tower (EVA, PE-Core, MobileCLIP, SigLIP) and a custom
+    text tower go to fp16 whole but for their norms: position tables, RoPE and pooling latents would
+    otherwise meet fp16 activations in float32 (torch.export refuses the mix). Then every LayerNorm,
+    GroupNorm and RMSNorm (open_clip's, torch's and timm's, 2d forms included) computes in float32
+    with float32 affine weights and hands fp16 back (:func:`norms_in_fp32`). Softmax is handled on
+    the graph (:func:`softmax_in_fp32`).
     """
     import torch  # noqa: PLC0415
     from open_clip.model import convert_weights_to_lp  # noqa: PLC0415
-    from open_clip.transformer import LayerNorm, LayerNormFp32  # noqa: PLC0415
 
-    convert_weights_to_lp(model, torch.float16)
+    text = getattr(model, "text", None)  # a custom text tower (CustomTextCLIP)
+    if text is None and not is_timm_tower(model.visual):  # open_clip's CLIP: as its own fp16 models
+        convert_weights_to_lp(model, torch.float16)
+    else:  # open_clip's converter trips over a Linear text projection (SigLIP's proj_bias)
+        for tower in (model.visual, text):
+            if tower is not None:
+                _half_except_norms(tower)
+    norms_in_fp32(model)
+
+
+def _half_except_norms(tower) -> None:
+    """Every floating parameter and buffer of ``tower`` to fp16, except the normalisations' own, which
+    stay exactly as trained (float32) for :func:`norms_in_fp32`."""
+    norms = _norm_types()
+    for module in tower.modules():
+        if isinstance(module, norms):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                param.data = param.data.half()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.is_floating_point():
+                module._buffers[name] = buffer.half()
+
+
+def is_timm_tower(module) -> bool:
+    """Whether an open_clip tower wraps a timm model (``TimmModel``: EVA, PE-Core, MobileCLIP, SigLIP)."""
+    try:
+        from open_clip.timm_model import TimmModel  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - open_clip without its timm adapter
+        return False
+    return isinstance(module, TimmModel)
+
+
+def _norm_types() -> tuple[type, ...]:
+    import torch  # noqa: PLC0415
+
+    types: list[type] = [torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm]  # open_clip's and timm's
+    try:  # LayerNorm/LayerNorm2d subclass torch's; timm's RMS and "simple" norms do not
+        from timm import layers  # noqa: PLC0415
+
+        types += [
+            getattr(layers, n) for n in ("RmsNorm", "RmsNorm2d", "SimpleNorm", "SimpleNorm2d") if hasattr(layers, n)
+        ]
+    except ImportError:  # pragma: no cover - timm is a dependency of open_clip
+        pass
+    return tuple(types)
+
+
+def norms_in_fp32(model) -> int:
+    """Make every normalisation module compute in float32 (input cast up, float32 affine weights, output
+    cast back to the input's dtype), whatever its class; returns how many. Each module's class becomes
+    a subclass that wraps the original ``forward``, so the exported graph shows Cast -> norm -> Cast."""
+    import torch  # noqa: PLC0415
+
+    norms = _norm_types()
+    made: dict[type, type] = {}
+    count = 0
     for module in model.modules():
-        if type(module) is LayerNorm:
-            module.__class__ = LayerNormFp32
+        cls = type(module)
+        if not isinstance(module, norms) or getattr(cls, "_clip_triton_fp32", False):
+            continue
+        if cls not in made:
+
+            def forward(self, x, _base=cls):
+                return _base.forward(self, x.float()).to(x.dtype)
+
+            made[cls] = type(f"{cls.__name__}Fp32", (cls,), {"forward": forward, "_clip_triton_fp32": True})
+        module.to(torch.float32)
+        module.__class__ = made[cls]
+        count += 1
+    return count
+
+
+def fuse_for_inference(model) -> int:
+    """Reparameterise a timm vision tower for inference (MobileCLIP's FastViT/MobileOne branches fuse
+    into single convolutions, as Apple's and timm's inference recipes do); returns how many modules
+    were fused. Same function, fewer ops: verification compares the fused graph with open_clip's
+    unfused model. Other towers are left alone (0)."""
+    visual = getattr(model, "visual", None)
+    if not is_timm_tower(visual):
+        return 0
+    fusable = [m for m in visual.modules() if hasattr(m, "reparameterize") or hasattr(m, "fuse")]
+    if fusable:
+        from timm.utils.model import reparameterize_model  # noqa: PLC0415
+
+        model.visual = reparameterize_model(visual, inplace=True)
+    return len(fusable)
 
 
 def example_input(contract: ModelContract, tower: str, batch: int = 2):
@@ -66,8 +204,10 @@ def example_input(contract: ModelContract, tower: str, batch: int = 2):
     if tower_spec(tower) is VISION:
         dtype = torch.float16 if spec.dtype == "float16" else torch.float32
         return torch.zeros((batch, *spec.shape), dtype=dtype)
-    ids = torch.zeros((batch, *spec.shape), dtype=torch.int32)
-    ids[:, 0], ids[:, 1] = contract.tokenizer.sot_token_id, contract.tokenizer.eot_token_id
+    tok = contract.tokenizer
+    ids = torch.full((batch, contract.context_length), tok.pad_token_id, dtype=torch.int32)
+    start = [tok.sot_token_id] if tok.sot_token_id >= 0 else []  # Gemma and T5 add no start token
+    ids[:, : len(start) + 1] = torch.tensor([*start, tok.eot_token_id], dtype=torch.int32)
     return ids
 
 
@@ -91,15 +231,18 @@ def export_tower(
         stale.unlink(missing_ok=True)
     size = tower_parameter_bytes(model, tower)
     external = size > external_threshold
-    batch = torch.export.Dim("batch", min=contract.batch.min, max=max(contract.batch.max, 2))
+    axes = {0: torch.export.Dim("batch", min=contract.batch.min, max=max(contract.batch.max, 2))}
+    if tower_spec(tower) is not VISION and contract.tokenizer.dynamic:
+        # One dynamic sequence axis from the shortest bucket's floor (2: start and end token) to the context.
+        axes[1] = torch.export.Dim("sequence", min=2, max=contract.context_length)
     with torch.no_grad():
         program = torch.onnx.export(
-            tower_module(model, tower),
+            export_module(model, contract, tower),
             (example_input(contract, tower),),
             dynamo=True,
             input_names=[spec_in.name],
             output_names=[spec_out.name],
-            dynamic_shapes=({0: batch},),  # by position: the graph's input is named by input_names
+            dynamic_shapes=(axes,),  # by position: the graph's input is named by input_names
             opset_version=opset,
             verbose=False,
         )
@@ -185,5 +328,49 @@ def check_graph(path: Path, contract: ModelContract, tower: str) -> None:
         dims = tensor_type.shape.dim
         if dims[0].dim_value != 0 or not dims[0].dim_param:
             raise ClipTritonError(f"{path}: {spec.name} has no dynamic batch axis")
-        if tuple(d.dim_value for d in dims[1:]) != spec.shape:
-            raise ClipTritonError(f"{path}: {spec.name} shape {[d.dim_value for d in dims[1:]]} != {list(spec.shape)}")
+        # -1 in the contract: a dynamic axis (dim_param, no value) in the graph.
+        found = tuple(-1 if d.dim_param and not d.dim_value else d.dim_value for d in dims[1:])
+        if found != spec.shape:
+            raise ClipTritonError(f"{path}: {spec.name} shape {list(found)} != {list(spec.shape)}")
+
+
+def export_openvino_ir(model, contract: ModelContract, tower: str, out_dir: Path) -> dict:
+    """The tower converted straight from the module to OpenVINO IR (``openvino.convert_model``, its own
+    PyTorch frontend), with the contract's tensor names and the same dynamic axes as the ONNX graph.
+
+    OpenVINO's CPU plugin fuses this form better than the dynamo ONNX graph's attention (~120
+    Transpose/Reshape nodes): docs/benchmarks.md. Weights stay float32 in the IR (no fp16
+    compression): the CPU runtime chooses fp32 or bf16 compute when it compiles it.
+    """
+    import torch  # noqa: PLC0415
+
+    try:
+        import openvino as ov  # noqa: PLC0415
+    except ImportError as exc:
+        raise ClipTritonError(
+            "--openvino-ir needs OpenVINO", "pip install 'clip-triton[cpu]' (or export without --openvino-ir)"
+        ) from exc
+    if contract.precision != "fp32":
+        raise ClipTritonError(
+            "--openvino-ir converts fp32 exports only (OpenVINO picks fp32 or bf16 compute itself)",
+            "export with --precision fp32 for CPU serving, or drop --openvino-ir",
+        )
+    spec_in, spec_out = contract.encoder_io(tower)
+    path = Path(out_dir) / tower_spec(tower).ir_file
+    example = example_input(contract, tower)
+    shape = (
+        [-1, *spec_in.shape]
+        if tower_spec(tower) is VISION
+        else [-1, -1 if contract.tokenizer.dynamic else contract.context_length]
+    )
+    with torch.no_grad():
+        converted = ov.convert_model(
+            export_module(model, contract, tower), example_input=example, input=[ov.PartialShape(shape)]
+        )
+    converted.inputs[0].get_tensor().set_names({spec_in.name})
+    converted.outputs[0].get_tensor().set_names({spec_out.name})
+    ov.save_model(converted, os.fspath(path), compress_to_fp16=False)
+    del converted
+    gc.collect()
+    weights = path.with_suffix(".bin")
+    return {"file": path.name, "weights": weights.name, "bytes": path.stat().st_size + weights.stat().st_size}

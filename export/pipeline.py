@@ -20,13 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import DEFAULT_PRECISION, MANIFEST, TEXT, VISION, ModelContract, register_recorded_config
+from clip_triton.contract import (
+    DEFAULT_PRECISION,
+    HF_TOKENIZER_DIR,
+    MANIFEST,
+    TEXT,
+    VISION,
+    ModelContract,
+    register_recorded_config,
+)
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress, emit
 
 from . import verify as V
-from .graphs import DEFAULT_EXTERNAL_THRESHOLD, export_tower, to_half
+from .graphs import DEFAULT_EXTERNAL_THRESHOLD, export_openvino_ir, export_tower, fuse_for_inference, to_half
 from .weights import load_model
 
 TEXT_ATTRIBUTES = (
@@ -91,27 +99,40 @@ def _export_stage(job: dict) -> dict:
         seed=job["seed"],
         cache_dir=job["cache_dir"],
         log=log,
+        text_buckets=None if job["text_buckets"] is None else tuple(job["text_buckets"]),
     )
     step("weights")
     contract: ModelContract = loaded.contract
     net = loaded.model
     log(
         f"{contract.model}: embed_dim {contract.embed_dim}, image {contract.image_size}, "
-        f"context {contract.context_length}, logit_scale {loaded.logit_scale:.4f}"
+        f"context {contract.context_length} (text served at lengths {list(contract.tokenizer.lengths)}), "
+        f"logit_scale {loaded.logit_scale:.4f}"
     )
+    tokenizer_dir = None
+    if loaded.hf_tokenizer is not None:  # the server's tokenizer model runs this copy (tokenizer.json)
+        tokenizer_dir = out / HF_TOKENIZER_DIR
+        loaded.hf_tokenizer.save_pretrained(tokenizer_dir)
+        log(f"saved the Hugging Face tokenizer {contract.tokenizer.hf_name} to {tokenizer_dir}")
+    pad = contract.tokenizer.pad_token_id
     if job["verify"]:
-        inputs = V.verification_inputs(contract, tuple(job["verify_batches"]))
+        inputs = V.verification_inputs(contract, tuple(job["verify_batches"]), tokenizer_dir=tokenizer_dir)
         arrays = {}
         for tower in EXPORT_ORDER:
             log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
-            for i, ((label, x), ref) in enumerate(zip(inputs[tower], V.torch_reference(net, tower, inputs[tower]))):
+            for i, ((label, x), ref) in enumerate(
+                zip(inputs[tower], V.torch_reference(net, tower, inputs[tower], pad))
+            ):
                 arrays[f"{tower}/{i}/{label}/input"], arrays[f"{tower}/{i}/{label}/reference"] = x, ref
             step(f"{tower} reference")
         np.savez(job["references"], **arrays)
+    fused = fuse_for_inference(net)  # after the references: they come from open_clip's model as built
+    if fused:
+        log(f"reparameterised the vision tower for inference ({fused} modules fused)")
     if job["precision"] == "fp16":
-        log("converting weights to fp16 (LayerNorm kept in float32)")
+        log("converting weights to fp16 (normalisations kept in float32)")
         to_half(net)
-    graphs = {}
+    graphs, irs = {}, {}
     for tower in EXPORT_ORDER:
         log(
             f"exporting {tower} tower to {out / tower_spec(tower).onnx_file} (torch.onnx dynamo, opset {job['opset']}, "
@@ -125,6 +146,11 @@ def _export_stage(job: dict) -> dict:
             f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})"
         )
         step(f"{tower} graph")
+        if job["openvino_ir"]:
+            log(f"converting {tower} tower to OpenVINO IR {out / tower_spec(tower).ir_file} (openvino.convert_model)")
+            irs[tower] = export_openvino_ir(net, contract, tower, out)
+            log(f"wrote {irs[tower]['file']} ({irs[tower]['bytes'] / 1024**2:.1f} MiB with its weights)")
+            step(f"{tower} IR")
         if tower == TEXT.name:  # the vision export needs no text weights
             for name in TEXT_ATTRIBUTES:
                 if hasattr(net, name):
@@ -133,6 +159,7 @@ def _export_stage(job: dict) -> dict:
     return {
         "contract": contract.to_dict(),
         "graphs": graphs,
+        "openvino_ir": irs or None,
         "random_weights": loaded.random_weights,
         "seed": loaded.seed,
         "checkpoint": {"path": loaded.checkpoint_path, "sha256": loaded.checkpoint_sha256},
@@ -161,41 +188,48 @@ def check_graphs(
     runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
     steps=None,
+    graph: str = "onnx",
 ) -> list:
     """A CPU runtime (ONNX Runtime by default) vs the references, one tower at a time; prints the table.
 
-    ``batches`` is ``{tower: [(label, input, reference), ...]}``.
+    ``batches`` is ``{tower: [(label, input, reference), ...]}``. ``graph``: the ONNX graphs, or
+    (``"ir"``, OpenVINO only) the IR converted from the module; IR rows name their tower ``vision ir``.
     """
     checks = []
     tolerance = V.tolerance_key(contract.precision, cpu_precision)
     sizes = sorted({x.shape[0] for label, x, _ in batches[VISION.name] if label == "random"})
     for tower in EXPORT_ORDER:
-        log(f"verifying {tower}.onnx with {runtime} ({cpu_precision}) at batch sizes {sizes} and real inputs")
+        spec = tower_spec(tower)
+        path = Path(onnx_dir) / (spec.ir_file if graph == "ir" else spec.onnx_file)
+        lengths = f", lengths {list(contract.tokenizer.lengths)}" if spec is TEXT else ""
+        log(f"verifying {path.name} with {runtime} ({cpu_precision}) at batch sizes {sizes}{lengths} and real inputs")
         cases = [(label, x) for label, x, _ in batches[tower]]
-        outputs = V.run_graph(
-            Path(onnx_dir) / tower_spec(tower).onnx_file,
-            contract,
-            tower,
-            cases,
-            log=log,
-            runtime=runtime,
-            cpu_precision=cpu_precision,
-        )
-        checks += V.compare(tower, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
+        outputs = V.run_graph(path, contract, tower, cases, log=log, runtime=runtime, cpu_precision=cpu_precision)
+        name = f"{tower} ir" if graph == "ir" else tower
+        checks += V.compare(name, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
         del outputs
         gc.collect()
         if steps is not None:
             steps.update(1)
-            steps.set_postfix_str(f"{tower} verified", refresh=True)
+            steps.set_postfix_str(f"{path.name} verified", refresh=True)
     V.report(checks, tolerance, note=f"; CPU runtime: {runtime} {cpu_precision}")
     return checks
 
 
 def current_export(
-    folder: str | Path, model: str, pretrained: str | None, *, precision: str = DEFAULT_PRECISION, seed: int = 0
+    folder: str | Path,
+    model: str,
+    pretrained: str | None,
+    *,
+    precision: str = DEFAULT_PRECISION,
+    seed: int = 0,
+    text_buckets: tuple[int, ...] | None = None,
+    openvino_ir: bool = False,
 ) -> dict | None:
     """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
-    seed, for random weights), else None. A checkpoint file must have the recorded sha256."""
+    seed, for random weights), else None. A checkpoint file must have the recorded sha256. An export
+    from before text buckets (a static text graph) is not current unless ``text_buckets == ()``;
+    with ``text_buckets`` None, any bucketed export is. With ``openvino_ir``, it must hold the IR."""
     from clip_triton.contract import normalise_pretrained  # noqa: PLC0415
 
     path = Path(folder) / MANIFEST
@@ -204,10 +238,13 @@ def current_export(
     except (OSError, ValueError):
         return None
     tag = normalise_pretrained(pretrained)
+    buckets = tuple((manifest.get("contract") or {}).get("tokenizer", {}).get("buckets") or ())
     same = (
         manifest.get("model") == Path(model).stem
         and manifest.get("precision") == precision
         and manifest.get("verification", {}).get("passed") is True
+        and (bool(buckets) if text_buckets is None else buckets == tuple(sorted(text_buckets)))
+        and (bool(manifest.get("openvino_ir")) or not openvino_ir)
     )
     if not same:
         return None
@@ -348,6 +385,8 @@ def export_model(
     force: bool = False,
     reuse: bool = False,
     progress: bool | None = None,
+    text_buckets: tuple[int, ...] | None = None,
+    openvino_ir: bool = False,
 ) -> dict:
     """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written).
 
@@ -355,7 +394,10 @@ def export_model(
     ``out_dir`` must be empty or absent unless ``force``; it appears only once the export is complete.
     ``reuse``: keep a verified export of the same model, weights and precision already in ``out_dir``
     (returns its manifest); anything else there is replaced. ``progress``: a step bar on stderr
-    (None: when stderr is a terminal).
+    (None: when stderr is a terminal). ``text_buckets``: the text graph's shorter sequence lengths
+    (None: the contract's default, ``()``: a static graph at the context length). ``openvino_ir``: also
+    convert each tower to OpenVINO IR straight from the module, verified like the ONNX graphs (the
+    OpenVINO runtimes serve it instead of the ONNX: faster on the CPU, docs/benchmarks.md).
     """
     from clip_triton.progress import bar  # noqa: PLC0415
 
@@ -363,13 +405,16 @@ def export_model(
     log = log or Progress("export")
     out = Path(out_dir)
     if reuse:
-        existing = current_export(out, model, pretrained, precision=precision, seed=seed)
+        existing = current_export(
+            out, model, pretrained, precision=precision, seed=seed, text_buckets=text_buckets, openvino_ir=openvino_ir
+        )
         if existing is not None:
             log(f"reusing the verified export in {out} ({existing['model']}, {existing['pretrained']}, {precision})")
             return existing
     work = _prepare_folder(out, force or reuse)
     started = time.monotonic()
-    steps = bar(len(CHILD_STEPS) + (3 if verify else 1), "export", unit="step", enabled=progress)
+    extra = (2 if openvino_ir else 0) * (2 if verify else 1)  # IR conversion (and its verification), per tower
+    steps = bar(len(CHILD_STEPS) + (3 if verify else 1) + extra, "export", unit="step", enabled=progress)
     try:
         manifest = _export_into(
             work,
@@ -385,6 +430,8 @@ def export_model(
             log=log,
             steps=steps,
             started=started,
+            text_buckets=text_buckets,
+            openvino_ir=openvino_ir,
         )
     except VerificationError:
         _publish(work, out)  # kept for inspection: its manifest says the verification failed, so nothing serves it
@@ -419,6 +466,8 @@ def _export_into(
     log: Progress,
     steps,
     started: float,
+    text_buckets: tuple[int, ...] | None = None,
+    openvino_ir: bool = False,
 ) -> dict:
     references = work / REFERENCES
     job = {
@@ -430,6 +479,8 @@ def _export_into(
         "seed": seed,
         "verify": verify,
         "verify_batches": list(verify_batches),
+        "text_buckets": None if text_buckets is None else list(text_buckets),
+        "openvino_ir": openvino_ir,
         "cache_dir": cache_dir,
         "external_threshold": external_threshold,
         "references": str(references),
@@ -440,7 +491,10 @@ def _export_into(
 
     checks = []
     if verify:
-        checks = check_graphs(work, contract, load_references(references), log, steps=steps)
+        cases = load_references(references)
+        checks = check_graphs(work, contract, cases, log, steps=steps)
+        if facts.get("openvino_ir"):  # OpenVINO fp32 on the IR: the same references, the same tolerance
+            checks += check_graphs(work, contract, cases, log, runtime="openvino", steps=steps, graph="ir")
     else:
         log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
 
@@ -456,8 +510,11 @@ def _export_into(
         "embed_dim": contract.embed_dim,
         "logit_scale": facts["logit_scale"],
         "logit_bias": facts["logit_bias"],
+        "scoring": contract.scoring,
         "contract": facts["contract"],
+        "hf_tokenizer": _tokenizer_facts(work),
         "graphs": facts["graphs"],
+        "openvino_ir": facts.get("openvino_ir"),
         "references": REFERENCES if verify else None,
         "verification": {
             "performed": verify,
@@ -474,6 +531,22 @@ def _export_into(
     if verify:
         V.raise_on_failure(checks)
     return manifest
+
+
+def _tokenizer_facts(folder: Path) -> dict | None:
+    """The Hugging Face tokenizer saved with the export (its files and the served file's sha256)."""
+    from clip_triton.contract import HF_TOKENIZER_FILE  # noqa: PLC0415
+
+    from .weights import sha256_file  # noqa: PLC0415
+
+    path = folder / HF_TOKENIZER_DIR
+    if not (path / HF_TOKENIZER_FILE).is_file():
+        return None
+    return {
+        "dir": HF_TOKENIZER_DIR,
+        "files": sorted(p.name for p in path.iterdir()),
+        "sha256": sha256_file(path / HF_TOKENIZER_FILE),
+    }
 
 
 def read_manifest(onnx_dir: str | Path) -> dict:
@@ -493,7 +566,8 @@ def verify_export(
     runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
 ) -> list:
-    """Re-check an existing export against open_clip rebuilt from its manifest.
+    """Re-check an existing export against open_clip rebuilt from its manifest (with OpenVINO, its
+    OpenVINO IR too, when it has one).
 
     Random-weight exports are rebuilt from their recorded seed (``seed`` overrides it); exports of
     real weights reload the recorded checkpoint (``checkpoint`` overrides its path).
@@ -507,16 +581,22 @@ def verify_export(
         pretrained, use_seed = checkpoint or manifest["checkpoint"]["path"] or manifest["pretrained"], 0
     model_name = register_recorded_config(contract.model, contract.model_cfg)
     loaded = load_model(model_name, pretrained, precision=contract.precision, seed=use_seed, log=log)
-    inputs = V.verification_inputs(contract, tuple(batches))
+    folder = Path(onnx_dir) / HF_TOKENIZER_DIR
+    inputs = V.verification_inputs(contract, tuple(batches), tokenizer_dir=folder if folder.is_dir() else None)
+    pad = contract.tokenizer.pad_token_id
     cases = {
         tower: [
             (label, x, ref)
-            for (label, x), ref in zip(inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower]))
+            for (label, x), ref in zip(inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower], pad))
         ]
         for tower in EXPORT_ORDER
     }
     del loaded  # no export ran here, so this frees the weights before ONNX Runtime loads the graphs
     gc.collect()
     checks = check_graphs(Path(onnx_dir), contract, cases, log, runtime=runtime, cpu_precision=cpu_precision)
+    if runtime == "openvino" and manifest.get("openvino_ir"):  # what the OpenVINO runtimes serve
+        checks += check_graphs(
+            Path(onnx_dir), contract, cases, log, runtime=runtime, cpu_precision=cpu_precision, graph="ir"
+        )
     V.raise_on_failure(checks)
     return checks

@@ -12,7 +12,9 @@ import numpy as np
 
 from clip_triton import samples
 from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract, cosine
+from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import VerificationError
+from clip_triton.tokenizer import cut_to_bucket
 
 
 def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:
@@ -31,18 +33,22 @@ class Check:
 
     def row(self) -> str:
         mark = "ok" if self.passed else "FAIL"
-        return (
-            f"{self.tower:<7}{self.inputs:<10}{self.batch:>6}{self.min_cosine:>16.9f}{self.max_abs_diff:>14.3e}  {mark}"
-        )
+        return f"{self.tower:<10}{self.inputs:<11}{self.batch:>6}{self.min_cosine:>16.9f}{self.max_abs_diff:>14.3e}  {mark}"
 
 
-HEADER = f"{'tower':<7}{'inputs':<10}{'batch':>6}{'min cosine':>16}{'max |diff|':>14}  result"
+HEADER = f"{'tower':<10}{'inputs':<11}{'batch':>6}{'min cosine':>16}{'max |diff|':>14}  result"
 
 
-def verification_inputs(contract: ModelContract, batches: tuple[int, ...], seed: int = 1234) -> dict:
-    """Deterministic inputs per tower: random tensors at each batch size, and real data."""
+def verification_inputs(
+    contract: ModelContract, batches: tuple[int, ...], seed: int = 1234, tokenizer_dir=None
+) -> dict:
+    """Deterministic inputs per tower: random tensors at each batch size, and real data.
+
+    Text comes at every served sequence length (``random@16``: rows whose EOT lies inside 16 tokens,
+    cut to 16); its reference is open_clip's ``encode_text`` on the same rows padded to the whole
+    context (:func:`torch_reference`), so each bucket is checked against the uncut model."""
     from clip_triton.preprocess import Preprocessor  # noqa: PLC0415
-    from clip_triton.tokenizer import ClipTokenizer  # noqa: PLC0415
+    from clip_triton.tokenizer import text_tokenizer  # noqa: PLC0415 (its vocabulary loads on first use)
 
     rng = np.random.default_rng(seed)
     pixels = contract.pixels
@@ -51,28 +57,59 @@ def verification_inputs(contract: ModelContract, batches: tuple[int, ...], seed:
     inputs: dict[str, list[tuple[str, np.ndarray]]] = {vision: [], text: []}
     for batch in batches:
         inputs[vision].append(("random", rng.standard_normal((batch, *pixels.shape)).astype(np.float32)))
-        ids = np.zeros((batch, tok.context_length), dtype=np.int32)
-        for row in ids:
-            length = int(rng.integers(1, tok.context_length - 1))
-            row[0] = tok.sot_token_id
-            row[1 : length + 1] = rng.integers(1, tok.sot_token_id, size=length)
-            row[length + 1] = tok.eot_token_id  # length + 1 <= context_length - 1
-        inputs[text].append(("random", ids))
+    # Word ids: CLIP's between 1 and its SOT; a HF tokenizer's above its special ids (the first few).
+    low, high = (
+        (1, tok.sot_token_id)
+        if tok.kind == "clip-bpe"
+        else (max(tok.sot_token_id, tok.eot_token_id, tok.pad_token_id) + 1, tok.vocab_size)
+    )
+    start = [tok.sot_token_id] if tok.sot_token_id >= 0 else []  # Gemma and T5 add no start token
+    for cut in tok.lengths:
+        for batch in batches:
+            ids = np.full((batch, cut), tok.pad_token_id, dtype=np.int32)
+            for row in ids:
+                length = int(
+                    rng.integers(0, cut - len(start))
+                )  # words between start and end: 0 .. cut - 1 - len(start)
+                row[: len(start)] = start
+                row[len(start) : len(start) + length] = rng.integers(low, high, size=length)
+                row[len(start) + length] = tok.eot_token_id  # <= cut - 1
+            inputs[text].append((_label("random", cut, tok), ids))
     pre = Preprocessor(contract.preprocess, dtype="float32")
     inputs[vision].append(("photos", np.stack([pre.from_bytes(b) for b in samples.image_bytes()])))
-    inputs[text].append(("prompts", ClipTokenizer(tok)(list(samples.VERIFICATION_PROMPTS))))
+    # Real prompts, each in its own bucket (as the tokenizer model would send it alone).
+    prompts = text_tokenizer(tok, tokenizer_dir)(list(samples.VERIFICATION_PROMPTS))
+    by_length: dict[int, list[np.ndarray]] = {}
+    for row in prompts:
+        cut = cut_to_bucket(row[None], tok)
+        by_length.setdefault(cut.shape[1], []).append(cut[0])
+    for cut, rows in sorted(by_length.items()):
+        inputs[text].append((_label("prompts", cut, tok), np.stack(rows)))
     return inputs
 
 
-def torch_reference(model, tower: str, batches: list[tuple[str, np.ndarray]]) -> list[np.ndarray]:
-    """open_clip PyTorch fp32 embeddings (L2-normalised) for each input batch."""
+def _label(kind: str, length: int, tok) -> str:
+    return f"{kind}@{length}" if tok.dynamic else kind
+
+
+def padded(ids: np.ndarray, context_length: int, pad_id: int = 0) -> np.ndarray:
+    """Token ids cut to a bucket, padded back to the whole context (what open_clip's tokenizer gives)."""
+    out = np.full((ids.shape[0], context_length), pad_id, dtype=ids.dtype)
+    out[:, : ids.shape[1]] = ids
+    return out
+
+
+def torch_reference(model, tower: str, batches: list[tuple[str, np.ndarray]], pad_id: int = 0) -> list[np.ndarray]:
+    """open_clip PyTorch fp32 embeddings (L2-normalised) for each input batch: its own ``encode_image``
+    and ``encode_text``, text padded to the whole context whatever bucket it was cut to."""
     import torch  # noqa: PLC0415
 
-    from .graphs import tower_module  # noqa: PLC0415
+    from .graphs import text_tower, tower_module  # noqa: PLC0415
 
     module = tower_module(model, tower)
+    context = text_tower(model).positional_embedding.shape[0] if tower_spec(tower) is TEXT else None
     with torch.no_grad():
-        return [module(torch.from_numpy(x)).numpy() for _, x in batches]
+        return [module(torch.from_numpy(padded(x, context, pad_id) if context else x)).numpy() for _, x in batches]
 
 
 def run_graph(

@@ -22,6 +22,7 @@ class LoadedModel:
     seed: int | None
     logit_scale: float
     logit_bias: float | None
+    hf_tokenizer: object = None  # open_clip's HFTokenizer, for a model with a Hugging Face tokenizer
 
 
 def sha256_file(path: str | Path, chunk: int = 16 * 1024 * 1024) -> str:
@@ -125,11 +126,13 @@ def load_model(
     seed: int = 0,
     cache_dir: str | None = None,
     log: Progress | None = None,
+    text_buckets: tuple[int, ...] | None = None,
 ) -> LoadedModel:
     """Build ``model`` with weights from a tag, a file, or random init (seeded, reproducible).
 
     The model is returned in fp32: it is the reference every exported graph is compared with.
-    ``precision`` only selects the contract's encoder dtypes.
+    ``precision`` only selects the contract's encoder dtypes; ``text_buckets`` the text graph's
+    sequence lengths (None: the contract's default for this text tower).
     """
     import open_clip  # noqa: PLC0415
     import torch  # noqa: PLC0415
@@ -142,7 +145,11 @@ def load_model(
     )
     if local and not Path(tag).is_file():
         raise ClipTritonError(f"checkpoint file {tag} not found", "pass an existing checkpoint path, a tag, or 'none'")
-    contract = ModelContract.from_open_clip(model, tag, precision=precision)  # validates name and tag
+    # validates name and tag
+    contract = ModelContract.from_open_clip(model, tag, precision=precision, text_buckets=text_buckets)
+    hf_tokenizer = None
+    if contract.tokenizer.kind == "hf":  # before any weights: a tokenizer that cannot be had stops the export early
+        contract, hf_tokenizer = resolve_hf_tokenizer(contract, cache_dir, log)
 
     checkpoint, digest = None, None
     if tag == "none":
@@ -169,6 +176,12 @@ def load_model(
             "check that the checkpoint belongs to this architecture",
         ) from None
     net.eval().requires_grad_(False)
+    if tag == "none":
+        calibrated = calibrate_batch_norm(net, contract, seed)
+        if calibrated:
+            log(
+                f"random weights: calibrated {calibrated} BatchNorm layers on seeded noise (else outputs ignore the image)"
+            )
     built = dict(net.visual.preprocess_cfg)
     expected = contract.preprocess
     if tuple(built["mean"]) != expected.mean or tuple(built["std"]) != expected.std:
@@ -186,4 +199,75 @@ def load_model(
         seed=seed if tag == "none" else None,
         logit_scale=float(net.logit_scale.exp().item()),
         logit_bias=float(bias.item()) if bias is not None else None,
+        hf_tokenizer=hf_tokenizer,
     )
+
+
+def resolve_hf_tokenizer(contract: ModelContract, cache_dir: str | None, log: Progress) -> tuple[ModelContract, object]:
+    """Load the model's Hugging Face tokenizer as open_clip does (``open_clip.get_tokenizer``) and read
+    its special ids into the contract: the end token (pooled by ``eos`` towers, the bucket cut), the
+    pad id, and the start token where the tokenizer adds one. Returns (contract, open_clip tokenizer)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    import open_clip  # noqa: PLC0415
+
+    spec = contract.tokenizer
+    log(f"loading the Hugging Face tokenizer {spec.hf_name}")
+    try:
+        tokenizer = open_clip.get_tokenizer(contract.model, cache_dir=cache_dir)
+    except ImportError as exc:
+        raise ClipTritonError(
+            f"{contract.model}'s tokenizer needs transformers ({exc.name or exc})",
+            "pip install 'clip-triton[export]' (it brings transformers and tokenizers)",
+        ) from None
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClipTritonError(
+            f"could not load the Hugging Face tokenizer {spec.hf_name!r}: {first}",
+            "it comes from the Hugging Face hub on first use: run once with network access (or "
+            f"`hf download {spec.hf_name}`), HF_HUB_OFFLINE=1 then uses the cache; or set text_cfg."
+            "hf_tokenizer_name of a model-config JSON to a local folder",
+        ) from None
+    hf = tokenizer.tokenizer
+    if getattr(hf, "padding_side", "right") != "right" or getattr(hf, "truncation_side", "right") != "right":
+        raise ClipTritonError(
+            f"{spec.hf_name} pads or truncates on the left", "only right padding and truncation are served"
+        )
+    if hf.eos_token_id is None or hf.pad_token_id is None:
+        raise ClipTritonError(f"{spec.hf_name} has no end or pad token", "its texts cannot be served in batches")
+    first = int(tokenizer(["x"])[0][0])
+    sot = hf.bos_token_id if hf.bos_token_id is not None and first == hf.bos_token_id else -1
+    eos_id = contract.model_cfg.get("text_cfg", {}).get("eos_id")
+    if spec.pool_type == "eos" and eos_id is not None and eos_id != hf.eos_token_id:
+        raise ClipTritonError(
+            f"{contract.model} pools at token {eos_id} but its tokenizer ends texts with {hf.eos_token_id}",
+            "the model config and the tokenizer disagree: check text_cfg.eos_id",
+        )
+    resolved = replace(
+        spec, sot_token_id=int(sot), eot_token_id=int(hf.eos_token_id), pad_token_id=int(hf.pad_token_id)
+    )
+    return contract.with_(tokenizer=resolved), tokenizer
+
+
+def calibrate_batch_norm(model, contract: ModelContract, seed: int, batches: int = 2, batch: int = 8) -> int:
+    """Give a randomly initialised tower's BatchNorm layers the running statistics of its own
+    activations (two seeded batches of noise, cumulative average), as a trained model has; returns
+    how many. Left at their init (mean 0, var 1), a convolutional tower such as MobileCLIP's FastViT
+    gives the same embedding for every image (pairwise cosine 1.0 on the tiny config), and a check
+    against it could not catch a wrong pixel. Only for random weights: a checkpoint is never touched."""
+    import torch  # noqa: PLC0415
+
+    norms = [m for m in model.visual.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    generator = torch.Generator().manual_seed(seed)
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+        norm.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model.encode_image(torch.randn((batch, *contract.pixels.shape), generator=generator))
+    for norm in norms:
+        norm.eval()
+    return len(norms)

@@ -45,6 +45,12 @@ def tiny_export(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ir_export(tmp_path_factory) -> Path:
+    """fp32 export of the tiny model with OpenVINO IR converted from the module (export --openvino-ir)."""
+    return export_for_tests(tmp_path_factory, "tiny-fp32-ir", openvino_ir=True)
+
+
+@pytest.fixture(scope="session")
 def reference_model():
     """The same open_clip model as the export (same config, same seed), in PyTorch fp32."""
     from clip_triton.export.weights import load_model

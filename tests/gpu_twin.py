@@ -60,6 +60,8 @@ class PolygraphyHostTwin:
     def __init__(self, compute: Callable[[dict], np.ndarray], output_name: str = "embedding"):
         self.compute, self.output_name = compute, output_name
         self.host_output_buffers: dict = {}
+        self.profile = 0  # TrtRunner's active optimisation profile (its default: the first)
+        self.profiles_used: list[tuple[int, tuple[int, ...]]] = []  # (profile, input shape) per infer
         self._device = None
         self._stack = contextlib.ExitStack()
 
@@ -74,8 +76,14 @@ class PolygraphyHostTwin:
     def __exit__(self, *exc):
         self._stack.close()
 
+    def set_profile(self, index: int) -> None:
+        """``TrtRunner.set_profile``: which optimisation profile the next ``infer`` runs in."""
+        self.profile = index
+
     def infer(self, feed_dict: dict) -> OrderedDict:
         from polygraphy import cuda, util
+
+        self.profiles_used.append((self.profile, next(iter(feed_dict.values())).shape))
         from polygraphy.backend.trt import runner
         from polygraphy.datatype import DataType
 
@@ -313,7 +321,7 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
         assert config.platform == "tensorrt_plan", f"{name} is not a TensorRT model in {trt_repo}"
         config.platform, config.default_model_filename, config.backend = "", "", "python"
         for key, value in {
-            "onnx_file": ENCODER_ONNX_FILE,
+            "graph_file": ENCODER_ONNX_FILE,
             "contract": contract,  # a python-backend encoder reads it (a TensorRT one does not carry it)
             "cpu_runtime": "onnxruntime",
             "compute_precision": "fp32",
@@ -339,3 +347,25 @@ def io_signature(config) -> dict:
         "output": [json_format.MessageToDict(t) for t in config.output],
         "dynamic_batching": json_format.MessageToDict(config.dynamic_batching),
     }
+
+
+def validate_export_through_twin(export_dir: Path) -> dict:
+    """build-engines' validation step (``validate_plan``) on an export's references, each tower's
+    "engine" computed by ONNX Runtime from the export's own graphs through :class:`PolygraphyHostTwin`.
+    Returns ``{tower: (checks, profiles, twin)}``; the caller asserts."""
+    import onnxruntime as ort
+
+    from clip_triton.contract import ModelContract
+    from clip_triton.export import engines
+    from clip_triton.export.pipeline import REFERENCES, load_references, read_manifest
+
+    contract = ModelContract.from_dict(read_manifest(export_dir)["contract"])
+    references = load_references(Path(export_dir) / REFERENCES)
+    results = {}
+    for tower in ("vision", "text"):
+        session = ort.InferenceSession(str(Path(export_dir) / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
+        profiles = engines.profiles_for(contract, tower)
+        twin = PolygraphyHostTwin(lambda feed, s=session: s.run(None, feed)[0])
+        checks = engines.validate_plan(tower, Path("unused.plan"), profiles, contract, references[tower], runner=twin)
+        results[tower] = (checks, profiles, twin)
+    return results

@@ -26,12 +26,14 @@ def tied_to_this_process() -> dict:
     return {"preexec_fn": _die_with(os.getpid())}
 
 
-def export_for_tests(tmp_path_factory, name: str, config: Path = TINY_CONFIG, precision: str = "fp32") -> Path:
+def export_for_tests(
+    tmp_path_factory, name: str, config: Path = TINY_CONFIG, precision: str = "fp32", openvino_ir: bool = False
+) -> Path:
     """An export with verification (as `clip-triton export` does), random weights with the suite's seed."""
     from clip_triton.export import export_model
 
     out = tmp_path_factory.mktemp(name)
-    export_model(str(config), "none", out, precision=precision, seed=SEED)
+    export_model(str(config), "none", out, precision=precision, seed=SEED, openvino_ir=openvino_ir)
     return out
 
 
@@ -103,3 +105,24 @@ def local_http_server(route, hosts: list | None = None):
         yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
+
+
+def settled(read, at_least: float | None = None, *, quiet: float = 0.5, timeout: float = 60.0):
+    """A server counter once it has caught up: polled until it is at least `at_least` (when given)
+    and has not moved for `quiet` seconds. Triton records a request's statistics after it sends the
+    response, so a counter read the moment the client returns can still lack that request (a CI run
+    read 24 for 25 on a busy machine). Returns the last reading; the caller asserts on it, so a
+    counter that never gets there fails there, with its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    value = read()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        elif (at_least is None or value >= at_least) and time.monotonic() - since >= quiet:
+            break
+    return value

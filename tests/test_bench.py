@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .helpers import tied_to_this_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,7 +146,8 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
         ("OpenVINO, exported graphs", "fp32"),
         ("OpenVINO, exported graphs", "bf16"),
         ("OpenVINO, exported graphs, batch 4 only", "bf16"),
-        ("OpenVINO, converted from PyTorch", "bf16"),
+        ("OpenVINO, IR (export --openvino-ir)", "fp32"),
+        ("OpenVINO, IR (export --openvino-ir)", "bf16"),
         ("PyTorch eager", "bf16"),
     }
     for (_, precision), (images, img_cos, texts, txt_cos) in rows.items():
@@ -183,3 +186,93 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
     assert [r["case"].split(",")[0] for r in rows] == ["ClipClient", "ClipClient", "clip-triton embed"]
     assert all(r["clean_s"] > 0 and r["dirty_s"] > 0 for r in rows)
     assert all(r["ratio"] < 3 for r in rows), rows  # item-by-item re-sends made this 10x and more
+
+
+def _bench(script: str, tiny_config, tmp_path, *args: str, timeout: int = 900) -> dict:
+    out = tmp_path / f"{script}.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--model", str(tiny_config), "--workdir", str(tmp_path)]
+        + [*args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        **tied_to_this_process(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_text_lengths_bench_measures_every_workload_static_and_bucketed_with_parity(tiny_config, tmp_path):
+    report = _bench(
+        "text_lengths.py",
+        tiny_config,
+        tmp_path,
+        "--texts",
+        "32",
+        "--seconds",
+        "0.2",
+        "--repeats",
+        "1",
+        "--lengths",
+        "8,16,77",
+    )
+    assert report["buckets"] == [8, 16, 32, 77] and set(report["forward_by_length"]) == {"8", "16", "77"}
+    rows = report["workloads"]
+    assert set(rows) == {"short prompts", "templates x classes", "long captions"}
+    for row in rows.values():
+        assert min(row[k] for k in ("in_process_static", "in_process_bucketed", "served_static", "served_bucketed")) > 0
+        assert row["min_cosine"] >= 0.99999 and row["max_abs_diff"] <= 1e-4  # vs encode_text over 77 tokens
+    assert set(rows["long captions"]["requests_by_length"]) == {"77"}
+    assert set(rows["short prompts"]["requests_by_length"]) <= {"8", "16"}
+
+
+def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path):
+    # One request in flight: a repeat never overlaps its first copy (which would be a miss).
+    report = _bench(
+        "response_cache.py", tiny_config, tmp_path, "--prompts", "32", "--rounds", "3", "--concurrency", "1"
+    )
+    assert report["off"]["repeated prompts"]["hit_rate"] == 0.0  # no cache, no hit
+    assert report["on"]["repeated prompts"]["hit_rate"] == pytest.approx(2 / 3)  # rounds 2 and 3 of 3
+    assert report["on"]["unique prompts"]["hit_rate"] == 0.0
+    assert all(row["texts_per_s"] > 0 for side in ("off", "on") for row in report[side].values())
+
+
+def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tmp_path):
+    """bench/peers.py on the tiny model without infinity-emb (its own virtualenv, not in CI): every
+    clip-triton row and the FastAPI + open_clip peer, every cell, and the long-text probe says that
+    no system truncated."""
+    from clip_triton.cpuruntime import cpu_supports_bf16
+
+    report = _bench("peers.py", tiny_config, tmp_path, "--concurrency", "1,2", "--batches", "1,2", "--seconds", "0.5")
+    systems = {row["system"] for row in report["rows"]}
+    runtimes = ["onnxruntime"] + (["openvino"] if cpu_supports_bf16() else [])
+    expected = {f"clip-triton {kind}, {r}" for kind in ("gRPC", "gateway") for r in runtimes} | {
+        "FastAPI + open_clip",
+        "clip-triton gRPC, onnxruntime, buckets 8,12,16,24,32",  # the finer-bucket export's row
+    }
+    assert systems == expected
+    assert len(report["rows"]) == len(expected) * 2 * 2 * 2  # kinds x batches x concurrencies
+    for row in report["rows"]:
+        assert "error" not in row and row["items_per_s"] > 0, row
+        assert row["long_text"] == "full"
+
+
+def test_the_infinity_peer_builds_its_tokenizer_from_our_vocabulary(tmp_path):
+    """bench/peer_infinity.py runs in the peers' own venv (no ftfy, so no clip_triton.tokenizer): its
+    vocabulary path and the BPE files it writes must still be ours."""
+    import importlib.util
+
+    from clip_triton.tokenizer import VOCAB_FILE, _load_vocab
+
+    spec = importlib.util.spec_from_file_location("peer_infinity", ROOT / "bench" / "peer_infinity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.VOCAB.name == VOCAB_FILE and module.VOCAB.is_file()
+    module.tokenizer_files(tmp_path)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    encoder, _ = _load_vocab()
+    assert vocab == {
+        token.replace("<start_of_text>", "<|startoftext|>").replace("<end_of_text>", "<|endoftext|>"): i
+        for token, i in encoder.items()
+    }

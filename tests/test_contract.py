@@ -38,7 +38,9 @@ def test_tensor_specs_follow_precision():
     c = C.ModelContract.default()
     assert c.pixels == C.TensorSpec("pixel_values", "float16", (3, 224, 224))
     assert c.with_(precision="fp32").pixels.dtype == "float32"
-    assert c.input_ids == C.TensorSpec("input_ids", "int32", (77,))  # int32: ArgMax on int64 is unsupported
+    # int32: ArgMax on int64 is unsupported; -1: the text graph takes any of the buckets 8/16/32/77.
+    assert c.input_ids == C.TensorSpec("input_ids", "int32", (-1,))
+    assert c.with_(tokenizer=C.TokenizerSpec()).input_ids == C.TensorSpec("input_ids", "int32", (77,))
     assert c.image_embeds.shape == c.text_embeds.shape == (1280,)
     assert c.image_embeds.dtype == c.text_embeds.dtype == "float32"
     assert c.pixels.config_type == "TYPE_FP16" and c.input_ids.wire_type == "INT32"
@@ -114,3 +116,34 @@ def test_each_tower_is_declared_once_and_found_by_either_name():
     assert contract.encoder("vision").client_input.name == C.IMAGE_INPUT
     with pytest.raises(ValueError, match="no tower"):
         C.tower("audio")
+
+
+def test_text_buckets_are_data_of_the_contract():
+    spec = C.TokenizerSpec(buckets=(32, 8, 16, 77))  # sorted, the context length itself implied
+    assert spec.buckets == (8, 16, 32) and spec.lengths == (8, 16, 32, 77) and spec.dynamic
+    assert [spec.bucket(n) for n in (2, 8, 9, 16, 17, 33, 77, 90)] == [8, 8, 16, 16, 32, 77, 77, 77]
+    assert C.TokenizerSpec().lengths == (77,) and not C.TokenizerSpec().dynamic
+    for bad in ((1,), (0, 8), (100,)):
+        with pytest.raises(ClipTritonError, match="text buckets"):
+            C.TokenizerSpec(buckets=bad)
+    # A manifest from before buckets reads back as a static graph (its text graph takes 77 tokens).
+    old = C.ModelContract.default().to_dict()
+    del old["tokenizer"]["buckets"]
+    assert C.ModelContract.from_dict(old).input_ids.shape == (77,)
+    live = C.ModelContract.from_open_clip("ViT-B-32", "none")
+    assert live.tokenizer.buckets == C.TEXT_BUCKETS
+    assert C.ModelContract.from_open_clip("ViT-B-32", "none", text_buckets=()).tokenizer.lengths == (77,)
+    assert C.ModelContract.from_open_clip("ViT-B-32", "none", text_buckets=(24,)).tokenizer.lengths == (24, 77)
+
+
+def test_text_buckets_are_refused_where_a_cut_is_not_exact(tmp_path):
+    """Without a causal mask (or with last-token pooling) the padding changes the embedding."""
+    from .helpers import TINY_CONFIG
+
+    cfg = json.loads(TINY_CONFIG.read_text())
+    cfg["text_cfg"]["no_causal_mask"] = True
+    path = tmp_path / "tiny-bidirectional.json"
+    path.write_text(json.dumps(cfg))
+    assert C.ModelContract.from_open_clip(str(path), "none").tokenizer.lengths == (77,)  # default: static
+    with pytest.raises(ClipTritonError, match="would not give the embedding"):
+        C.ModelContract.from_open_clip(str(path), "none", text_buckets=(16,))

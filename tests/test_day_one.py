@@ -375,6 +375,11 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
         (["verify", "{tmp}/a", "--onnx-dir", "{tmp}/b"], "two export folders"),
         (["serve", "--repo", "{tmp}/r", "--watchdog-interval", "0", "--watchdog-timeout", "5"], "watchdog off"),
         (["repo", "--runtime", "python", "--served-model-name", "bad name!", "--repo", "{tmp}/r"], "not a model id"),
+        (
+            ["export", "--pretrained", "none", "--precision", "fp16", "--openvino-ir", "--onnx-dir", "{tmp}/e"],
+            "converts fp32 exports",
+        ),
+        (["export", "--pretrained", "none", "--text-buckets", "0,8", "--onnx-dir", "{tmp}/e"], "positive integers"),
     ],
 )
 def test_flags_a_combination_ignores_are_refused(tmp_path, args, says):

@@ -50,7 +50,18 @@ def test_manifest_records_everything(tiny_export):
     assert verification["tolerance"] == TOLERANCES["fp32"]
     checks = verification["checks"]
     assert {c["batch"] for c in checks} >= {1, 3, 8}
-    assert {c["inputs"] for c in checks} == {"random", "photos", "prompts"}
+    # Text at every served length (random rows, and the real prompts in the buckets they fall in).
+    lengths = contract.tokenizer.lengths
+    assert lengths == (8, 16, 32, 77)
+    assert {c["inputs"] for c in checks if c["tower"] == "vision"} == {"random", "photos"}
+    assert {c["inputs"] for c in checks if c["tower"] == "text"} == {
+        f"{kind}@{n}"
+        for n in lengths
+        for kind in (
+            "random",
+            "prompts",  # the sample prompts happen to fall in every bucket
+        )
+    }
     assert all(c["min_cosine"] >= 0.99999 and c["max_abs_diff"] <= 1e-4 for c in checks)
 
 
@@ -182,7 +193,7 @@ def test_cli_export_writes_graphs_manifest_and_table(tmp_path):
     assert "RANDOM weights" in result.stderr
     table = result.stdout.splitlines()
     assert any(line.startswith("tower") for line in table)
-    assert sum(line.rstrip().endswith("ok") for line in table) == 8
+    assert sum(line.rstrip().endswith("ok") for line in table) == 4 + 4 * 4  # vision 3+1; text 4 lengths x (3+1)
     assert {p.name for p in tmp_path.iterdir()} == {"vision.onnx", "text.onnx", "manifest.json", "references.npz"}
 
 
@@ -222,6 +233,7 @@ def test_openvino_runs_the_graphs_within_the_stated_tolerances(tiny_export):
     fp32 = verify_export(tiny_export, runtime="openvino", cpu_precision="fp32")
     assert fp32 and all(c.passed for c in fp32)
     assert min(c.min_cosine for c in fp32) >= TOLERANCES["fp32"]["min_cosine"]
+    assert {c.inputs for c in fp32 if c.tower == "text"} >= {"random@8", "random@16", "random@32", "random@77"}
     bf16 = verify_export(tiny_export, runtime="openvino", cpu_precision="bf16")
     assert all(c.passed for c in bf16) and len(bf16) == len(fp32)
     if cpu_supports_bf16():  # bf16 rounding shows: fp32 lands within ~1e-7 of PyTorch

@@ -142,6 +142,7 @@ def test_zero_shot_endpoint(gateway, reference, photos):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["logit_scale"] == pytest.approx(reference.facts.logit_scale)
+    assert body["scoring"] == "softmax" and body["logit_bias"] is None  # CLIP: a softmax over the prompts
     expected = reference.classify([photos["cat"], photos["coffee"]], prompts)
     for item, ranked in zip(body["data"], expected):
         assert [s["prompt"] for s in item["scores"]] == [r["prompt"] for r in ranked]

@@ -135,12 +135,39 @@ def test_serving_image_installs_no_torch_but_the_client_its_healthcheck_needs():
 def test_profile_comes_from_the_contract_and_matches_triton():
     contract = C.ModelContract.default()
     committed = parse((ROOT / "model_repository" / "vision_encoder" / "config.pbtxt").read_text())
-    vision = E.profile_for(contract, "vision")
+    (vision,) = E.profiles_for(contract, "vision")
     assert vision == E.Profile("pixel_values", (1, 3, 224, 224), (16, 3, 224, 224), (64, 3, 224, 224))
     assert vision.max[0] == committed.max_batch_size
-    text = E.profile_for(contract, "text")
-    assert text == E.Profile("input_ids", (1, 77), (16, 77), (64, 77))
+    # One text profile per sequence-length bucket, each tuned at its bucket, together covering 2..77.
+    assert contract.tokenizer.lengths == (8, 16, 32, 77)
+    assert E.profiles_for(contract, "text") == (
+        E.Profile("input_ids", (1, 2), (16, 8), (64, 8)),
+        E.Profile("input_ids", (1, 9), (16, 16), (64, 16)),
+        E.Profile("input_ids", (1, 17), (16, 32), (64, 32)),
+        E.Profile("input_ids", (1, 33), (16, 77), (64, 77)),
+    )
+    text_config = parse((ROOT / "model_repository" / "text_encoder" / "config.pbtxt").read_text())
+    assert list(text_config.input[0].dims) == [-1]  # the dynamic sequence axis the profiles cover
     assert E.profile_dtype(contract, "vision") == "float16" and E.profile_dtype(contract, "text") == "int32"
+    # A static (pre-bucket) contract keeps one profile at the context length.
+    static = contract.with_(tokenizer=C.TokenizerSpec())
+    assert E.profiles_for(static, "text") == (E.Profile("input_ids", (1, 77), (16, 77), (64, 77)),)
+
+
+def test_each_length_runs_in_the_profile_that_holds_it():
+    import numpy as np
+
+    from .gpu_twin import PolygraphyHostTwin
+
+    profiles = E.profiles_for(C.ModelContract.default(), "text")
+    twin = PolygraphyHostTwin(lambda feed: np.zeros((len(feed["input_ids"]), 4), np.float32))
+    batches = [np.zeros((b, n), np.int32) for b, n in ((1, 8), (3, 16), (2, 5), (64, 77), (4, 33), (2, 32))]
+    E.run_engine(Path("unused.plan"), profiles, batches, runner=twin)
+    assert [index for index, _ in twin.profiles_used] == [0, 1, 0, 3, 3, 2]
+    for index, shape in twin.profiles_used:
+        assert profiles[index].holds(shape)
+    with pytest.raises(ClipTritonError, match="no optimisation profile holds shape"):
+        E.profile_index(profiles, (65, 8))
 
 
 @pytest.mark.parametrize(
@@ -253,7 +280,7 @@ def test_run_engine_copies_each_output_from_polygraphys_reused_buffer():
     profile = E.Profile("pixel_values", (1, 4), (2, 4), (4, 4))
     batches = [np.full((2, 4), value, np.float32) for value in (1.0, 2.0, 3.0)]
     outputs = E.run_engine(
-        Path("unused.plan"), profile, batches, runner=PolygraphyHostTwin(lambda feed: feed["pixel_values"] * 10)
+        Path("unused.plan"), (profile,), batches, runner=PolygraphyHostTwin(lambda feed: feed["pixel_values"] * 10)
     )
     assert [float(out[0, 0]) for out in outputs] == [10.0, 20.0, 30.0]
 
@@ -261,21 +288,17 @@ def test_run_engine_copies_each_output_from_polygraphys_reused_buffer():
 def test_engine_validation_passes_through_the_polygraphy_twin(tiny_export):
     """build-engines' own validation step (validate_plan) on the export's references, with the
     "engine" computed by ONNX Runtime from the same graphs: every batch must pass."""
-    import onnxruntime as ort
+    from clip_triton.export.pipeline import read_manifest
 
-    from clip_triton.export.pipeline import REFERENCES, load_references, read_manifest
-
-    from .gpu_twin import PolygraphyHostTwin
+    from .gpu_twin import validate_export_through_twin
 
     contract = C.ModelContract.from_dict(read_manifest(tiny_export)["contract"])
-    references = load_references(tiny_export / REFERENCES)
-    for tower in ("vision", "text"):
-        session = ort.InferenceSession(str(tiny_export / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
-        profile = E.profile_for(contract, tower)
-        twin = PolygraphyHostTwin(lambda feed, s=session: s.run(None, feed)[0])
-        checks = E.validate_plan(tower, Path("unused.plan"), profile, contract, references[tower], runner=twin)
+    for tower, (checks, profiles, twin) in validate_export_through_twin(tiny_export).items():
         assert len(checks) >= 2 and len({c["batch"] for c in checks}) >= 1
         assert all(c["passed"] for c in checks), checks
+        if tower == "text":  # every bucket validated, each in its own profile
+            assert {shape[1] for _, shape in twin.profiles_used} == set(contract.tokenizer.lengths)
+            assert {index for index, _ in twin.profiles_used} == set(range(len(profiles)))
 
 
 class _BuilderConfig:
@@ -398,3 +421,29 @@ def test_engines_build_and_match_pytorch(tiny_config, tmp_path):
     for manifest in report.values():
         assert all(check["passed"] for check in manifest["validation"]["checks"])
     assert E.check_repository_engines(repo) == ["vision_encoder", "text_encoder"]
+
+
+def test_response_cache_size_is_one_figure_everywhere():
+    from clip_triton.server import DEFAULT_RESPONSE_CACHE_MIB, TritonServer
+
+    flag = f"--cache-config=local,size={DEFAULT_RESPONSE_CACHE_MIB * 1024**2}"
+    assert flag in command_text("triton")
+    deployment = (ROOT / "deploy" / "k8s" / "base" / "triton-deployment.yaml").read_text()
+    assert flag in deployment
+    assert flag in TritonServer("unused").command()
+    assert not any(arg.startswith("--cache-config") for arg in TritonServer("unused", response_cache_mib=0).command())
+
+
+def test_containers_remove_a_killed_predecessors_shared_memory_before_starting():
+    """Kubernetes keeps the memory-backed /dev/shm across container restarts, so every SIGKILLed
+    Triton (OOM, liveness restart past the grace period) left its python-backend regions (32 MiB per
+    model instance) in the pod's memory. Both container commands name the regions with one prefix and
+    remove that prefix's files before `exec tritonserver` (run for real in tests/test_gpu_twin.py)."""
+    from clip_triton.server import CONTAINER_SHM_PREFIX
+
+    deployment = (ROOT / "deploy" / "k8s" / "base" / "triton-deployment.yaml").read_text()
+    for command in (command_text("triton"), deployment):
+        flag = f"--backend-config=python,shm-region-prefix-name={CONTAINER_SHM_PREFIX}"
+        removal = f"rm -f /dev/shm/{CONTAINER_SHM_PREFIX}* &&"
+        assert flag in command and removal in command
+        assert command.index(removal) < command.index("exec tritonserver") < command.index(flag)

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ from .gpu_twin import (
     stage_environment,
     standin_repository,
 )
-from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, tied_to_this_process
+from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, settled, tied_to_this_process
 
 STAGES = dockerfile_stages()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -442,12 +443,24 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
     for default, port in zip((8000, 8001, 8002), ports):
         script = script.replace(f"-port={default}", f"-port={port}")
     script = script.replace("--model-repository=/models", f"--model-repository={repo}")
-    shim = tmp_path / "bin" / "tritonserver"  # the pip build needs its backend folder named
+    # The command removes a killed predecessor's shared memory before it starts: a stand-in leftover under
+    # a prefix of this test's own (so that the real rm cannot touch another server's regions here).
+    from clip_triton.server import CONTAINER_SHM_PREFIX, SHM_DIR, release_shm, shm_regions
+
+    prefix = f"{CONTAINER_SHM_PREFIX}{os.getpid()}{uuid.uuid4().hex[:8]}_"
+    assert script.count(CONTAINER_SHM_PREFIX) == 2
+    script = script.replace(CONTAINER_SHM_PREFIX, prefix)
+    leftover = SHM_DIR / f"{prefix}left-by-a-killed-server"
+    leftover.write_bytes(b"\0" * 4096)
+    # The pip build needs its backend and cache folders named (the NGC image has them where Triton
+    # looks by default: /opt/tritonserver/backends, /opt/tritonserver/caches/local).
+    shim = tmp_path / "bin" / "tritonserver"
     shim.parent.mkdir()
     root = pytriton_root()
     shim.write_text(
         f"#!/bin/sh\nexport LD_LIBRARY_PATH={root.parent.parent / 'nvidia_pytriton.libs'}\n"
         f"exec {root / 'bin' / 'tritonserver'} --backend-directory={backend_directory()} "
+        f"--cache-directory={root / 'caches'} "
         '--http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 "$@"\n'
     )
     shim.chmod(0o755)
@@ -482,7 +495,23 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
             client.get_model_repository_index()
         assert client.get_model_repository_index(headers={"clip-triton-admin": "k3y"})
         assert client.is_model_ready("clip_image")
+        # The response cache the command sizes (--cache-config) answers clip_text's repeated request.
+        import numpy as np
+
+        text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"a photo of a cat"]], dtype=object))
+        first, second = (client.infer("clip_text", [text]).as_numpy("EMBEDDING") for _ in range(2))
+
+        def hits() -> int:
+            stats = client.get_inference_statistics("clip_text")["model_stats"][0]["inference_stats"]
+            return stats.get("cache_hit", {}).get("count", 0)
+
+        assert settled(hits, 1) == 1 and np.array_equal(first, second)
+        assert not leftover.exists() and shm_regions(prefix)  # removed; the server's own are named alike
     finally:
         client.close()
-        os.killpg(process.pid, 9)
+        with contextlib.suppress(ProcessLookupError):  # it may have exited: the assertion above says so
+            os.killpg(process.pid, 9)
         process.wait()
+        leftover.unlink(missing_ok=True)
+        release_shm(prefix)  # what the next container start would do

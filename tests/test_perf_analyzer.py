@@ -1,6 +1,7 @@
 """perf_analyzer (from tritonclient 2.51.0) against the real server with real JPEG input data."""
 
 import ctypes.util
+import json
 
 import pytest
 
@@ -24,3 +25,27 @@ def test_perf_analyzer_failures_raise(triton):
     """A failed request stops perf_analyzer with a non-zero exit: a returned result had no errors."""
     with pytest.raises(ClipTritonError, match="perf_analyzer failed"):
         run_perf_analyzer(triton.grpc_url, IMAGE_ENSEMBLE, images=[b"not a jpeg"], measurement_ms=500)
+
+
+def test_perf_analyzer_times_the_encoders_not_the_response_cache(triton):
+    """clip_text caches responses (the default): perf_analyzer's cycled prompts would all be hits
+    after the first few; each request gets a prompt of its own instead, so it misses."""
+    import tritonclient.grpc as grpcclient
+
+    from clip_triton.contract import TEXT_ENSEMBLE
+    from clip_triton.perf import UNIQUE_TEXTS, input_data, response_cached
+
+    assert response_cached(triton.grpc_url, TEXT_ENSEMBLE)
+    data = input_data(TEXT_ENSEMBLE, unique=1000)["data"]
+    assert len({json.dumps(entry) for entry in data}) == 1000 and UNIQUE_TEXTS >= 100_000
+
+    def counts() -> tuple[int, int]:
+        with grpcclient.InferenceServerClient(triton.grpc_url) as client:
+            stats = client.get_inference_statistics(TEXT_ENSEMBLE, headers=triton.grpc_admin_headers, as_json=True)
+        inference = stats["model_stats"][0]["inference_stats"]
+        return int(inference["success"]["count"]), int(inference.get("cache_hit", {}).get("count", 0))
+
+    before = counts()
+    run_perf_analyzer(triton.grpc_url, TEXT_ENSEMBLE, concurrency=2, measurement_ms=1500)
+    after = counts()
+    assert after[0] - before[0] > 20 and after[1] == before[1]  # many requests, no hit

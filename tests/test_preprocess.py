@@ -112,6 +112,39 @@ def test_squash_resize_mode_matches_open_clip(photos):
 
 
 @pytest.mark.parametrize(
+    "model, tag",
+    [
+        ("PE-Core-bigG-14-448", "meta"),  # squash, bilinear, mean/std 0.5, 448 px
+        ("MobileCLIP2-S2", "dfndr2b"),  # shortest side, bilinear, mean 0 / std 1, 256 px
+        ("MobileCLIP2-L-14", "dfndr2b"),  # OpenAI mean/std, bicubic
+        ("EVA02-E-14-plus", "laion2b_s9b_b144k"),
+    ],
+)
+def test_each_family_transform_matches_open_clip(photos, model, tag):
+    """The contract read from open_clip's configs for each family (no weights) drives our preprocessor;
+    open_clip's own transform for that model and tag is the reference, on every sample photo."""
+    import open_clip
+
+    from clip_triton.contract import ModelContract
+
+    spec = ModelContract.from_open_clip(model, tag).preprocess
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    transform = open_clip.image_transform(
+        size,
+        is_train=False,
+        mean=cfg["mean"],
+        std=cfg["std"],
+        interpolation=cfg["interpolation"],
+        resize_mode=cfg["resize_mode"],
+    )
+    assert spec.image_size == (size, size) and spec.mean == tuple(cfg["mean"])
+    for data in photos.values():
+        expected = transform(Image.open(io.BytesIO(data))).numpy()
+        assert np.abs(Preprocessor(spec).from_bytes(data) - expected).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(
     "data, fragment",
     [
         (b"", "empty image"),

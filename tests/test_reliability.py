@@ -182,12 +182,18 @@ def own_repo(tiny_export, tmp_path):
     return write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python"))
 
 
-def test_killed_stub_fails_the_canary_while_triton_says_ready(own_repo, tmp_path):
+@pytest.mark.parametrize(("stub", "cache"), [("tokenizer", "text"), ("preprocess", "all")])
+def test_killed_stub_fails_the_canary_while_triton_says_ready(tiny_export, tmp_path, stub, cache):
+    """Also with the response cache on for the stub's ensemble: a canary answered from the cache (a
+    repeated canary request) would never reach the dead stub, so every canary is a new request."""
+    own_repo = write_repository(
+        tmp_path / "repo", onnx_dir=tiny_export, options=RepoOptions(runtime="python", response_cache=cache)
+    )
     server = TritonServer(own_repo, log_file=tmp_path / "triton.log").start(timeout=120)
     try:
         assert canary(server.grpc_url) == (True, "ok")
-        (pid,) = stub_pids(server, "tokenizer")
-        os.kill(pid, signal.SIGKILL)
+        for pid in stub_pids(server, stub):  # every instance (preprocess has one per core)
+            os.kill(pid, signal.SIGKILL)
         time.sleep(1.0)
         healthy, reason = canary(server.grpc_url)
         assert not healthy and "not healthy" in reason
@@ -541,13 +547,24 @@ def test_probe_tells_dead_from_busy_without_a_server():
 
 
 def test_probe_reads_completed_requests_from_the_metrics(triton, grpc):
+    """All models' successes, or only the named ones. The counters include warm-up at load (every
+    bucket x batch size), so the encoders start above zero while no client asked for anything: a test
+    that waited for "60 completed" stopped its server before its client had sent one request."""
     from clip_triton.health import completed_requests
 
-    before = completed_requests(triton.metrics_url)
+    from .helpers import settled
+
+    everything = lambda: completed_requests(triton.metrics_url)  # noqa: E731
+    text = lambda: completed_requests(triton.metrics_url, models=(C.TEXT_ENSEMBLE,))  # noqa: E731
+    before, asked = settled(everything), settled(text)  # the counters lag a response (tests.helpers.settled)
+    warm = completed_requests(triton.metrics_url, models=(C.TEXT_MODEL, C.VISION_MODEL))
+    assert warm >= len(C.TEXT_BUCKETS) + 1  # the warm-up is counted: never compare with a fixed number
     tensor = grpcclient.InferInput(C.TEXT_INPUT, [1, 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[b"a photo of a cat"]], dtype=object))
+    tensor.set_data_from_numpy(np.array([[f"a photo of a cat {time.time_ns()}".encode()]], dtype=object))
     grpc.infer(C.TEXT_ENSEMBLE, [tensor])
-    assert completed_requests(triton.metrics_url) > before
+    assert settled(everything, before + 3) >= before + 3  # ensemble, tokenizer, encoder
+    assert settled(text, asked + 1) == asked + 1
+    assert completed_requests(triton.metrics_url, models=(C.IMAGE_ENSEMBLE,)) is not None
 
 
 def test_a_failed_canary_on_a_slowly_completing_server_is_busy_not_dead(triton):

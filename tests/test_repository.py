@@ -244,3 +244,26 @@ def test_encoder_configs_name_their_tower_and_carry_the_contract_only_where_read
             params = configs[tower.model].parameters
             assert params["tower"].string_value == tower.name
             assert ("contract" in params) == (runtime == "python"), runtime  # the python encoder reads it
+
+
+@pytest.mark.parametrize(
+    "setting, cached",
+    [("text", {C.TEXT_ENSEMBLE}), ("all", {C.TEXT_ENSEMBLE, C.IMAGE_ENSEMBLE}), ("none", set())],
+)
+def test_response_cache_is_enabled_per_ensemble(setting, cached):
+    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="python", response_cache=setting))
+    enabled = {name for name, config in configs.items() if config.response_cache.enable}
+    assert enabled == cached  # only ensembles: their whole request (strings or image bytes) is the key
+    with pytest.raises(ClipTritonError, match="response cache"):
+        RepoOptions(response_cache="images")
+
+
+def test_text_encoder_takes_every_bucket_and_is_warmed_at_each():
+    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    contract = C.ModelContract.default()
+    text, tokenizer = configs[C.TEXT_MODEL], configs[C.TOKENIZER_MODEL]
+    assert list(text.input[0].dims) == [-1] and list(tokenizer.output[0].dims) == [-1]
+    warmed = {(w.batch_size, tuple(w.inputs[C.INPUT_IDS].dims)) for w in text.model_warmup}
+    assert warmed == {(b, (n,)) for b in (1, 16) for n in contract.tokenizer.lengths}
+    vision = configs[C.VISION_MODEL]
+    assert {tuple(w.inputs[C.PIXELS].dims) for w in vision.model_warmup} == {(3, 224, 224)}

@@ -44,7 +44,7 @@ def test_ngc_only_backends_are_refused_on_the_pip_triton(tmp_path, tiny_export, 
     repo = write_repository(tmp_path / "repo", onnx_dir=tiny_export, options=options)
     with pytest.raises(ClipTritonError, match=f"Triton's {backend} backend") as err:
         check_repository(repo)
-    assert f"--runtime python here (--cpu-engine {runtime})" in err.value.hint
+    assert f"--runtime python here (--cpu-runtime {runtime})" in err.value.hint
 
 
 def test_port_in_use_is_reported(tiny_repo):
@@ -248,14 +248,24 @@ def test_serve_restarts_a_crashed_tritonserver(own_repo):
         (triton,) = [
             pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
         ]
-        os.kill(triton, signal.SIGKILL)
+        regions = _regions_of(process.pid)
+        assert regions, "the server's python-backend regions are not named after their owner"
+        # The whole group, as a cgroup OOM kill takes it: stubs that die with their server do not
+        # remove its shared-memory regions (a server killed alone has its stubs remove them).
+        os.killpg(triton, signal.SIGKILL)
         crashed = out.wait_for("tritonserver exited with code -9; restarting tritonserver")
         out.wait_for("watchdog: ready again", start=crashed)
         assert _serving(http) and process.poll() is None
         assert not _alive(triton)
+        # The killed server's shared memory (RAM) went with it; the new server has its own.
+        assert not [path for path in regions if path.exists()] and _regions_of(process.pid)
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(300)
+        try:
+            process.wait(300)
+        except subprocess.TimeoutExpired:  # a failed test must not leave serve (and its tritonserver) behind
+            process.kill()
+            process.wait()
 
 
 def test_sigkill_of_serve_takes_tritonserver_and_its_stubs_along(own_repo):
@@ -274,6 +284,40 @@ def test_sigkill_of_serve_takes_tritonserver_and_its_stubs_along(own_repo):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_killed_servers_shared_memory_is_removed_by_the_next_start(own_repo):
+    """`serve` and tritonserver's whole group SIGKILLed at once (a container's or a test run's kill):
+    nobody is left to remove the python backend's shared-memory regions, which are RAM. Before, 619 of
+    them (8.6 GB) piled up on a CI machine until an export was OOM-killed; now the next start removes
+    them."""
+    from clip_triton.server import TritonServer
+
+    process, _ = _serve(own_repo)
+    out = _Lines(process)
+    try:
+        out.wait_for("ready; Ctrl-C stops the server")
+        (triton,) = [
+            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
+        ]
+        os.killpg(triton, signal.SIGKILL)
+        process.kill()
+        process.wait(60)
+        assert _wait_until(lambda: not _alive(triton) and not _stubs(own_repo))
+        leaked = _regions_of(process.pid)
+        assert leaked, "nothing leaked: this test no longer shows the mechanism"
+        with TritonServer(own_repo):
+            assert not [path for path in leaked if path.exists()]
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _regions_of(owner: int) -> list[Path]:
+    """The python-backend shared-memory regions of the servers that process `owner` started."""
+    from clip_triton.server import SHM_PREFIX, shm_regions
+
+    return shm_regions(f"{SHM_PREFIX}{owner}_")
 
 
 @pytest.mark.parametrize(
@@ -355,7 +399,11 @@ def test_a_busy_server_is_not_restarted(own_repo, photos, flags):
         )
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(300)
+        try:
+            process.wait(300)
+        except subprocess.TimeoutExpired:  # a failed test must not leave serve (and its tritonserver) behind
+            process.kill()
+            process.wait()
 
 
 def test_admin_apis_need_the_admin_key(triton):
@@ -420,7 +468,37 @@ def test_a_job_completes_across_a_kill_9_of_tritonserver(own_repo, open_clip_ref
         out.wait_for("watchdog: ready again")
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(300)
+        try:
+            process.wait(300)
+        except subprocess.TimeoutExpired:  # a failed test must not leave serve (and its tritonserver) behind
+            process.kill()
+            process.wait()
     served = np.concatenate(rows)
     assert served.shape == (90, 32)
     assert cos(served, open_clip_reference.texts(texts)).min() >= 0.9999
+
+
+def test_the_sweep_removes_only_regions_of_dead_owners_that_nothing_maps(tmp_path):
+    """What every start and stop removes: a dead owner's unmapped region. A live owner's region, and a
+    dead owner's region some process still maps (a stub not yet gone), stay."""
+    import mmap
+
+    from clip_triton.server import SHM_DIR, SHM_PREFIX, sweep_stale_shm
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs (reuse within this test is not a concern)
+    token = os.urandom(4).hex()
+    dead = SHM_DIR / f"{SHM_PREFIX}{gone.pid}_{token}_unmapped"
+    mapped = SHM_DIR / f"{SHM_PREFIX}{gone.pid}_{token}_mapped"
+    live = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}_{token}_live"
+    for path in (dead, mapped, live):
+        path.write_bytes(b"\0" * 4096)
+    try:
+        with open(mapped, "r+b") as handle, mmap.mmap(handle.fileno(), 4096):
+            assert sweep_stale_shm() >= 1
+            assert not dead.exists() and mapped.exists() and live.exists()
+        sweep_stale_shm()
+        assert not mapped.exists() and live.exists()  # once nothing maps it
+    finally:
+        for path in (dead, mapped, live):
+            path.unlink(missing_ok=True)

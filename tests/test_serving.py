@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 
 from clip_triton import contract as C
 
-from .helpers import cos
+from .helpers import cos, settled
 
 PARITY = 0.9999  # served path vs open_clip PyTorch in-process, fp32 (observed: 1.0 to 1e-7)
 
@@ -65,6 +65,7 @@ def test_concurrent_requests_are_batched_and_answered_in_kind(triton, open_clip_
     blobs = [_png(i) for i in range(48)]
     expected = open_clip_reference.images(blobs)
     stats_client = grpcclient.InferenceServerClient(triton.grpc_url)
+    settled(lambda: _items(stats_client, triton.grpc_admin_headers))  # an earlier test's requests, recorded
     before = _batch_sizes(stats_client, C.VISION_MODEL, triton.grpc_admin_headers)
     local = threading.local()
 
@@ -76,10 +77,19 @@ def test_concurrent_requests_are_batched_and_answered_in_kind(triton, open_clip_
     with ThreadPoolExecutor(16) as pool:
         served = np.stack(list(pool.map(one, range(len(blobs)))))
     assert cos(served, expected).min() >= PARITY  # row i answers request i
+    settled(lambda: _items(stats_client, triton.grpc_admin_headers), _items(before) + len(blobs))
     after = _batch_sizes(stats_client, C.VISION_MODEL, triton.grpc_admin_headers)
     new = {size: count - before.get(size, 0) for size, count in after.items() if count > before.get(size, 0)}
     assert sum(size * count for size, count in new.items()) == len(blobs)
     assert max(new) > 1, f"no dynamic batch larger than 1: {new}"
+
+
+def _items(client_or_sizes, headers: dict | None = None) -> int:
+    """Images the vision encoder has computed, from its batch statistics (or from _batch_sizes' result)."""
+    sizes = (
+        client_or_sizes if isinstance(client_or_sizes, dict) else _batch_sizes(client_or_sizes, C.VISION_MODEL, headers)
+    )
+    return sum(size * count for size, count in sizes.items())
 
 
 def _batch_sizes(client, model: str, headers: dict) -> dict[int, int]:
@@ -188,3 +198,79 @@ def test_server_exposes_the_export_facts(grpc, tiny_export):
         assert C.ModelContract.from_json(params["contract"].string_value) == C.ModelContract.from_dict(
             manifest["contract"]
         )
+
+
+BUCKETED_TEXTS = {  # a text for each of the contract's sequence-length buckets (tokens incl. SOT/EOT)
+    8: "a cat",
+    16: "a photo of a cat sitting on a red chair",
+    32: "a photo of a cat sitting on a red chair in the morning sun, next to a cup of coffee and a book",
+    77: "a long caption " * 40,  # truncated at 77, as open_clip does
+}
+
+
+def test_each_request_is_cut_to_the_bucket_of_its_longest_text(grpc):
+    """The tokenizer answers [n, L] with L the shortest bucket holding the request's longest text."""
+    contract = C.ModelContract.from_json(
+        grpc.get_model_config(C.TEXT_ENSEMBLE).config.parameters["contract"].string_value
+    )
+    assert contract.tokenizer.lengths == tuple(BUCKETED_TEXTS)
+    for length, text in BUCKETED_TEXTS.items():
+        result = grpc.infer(C.TOKENIZER_MODEL, [bytes_input(C.TEXT_INPUT, [text.encode()])])
+        assert result.as_numpy(C.INPUT_IDS).shape == (1, length), text
+    mixed = grpc.infer(C.TOKENIZER_MODEL, [bytes_input(C.TEXT_INPUT, [b"a cat", BUCKETED_TEXTS[32].encode()])])
+    assert mixed.as_numpy(C.INPUT_IDS).shape == (2, 32)  # the longest text decides for its request
+
+
+def test_concurrent_texts_of_every_bucket_match_open_clip(triton, open_clip_reference):
+    """Single-text requests of all four lengths at once: the batcher groups equal shapes, each
+    answer is the embedding of open_clip's encode_text over the whole 77-token context."""
+    texts = [text for _ in range(6) for text in BUCKETED_TEXTS.values()]
+    expected = open_clip_reference.texts(texts)
+    local = threading.local()
+
+    def one(text: str) -> np.ndarray:
+        if not hasattr(local, "client"):
+            local.client = grpcclient.InferenceServerClient(triton.grpc_url)
+        return embed(local.client, C.TEXT_ENSEMBLE, [text.encode()])[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        served = np.stack(list(pool.map(one, texts)))
+    assert cos(served, expected).min() >= PARITY
+    assert np.abs(served - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("length", [1, 78])
+def test_token_ids_of_a_length_the_graph_does_not_take_are_refused(grpc, triton, length):
+    ids = grpcclient.InferInput(C.INPUT_IDS, [1, length], "INT32")
+    ids.set_data_from_numpy(np.zeros((1, length), np.int32))
+    with pytest.raises(InferenceServerException, match=f"2 to 77 positions per text: got {length}"):
+        grpc.infer(C.TEXT_MODEL, [ids])
+    assert triton.ready()
+
+
+def _stats(client, model: str, headers: dict) -> dict:
+    return client.get_inference_statistics(model, headers=headers, as_json=True)["model_stats"][0]
+
+
+def test_a_repeated_text_request_is_answered_from_the_response_cache(grpc, triton):
+    """clip_text is cached whole (repo --response-cache text, serve's --cache-config): a repeated
+    request hits without running the tokenizer or the encoder, and the answer is identical."""
+    import urllib.request
+    import uuid
+
+    texts = [f"a photo of a cache probe {uuid.uuid4().hex}".encode(), b"a photo of a dog"]
+    headers = triton.grpc_admin_headers
+    hits = lambda: int(_stats(grpc, C.TEXT_ENSEMBLE, headers)["inference_stats"].get("cache_hit", {}).get("count", 0))  # noqa: E731
+    tokenized = lambda: int(_stats(grpc, C.TOKENIZER_MODEL, headers)["inference_count"])  # noqa: E731
+    hits_before = settled(hits)
+    first = embed(grpc, C.TEXT_ENSEMBLE, texts)
+    tokenized_before = settled(tokenized)
+    second = embed(grpc, C.TEXT_ENSEMBLE, texts)
+    assert settled(hits, hits_before + 1) == hits_before + 1 and settled(tokenized) == tokenized_before  # not run
+    assert np.array_equal(first, second)
+    metrics = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
+    assert any(
+        line.startswith("nv_cache_num_hits_per_model") and 'model="clip_text"' in line for line in metrics.splitlines()
+    )
+    assert grpc.get_model_config(C.TEXT_ENSEMBLE).config.response_cache.enable
+    assert not grpc.get_model_config(C.IMAGE_ENSEMBLE).config.response_cache.enable  # images: opt-in (all)

@@ -1,6 +1,7 @@
-"""The served path with OpenVINO bf16 encoders (python backend, real tritonserver): the fast CPU
-path must still answer each request with its own embedding, within bf16's stated tolerance of
-open_clip PyTorch fp32, and isolate bad input like the exact fp32 path does."""
+"""The served path with OpenVINO bf16 encoders (python backend, real tritonserver) on the OpenVINO IR
+converted from the module (export --openvino-ir): the fast CPU path must still answer each request
+with its own embedding, within bf16's stated tolerance of open_clip PyTorch fp32, and isolate bad
+input like the exact fp32 path does."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,7 +20,7 @@ BF16 = TOLERANCES["bf16"]["min_cosine"]  # 0.999 vs open_clip PyTorch fp32
 
 
 @pytest.fixture(scope="module")
-def ov_triton(tiny_export, tmp_path_factory):
+def ov_triton(tiny_ir_export, tmp_path_factory):
     from clip_triton.repository import RepoOptions, write_repository
     from clip_triton.server import TritonServer
 
@@ -27,7 +28,9 @@ def ov_triton(tiny_export, tmp_path_factory):
     options = RepoOptions(
         runtime="python", cpu_runtime="openvino", cpu_precision="bf16", queue_delay_us=20000, preprocess_instances=2
     )
-    repo = write_repository(root / "model_repository", onnx_dir=tiny_export, options=options)
+    repo = write_repository(root / "model_repository", onnx_dir=tiny_ir_export, options=options)
+    for tower in C.TOWERS:  # the IR, not the ONNX graph, is what OpenVINO serves
+        assert sorted(p.name for p in (repo / tower.model / "1").iterdir()) == ["model.bin", "model.py", "model.xml"]
     with TritonServer(repo, log_file=root / "tritonserver.log") as server:
         yield server
 
@@ -36,6 +39,35 @@ def ov_triton(tiny_export, tmp_path_factory):
 def ov_grpc(ov_triton):
     with grpcclient.InferenceServerClient(ov_triton.grpc_url) as client:
         yield client
+
+
+def test_the_ir_is_verified_at_export_like_the_graphs(tiny_ir_export):
+    import json
+
+    manifest = json.loads((tiny_ir_export / "manifest.json").read_text())
+    assert set(manifest["openvino_ir"]) == {"vision", "text"}
+    checks = manifest["verification"]["checks"]
+    contract = C.ModelContract.from_dict(manifest["contract"])
+    ir_text = {c["inputs"] for c in checks if c["tower"] == "text ir"}
+    assert {f"random@{n}" for n in contract.tokenizer.lengths} <= ir_text  # every bucket, on OpenVINO fp32
+    assert any(c["tower"] == "vision ir" for c in checks)
+    assert all(c["passed"] and c["min_cosine"] >= 0.99999 for c in checks)
+
+
+def test_repository_serves_the_ir_only_with_openvino(tiny_ir_export, tmp_path):
+    from clip_triton.repository import RepoOptions, parse, write_repository
+
+    for options, expected in (
+        (RepoOptions(runtime="python", cpu_runtime="openvino"), "model.xml"),
+        (RepoOptions(runtime="python", cpu_runtime="openvino", openvino_ir=False), "model.onnx"),
+        (RepoOptions(runtime="python"), "model.onnx"),  # ONNX Runtime runs the ONNX graphs
+        (RepoOptions(runtime="openvino", cpu_precision="bf16"), "model.xml"),  # Triton's OpenVINO backend
+    ):
+        repo = write_repository(tmp_path / "repo", onnx_dir=tiny_ir_export, options=options, force=True)
+        for tower in C.TOWERS:
+            config = parse((repo / tower.model / "config.pbtxt").read_text())
+            named = config.default_model_filename or config.parameters["graph_file"].string_value
+            assert named == expected and (repo / tower.model / "1" / expected).is_file(), options
 
 
 def test_openvino_bf16_serves_open_clip_embeddings_within_tolerance(ov_grpc, photos, open_clip_reference):

@@ -223,3 +223,25 @@ def test_the_heap_merge_equals_the_loop_on_short_words_too(tokenizers, monkeypat
     heap_only = ClipTokenizer(ModelContract.default().tokenizer)
     for word in [w for text in corpus(2000, seed=4) for w in text.split()]:
         assert heap_only.encode(word) == reference.encode(word), word
+
+
+def test_rows_are_cut_to_the_shortest_bucket_that_holds_every_eot():
+    from clip_triton.contract import TokenizerSpec
+    from clip_triton.tokenizer import ClipTokenizer, cut_to_bucket, needed_length
+
+    spec = TokenizerSpec(buckets=(8, 16, 32))
+    tok = ClipTokenizer(spec)
+    short, seven = tok(["cat"]), tok(["one two three four five"])  # 3 and 7 tokens with SOT/EOT
+    assert needed_length(short, spec.eot_token_id) == 3 and needed_length(seven, spec.eot_token_id) == 7
+    assert cut_to_bucket(short, spec).shape == (1, 8)
+    assert cut_to_bucket(tok(["word " * 7]), spec).shape == (1, 16)  # 9 tokens
+    both = tok(["cat", "word " * 20])  # 22 tokens: the longest row decides
+    assert cut_to_bucket(both, spec).shape == (2, 32)
+    assert (cut_to_bucket(both, spec) == both[:, :32]).all()
+    assert cut_to_bucket(tok(["word " * 80]), spec).shape == (1, 77)  # truncated: EOT at 76
+    # An <end_of_text> inside the text: the cut keeps up to the last EOT (the pooled one is the first).
+    inner = tok(["<end_of_text> " + "word " * 10])
+    assert cut_to_bucket(inner, spec).shape == (1, 16)
+    # A row without any EOT (hand-made ids) needs its whole length; a static spec never cuts.
+    assert needed_length(np.full((1, 77), 5, np.int32), spec.eot_token_id) == 77
+    assert cut_to_bucket(short, TokenizerSpec()).shape == (1, 77)

@@ -45,6 +45,9 @@ class GatewaySettings:
     prompt_cache_entries: int = 256
     docs: bool = False  # /docs, /redoc, /openapi.json: off unless asked for
     served_model_name: str | None = None  # public model id; default: the repository's, else the architecture
+    # Folder holding the served model's tokenizer.json, for models with a Hugging Face tokenizer (SigLIP,
+    # MetaCLIP 2): the gateway counts `usage` tokens with it. The repository's `tokenizer/1` is one.
+    tokenizer_dir: str | None = None
 
     def __post_init__(self):
         if self.served_model_name is not None:

@@ -17,7 +17,7 @@ from clip_triton.client import ClipClientError, ItemErrors, rank
 from clip_triton.client.grpc_client import template_texts
 
 from ..contract import TEXT, VISION, ModelContract, TokenizerSpec
-from ..tokenizer import ClipTokenizer, TextError
+from ..tokenizer import ClipTokenizer, HFTextTokenizer, TextError, text_tokenizer
 from .app import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
 from .fetch import FetchError, fetch_image
 from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, item_error
@@ -69,11 +69,20 @@ class Routes:
                 code="triton_unavailable",
             ) from None
 
-    async def tokenizer(self, request: Request) -> ClipTokenizer:
+    async def tokenizer(self, request: Request) -> ClipTokenizer | HFTextTokenizer:
         if request.app.state.tokenizer is None:
             served = await self.facts(request)
             spec = ModelContract.from_json(served.contract).tokenizer if served.contract else TokenizerSpec()
-            request.app.state.tokenizer = ClipTokenizer(spec)
+            try:
+                request.app.state.tokenizer = text_tokenizer(spec, self.settings.tokenizer_dir)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ApiError(
+                    500,
+                    f"the gateway cannot tokenize for {served.model} ({exc}); set CLIP_TRITON_TOKENIZER_DIR "
+                    "(--tokenizer-dir) to a folder holding its tokenizer.json, e.g. the repository's tokenizer/1",
+                    type_="server_error",
+                    code="tokenizer_unavailable",
+                ) from None
         return request.app.state.tokenizer
 
     def public_id(self, served) -> str:
@@ -106,7 +115,7 @@ class Routes:
             total = 0
             for index, text in texts:
                 try:
-                    total += int((tok.ids(text) != 0).sum())
+                    total += int((tok.ids(text) != tok.spec.pad_token_id).sum())
                 except TextError as exc:
                     raise item_error(index, str(exc), name) from None
             return total
@@ -275,6 +284,8 @@ class Routes:
             "object": "list",
             "model": self.public_id(served),
             "logit_scale": served.logit_scale,
+            "logit_bias": served.logit_bias,
+            "scoring": served.scoring,  # softmax over the prompts (CLIP) or a sigmoid per prompt (SigLIP)
             "data": [{"object": "classification", "index": i, "scores": scores} for i, scores in enumerate(ranked)],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }

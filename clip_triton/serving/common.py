@@ -35,6 +35,7 @@ def per_item(
     errors: tuple[type[Exception], ...],
     status_name: str,
     blank: np.ndarray,
+    finish: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list:
     """Run ``convert`` on every item of every request; a bad item never fails another request.
 
@@ -43,7 +44,8 @@ def per_item(
     round trip. A request of a single bad item fails with INVALID_ARGUMENT naming it (what raw
     clients and perf_analyzer expect). ``errors`` are the expected refusals (their message is the
     reason); any other exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is
-    caught too, named by its type.
+    caught too, named by its type. ``finish`` shapes a request's stacked rows (the tokenizer cuts
+    them to the request's sequence-length bucket).
     """
     import triton_python_backend_utils as pb_utils  # noqa: PLC0415
 
@@ -76,9 +78,13 @@ def per_item(
             responses.append(
                 pb_utils.InferenceResponse(
                     output_tensors=[
-                        pb_utils.Tensor(output_name, np.stack(rows)),
+                        pb_utils.Tensor(output_name, (finish or _same)(np.stack(rows))),
                         pb_utils.Tensor(status_name, np.array(statuses, dtype=object).reshape(-1, 1)),
                     ]
                 )
             )
     return responses
+
+
+def _same(rows: np.ndarray) -> np.ndarray:
+    return rows

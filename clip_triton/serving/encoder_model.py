@@ -1,8 +1,10 @@
-"""Triton python model ``vision_encoder``/``text_encoder``: the exported ONNX graph on a CPU runtime.
+"""Triton python model ``vision_encoder``/``text_encoder``: the exported graph on a CPU runtime (the
+ONNX graph, or for OpenVINO the IR converted from the module when the export has one).
 
 For the pip-installed Triton, which has neither an ONNX Runtime nor an OpenVINO backend. The engine
 is ONNX Runtime (fp32, exact) or OpenVINO (fp32, or bf16 on CPUs with native bf16). All requests of a
-dynamic batch run as one call, then the rows are handed back to their requests.
+dynamic batch run as one call per input shape (Triton batches only requests of one shape; text requests
+of different sequence-length buckets would arrive apart), then the rows are handed back to their requests.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class TritonPythonModel:
         encoder = contract.encoder(params["tower"])  # written by `clip-triton repo`, never guessed from a name
         self.spec_in, self.spec_out = encoder.input, encoder.output
         self.vocab_size = contract.tokenizer.vocab_size if encoder.tower is TEXT else None
-        path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
+        self.context_length = contract.context_length
+        path = os.path.join(args["model_repository"], args["model_version"], params["graph_file"])
         threads = int(params.get("threads", "0")) or None
         runtime, precision = params.get("cpu_runtime", "onnxruntime"), params.get("compute_precision", "fp32")
         spinning = {"true": True, "false": False}.get(params.get("ort_spinning", ""))
@@ -45,23 +48,42 @@ class TritonPythonModel:
         # Each request is checked on its own: one with bad values (ids outside the vocabulary sent
         # straight to text_encoder) is refused, and the requests batched with it still run.
         problems = [self.check(array) for array in arrays]
-        good = [array for array, problem in zip(arrays, problems) if problem is None]
-        out = self.session.run([self.spec_out.name], {self.spec_in.name: np.concatenate(good)})[0] if good else None
-        responses, start = [], 0
-        for array, problem in zip(arrays, problems):
+        rows = self.encode([array for array, problem in zip(arrays, problems) if problem is None])
+        responses = []
+        for problem in problems:
             if problem is not None:
                 responses.append(
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG))
                 )
                 continue
-            rows = out[start : start + len(array)]
-            start += len(array)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.spec_out.name, rows)]))
+            responses.append(
+                pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.spec_out.name, rows.pop(0))])
+            )
         return responses
+
+    def encode(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Each array's embeddings, in order: one runtime call per distinct input shape."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, array in enumerate(arrays):
+            groups.setdefault(array.shape[1:], []).append(index)
+        results: list[np.ndarray] = [np.empty(0)] * len(arrays)
+        for members in groups.values():
+            feed = np.concatenate([arrays[i] for i in members])
+            out = self.session.run([self.spec_out.name], {self.spec_in.name: feed})[0]
+            start = 0
+            for i in members:
+                results[i] = out[start : start + len(arrays[i])]
+                start += len(arrays[i])
+        return results
 
     def check(self, array: np.ndarray) -> str | None:
         """Why a request's input cannot be encoded, or None."""
         if self.vocab_size is not None:
+            if not 2 <= array.shape[-1] <= self.context_length:
+                return (
+                    f"token ids must have 2 to {self.context_length} positions per text: got {array.shape[-1]}"
+                    " (send text to clip_text, which tokenizes it)"
+                )
             if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
                 return (
                     f"token ids must lie in [0, {self.vocab_size}): got {int(array.min())}..{int(array.max())}"

@@ -1,9 +1,12 @@
-"""Triton python model ``tokenizer``: UTF-8 text -> int32 token ids, equal to open_clip's tokenizer."""
+"""Triton python model ``tokenizer``: UTF-8 text -> int32 token ids, equal to open_clip's tokenizer,
+cut to the shortest of the contract's sequence-length buckets that holds the request's longest text."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
-from ..tokenizer import ClipTokenizer, TextError, decode_utf8
+from ..tokenizer import TextError, cut_to_bucket, decode_utf8, text_tokenizer
 from .common import contract_from, parameters, per_item
 
 
@@ -11,9 +14,11 @@ class TritonPythonModel:
     def initialize(self, args):
         params = parameters(args)
         contract = contract_from(params)
-        self.tokenizer = ClipTokenizer(contract.tokenizer, max_chars=int(params["max_text_chars"]))
-        self.blank = self.tokenizer.ids("x") * 0  # a refused item's row: all padding
-        self.blank[:2] = (self.tokenizer.sot, self.tokenizer.eot)
+        self.spec = contract.tokenizer
+        # A Hugging Face tokenizer's tokenizer.json lies in this model's version folder (`clip-triton repo`).
+        folder = Path(args["model_repository"]) / str(args["model_version"])
+        self.tokenizer = text_tokenizer(contract.tokenizer, folder, max_chars=int(params["max_text_chars"]))
+        self.blank = self.tokenizer.ids("x")  # a refused item's row: a valid, short one (its output is dropped)
 
     def execute(self, requests):
         return per_item(
@@ -24,4 +29,5 @@ class TritonPythonModel:
             (TextError,),
             STATUS_OUTPUT,
             self.blank,
+            lambda rows: cut_to_bucket(rows, self.spec),
         )

@@ -1,0 +1,98 @@
+"""The server's Hugging Face tokenizer (torch-free: open_clip's cleaning + the `tokenizers` library on
+the saved tokenizer.json) equals open_clip's HFTokenizer (transformers), token for token, for each
+tokenizer kind: SentencePiece-style BPE with byte fallback and an appended EOS (SigLIP 2's Gemma,
+SigLIP's T5) and SentencePiece Unigram wrapped in <s> ... </s> with pad id 1 (MetaCLIP 2's XLM-V).
+
+The real files live on the Hugging Face hub, which this machine cannot reach: the tokenizers here
+(tests/configs/tokenizers, `make.py`) are trained locally, of the same kinds, and loaded by both sides
+exactly as an export loads the real ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clip_triton.contract import ModelContract
+from clip_triton.tokenizer import HFTextTokenizer, TextError, cut_to_bucket, text_tokenizer
+
+from .helpers import ROOT
+from .test_tokenizer import corpus
+
+CONFIGS = ROOT / "tests" / "configs"
+KINDS = {"gemma-like": "clip-triton-tiny-siglip2.json", "xlmv-like": "clip-triton-tiny-metaclip2.json"}
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def pair(request, tmp_path_factory):
+    """(open_clip's tokenizer, ours, contract) for one kind: ours runs the tokenizer.json that open_clip's
+    tokenizer saves, as an export does."""
+    import open_clip
+
+    from clip_triton.contract import register_model_config
+    from clip_triton.export.weights import resolve_hf_tokenizer
+    from clip_triton.progress import Progress
+
+    name = register_model_config(str(CONFIGS / KINDS[request.param]))
+    contract, reference = resolve_hf_tokenizer(
+        ModelContract.from_open_clip(name, None), None, Progress("t", enabled=False)
+    )
+    folder = tmp_path_factory.mktemp(request.param)
+    reference.save_pretrained(folder)
+    assert reference is not None and isinstance(open_clip.get_tokenizer(name), type(reference))
+    return reference, text_tokenizer(contract.tokenizer, folder), contract
+
+
+def test_corpus_parity_with_open_clip(pair):
+    reference, ours, contract = pair
+    texts = corpus(3000, seed=11)
+    expected = reference(texts).numpy()
+    got = ours(texts)
+    spec = contract.tokenizer
+    assert (
+        isinstance(ours, HFTextTokenizer) and got.dtype == np.int32 and got.shape == (len(texts), spec.context_length)
+    )
+    mismatched = [texts[i] for i in np.flatnonzero((expected != got).any(axis=1))]
+    assert not mismatched, f"{len(mismatched)} texts differ from open_clip, e.g. {mismatched[:3]!r}"
+    # The corpus exercises truncation (the end token kept in the last place) and padding with the pad id.
+    assert (got[:, -1] == spec.eot_token_id).sum() > 50
+    assert (got == spec.pad_token_id).any(axis=1).sum() > 1000
+
+
+def test_special_ids_are_read_from_the_tokenizer(pair):
+    _, ours, contract = pair
+    spec = contract.tokenizer
+    if spec.hf_name.endswith("gemma-like"):  # Gemma/T5: no start token, EOS appended, pad 0
+        assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (-1, 1, 0)
+    else:  # XLM-V: <s> text </s>, pad 1
+        assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (0, 2, 1)
+    row = ours.ids("a photo of a cat")
+    assert row[0] == (spec.sot_token_id if spec.sot_token_id >= 0 else row[0])
+    assert spec.eot_token_id in row and row[-1] == spec.pad_token_id
+
+
+def test_bad_text_is_refused_per_item(pair):
+    _, ours, _ = pair
+    with pytest.raises(TextError, match="empty text"):
+        ours.ids("   ")
+    with pytest.raises(TextError, match="over the limit"):
+        ours.ids("x" * (ours.max_chars + 1))
+
+
+def test_eos_pooled_texts_cut_to_buckets_after_their_end_token(pair):
+    """MetaCLIP 2's tower is causal and pools at EOS: a request is cut after its longest text's EOS
+    (pad id 1 is not mistaken for it); SigLIP's bidirectional tower is never cut."""
+    _, ours, contract = pair
+    spec = contract.tokenizer
+    rows = ours(["a cat", "a photo of a dog"])
+    cut = cut_to_bucket(rows, spec)
+    if spec.dynamic:
+        assert cut.shape[1] == spec.bucket(int(np.flatnonzero(rows[1] == spec.eot_token_id)[-1]) + 1)
+        assert (cut == spec.eot_token_id).sum() == 2
+    else:
+        assert cut.shape == rows.shape
+
+
+def test_text_tokenizer_without_its_file_says_where_it_belongs(pair, tmp_path):
+    _, _, contract = pair
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        text_tokenizer(contract.tokenizer, tmp_path)
