@@ -122,6 +122,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _tritonservers_of(pid: int) -> list[int]:
+    """The tritonserver processes that `serve` (process `pid`) started."""
+    return [child for child in _children(pid) if "tritonserver" in Path(f"/proc/{child}/cmdline").read_text()]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -245,9 +250,7 @@ def test_serve_restarts_a_crashed_tritonserver(own_repo):
     out = _Lines(process)
     try:
         out.wait_for("ready; Ctrl-C stops the server")
-        (triton,) = [
-            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
-        ]
+        (triton,) = _tritonservers_of(process.pid)
         regions = _regions_of(process.pid)
         assert regions, "the server's python-backend regions are not named after their owner"
         # The whole group, as a cgroup OOM kill takes it: stubs that die with their server do not
@@ -274,7 +277,7 @@ def test_sigkill_of_serve_takes_tritonserver_and_its_stubs_along(own_repo):
     out = _Lines(process)
     try:
         out.wait_for("ready; Ctrl-C stops the server")
-        triton = [pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()]
+        triton = _tritonservers_of(process.pid)
         assert triton and _stubs(own_repo)
         process.kill()
         process.wait(60)
@@ -297,9 +300,7 @@ def test_a_killed_servers_shared_memory_is_removed_by_the_next_start(own_repo):
     out = _Lines(process)
     try:
         out.wait_for("ready; Ctrl-C stops the server")
-        (triton,) = [
-            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
-        ]
+        (triton,) = _tritonservers_of(process.pid)
         os.killpg(triton, signal.SIGKILL)
         process.kill()
         process.wait(60)
@@ -456,9 +457,7 @@ def test_a_job_completes_across_a_kill_9_of_tritonserver(own_repo, open_clip_ref
     try:
         ready = out.wait_for("ready; Ctrl-C stops the server")
         grpc_url = json.loads(out.lines[ready - 1])["grpc"]
-        (triton,) = [
-            pid for pid in _children(process.pid) if "tritonserver" in Path(f"/proc/{pid}/cmdline").read_text()
-        ]
+        (triton,) = _tritonservers_of(process.pid)
         rows = []
         with ClipClient(grpc_url, batch_size=3, concurrency=1) as client:
             for start in range(0, len(texts), 3):
