@@ -75,17 +75,10 @@ def wait_http(port: int, path: str, process: subprocess.Popen, timeout: float = 
 
 @contextlib.contextmanager
 def process(argv: list[str], port: int, health: str, log: Path, env: dict | None = None):
-    from clip_triton.server import _die_with
+    from clip_triton.children import spawn
 
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            preexec_fn=_die_with(os.getpid()),
-            start_new_session=True,
-        )
+    with open(log, "wb") as out:  # tied to this process, started with no preexec_fn (clip_triton/children.py)
+        proc = spawn(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_http(port, health, proc)
         yield proc

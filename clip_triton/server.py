@@ -9,7 +9,6 @@ Triton's python stub gets this package and the current environment's site-packag
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -20,12 +19,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .children import spawn
 from .errors import ClipTritonError
 
 LOG = logging.getLogger("clip_triton.server")
@@ -159,7 +158,6 @@ ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # (--cache-config=local,size=268435456); tests/test_gpu_path.py keeps them equal.
 DEFAULT_RESPONSE_CACHE_MIB = 256
 ADMIN_HEADER = "clip-triton-admin"
-_PR_SET_PDEATHSIG = 1
 # `serve` restarts a crashed tritonserver, but not forever: this many crashes within the window stop it.
 CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0
 
@@ -247,18 +245,6 @@ def sweep_stale_shm() -> int:
     if removed:
         LOG.info("removed %d shared-memory regions left by killed tritonservers", removed)
     return removed
-
-
-def _die_with(parent: int):
-    """preexec_fn: the child gets SIGKILL when the thread that started it dies (SIGKILL of `serve` or of a
-    test runner included), so a killed parent never leaves a server holding its ports."""
-
-    def preexec() -> None:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 class TritonServer:
@@ -376,16 +362,17 @@ class TritonServer:
         if self.log_file is None:
             self.log_file = Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._log_handle = open(self.log_file, "ab")  # noqa: SIM115 (closed in stop())
-        # The parent-death signal fires when the *thread* that forked exits, so it is set only from the
-        # main thread (a watchdog thread that restarts the server must not take it down when it ends).
-        main = threading.current_thread() is threading.main_thread()
-        self.process = subprocess.Popen(
+        # Started through the exec shim (clip_triton/children.py): no Python runs between fork and exec
+        # in this process, which may hold gRPC channels (a preexec_fn here hung a test run in fork() and
+        # crashed a second start with -11), and tritonserver gets SIGKILL when this process dies, from
+        # whichever thread started it (the watchdog's restarts included). Its own session: stop() ends
+        # tritonserver and its python stubs as one group.
+        self.process = spawn(
             self.command(),
             env=self.environment(),
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with(os.getpid()) if main else None,
         )
         try:
             self.wait_ready(timeout)

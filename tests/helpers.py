@@ -16,16 +16,6 @@ IMAGES = ROOT / "clip_triton" / "assets" / "images"
 SEED = 0
 
 
-def tied_to_this_process() -> dict:
-    """Popen/run keyword arguments for a child that starts servers: it gets SIGKILL when the test
-    process dies (a timed-out or killed test run), and its tritonserver goes with it."""
-    import os
-
-    from clip_triton.server import _die_with
-
-    return {"preexec_fn": _die_with(os.getpid())}
-
-
 def export_for_tests(
     tmp_path_factory, name: str, config: Path = TINY_CONFIG, precision: str = "fp32", openvino_ir: bool = False
 ) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import tied_to_this_process
+from clip_triton import children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_pytorch_gpu_baseline_runs_on_cpu_with_a_tiny_model(tiny_config, tmp_pat
 def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_path):
     """bench/run.py end to end on the tiny model (short windows): every row of the table is measured,
     both precisions, in-process and through a real tritonserver."""
-    result = subprocess.run(
+    result = children.run(
         [
             sys.executable,
             str(ROOT / "bench" / "run.py"),
@@ -72,7 +72,6 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
         text=True,
         timeout=600,
         cwd=ROOT,
-        **tied_to_this_process(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x base: ratio" in result.stdout  # the printed table; its figures are read from the JSON
@@ -160,7 +159,7 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
     dirty data costs no more than its clean version beyond noise (a generous bound: timing on a shared
     2-core machine; the per-item round-trip count is asserted in tests/test_client.py)."""
     out = tmp_path / "dirty.json"
-    result = subprocess.run(
+    result = children.run(
         [
             sys.executable,
             str(ROOT / "bench" / "dirty.py"),
@@ -179,7 +178,6 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
         text=True,
         timeout=600,
         cwd=ROOT,
-        **tied_to_this_process(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
@@ -190,14 +188,13 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
 
 def _bench(script: str, tiny_config, tmp_path, *args: str, timeout: int = 900) -> dict:
     out = tmp_path / f"{script}.json"
-    result = subprocess.run(
+    result = children.run(
         [sys.executable, str(ROOT / "bench" / script), "--model", str(tiny_config), "--workdir", str(tmp_path)]
         + [*args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        **tied_to_this_process(),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())

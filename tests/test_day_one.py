@@ -15,19 +15,20 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from .helpers import IMAGES, TINY_CONFIG, cos, tied_to_this_process
+from clip_triton import children
+
+from .helpers import IMAGES, TINY_CONFIG, cos
 
 CLI = [sys.executable, "-m", "clip_triton.cli"]
 
 
 def cli(*args, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return children.run(
         [*CLI, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
-        **tied_to_this_process(),
     )
 
 
@@ -144,9 +145,7 @@ def test_ctrl_c_during_embed_writes_what_was_answered_and_a_rerun_finishes(trito
         "2",
     ]
     before = completed_requests(triton.metrics_url) or 0
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **tied_to_this_process()
-    )
+    process = children.spawn(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
         while (completed_requests(triton.metrics_url) or 0) - before < 12 and time.monotonic() < deadline:
@@ -321,12 +320,11 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     assert "already holds an export" in line and "--force" in line
 
     out = tmp_path / "fresh"
-    process = subprocess.Popen(
+    process = children.spawn(
         [*CLI, "export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--onnx-dir", str(out)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        **tied_to_this_process(),
     )
     try:
         deadline = time.monotonic() + 300

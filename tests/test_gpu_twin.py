@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import yaml
 
+from clip_triton import children
 from clip_triton import contract as C
 from clip_triton.export import engines as E
 from clip_triton.export.verify import TOLERANCES
@@ -51,7 +52,7 @@ from .gpu_twin import (
     stage_environment,
     standin_repository,
 )
-from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, settled, tied_to_this_process
+from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, settled
 
 STAGES = dockerfile_stages()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -398,13 +399,12 @@ def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
     venv = stage_env("gateway")
     env = {**os.environ, "CLIP_TRITON_API_KEYS": "twin-key", "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     env.pop("PYTHONPATH", None)
-    process = subprocess.Popen(
+    process = children.spawn(
         argv,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        **tied_to_this_process(),
     )
     try:
         deadline = time.monotonic() + 120
@@ -472,13 +472,12 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
         "CLIP_TRITON_ADMIN_KEY": "k3y",
         "PYTHONPATH": stub_pythonpath(),
     }
-    process = subprocess.Popen(
+    process = children.spawn(
         ["sh", "-c", script],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        **tied_to_this_process(),
     )
     client = httpclient.InferenceServerClient(f"127.0.0.1:{ports[0]}")
     try:

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .helpers import IMAGES, ROOT, tied_to_this_process
+from clip_triton import children
+
+from .helpers import IMAGES, ROOT
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIGS = [ROOT / "docker-compose.yml", ROOT / "deploy" / "k8s" / "base" / "build-job.yaml"]
@@ -146,14 +148,13 @@ def marked_block(name: str) -> list[str]:
 
 
 def shell(line: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return children.run(
         ["bash", "-c", f"set -euo pipefail\n{line}"],
         cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
-        **tied_to_this_process(),
     )
 
 
@@ -204,14 +205,13 @@ def test_the_gateway_block_runs_as_written(triton, readme_folder):
     exports = [line for line in lines if line.startswith("export ")]
     server_line = next(line for line in lines if line.startswith("clip-triton gateway"))
     prefix = "\n".join(exports)  # lines, not "; ": a line's comment would swallow what follows
-    gateway = subprocess.Popen(
+    gateway = children.spawn(
         ["bash", "-c", f"{prefix}\nexec {server_line.split(' &')[0]}"],
         cwd=readme_folder,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        **tied_to_this_process(),
     )
     try:
         deadline = time.monotonic() + 120

@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clip_triton import children
 from clip_triton.errors import ClipTritonError
 from clip_triton.repository import RepoOptions, write_repository
 from clip_triton.server import TritonServer, check_repository
 
-from .helpers import TINY_CONFIG, tied_to_this_process
+from .helpers import TINY_CONFIG
 
 
 def test_repository_without_graphs_is_refused_with_the_fix(tmp_path, tiny_export):
@@ -61,7 +62,7 @@ def _serve(repo, *extra: str):
     from clip_triton.server import free_ports
 
     http, grpc_port, metrics = free_ports(3)
-    process = subprocess.Popen(
+    process = children.spawn(
         [
             sys.executable,
             "-m",
@@ -80,7 +81,6 @@ def _serve(repo, *extra: str):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **tied_to_this_process(),
     )
     return process, http
 
@@ -202,13 +202,12 @@ def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
 
 def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
     """The README's main job, on the tiny architecture to keep the suite fast."""
-    result = subprocess.run(
+    result = children.run(
         [sys.executable, "-m", "clip_triton.cli", "demo", "--model", str(TINY_CONFIG), "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
         env=dict(os.environ),
-        **tied_to_this_process(),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
