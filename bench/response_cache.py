@@ -2,17 +2,19 @@
 
     python bench/response_cache.py [--model ViT-B-32] [--rounds 10] [--json FILE]
 
-Two servers in turn on the same export (python-backend ONNX Runtime encoders): the cache off
-(``repo --response-cache none``, no ``--cache-config``) and on (the default: ``clip_text`` cached,
-256 MiB). Two workloads through ``ClipClient`` (its own prompt cache off, so every request reaches
+Three servers in turn on the same export (python-backend ONNX Runtime encoders): the cache off
+(``repo --response-cache none``, no ``--cache-config``), on at the ensemble (the layout before issue
+25: one entry per request, but a raw client asking for one output poisoned it for the others), and on
+at the composing models (the default now: ``clip_text``'s tokenizer and encoder cached, 256 MiB). Two workloads through ``ClipClient`` (its own prompt cache off, so every request reaches
 the server), ``--request-batch`` prompts per request at ``--concurrency``:
 
 * repeated prompts: zero-shot classification's pattern, the same prompt set (ImageNet templates x
   class names) sent ``--rounds`` times: only the first round misses;
 * unique prompts: every request new (all misses): what the cache costs when it never hits.
 
-Rows: texts/s off and on, their ratio, and the hit rate Triton reports (``cache_hit`` of the
-ensemble's statistics over its requests).
+Rows: texts/s of each layout, the ratios to the cache off, and the hit rate Triton reports
+(``cache_hit`` of the cached model that skips the encoder: the ensemble, or the text encoder, over the
+ensemble's requests).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import prepared_export
 
-from clip_triton.contract import TEXT_ENSEMBLE
+from clip_triton.contract import TEXT_ENSEMBLE, TEXT_MODEL, TOKENIZER_MODEL
 
 
 def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
@@ -43,14 +45,31 @@ def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
     return {"repeated prompts": prompts * rounds, "unique prompts": unique}
 
 
-def run(onnx_dir: Path, work: Path, cached: bool, sets, request_batch: int, concurrency: int) -> dict:
+LAYOUTS = ("off", "ensemble", "on")  # "on": the composing models, as `clip-triton repo` writes it
+
+
+def ensemble_layout(repo: Path) -> None:
+    """Rewrite a repository to the layout before issue 25: the text ensemble cached, its steps not."""
+    from clip_triton.repository import parse, render
+
+    for folder in (TOKENIZER_MODEL, TEXT_MODEL, TEXT_ENSEMBLE):
+        path = repo / folder / "config.pbtxt"
+        config = parse(path.read_text())
+        config.response_cache.enable = folder == TEXT_ENSEMBLE
+        path.write_text(render(config))
+
+
+def run(onnx_dir: Path, work: Path, layout: str, sets, request_batch: int, concurrency: int) -> dict:
     from clip_triton.client import ClipClient
     from clip_triton.repository import RepoOptions, write_repository
     from clip_triton.server import DEFAULT_RESPONSE_CACHE_MIB, TritonServer
 
-    label = "on" if cached else "off"
+    label, cached = layout, layout != "off"
     options = RepoOptions(runtime="python", response_cache="text" if cached else "none")
     repo = write_repository(work / f"cache-repo-{label}", onnx_dir=onnx_dir, options=options, force=True)
+    if layout == "ensemble":
+        ensemble_layout(repo)
+    hits_at = TEXT_ENSEMBLE if layout == "ensemble" else TEXT_MODEL
     mib = DEFAULT_RESPONSE_CACHE_MIB if cached else 0
     rows = {}
     with (
@@ -61,25 +80,28 @@ def run(onnx_dir: Path, work: Path, cached: bool, sets, request_batch: int, conc
     ):
         client.embed_texts([f"warm-up {i}" for i in range(request_batch * concurrency)])
         for name, texts in sets.items():
-            before = _counts(server)
+            before = _counts(server, hits_at)
             t0 = time.perf_counter()
             client.embed_texts(texts)
             seconds = time.perf_counter() - t0
-            after = _counts(server)
+            after = _counts(server, hits_at)
             requests = after[0] - before[0]
             rows[name] = {"texts_per_s": len(texts) / seconds, "hit_rate": (after[1] - before[1]) / max(requests, 1)}
     return rows
 
 
-def _counts(server) -> tuple[int, int]:
-    """(requests, cache hits) of the text ensemble so far."""
+def _counts(server, hits_at: str) -> tuple[int, int]:
+    """(requests of the text ensemble, cache hits at ``hits_at``) so far: a hit there is a request whose
+    encoder forward did not run."""
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics(TEXT_ENSEMBLE, headers=server.grpc_admin_headers, as_json=True)
-    inference = stats["model_stats"][0]["inference_stats"]
-    requests = int(inference.get("success", {}).get("count", 0))
-    return requests, int(inference.get("cache_hit", {}).get("count", 0))
+    def inference(model: str) -> dict:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            stats = client.get_inference_statistics(model, headers=server.grpc_admin_headers, as_json=True)
+        return stats["model_stats"][0]["inference_stats"]
+
+    requests = int(inference(TEXT_ENSEMBLE).get("success", {}).get("count", 0))
+    return requests, int(inference(hits_at).get("cache_hit", {}).get("count", 0))
 
 
 def main() -> None:
@@ -99,21 +121,26 @@ def main() -> None:
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     sets = prompt_sets(args.prompts, args.rounds)
-    off = run(onnx_dir, work, False, sets, args.request_batch, args.concurrency)
-    on = run(onnx_dir, work, True, sets, args.request_batch, args.concurrency)
+    report = {layout: run(onnx_dir, work, layout, sets, args.request_batch, args.concurrency) for layout in LAYOUTS}
+    off, ens, on = (report[layout] for layout in LAYOUTS)
     print(
         f"\n{args.model}, clip_text, ClipClient ({args.request_batch} prompts per request, concurrency "
-        f"{args.concurrency}, client prompt cache off); texts/s"
+        f"{args.concurrency}, client prompt cache off); texts/s. ensemble: the cache at clip_text (before "
+        "issue 25); composing: at its tokenizer and encoder (now)"
     )
-    print(f"{'workload':<20}{'texts':>7}{'cache off':>11}{'cache on':>10}{'ratio':>7}{'hit rate':>10}")
+    print(
+        f"{'workload':<20}{'texts':>7}{'off':>9}{'ensemble':>10}{'ratio':>7}{'hits':>7}"
+        f"{'composing':>11}{'ratio':>7}{'hits':>7}"
+    )
     for name, texts in sets.items():
-        ratio = on[name]["texts_per_s"] / off[name]["texts_per_s"]
+        base = off[name]["texts_per_s"]
         print(
-            f"{name:<20}{len(texts):>7}{off[name]['texts_per_s']:>11.1f}{on[name]['texts_per_s']:>10.1f}"
-            f"{ratio:>7.2f}{on[name]['hit_rate']:>10.1%}"
+            f"{name:<20}{len(texts):>7}{base:>9.1f}"
+            f"{ens[name]['texts_per_s']:>10.1f}{ens[name]['texts_per_s'] / base:>7.2f}{ens[name]['hit_rate']:>7.0%}"
+            f"{on[name]['texts_per_s']:>11.1f}{on[name]['texts_per_s'] / base:>7.2f}{on[name]['hit_rate']:>7.0%}"
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "off": off, "on": on}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"model": args.model, **report}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -125,11 +125,30 @@ def requested_outputs(grpc, facts: ServerFacts) -> list:
 
 
 def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:
-    """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items."""
+    """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items.
+
+    An answer without an output this client asked for is refused with a clear error, never read as
+    data: a repository that caches whole ensembles (before issue 25) could hand a client the entry
+    another client's request for fewer outputs left behind."""
     embeddings = result.as_numpy(EMBEDDING_OUTPUT)
+    statuses = result.as_numpy(STATUS_OUTPUT) if facts.item_status else None
+    missing = [name for name, value in ((EMBEDDING_OUTPUT, embeddings), (STATUS_OUTPUT, statuses)) if value is None]
+    if missing and not (missing == [STATUS_OUTPUT] and not facts.item_status):
+        raise ClipClientError(
+            f"the server answered without its {' and '.join(missing)} output, which this client asked for "
+            "(an older repository caches whole ensembles, and Triton's response cache ignores which outputs a "
+            "request names)",
+            "rewrite the repository with this version's `clip-triton repo` (it caches the composing models), "
+            "or restart the server to empty its cache",
+        )
+    if statuses is not None and statuses.size != len(embeddings):
+        raise ClipClientError(
+            f"the server answered {len(embeddings)} embeddings but {statuses.size} STATUS rows",
+            "check that the repository was written by `clip-triton repo`",
+        )
     failed = {}
-    if facts.item_status:
-        for row, status in enumerate(result.as_numpy(STATUS_OUTPUT).reshape(-1)):
+    if statuses is not None:
+        for row, status in enumerate(statuses.reshape(-1)):
             if status:
                 failed[row] = item_reason(
                     status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)

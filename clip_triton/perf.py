@@ -181,19 +181,26 @@ def response_cached(url: str, model: str, protocol: str = "grpc") -> bool:
         import tritonclient.grpc as client_module  # noqa: PLC0415
     else:
         import tritonclient.http as client_module  # noqa: PLC0415
+
+    def read(client, name: str) -> dict:
+        config = client.get_model_config(name, as_json=True) if protocol == "grpc" else client.get_model_config(name)
+        return config.get("config", config)  # gRPC wraps the config; HTTP answers it directly
+
     try:
         with client_module.InferenceServerClient(url) as client:
-            config = client.get_model_config(model)
+            config = read(client, model)
+            # The cache sits at the ensemble's composing models (clip_triton/repository.py: an ensemble
+            # response holds only the outputs one client asked for); an older repository cached the
+            # ensemble itself. Either way repeated inputs are answered from it.
+            steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
+            cached = any(
+                bool(c.get("response_cache", {}).get("enable"))
+                for c in [config, *map(lambda n: read(client, n), steps)]
+            )
     except Exception as exc:  # noqa: BLE001 (perf_analyzer would fail the same way, less clearly)
         raise ClipTritonError(
             f"cannot read {model}'s config at {url}: {exc}", "is the server up at that URL?"
         ) from None
-    config = config.config if hasattr(config, "config") else config  # gRPC message / HTTP dict
-    cached = (
-        bool(config.response_cache.enable)
-        if hasattr(config, "response_cache")
-        else bool(config.get("response_cache", {}).get("enable"))
-    )
     if cached and model == IMAGE_ENSEMBLE:
         raise ClipTritonError(
             f"{model} answers repeated requests from Triton's response cache (repo --response-cache all): "

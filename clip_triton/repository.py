@@ -49,6 +49,7 @@ from .cpuruntime import check_cpu_runtime
 from .errors import ClipTritonError
 from .facts import ServerFacts
 from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from .profiles import profile_names
 
 MODELS = (PREPROCESS_MODEL, TOKENIZER_MODEL, VISION_MODEL, TEXT_MODEL, IMAGE_ENSEMBLE, TEXT_ENSEMBLE)
 PYTHON_MODELS = {
@@ -70,9 +71,26 @@ def _pb2():
     return model_config_pb2
 
 
-def cached_ensembles(setting: str) -> tuple[str, ...]:
-    """The ensembles whose responses Triton caches for a ``response_cache`` setting."""
-    return {"none": (), "text": (TEXT.ensemble,), "all": tuple(t.ensemble for t in TOWERS)}[setting]
+# Where Triton's response cache sits (issue 25). Triton keys an entry on the model, its version and
+# the request's input tensors, not on the outputs the request asked for (core `cache_manager.cc`,
+# `TritonCache::Hash`), and an ensemble's response holds only the outputs that one request named
+# (`EnsembleContext::CheckAndSetEnsembleOutput`). Cached at the ensemble, one raw request for EMBEDDING
+# alone stored an entry without STATUS that every later client got. So the cache sits at the composing
+# models: the ensemble asks each step for every output its `output_map` names, which is all of that
+# model's outputs, whoever the client is. Triton inserts only responses whose outputs are all in CPU
+# memory (server docs, response_cache.md "Limitations"; server PR #8124): the front models (python
+# backend) and the CPU encoders (python backend, OpenVINO) qualify; a TensorRT or ONNX Runtime encoder on
+# a GPU instance leaves its output in GPU memory for the next step, so it is never cached (and not
+# marked, which would log a failed insertion per request). There a repeat skips decoding or
+# tokenization and still runs the encoder.
+CACHEABLE_ENCODER_RUNTIMES = ("python", "openvino")
+
+
+def cached_models(setting: str, runtime: str) -> tuple[str, ...]:
+    """The models whose responses Triton caches for a ``response_cache`` setting on ``runtime``."""
+    towers = {"none": (), "text": (TEXT,), "all": TOWERS}[setting]
+    encoders = runtime in CACHEABLE_ENCODER_RUNTIMES
+    return tuple(name for tower in towers for name in (tower.front, *((tower.model,) if encoders else ())))
 
 
 @dataclass(frozen=True)
@@ -92,9 +110,10 @@ class RepoOptions:
     max_text_chars: int = 65536
     warmup: bool = True
     served_model_name: str | None = None  # public model id (gateway, clients); default: the architecture name
-    # Which ensembles answer repeated requests from Triton's response cache (the server needs
+    # Which towers answer repeated inputs from Triton's response cache (the server needs
     # --cache-config; `clip-triton serve` sets it): text (prompts repeat), all (images too, keyed on
     # their bytes) or none. Exact: the key hashes the whole request (model, inputs and their bytes).
+    # Cached at the composing models, never the ensembles (see cached_models).
     response_cache: str = "text"
     # OpenVINO runtimes serve the IR converted from the module when the export has one (`export
     # --openvino-ir`: faster than OpenVINO on the ONNX, docs/benchmarks.md); False: the ONNX graphs.
@@ -299,6 +318,9 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.platform = "tensorrt_plan"
             enc.default_model_filename = PLAN_FILE
             _instances(enc, options.encoder_instances, "KIND_GPU")
+            # Every profile of the engine, by index: without the list Triton's TensorRT backend uses
+            # profile 0 alone, and the text buckets above it fail (clip_triton/profiles.py).
+            enc.instance_group[0].profile.extend(profile_names(c, tower.name))
         elif options.runtime == "onnxruntime":
             enc.platform = "onnxruntime_onnx"
             enc.default_model_filename = ENCODER_ONNX_FILE
@@ -342,9 +364,9 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         step.model_name, step.model_version = tower.model, -1
         step.input_map[spec_mid.name] = spec_mid.name
         step.output_map[encoder.output.name] = c.embedding.name
-        if name in cached_ensembles(options.response_cache):
-            ens.response_cache.enable = True  # top-level requests of the ensemble (its steps run on a miss)
         configs[name] = ens
+    for name in cached_models(options.response_cache, options.runtime):
+        configs[name].response_cache.enable = True  # composing models only: see cached_models
     return configs
 
 

@@ -7,16 +7,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 docker compose build
 docker compose up -d triton            # export -> engines (validated vs PyTorch) -> triton
-echo "[gpu-check] waiting for triton to be healthy"
+# Bounded: the first start exports bigG and builds its engines (tens of minutes; the bound is generous).
+# A container that restarts (a crash loop: compose's restart policy) is a failure, not a wait.
+timeout_s="${GPU_CHECK_TIMEOUT_S:-5400}"
+deadline=$(( $(date +%s) + timeout_s ))
+echo "[gpu-check] waiting up to ${timeout_s} s for triton to be healthy (GPU_CHECK_TIMEOUT_S)"
+fail() {
+    echo "[gpu-check] $1; its last log lines:" >&2
+    docker compose logs --tail=60 triton >&2 || true
+    exit 1
+}
 while :; do
-    state=$(docker inspect -f '{{.State.Status}} {{.State.Health.Status}}' "$(docker compose ps -aq triton)")
-    case "$state" in
+    id=$(docker compose ps -aq triton)
+    state=$(docker inspect -f '{{.State.Status}}|{{.State.Health.Status}}|{{.RestartCount}}' "$id")
+    IFS='|' read -r status health restarts <<<"$state"
+    case "${status:-} ${health:-}" in
         "running healthy") break ;;
-        exited*|dead*|*" unhealthy")
-            echo "[gpu-check] triton is $state; its last log lines:" >&2
-            docker compose logs --tail=60 triton >&2
-            exit 1 ;;
+        exited*|dead*|*" unhealthy") fail "triton is ${status} (${health})" ;;
+        restarting*) fail "triton is restarting (a crash loop, restart count ${restarts:-?})" ;;
     esac
-    sleep 10
+    if [ "${restarts:-0}" -gt 0 ]; then fail "triton restarted ${restarts} times while starting"; fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then fail "triton is not healthy after ${timeout_s} s (state: $state)"; fi
+    sleep "${GPU_CHECK_POLL_S:-10}"
 done
 docker compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models "$@"

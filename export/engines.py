@@ -5,7 +5,8 @@ will serve the engines (engines are tied to the TensorRT version and the GPU). T
 parsed by file path, so their external data loads. One declaration, the contract's batch profile,
 drives the ONNX export's dynamic axis, the TensorRT optimisation profile and Triton's
 ``max_batch_size``; the text tower gets one profile per sequence-length bucket of the contract
-(Triton's TensorRT backend picks, per batch, the profile whose range holds its shape).
+(Triton's TensorRT backend picks, per batch, a profile whose range holds its shape, among those the
+instance group lists: clip_triton/profiles.py).
 
 Strongly typed networks (TensorRT >= 10.12) take their precision from the fp16 ONNX graph, which
 keeps LayerNorm and Softmax in float32; on older TensorRT the weakly typed fallback sets the FP16
@@ -28,6 +29,7 @@ import numpy as np
 from clip_triton.contract import MANIFEST, PLAN_FILE, TOLERANCES, TOWERS, ModelContract
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
+from clip_triton.profiles import Profile, profile_index, profiles_for
 from clip_triton.progress import Progress
 
 ENGINE_MANIFEST = "engine.json"
@@ -40,42 +42,6 @@ STRONGLY_TYPED_SINCE = (10, 12)
 # here; the [gpu] extra, the Dockerfile's build-time check and README repeat it, and a test keeps
 # them equal. TensorRT 11 removed BuilderFlag.FP16, which `--typing weak` needs.
 TENSORRT_PIN = "10.13.3.9"
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One TensorRT optimisation profile: (min, opt, max) shapes for the encoder's input."""
-
-    input_name: str
-    min: tuple[int, ...]
-    opt: tuple[int, ...]
-    max: tuple[int, ...]
-
-    def holds(self, shape: tuple[int, ...]) -> bool:
-        return all(lo <= n <= hi for lo, n, hi in zip(self.min, shape, self.max)) and len(shape) == len(self.min)
-
-
-def profiles_for(contract: ModelContract, tower: str) -> tuple[Profile, ...]:
-    """The encoder's optimisation profiles: batch from the contract's batch profile; a dynamic text
-    axis gets one profile per bucket, covering the lengths above the previous bucket up to it and
-    tuned at the bucket itself (the lengths the tokenizer sends). Every length 2..context is served."""
-    spec, _ = contract.encoder_io(tower)
-    batch = contract.batch
-    if -1 not in spec.shape:
-        return (Profile(spec.name, (batch.min, *spec.shape), (batch.opt, *spec.shape), (batch.max, *spec.shape)),)
-    profiles, floor = [], 2
-    for length in contract.tokenizer.lengths:
-        profiles.append(Profile(spec.name, (batch.min, floor), (batch.opt, length), (batch.max, length)))
-        floor = length + 1
-    return tuple(profiles)
-
-
-def profile_index(profiles: tuple[Profile, ...], shape: tuple[int, ...]) -> int:
-    """The profile that holds ``shape`` (what Triton's TensorRT backend picks for a batch)."""
-    for index, profile in enumerate(profiles):
-        if profile.holds(tuple(shape)):
-            return index
-    raise ClipTritonError(f"no optimisation profile holds shape {list(shape)}", f"profiles: {profiles}")
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -199,6 +165,9 @@ def check_repository_engines(
             )
         manifest = json.loads(manifest_path.read_text())
         check_engine_manifest(manifest, platform, where=str(plan))
+        check_engine_profiles(
+            manifest, Path(repo) / model / "config.pbtxt", Path(repo) / spec.front / "config.pbtxt", str(plan)
+        )
         if onnx_dir is not None:
             built_from, now = manifest.get("onnx", {}), graph_identity(Path(onnx_dir), tower)
             if {k: built_from.get(k) for k in ("sha256", "data_sha256")} != {
@@ -209,6 +178,57 @@ def check_repository_engines(
                 )
         checked.append(model)
     return checked
+
+
+def recorded_profiles(contract: ModelContract, tower: str) -> list[dict]:
+    """The profiles as ``engine.json`` records them (JSON lists), from the one declaration."""
+    return [json.loads(json.dumps(asdict(profile))) for profile in profiles_for(contract, tower)]
+
+
+def _ranges(profiles: list[dict]) -> str:
+    return "; ".join(f"{i}: {list(p['min'])}..{list(p['max'])}" for i, p in enumerate(profiles))
+
+
+def check_engine_profiles(manifest: dict, config_path: Path, front_config_path: Path, where: str) -> None:
+    """Refuse an engine whose optimisation profiles (recorded in ``engine.json`` by build-engines) are
+    not the ones its config makes available, or not the ones the repository's contract declares.
+
+    Triton's TensorRT backend creates a context only for the profiles an instance group lists, and for
+    profile 0 alone when it lists none (clip_triton/profiles.py cites the source): an engine with a
+    profile per text bucket behind a config without the list serves the first bucket only, and its
+    warm-ups at the others fail the load."""
+    from clip_triton.repository import parse  # noqa: PLC0415 (the repository layer reads configs)
+
+    recorded = manifest.get("profiles")
+    if not recorded:
+        raise ClipTritonError(
+            f"{where}: its engine.json records no optimisation profiles, so nothing says which shapes it serves",
+            "rebuild it with `clip-triton build-engines`, which records them",
+        )
+    config = parse(config_path.read_text())
+    for group in config.instance_group:
+        listed = list(group.profile) or ["0"]  # what the backend does with no list
+        if sorted(set(listed), key=int) != [str(i) for i in range(len(recorded))]:
+            raise ClipTritonError(
+                f"{config_path} makes profiles {listed if group.profile else '[] (so profile 0 alone)'} of {where} "
+                f"available, but the engine has {len(recorded)}: {_ranges(recorded)}. Triton's TensorRT backend "
+                "serves only the listed profiles, and requests of other shapes fail",
+                "rewrite the repository with `clip-triton repo --runtime tensorrt` (it lists every profile)",
+            )
+    front = parse(front_config_path.read_text()) if front_config_path.is_file() else None
+    if front is not None and "contract" in front.parameters:
+        contract = ModelContract.from_json(front.parameters["contract"].string_value)
+        expected = recorded_profiles(contract, parse_tower(config))
+        if recorded != expected:
+            raise ClipTritonError(
+                f"{where} was built with profiles {_ranges(recorded)}, but the repository's contract declares "
+                f"{_ranges(expected)}",
+                "rebuild the engines with `clip-triton build-engines` from this repository's export",
+            )
+
+
+def parse_tower(config) -> str:
+    return config.parameters["tower"].string_value
 
 
 def graph_identity(onnx_dir: Path, tower: str) -> dict:
@@ -439,7 +459,7 @@ def build_engines(
         engine_manifest = {
             "platform": asdict(platform),
             "onnx": graph_identity(onnx_dir, tower),
-            "profiles": [asdict(profile) for profile in profiles],
+            "profiles": recorded_profiles(contract, tower),
             "precision": contract.precision,
             "builder": {**asdict(options), **built},
             "validation": {

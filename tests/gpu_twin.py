@@ -310,8 +310,11 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
     group becomes CPU (the pip tritonserver has no GPU)."""
     import shutil
 
-    from clip_triton.contract import ENCODER_ONNX_FILE, TOWERS
-    from clip_triton.repository import PYTHON_MODELS, _place_graph, parse, python_entry_point, render
+    from clip_triton.contract import ENCODER_ONNX_FILE, TOWERS, ModelContract
+    from clip_triton.export.engines import ENGINE_MANIFEST, recorded_profiles
+    from clip_triton.repository import _place_graph, parse, python_entry_point, render
+
+    from .twin_standin import PROFILES_PARAMETER
 
     shutil.copytree(trt_repo, out)
     contract = parse((out / TOWERS[0].front / "config.pbtxt").read_text()).parameters["contract"].string_value
@@ -320,6 +323,17 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
         config = parse((out / name / "config.pbtxt").read_text())
         assert config.platform == "tensorrt_plan", f"{name} is not a TensorRT model in {trt_repo}"
         config.platform, config.default_model_filename, config.backend = "", "", "python"
+        # The engine's profiles (its engine.json, or what build-engines would record) and the ones the
+        # instance group lists: the stand-in serves only those, as the TensorRT backend does. Triton
+        # refuses a `profile` list on any other platform, so it travels as a parameter.
+        record = trt_repo / name / "1" / ENGINE_MANIFEST
+        profiles = (
+            json.loads(record.read_text())["profiles"]
+            if record.is_file()
+            else recorded_profiles(ModelContract.from_json(contract), tower.name)
+        )
+        listed = [p for group in config.instance_group for p in group.profile]
+        config.parameters[PROFILES_PARAMETER].string_value = json.dumps({"profiles": profiles, "listed": listed})
         for key, value in {
             "graph_file": ENCODER_ONNX_FILE,
             "contract": contract,  # a python-backend encoder reads it (a TensorRT one does not carry it)
@@ -330,9 +344,10 @@ def standin_repository(trt_repo: Path, onnx_dir: Path, out: Path) -> Path:
             config.parameters[key].string_value = value
         for group in config.instance_group:
             group.kind = group.KIND_CPU
+            del group.profile[:]
         (out / name / "config.pbtxt").write_text(render(config))
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        (out / name / "1" / "model.py").write_text(python_entry_point(PYTHON_MODELS["encoder"]))
+        (out / name / "1" / "model.py").write_text(python_entry_point("tests.twin_standin"))
         _place_graph(onnx_dir, graph, out / name / "1")
     return out
 

@@ -187,6 +187,12 @@ def _manifest(passed=True, **platform):
     }
 
 
+def _recorded(manifest: dict, model: str) -> dict:
+    """``manifest`` with the profiles build-engines records for ``model`` (default contract)."""
+    tower = next(t.name for t in C.TOWERS if t.model == model)
+    return {**manifest, "profiles": E.recorded_profiles(C.ModelContract.default(), tower)}
+
+
 def test_engine_manifest_must_match_the_serving_platform():
     here = E.Platform("10.13.0.35", "NVIDIA H200", "9.0")
     E.check_engine_manifest(_manifest(), here)  # same TensorRT (to the patch level) and GPU
@@ -205,7 +211,7 @@ def test_repository_engine_check(tmp_path):
         E.check_repository_engines(repo, here)
     for model in ("vision_encoder", "text_encoder"):
         (repo / model / "1" / "model.plan").write_bytes(b"engine bytes")  # stands in for a GPU-built engine
-        (repo / model / "1" / "engine.json").write_text(json.dumps(_manifest()))
+        (repo / model / "1" / "engine.json").write_text(json.dumps(_recorded(_manifest(), model)))
     assert E.check_repository_engines(repo, here) == ["vision_encoder", "text_encoder"]
     with pytest.raises(ClipTritonError, match="rebuild"):
         E.check_repository_engines(repo, E.Platform("10.14.1", "NVIDIA H200", "9.0"))
@@ -218,7 +224,7 @@ def _engine_repo(tmp_path, manifest: dict | None):
     for model in ("vision_encoder", "text_encoder"):
         (repo / model / "1" / "model.plan").write_bytes(b"engine bytes")  # stands in for a GPU-built engine
         if manifest is not None:
-            (repo / model / "1" / "engine.json").write_text(json.dumps(manifest))
+            (repo / model / "1" / "engine.json").write_text(json.dumps(_recorded(manifest, model)))
     return repo
 
 
@@ -259,7 +265,7 @@ def test_engines_are_current_only_for_the_same_graphs(tiny_export, tmp_path):
     repo = _engine_repo(tmp_path, None)
     for tower, model in ((t.name, t.model) for t in C.TOWERS):
         (repo / model / "1" / "engine.json").write_text(
-            json.dumps({**manifest, "onnx": E.graph_identity(tiny_export, tower)})
+            json.dumps({**_recorded(manifest, model), "onnx": E.graph_identity(tiny_export, tower)})
         )
     assert E.check_repository_engines(repo, here, onnx_dir=tiny_export) == ["vision_encoder", "text_encoder"]
     other = tmp_path / "other-export"
@@ -447,3 +453,50 @@ def test_containers_remove_a_killed_predecessors_shared_memory_before_starting()
         removal = f"rm -f /dev/shm/{CONTAINER_SHM_PREFIX}* &&"
         assert flag in command and removal in command
         assert command.index(removal) < command.index("exec tritonserver") < command.index(flag)
+
+
+def test_tensorrt_encoders_list_every_profile_of_their_engine():
+    """Triton's TensorRT backend serves only the profiles an instance group lists (profile 0 when none):
+    the text encoder lists one per bucket, the vision encoder its one (clip_triton/profiles.py)."""
+    from clip_triton.profiles import profiles_for
+    from clip_triton.repository import RepoOptions, ServingFacts, build_configs
+
+    contract = C.ModelContract.default()
+    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    for tower in C.TOWERS:
+        (group,) = configs[tower.model].instance_group
+        assert list(group.profile) == [str(i) for i in range(len(profiles_for(contract, tower.name)))]
+    assert len(configs[C.TEXT_MODEL].instance_group[0].profile) == len(contract.tokenizer.lengths) > 1
+    committed = parse((ROOT / "model_repository" / C.TEXT_MODEL / "config.pbtxt").read_text())
+    assert list(committed.instance_group[0].profile) == ["0", "1", "2", "3"]
+
+
+def test_check_engines_refuses_profiles_the_config_does_not_list(tmp_path):
+    """The config before issue 26 (no profile list: profile 0 alone) behind a four-profile text engine."""
+    from clip_triton.repository import render
+
+    here = E.Platform("10.13.0", "NVIDIA H200", "9.0")
+    repo = _engine_repo(tmp_path, _manifest())
+    assert E.check_repository_engines(repo, here) == ["vision_encoder", "text_encoder"]
+    path = repo / C.TEXT_MODEL / "config.pbtxt"
+    config = parse(path.read_text())
+    del config.instance_group[0].profile[:]
+    path.write_text(render(config))
+    with pytest.raises(ClipTritonError, match=r"makes profiles \[\] \(so profile 0 alone\).*has 4: 0: \[1, 2\]") as err:
+        E.check_repository_engines(repo, here)
+    assert "clip-triton repo --runtime tensorrt" in err.value.hint
+
+
+def test_check_engines_refuses_an_engine_built_for_other_buckets(tmp_path):
+    here = E.Platform("10.13.0", "NVIDIA H200", "9.0")
+    repo = _engine_repo(tmp_path, _manifest())
+    record = repo / C.TEXT_MODEL / "1" / "engine.json"
+    manifest = json.loads(record.read_text())
+    manifest["profiles"][1]["max"] = [64, 20]  # built with another bucket than the contract's 16
+    record.write_text(json.dumps(manifest))
+    with pytest.raises(ClipTritonError, match=r"was built with profiles .*\[64, 20\].*contract declares"):
+        E.check_repository_engines(repo, here)
+    del manifest["profiles"]
+    record.write_text(json.dumps(manifest))
+    with pytest.raises(ClipTritonError, match="records no optimisation profiles"):
+        E.check_repository_engines(repo, here)

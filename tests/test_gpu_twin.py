@@ -157,6 +157,9 @@ def _passed_manifest(onnx_dir: Path, tower: str, platform: E.Platform) -> dict:
             "compute_capability": platform.compute_capability,
         },
         "onnx": E.graph_identity(onnx_dir, tower),
+        "profiles": E.recorded_profiles(
+            C.ModelContract.from_dict(json.loads((onnx_dir / C.MANIFEST).read_text())["contract"]), tower
+        ),
         "validation": {
             "min_cosine": E.MIN_ENGINE_COSINE,
             "passed": True,
@@ -344,6 +347,46 @@ def standin_server(request):
     return request.getfixturevalue(f"{request.param}_standins")
 
 
+def test_a_text_encoder_without_its_profile_list_fails_to_load_in_the_twin(fp16_export, tmp_path):
+    """The config before issue 26: no `profile` list, so Triton's TensorRT backend serves profile 0
+    (lengths 2-8) alone; the warm-ups at the other buckets fail and so does the load, as on a GPU host.
+    The stand-in refuses what the backend refuses (tests/twin_standin.py)."""
+    from clip_triton.errors import ClipTritonError
+    from clip_triton.repository import render
+    from clip_triton.server import TritonServer
+
+    trt_repo = write_repository(tmp_path / "trt", onnx_dir=fp16_export, options=RepoOptions(runtime="tensorrt"))
+    path = trt_repo / C.TEXT_MODEL / "config.pbtxt"
+    config = parse(path.read_text())
+    assert len(config.instance_group[0].profile) == 4
+    del config.instance_group[0].profile[:]
+    path.write_text(render(config))
+    server = TritonServer(standin_repository(trt_repo, fp16_export, tmp_path / "standin"), log_file=tmp_path / "t.log")
+    with pytest.raises(ClipTritonError, match="exited"):
+        server.start(timeout=300)
+    log = (tmp_path / "t.log").read_text()
+    assert "request specifies invalid shape for input 'input_ids'" in log and "[1, 2]..[64, 8]" in log
+
+
+def test_standins_serve_every_bucket_through_the_listed_profiles(standin_server):
+    """With the list, every bucket's profile is available: a text of each bucket's length is served."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    trt_repo, repo, _, server, _ = standin_server
+    contract = C.ModelContract.from_json(
+        parse((repo / C.TOKENIZER_MODEL / "config.pbtxt").read_text()).parameters["contract"].string_value
+    )
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        for length in contract.tokenizer.lengths:
+            ids = grpcclient.InferInput(C.INPUT_IDS, [1, length], "INT32")
+            ids.set_data_from_numpy(np.ones((1, length), np.int32))
+            output = contract.encoder_io("text")[1].name
+            assert client.infer(C.TEXT_MODEL, [ids]).as_numpy(output).shape[0] == 1, length
+    listed = parse((trt_repo / C.TEXT_MODEL / "config.pbtxt").read_text()).instance_group[0].profile
+    assert list(listed) == [str(i) for i in range(len(contract.tokenizer.lengths))]
+
+
 def test_standins_keep_the_engines_io(standin_server):
     trt_repo, repo, onnx_dir, _, _ = standin_server
     for model in (t.model for t in C.TOWERS):
@@ -494,7 +537,8 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
             client.get_model_repository_index()
         assert client.get_model_repository_index(headers={"clip-triton-admin": "k3y"})
         assert client.is_model_ready("clip_image")
-        # The response cache the command sizes (--cache-config) answers clip_text's repeated request.
+        # The response cache the command sizes (--cache-config) answers clip_text's repeated request (at
+        # the tokenizer: the TensorRT encoder's output stays in GPU memory, which Triton does not cache).
         import numpy as np
 
         text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
@@ -502,7 +546,7 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
         first, second = (client.infer("clip_text", [text]).as_numpy("EMBEDDING") for _ in range(2))
 
         def hits() -> int:
-            stats = client.get_inference_statistics("clip_text")["model_stats"][0]["inference_stats"]
+            stats = client.get_inference_statistics("tokenizer")["model_stats"][0]["inference_stats"]
             return stats.get("cache_hit", {}).get("count", 0)
 
         assert settled(hits, 1) == 1 and np.array_equal(first, second)

@@ -324,6 +324,8 @@ for tower, model in ((t.name, t.model) for t in C.TOWERS):
     (folder / E.ENGINE_MANIFEST).write_text(json.dumps({{
         "platform": {{"tensorrt": platform.tensorrt, "gpu": platform.gpu, "compute_capability": "9.0"}},
         "onnx": E.graph_identity(Path(opts["--onnx-dir"]), tower),
+        "profiles": E.recorded_profiles(C.ModelContract.from_dict(
+            json.loads((Path(opts["--onnx-dir"]) / C.MANIFEST).read_text())["contract"]), tower),
         "validation": {{"passed": True, "checks": [{{"min_cosine": 0.9999, "passed": True}}]}}}}))
 print("built", opts["--repo"])
 '''

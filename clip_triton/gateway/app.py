@@ -14,7 +14,6 @@ item's index, 401 for a missing or wrong key, 404 for an unknown model, 413 for 
 
 import base64
 import binascii
-import re
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from ..errors import ClipTritonError
 from .fetch import FetchPolicy
 from .schemas import ApiError, item_error
 
-DATA_URL = re.compile(r"^data:([^;,]*)((?:;[^;,]*)*);base64,(.*)$", re.S | re.I)
+MAX_DATA_URL_HEADER = 1024  # "data:image/<type>[;params];base64" ends before this many characters
 
 
 @dataclass
@@ -60,13 +59,19 @@ class GatewaySettings:
 
 
 def decode_data_url(value: str) -> bytes:
-    match = DATA_URL.match(value)
-    if not match:
+    """The bytes of a ``data:<type>[;param...];base64,<data>`` URL. Parsed in linear time, with no
+    regular expression over user input (a backtracking pattern spent 5.6 s of the event loop on
+    ``data:image/png`` and 16 Mi semicolons): the header must end within its first
+    ``MAX_DATA_URL_HEADER`` characters."""
+    comma = value.find(",", 0, MAX_DATA_URL_HEADER)
+    header = value[:comma] if comma > 0 else ""
+    params = header[5:].split(";") if header[:5].lower() == "data:" else []
+    if len(params) < 2 or params[-1].lower() != "base64":
         raise ValueError("malformed data URL: expected data:image/<type>;base64,<data>")
-    if not match.group(1).lower().startswith("image/"):
-        raise ValueError(f"data URL is {match.group(1) or 'untyped'}, not an image (expected data:image/...)")
+    if not params[0].lower().startswith("image/"):
+        raise ValueError(f"data URL is {params[0][:64] or 'untyped'}, not an image (expected data:image/...)")
     try:
-        return base64.b64decode(match.group(3), validate=True)
+        return base64.b64decode(value[comma + 1 :], validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("data URL holds invalid base64") from None
 
@@ -113,19 +118,30 @@ def utf8_error(value: str) -> str | None:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse a body over ``limit`` bytes while it arrives, before any other work.
+    """ASGI middleware, the gateway's admission: before any other work, a request to a guarded path
+    (``/v1/``) without a valid API key is answered 401 without reading a byte of its body (an
+    unauthenticated request costs O(1) memory, whatever it sends), then a body over ``limit`` bytes is
+    refused while it arrives.
 
     The declared Content-Length is checked first; a chunked body (no length) is counted chunk by
     chunk, and the 413 goes out as soon as the count passes the limit: the rest is never read.
     """
 
-    def __init__(self, app, limit: int, refuse):
+    def __init__(self, app, limit: int, refuse, key_problem=None, guarded: str = "/v1/"):
         self.app, self.limit, self.refuse = app, limit, refuse
+        self.key_problem, self.guarded = key_problem, guarded
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        if self.key_problem is not None and scope.get("path", "").startswith(self.guarded):
+            problem = self.key_problem(headers.get(b"authorization", b"").decode("latin-1"))
+            if problem is not None:
+                from fastapi.responses import JSONResponse  # noqa: PLC0415
+
+                return await JSONResponse(problem.body(), status_code=problem.status)(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             return await self.refuse(send, f"request body is {int(declared)} bytes")
         state = {"received": 0, "refused": False}
@@ -218,7 +234,7 @@ def create_app(settings: GatewaySettings):
         )
         await body({"type": "http"}, None, send)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, refuse=refuse_body)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, refuse=refuse_body, key_problem=routes.key_problem)
 
     @app.middleware("http")
     async def _metrics(request: Request, call_next):

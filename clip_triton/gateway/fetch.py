@@ -60,6 +60,9 @@ def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
 
 
 def forbidden(address: str) -> bool:
+    """Whether an address is anything but a global unicast address. The one place that decides: every
+    resolved address and every IPv4 address an IPv6 one carries goes through it. ``is_global`` alone
+    misses site-local IPv6 (fec0::/10, deprecated but routable inside sites) on the Pythons we support."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     candidates = [ip, *(embedded_ipv4(ip) if isinstance(ip, ipaddress.IPv6Address) else [])]
     return any(
@@ -70,6 +73,7 @@ def forbidden(address: str) -> bool:
         or c.is_link_local
         or c.is_private
         or c.is_unspecified
+        or getattr(c, "is_site_local", False)
         for c in candidates
     )
 
@@ -99,8 +103,18 @@ class Target:
     server_name: str
 
 
+MAX_URL_CHARS = 8192  # longer URLs are refused before any parsing (browsers and servers cap near here)
+
+
 async def vet(url: str, policy: FetchPolicy) -> Target:
-    parts = urlsplit(url)
+    if len(url) > MAX_URL_CHARS:
+        raise FetchError(f"URL is longer than {MAX_URL_CHARS} characters")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        raise FetchError("URL contains control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise FetchError(f"malformed URL ({exc})") from None
     if parts.scheme not in ("http", "https"):
         raise FetchError("only http and https URLs are fetched")
     if not parts.hostname:
@@ -136,7 +150,13 @@ async def fetch_image(url: str, policy: FetchPolicy) -> bytes:
             async with httpx.AsyncClient(follow_redirects=False, timeout=policy.timeout_s, trust_env=False) as client:
                 for _ in range(policy.max_redirects + 1):
                     target = await vet(url, policy)
-                    headers = {"User-Agent": "clip-triton-gateway", "Host": target.host_header}
+                    # identity: no decoder (gzip, brotli, zstd) ever inflates a small body; an encoded
+                    # answer is refused in _read_image, so the byte cap bounds memory as sent.
+                    headers = {
+                        "User-Agent": "clip-triton-gateway",
+                        "Host": target.host_header,
+                        "Accept-Encoding": "identity",
+                    }
                     request = client.build_request(
                         "GET", target.url, headers=headers, extensions={"sni_hostname": target.server_name}
                     )
@@ -151,13 +171,18 @@ async def fetch_image(url: str, policy: FetchPolicy) -> bytes:
                 raise FetchError(f"more than {policy.max_redirects} redirects")
     except TimeoutError:
         raise FetchError(f"URL did not answer within {policy.timeout_s:g} s") from None
-    except httpx.HTTPError as exc:
+    except FetchError:
+        raise
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as exc:  # every other failure is the URL's
         raise FetchError(f"URL could not be fetched ({type(exc).__name__})") from None
 
 
 async def _read_image(response, policy: FetchPolicy) -> bytes:
     if response.status_code != 200:
         raise FetchError(f"URL answered HTTP {response.status_code}")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FetchError(f"URL answered with Content-Encoding {encoding[:40]}; only unencoded images are fetched")
     kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if not kind.startswith("image/"):
         raise FetchError(f"URL content type is {kind or 'missing'}, not image/*")
@@ -165,7 +190,7 @@ async def _read_image(response, policy: FetchPolicy) -> bytes:
     if length and length.isdigit() and int(length) > policy.max_bytes:
         raise FetchError(f"image is {length} bytes, over the {policy.max_bytes} byte limit")
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw():  # as sent: nothing decodes (encoded answers are refused above)
         body += chunk
         if len(body) > policy.max_bytes:
             raise FetchError(f"image is over the {policy.max_bytes} byte limit")

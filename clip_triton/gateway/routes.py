@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import logging
 
 import numpy as np
 from fastapi import Request
@@ -21,6 +22,8 @@ from ..tokenizer import ClipTokenizer, HFTextTokenizer, TextError, text_tokenize
 from .app import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
 from .fetch import FetchError, fetch_image
 from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, item_error
+
+LOG = logging.getLogger("clip_triton.gateway")
 
 
 class Routes:
@@ -47,15 +50,22 @@ class Routes:
         self.fetch_gate = asyncio.Semaphore(settings.max_concurrent_fetches)
 
     # -- auth ------------------------------------------------------------------------------------
-    async def authorise(self, request: Request) -> None:
+    def key_problem(self, header: str) -> ApiError | None:
+        """Why an ``Authorization`` header value does not admit a request, or None. The gateway's ASGI
+        layer asks this before reading any of the body (app.py ``Admission``); the routes ask again."""
         if not self.settings.auth:
-            return
-        header = request.headers.get("authorization", "")
+            return None
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
+            return ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.settings.api_keys):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+            return ApiError(401, "incorrect API key", code="invalid_api_key")
+        return None
+
+    async def authorise(self, request: Request) -> None:
+        problem = self.key_problem(request.headers.get("authorization", ""))
+        if problem is not None:
+            raise problem
 
     # -- helpers ---------------------------------------------------------------------------------
     async def facts(self, request: Request):
@@ -151,9 +161,12 @@ class Routes:
             index, reason = next(iter(exc.errors.items()))
             raise item_error(positions[index], reason, name) from None
         except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:  # transport failures
+            # The cause goes to the gateway's log, not to the caller: it names internal addresses
+            # ("ipv4:10.0.3.7:8001: Failed to connect ..."). Only the kind of failure is public.
+            LOG.warning("model server call failed: %s", exc)
             raise ApiError(
                 503,
-                f"the model server is unavailable ({str(exc)[:200]})",
+                f"the model server is unavailable ({type(exc).__name__})",
                 type_="server_error",
                 code="triton_unavailable",
             ) from None
