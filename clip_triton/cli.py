@@ -738,7 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Triton's Prometheus metrics, read to tell busy from dead (default: http://HOST:8002/metrics; "
         "'none': judge by the canary alone)",
     )
-    p.add_argument("--timeout", type=float, default=10.0, help="canary deadline in seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        help="the probe's whole budget in seconds (the canary's two requests and the metrics reads; "
+        "at least 5, the window that tells busy from dead): keep the orchestrator's probe timeout above "
+        "it by a few seconds",
+    )
     p.set_defaults(func=_health)
 
     p = _parser(sub, "demo", "offline main job: export a small model, serve it, classify sample photos")

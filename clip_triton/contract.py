@@ -92,8 +92,7 @@ DEFAULT_PRECISION = "fp32"
 # Encoder runtimes: tensorrt (GPU), onnxruntime (Triton's ORT backend), openvino (Triton's OpenVINO
 # backend, CPU), python (python-backend models running the graphs with a CPU runtime, below).
 RUNTIMES = ("tensorrt", "onnxruntime", "openvino", "python")
-# Which towers Triton's response cache answers repeated inputs for (`clip-triton repo --response-cache`);
-# cached at the composing models, never the ensembles (clip_triton/repository.py: cached_models).
+# Which ensembles Triton's response cache answers repeated requests for (`clip-triton repo --response-cache`).
 RESPONSE_CACHE_CHOICES = ("none", "text", "all")
 CPU_RUNTIMES = ("onnxruntime", "openvino")  # what --runtime python runs the graphs with
 CPU_PRECISIONS = ("fp32", "bf16")  # compute precision on the CPU; bf16 needs OpenVINO

@@ -43,17 +43,20 @@ def canary_items() -> tuple[bytes, bytes]:
 
 
 def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
-    """(healthy, reason): both ensembles answer a real request with a finite, normalised embedding."""
+    """(healthy, reason): both ensembles answer a real request with a finite, normalised embedding,
+    both within ``timeout`` seconds together."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     text, image = canary_items()
+    deadline = time.monotonic() + timeout
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
             for model, name, item in ((TEXT_ENSEMBLE, TEXT_INPUT, text), (IMAGE_ENSEMBLE, IMAGE_INPUT, image)):
                 tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[item]], dtype=object))
-                out = client.infer(model, [tensor], client_timeout=timeout).as_numpy(EMBEDDING_OUTPUT)
+                left = max(deadline - time.monotonic(), 0.01)
+                out = client.infer(model, [tensor], client_timeout=left).as_numpy(EMBEDDING_OUTPUT)
                 if out is None or not np.isfinite(out).all() or abs(float(np.linalg.norm(out)) - 1) > 1e-3:
                     return False, f"{model} returned an invalid embedding"
         finally:
@@ -97,6 +100,20 @@ def metrics_url_for(grpc_url: str, metrics_port: int = 8002) -> str:
 # death: on a saturated server one request can take seconds, so a window as short as a 50 ms canary
 # deadline sees none complete although the server is working (it restarted busy servers under load).
 MIN_WINDOW_S = 5.0
+# Each metrics read inside a probe waits at most this long (and never past the probe's budget).
+METRICS_READ_S = 2.0
+# What a probe may take beyond its budget: the last metrics read is bounded by what is left, at least this.
+PROBE_SLACK_S = 0.5
+# The interpreter's start and imports (measured 0.3 s here), with room for a busy node: an
+# orchestrator's probe timeout must cover probe_budget(...) plus this (tests/test_gpu_path.py reads
+# docker-compose.yml's and the Kubernetes Deployment's numbers).
+STARTUP_MARGIN_S = 3.0
+
+
+def probe_budget(timeout: float) -> float:
+    """The longest a :func:`probe` with this ``timeout`` takes (seconds): the budget is the timeout,
+    never under the ``MIN_WINDOW_S`` that busy-vs-dead needs, plus the last read's slack."""
+    return max(timeout, MIN_WINDOW_S) + PROBE_SLACK_S
 
 
 def probe(
@@ -108,14 +125,25 @@ def probe(
     Completions count from ``counter["completed"]`` when given (the reading of the previous probe: the
     watchdog's window is then the whole interval between probes), and over at least ``MIN_WINDOW_S``.
     ``counter`` is updated with the latest reading.
+
+    The whole probe fits in :func:`probe_budget` (``timeout``, at least ``MIN_WINDOW_S``, plus a
+    slack): the canary's two requests share one deadline and every metrics read is bounded by what is
+    left, so an orchestrator whose probe timeout covers it never kills a probe that would have said
+    "busy" (compose's healthcheck and the Kubernetes liveness probe are sized from it).
     """
     started = time.monotonic()
-    before = completed_requests(metrics_url) if metrics_url else None
+    deadline = started + max(timeout, MIN_WINDOW_S)
+
+    def read() -> float | None:
+        left = min(METRICS_READ_S, max(deadline - time.monotonic(), PROBE_SLACK_S))
+        return completed_requests(metrics_url, timeout=left) if metrics_url else None
+
+    before = read()
     baseline = before
     if counter is not None and counter.get("completed") is not None and before is not None:
         baseline = min(before, counter["completed"])
-    healthy, reason = canary(grpc_url, timeout=timeout)
-    after = completed_requests(metrics_url) if metrics_url else None
+    healthy, reason = canary(grpc_url, timeout=max(min(timeout, deadline - time.monotonic()), 0.01))
+    after = read()
     while (
         not healthy
         and baseline is not None
@@ -124,9 +152,10 @@ def probe(
         and STUB_DEAD not in reason
         and not any(marker in reason for marker in UNREACHABLE)
         and time.monotonic() - started < MIN_WINDOW_S
+        and time.monotonic() < deadline - 0.25
     ):
         time.sleep(0.25)
-        after = completed_requests(metrics_url)
+        after = read()
     if counter is not None:
         counter["completed"] = after
     if healthy:

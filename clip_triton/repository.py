@@ -50,6 +50,7 @@ from .errors import ClipTritonError
 from .facts import ServerFacts
 from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .profiles import profile_names
+from .tokenizer import DEFAULT_MAX_TEXT_CHARS
 
 MODELS = (PREPROCESS_MODEL, TOKENIZER_MODEL, VISION_MODEL, TEXT_MODEL, IMAGE_ENSEMBLE, TEXT_ENSEMBLE)
 PYTHON_MODELS = {
@@ -71,26 +72,20 @@ def _pb2():
     return model_config_pb2
 
 
-# Where Triton's response cache sits (issue 25). Triton keys an entry on the model, its version and
-# the request's input tensors, not on the outputs the request asked for (core `cache_manager.cc`,
-# `TritonCache::Hash`), and an ensemble's response holds only the outputs that one request named
-# (`EnsembleContext::CheckAndSetEnsembleOutput`). Cached at the ensemble, one raw request for EMBEDDING
-# alone stored an entry without STATUS that every later client got. So the cache sits at the composing
-# models: the ensemble asks each step for every output its `output_map` names, which is all of that
-# model's outputs, whoever the client is. Triton inserts only responses whose outputs are all in CPU
-# memory (server docs, response_cache.md "Limitations"; server PR #8124): the front models (python
-# backend) and the CPU encoders (python backend, OpenVINO) qualify; a TensorRT or ONNX Runtime encoder on
-# a GPU instance leaves its output in GPU memory for the next step, so it is never cached (and not
-# marked, which would log a failed insertion per request). There a repeat skips decoding or
-# tokenization and still runs the encoder.
-CACHEABLE_ENCODER_RUNTIMES = ("python", "openvino")
+def cached_ensembles(setting: str) -> tuple[str, ...]:
+    """The ensembles whose responses Triton caches for a ``response_cache`` setting.
 
-
-def cached_models(setting: str, runtime: str) -> tuple[str, ...]:
-    """The models whose responses Triton caches for a ``response_cache`` setting on ``runtime``."""
-    towers = {"none": (), "text": (TEXT,), "all": TOWERS}[setting]
-    encoders = runtime in CACHEABLE_ENCODER_RUNTIMES
-    return tuple(name for tower in towers for name in (tower.front, *((tower.model,) if encoders else ())))
+    At the ensembles, knowingly (issue 25, open): Triton keys an entry on the model and its input
+    tensors, not on the outputs a request names (core ``cache_manager.cc``), and an ensemble's response
+    holds only those outputs, so a raw request for EMBEDDING alone leaves an entry without STATUS for
+    that input (clients refuse such an answer with a clear error: client/grpc_client.py
+    ``split_result``). Caching the composing models instead, whose requests always name every output,
+    was tried and rejected: a dynamic-batched model's *error* response is cached too, as an entry
+    without outputs (core ``dynamic_batch_scheduler.cc``, ``DelegateResponse`` inserts every response),
+    so a repeated bad item's INVALID_ARGUMENT became "expected 1 inputs but got 0" for everyone; and a
+    GPU encoder's output, in GPU memory, is never cached (server PR #8124). docs/benchmarks.md has both
+    layouts measured."""
+    return {"none": (), "text": (TEXT.ensemble,), "all": tuple(t.ensemble for t in TOWERS)}[setting]
 
 
 @dataclass(frozen=True)
@@ -107,13 +102,13 @@ class RepoOptions:
     ort_spinning: bool = True  # ONNX Runtime encoders: let idle threads busy-wait (ORT's default)
     max_image_pixels: int | None = None
     max_image_bytes: int | None = None
-    max_text_chars: int = 65536
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
     warmup: bool = True
     served_model_name: str | None = None  # public model id (gateway, clients); default: the architecture name
     # Which towers answer repeated inputs from Triton's response cache (the server needs
     # --cache-config; `clip-triton serve` sets it): text (prompts repeat), all (images too, keyed on
     # their bytes) or none. Exact: the key hashes the whole request (model, inputs and their bytes).
-    # Cached at the composing models, never the ensembles (see cached_models).
+    # Cached at the ensembles (see cached_ensembles: why, and the open defect of issue 25).
     response_cache: str = "text"
     # OpenVINO runtimes serve the IR converted from the module when the export has one (`export
     # --openvino-ir`: faster than OpenVINO on the ONNX, docs/benchmarks.md); False: the ONNX graphs.
@@ -364,9 +359,9 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         step.model_name, step.model_version = tower.model, -1
         step.input_map[spec_mid.name] = spec_mid.name
         step.output_map[encoder.output.name] = c.embedding.name
+        if name in cached_ensembles(options.response_cache):
+            ens.response_cache.enable = True  # top-level requests of the ensemble (its steps run on a miss)
         configs[name] = ens
-    for name in cached_models(options.response_cache, options.runtime):
-        configs[name].response_cache.enable = True  # composing models only: see cached_models
     return configs
 
 

@@ -28,6 +28,11 @@ _SPECIAL = ("<start_of_text>", "<end_of_text>")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+# Longest text (characters) one item may have: the server's tokenizer model, the repository and the
+# gateway share it (a longer text is refused for that item before any work).
+DEFAULT_MAX_TEXT_CHARS = 65536
+
+
 class TextError(ValueError):
     """A text item that cannot be served; the message says why."""
 
@@ -163,7 +168,7 @@ def _merge(word: str, ranks: dict[tuple[str, str], int], end_of_word: bool = Tru
 class ClipTokenizer:
     """Tokenize strings to ``int32`` ids of shape ``[N, context_length]``."""
 
-    def __init__(self, spec: TokenizerSpec | None = None, max_chars: int = 65536):
+    def __init__(self, spec: TokenizerSpec | None = None, max_chars: int = DEFAULT_MAX_TEXT_CHARS):
         self.spec = spec = spec or TokenizerSpec()
         self.max_chars = max_chars
         self.encoder, self.ranks = _load_vocab()
@@ -250,7 +255,7 @@ class HFTextTokenizer:
     tokens kept and padded with the pad id, as ``tokenizer(texts, max_length=L,
     padding="max_length", truncation=True)`` does (tests/test_hf_tokenizer.py: token for token)."""
 
-    def __init__(self, spec: TokenizerSpec, path, max_chars: int = 65536):
+    def __init__(self, spec: TokenizerSpec, path, max_chars: int = DEFAULT_MAX_TEXT_CHARS):
         from tokenizers import Tokenizer  # noqa: PLC0415 (only models with a HF tokenizer need it)
 
         if not spec.resolved:
@@ -272,7 +277,9 @@ class HFTextTokenizer:
     __call__ = ClipTokenizer.__call__  # rows of self.ids, stacked
 
 
-def text_tokenizer(spec: TokenizerSpec, folder=None, max_chars: int = 65536) -> ClipTokenizer | HFTextTokenizer:
+def text_tokenizer(
+    spec: TokenizerSpec, folder=None, max_chars: int = DEFAULT_MAX_TEXT_CHARS
+) -> ClipTokenizer | HFTextTokenizer:
     """The tokenizer a contract names: CLIP's BPE (shipped here), or the Hugging Face tokenizer whose
     ``tokenizer.json`` lies in ``folder`` (an export's ``tokenizer/``, or the server model's version folder)."""
     if spec.kind == "clip-bpe":

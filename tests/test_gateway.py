@@ -431,8 +431,7 @@ def test_a_chunked_body_is_refused_as_it_arrives(gateway, keyed):
         refused = [line for line in metrics.splitlines() if line.startswith("clip_gateway_bodies_refused_total ")]
         assert refused and float(refused[0].split()[1]) >= 1
     else:
-        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
-        assert b"missing_api_key" in answer
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]  # its body: tests/test_gateway_abuse.py
     assert sent < 16 * 1024 * 1024  # it stopped reading long before the end
     assert _rss_mib() - before < 64
 

@@ -180,3 +180,47 @@ def test_row_9_data_urls_are_parsed_in_linear_time():
         decode_data_url(f"data:text/plain;base64,{payload}")
     with pytest.raises(ValueError, match="malformed"):
         decode_data_url(f"data:image/png,{payload}")  # not base64
+
+
+def _facts_only_client():
+    from clip_triton.facts import ServerFacts
+
+    class FactsOnly:  # the seam: app.state.client; these requests must be refused before any encoding
+        async def get_facts(self):
+            return ServerFacts(
+                model="clip-triton-tiny", pretrained="none", embed_dim=4, logit_scale=1.0, served_model_name="tiny"
+            )
+
+        async def close(self):
+            pass
+
+    return FactsOnly()
+
+
+@pytest.mark.parametrize(
+    "prompts, templates, reason",
+    [
+        (["x" * 260_000], ["{}" * 500] * 16, "needs exactly one {} placeholder"),
+        (["x" * 70_000], ["a photo of {}"], "70000 characters, 70011 in its longest template, over the limit of 65536"),
+        (["a cat", "x" * 65_530], ["a blurry photo of {}"], "65548 in its longest template"),
+    ],
+)
+def test_row_3_templates_are_sized_before_any_text_is_built(prompts, templates, reason):
+    """276 KB of request once built +2.2 GB of strings before its 400: now the sizes are computed from
+    the lengths, and nothing is built."""
+    import tracemalloc
+
+    from fastapi.testclient import TestClient
+
+    app = create_app(GatewaySettings(triton_url="127.0.0.1:1", api_keys=(KEY,)))
+    body = {"model": "tiny", "images": ["data:image/png;base64,AAAA"], "prompts": prompts, "templates": templates}
+    with TestClient(app) as client:
+        app.state.client = _facts_only_client()
+        tracemalloc.start()
+        try:
+            answer = client.post("/v1/classify", headers={"Authorization": f"Bearer {KEY}"}, json=body)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert answer.status_code == 400 and reason in answer.text, answer.text
+    assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"

@@ -500,3 +500,64 @@ def test_check_engines_refuses_an_engine_built_for_other_buckets(tmp_path):
     record.write_text(json.dumps(manifest))
     with pytest.raises(ClipTritonError, match="records no optimisation profiles"):
         E.check_repository_engines(repo, here)
+
+
+def _orchestrator_budgets() -> list[tuple[str, float, float]]:
+    """(where, what the health command needs in the worst case, what the orchestrator allows), seconds."""
+    import shlex
+
+    from clip_triton.health import STARTUP_MARGIN_S, probe_budget
+
+    def needed(command: str) -> float:
+        words = shlex.split(command.replace("=", " "))
+        total = 0.0
+        for i, word in enumerate(words):
+            if word == "curl":
+                assert "--max-time" in words[i:], f"unbounded curl in {command!r}"
+                total += float(words[words.index("--max-time", i) + 1])
+            if word == "health":
+                timeout = float(words[words.index("--timeout", i) + 1]) if "--timeout" in words[i:] else 10.0
+                total += probe_budget(timeout) + STARTUP_MARGIN_S
+        return total
+
+    compose = COMPOSE["services"]["triton"]["healthcheck"]
+    k8s = yaml.safe_load_all((ROOT / "deploy" / "k8s" / "base" / "triton-deployment.yaml").read_text())
+    deployment = next(d for d in k8s if d and d.get("kind") == "Deployment")
+    container = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if "livenessProbe" in c)
+    liveness = container["livenessProbe"]
+    return [
+        ("compose", needed(compose["test"][1]), float(compose["timeout"].rstrip("s"))),
+        ("kubernetes", needed(" ".join(liveness["exec"]["command"])), float(liveness["timeoutSeconds"])),
+    ]
+
+
+def test_the_health_probe_fits_inside_every_orchestrators_timeout():
+    """A probe cut short by its orchestrator reads as dead: compose marks the container unhealthy and
+    Kubernetes restarts a pod that was only busy (issue 26: compose allowed 10 s for ~35 s of work)."""
+    for where, needed, allowed in _orchestrator_budgets():
+        assert needed <= allowed, f"{where}: the health command may take {needed:.1f} s, its timeout is {allowed:.0f} s"
+
+
+@pytest.mark.parametrize("timeout", [0.05, 6.0])
+def test_a_probe_never_outlasts_its_budget(monkeypatch, timeout):
+    """A canary that hangs and metrics that answer slowly: the probe still ends within its budget
+    (before: a metrics read of up to 5 s, a canary of 2 x timeout, the window, another read)."""
+    import time
+
+    from clip_triton import health
+
+    def slow_metrics(url, timeout=5.0, models=None):
+        time.sleep(timeout)  # answers at the last moment it is allowed
+        return 100.0  # and no request ever completes: the dead path, which waits the longest
+
+    def hung_canary(url, timeout=10.0):
+        time.sleep(timeout)
+        return False, "InferenceServerException: Deadline Exceeded"
+
+    monkeypatch.setattr(health, "completed_requests", slow_metrics)
+    monkeypatch.setattr(health, "canary", hung_canary)
+    started = time.monotonic()
+    alive, reason = health.probe("127.0.0.1:1", "http://127.0.0.1:1/metrics", timeout=timeout)
+    took = time.monotonic() - started
+    assert not alive and "no request completed" in reason
+    assert took <= health.probe_budget(timeout) + 1.0, f"{took:.1f} s for a {health.probe_budget(timeout):.1f} s budget"

@@ -537,8 +537,7 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
             client.get_model_repository_index()
         assert client.get_model_repository_index(headers={"clip-triton-admin": "k3y"})
         assert client.is_model_ready("clip_image")
-        # The response cache the command sizes (--cache-config) answers clip_text's repeated request (at
-        # the tokenizer: the TensorRT encoder's output stays in GPU memory, which Triton does not cache).
+        # The response cache the command sizes (--cache-config) answers clip_text's repeated request.
         import numpy as np
 
         text = httpclient.InferInput("TEXT", [1, 1], "BYTES")
@@ -546,7 +545,7 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
         first, second = (client.infer("clip_text", [text]).as_numpy("EMBEDDING") for _ in range(2))
 
         def hits() -> int:
-            stats = client.get_inference_statistics("tokenizer")["model_stats"][0]["inference_stats"]
+            stats = client.get_inference_statistics("clip_text")["model_stats"][0]["inference_stats"]
             return stats.get("cache_hit", {}).get("count", 0)
 
         assert settled(hits, 1) == 1 and np.array_equal(first, second)

@@ -202,6 +202,15 @@ def test_autoscaling_and_monitoring(docs):
     assert "nv_inference_queue_duration_us" in scaled["triggers"][0]["metadata"]["query"]
     monitor = docs[("PodMonitor", "clip-triton-triton")]["spec"]
     assert monitor["selector"]["matchLabels"] == TRITON and monitor["podMetricsEndpoints"][0]["port"] == "metrics"
+    # kube-prometheus-stack's default Prometheus selects PodMonitors by `release: <Helm release>`:
+    # without the label this one is ignored and KEDA sees no metric (issue 26)
+    assert docs[("PodMonitor", "clip-triton-triton")]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_the_podmonitor_release_label_is_set_in_one_documented_place():
+    overlay = (K8S / "overlays" / "production" / "kustomization.yaml").read_text()
+    assert "path: /metadata/labels/release" in overlay and "helm list -A" in overlay
+    assert "release: <" in (ROOT / "docs" / "kubernetes.md").read_text()
 
 
 def test_production_overlay_pins_images_gpu_and_namespace():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from ..contract import TEXT, VISION, check_served_model_name
 from ..errors import ClipTritonError
+from ..tokenizer import DEFAULT_MAX_TEXT_CHARS
 from .fetch import FetchPolicy
 from .schemas import ApiError, item_error
 
@@ -41,6 +42,7 @@ class GatewaySettings:
     max_templates: int = 64
     max_template_chars: int = 1000
     max_template_texts: int = 256  # prompts x templates encoded for one /v1/classify request
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # one text, as encoded (a prompt in its template)
     prompt_cache_entries: int = 256
     docs: bool = False  # /docs, /redoc, /openapi.json: off unless asked for
     served_model_name: str | None = None  # public model id; default: the repository's, else the architecture
