@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -158,6 +159,10 @@ ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
 # (--cache-config=local,size=268435456); tests/test_gpu_path.py keeps them equal.
 DEFAULT_RESPONSE_CACHE_MIB = 256
 ADMIN_HEADER = "clip-triton-admin"
+# Environment variables never passed to tritonserver and its stubs (issue 27): CLIP_TRITON_ADMIN_KEY,
+# CLIP_TRITON_API_KEYS, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ... The admin key itself must reach Triton on
+# its command line (--http-restricted-api has no file form): see README, "admin APIs".
+SECRET_NAME = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSW|CREDENTIAL)")
 # `serve` restarts a crashed tritonserver, but not forever: this many crashes within the window stop it.
 CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0
 
@@ -347,7 +352,10 @@ class TritonServer:
         return [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """tritonserver's environment, which every python-backend stub inherits: this process's, less
+        anything named like a secret (API and admin keys, tokens, passwords, cloud credentials). The
+        stubs run the project's models and need none; a local repository needs none either."""
+        env = {name: value for name, value in os.environ.items() if not SECRET_NAME.search(name)}
         libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
         env["PYTHONPATH"] = stub_pythonpath()

@@ -154,3 +154,26 @@ def test_starting_tritonserver_from_a_process_that_uses_grpc(tiny_repo):
         pytest.fail(f"starting tritonserver hung (fork with gRPC loaded?):\n{exc.stdout}\n{exc.stderr}")
     assert done.returncode == 0, f"rc {done.returncode}\n{done.stdout}\n{done.stderr[-3000:]}"
     assert done.stdout.count(" ok") == 3 and "done" in done.stdout
+
+
+def test_tritonserver_and_its_stubs_get_no_secrets(monkeypatch):
+    """Issue 27 row 14: the whole environment, keys included, reached every python stub."""
+    from clip_triton.server import TritonServer
+
+    monkeypatch.setenv("CLIP_TRITON_ADMIN_KEY", "admin-secret")
+    monkeypatch.setenv("CLIP_TRITON_API_KEYS", "sk-1,sk-2")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws")
+    monkeypatch.setenv("DB_PASSWORD", "pw")
+    monkeypatch.setenv("CLIP_TRITON_URL", "kept:8001")
+    server = TritonServer(ROOT)
+    env = server.environment()
+    assert not {
+        "CLIP_TRITON_ADMIN_KEY",
+        "CLIP_TRITON_API_KEYS",
+        "HF_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "DB_PASSWORD",
+    } & set(env)
+    assert env["CLIP_TRITON_URL"] == "kept:8001" and "PYTHONPATH" in env and "PATH" in env
+    assert server.admin_key == "admin-secret"  # still the server's key: it travels on the command line only

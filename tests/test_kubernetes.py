@@ -115,13 +115,17 @@ def test_services_and_selectors_match_pod_labels(docs):
     assert env["CLIP_TRITON_URL"] == "dns:///clip-triton-triton-grpc:8001"
 
 
-def test_network_policy_admits_only_gateway_and_monitoring(docs):
+def test_network_policy_admits_only_gateway_labelled_clients_and_monitoring(docs):
+    """The gateway and pods labelled as clients reach gRPC (docs tell in-cluster clients to dial
+    dns:///clip-triton-triton-grpc:8001, which the policy refused before issue 26); monitoring, metrics."""
     rules = docs[("NetworkPolicy", "clip-triton-triton")]["spec"]["ingress"]
-    assert len(rules) == 2
+    assert len(rules) == 3
     sources = [rule["from"][0] for rule in rules]
     assert sources[0]["podSelector"]["matchLabels"] == GATEWAY
-    assert sources[1]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
-    assert sorted(p["port"] for p in rules[0]["ports"]) == [8001] and rules[1]["ports"][0]["port"] == 8002
+    assert sources[1] == {"namespaceSelector": {}, "podSelector": {"matchLabels": {"clip-triton.io/client": "true"}}}
+    assert sources[2]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in rules] == [[8001], [8001], [8002]]
+    assert "clip-triton.io/client" in (ROOT / "docs" / "kubernetes.md").read_text()
 
 
 def test_gateway_egress_reaches_only_triton_dns_and_public_web(docs):
@@ -378,3 +382,13 @@ def test_build_job_is_idempotent_and_swaps_in_only_validated_engines(tiny_export
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [tag]  # no staging or previous left
     manifest = json.loads((live / "vision_encoder" / "1" / "engine.json").read_text())
     assert manifest["platform"]["tensorrt"] == "10.14.1.48"
+
+
+def test_the_replica_count_has_one_owner(docs):
+    """KEDA's ScaledObject drives an HPA: a `replicas` field on the Deployment (base or overlay) would
+    reset the count on every apply, fighting the autoscaler (issue 26). Without KEDA the Deployment's
+    default of 1 holds and `kubectl scale` changes it."""
+    deployment = docs[("Deployment", "clip-triton-triton")]["spec"]
+    assert "replicas" not in deployment
+    if docs["_target"] == "overlays/production":
+        assert docs[("ScaledObject", "clip-triton-triton")]["spec"]["minReplicaCount"] == 2
