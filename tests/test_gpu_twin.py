@@ -361,11 +361,20 @@ def test_a_text_encoder_without_its_profile_list_fails_to_load_in_the_twin(fp16_
     assert len(config.instance_group[0].profile) == 4
     del config.instance_group[0].profile[:]
     path.write_text(render(config))
-    server = TritonServer(standin_repository(trt_repo, fp16_export, tmp_path / "standin"), log_file=tmp_path / "t.log")
-    with pytest.raises(ClipTritonError, match="exited"):
-        server.start(timeout=300)
-    log = (tmp_path / "t.log").read_text()
-    assert "request specifies invalid shape for input 'input_ids'" in log and "[1, 2]..[64, 8]" in log
+    repo = standin_repository(trt_repo, fp16_export, tmp_path / "standin")
+    # Every start must fail. About half of the starts in one clean clone ended ~1.5 s into loading with
+    # no error logged (tritonserver gone before the text encoder's warm-ups ran; cause not found yet):
+    # so up to three starts, and the refusal must be in a log. The old stand-in never wrote it.
+    logs = []
+    for attempt in range(3):
+        server = TritonServer(repo, log_file=tmp_path / f"t{attempt}.log")
+        with pytest.raises(ClipTritonError, match="exited"):
+            server.start(timeout=300)
+        logs.append((tmp_path / f"t{attempt}.log").read_text())
+        if "request specifies invalid shape" in logs[-1]:
+            break
+    assert "request specifies invalid shape for input 'input_ids'" in logs[-1], f"{len(logs)} starts, none refused"
+    assert "[1, 2]..[64, 8]" in logs[-1]
 
 
 def test_standins_serve_every_bucket_through_the_listed_profiles(standin_server):
