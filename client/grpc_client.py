@@ -128,18 +128,17 @@ def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]
     """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items.
 
     An answer without an output this client asked for is refused with a clear error, never read as
-    data: a repository that caches whole ensembles (before issue 25) could hand a client the entry
-    another client's request for fewer outputs left behind."""
+    data: Triton's response cache on an ensemble ignores which outputs a request names, so it can hand
+    a client the entry another client's request for fewer outputs left behind (issue 25, open)."""
     embeddings = result.as_numpy(EMBEDDING_OUTPUT)
     statuses = result.as_numpy(STATUS_OUTPUT) if facts.item_status else None
     missing = [name for name, value in ((EMBEDDING_OUTPUT, embeddings), (STATUS_OUTPUT, statuses)) if value is None]
     if missing and not (missing == [STATUS_OUTPUT] and not facts.item_status):
         raise ClipClientError(
             f"the server answered without its {' and '.join(missing)} output, which this client asked for "
-            "(an older repository caches whole ensembles, and Triton's response cache ignores which outputs a "
-            "request names)",
-            "rewrite the repository with this version's `clip-triton repo` (it caches the composing models), "
-            "or restart the server to empty its cache",
+            "(Triton's response cache ignores which outputs a request names: another client asked for fewer)",
+            "have raw clients ask for both outputs or none, restart the server to empty its cache, or write the "
+            "repository with `clip-triton repo --response-cache none`",
         )
     if statuses is not None and statuses.size != len(embeddings):
         raise ClipClientError(

@@ -162,7 +162,8 @@ ADMIN_HEADER = "clip-triton-admin"
 # Environment variables never passed to tritonserver and its stubs (issue 27): CLIP_TRITON_ADMIN_KEY,
 # CLIP_TRITON_API_KEYS, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ... The admin key itself must reach Triton on
 # its command line (--http-restricted-api has no file form): see README, "admin APIs".
-SECRET_NAME = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSW|CREDENTIAL)")
+# Whole name parts, so TOKENIZERS_PARALLELISM (read by the tokenizer stubs) stays.
+SECRET_NAME = re.compile(r"(?i)(^|_)(KEYS?|TOKENS?|SECRETS?|PASSWORD|PASSWD|CREDENTIALS?)(_|$)")
 # `serve` restarts a crashed tritonserver, but not forever: this many crashes within the window stop it.
 CRASH_LIMIT, CRASH_WINDOW_S = 5, 600.0
 

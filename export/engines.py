@@ -218,17 +218,13 @@ def check_engine_profiles(manifest: dict, config_path: Path, front_config_path: 
     front = parse(front_config_path.read_text()) if front_config_path.is_file() else None
     if front is not None and "contract" in front.parameters:
         contract = ModelContract.from_json(front.parameters["contract"].string_value)
-        expected = recorded_profiles(contract, parse_tower(config))
+        expected = recorded_profiles(contract, config.parameters["tower"].string_value)
         if recorded != expected:
             raise ClipTritonError(
                 f"{where} was built with profiles {_ranges(recorded)}, but the repository's contract declares "
                 f"{_ranges(expected)}",
                 "rebuild the engines with `clip-triton build-engines` from this repository's export",
             )
-
-
-def parse_tower(config) -> str:
-    return config.parameters["tower"].string_value
 
 
 def graph_identity(onnx_dir: Path, tower: str) -> dict:

@@ -166,6 +166,7 @@ def test_tritonserver_and_its_stubs_get_no_secrets(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws")
     monkeypatch.setenv("DB_PASSWORD", "pw")
     monkeypatch.setenv("CLIP_TRITON_URL", "kept:8001")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     server = TritonServer(ROOT)
     env = server.environment()
     assert not {
@@ -175,5 +176,10 @@ def test_tritonserver_and_its_stubs_get_no_secrets(monkeypatch):
         "AWS_SECRET_ACCESS_KEY",
         "DB_PASSWORD",
     } & set(env)
-    assert env["CLIP_TRITON_URL"] == "kept:8001" and "PYTHONPATH" in env and "PATH" in env
+    assert (
+        env["CLIP_TRITON_URL"] == "kept:8001"
+        and env["TOKENIZERS_PARALLELISM"] == "false"
+        and "PYTHONPATH" in env
+        and "PATH" in env
+    )
     assert server.admin_key == "admin-secret"  # still the server's key: it travels on the command line only

@@ -34,22 +34,22 @@ def _texts_input(module, texts: list[str]):
     return tensor
 
 
-def raw_grpc(url: str, texts: list[str], outputs: list[str] | None):
-    client = grpcclient.InferenceServerClient(url)
+def raw(module, url: str, texts: list[str], outputs: list[str] | None):
+    """A raw tritonclient request to clip_text (module: tritonclient.grpc or .http), naming ``outputs``."""
+    client = module.InferenceServerClient(url)
     try:
-        requested = None if outputs is None else [grpcclient.InferRequestedOutput(name) for name in outputs]
-        return client.infer(C.TEXT_ENSEMBLE, [_texts_input(grpcclient, texts)], outputs=requested)
+        requested = None if outputs is None else [module.InferRequestedOutput(name) for name in outputs]
+        return client.infer(C.TEXT_ENSEMBLE, [_texts_input(module, texts)], outputs=requested)
     finally:
         client.close()
+
+
+def raw_grpc(url: str, texts: list[str], outputs: list[str] | None):
+    return raw(grpcclient, url, texts, outputs)
 
 
 def raw_http(url: str, texts: list[str], outputs: list[str] | None):
-    client = httpclient.InferenceServerClient(url)
-    try:
-        requested = None if outputs is None else [httpclient.InferRequestedOutput(name) for name in outputs]
-        return client.infer(C.TEXT_ENSEMBLE, [_texts_input(httpclient, texts)], outputs=requested)
-    finally:
-        client.close()
+    return raw(httpclient, url, texts, outputs)
 
 
 OPEN = pytest.mark.xfail(

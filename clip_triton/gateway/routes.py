@@ -52,7 +52,7 @@ class Routes:
     # -- auth ------------------------------------------------------------------------------------
     def key_problem(self, header: str) -> ApiError | None:
         """Why an ``Authorization`` header value does not admit a request, or None. The gateway's ASGI
-        layer asks this before reading any of the body (app.py ``Admission``); the routes ask again."""
+        layer asks this before reading any of the body (app.py ``BodyLimit``); the routes ask again."""
         if not self.settings.auth:
             return None
         scheme, _, key = header.partition(" ")
