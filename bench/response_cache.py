@@ -3,18 +3,19 @@
     python bench/response_cache.py [--model ViT-B-32] [--rounds 10] [--json FILE]
 
 Three servers in turn on the same export (python-backend ONNX Runtime encoders): the cache off
-(``repo --response-cache none``, no ``--cache-config``), on at the ``clip_text`` ensemble (what
-``clip-triton repo`` writes, 256 MiB), and on at its composing models instead (tokenizer and encoder:
-the alternative weighed for issue 25 and rejected, see clip_triton/repository.py ``cached_ensembles``). Two workloads through ``ClipClient`` (its own prompt cache off, so every request reaches
-the server), ``--request-batch`` prompts per request at ``--concurrency``:
+(``repo --response-cache none``, no ``--cache-config``); on at the inner ``clip_text_cached`` ensemble
+behind the public ``clip_text`` (what ``clip-triton repo`` writes, 256 MiB: every entry holds both
+outputs, clip_triton/repository.py ``cached_towers``); and on at the public ``clip_text`` itself (the
+layout before issue 25, whose entries hold only the outputs the first request named: kept to price the
+extra ensemble layer). Two workloads through ``ClipClient`` (its own prompt cache off, so every request
+reaches the server), ``--request-batch`` prompts per request at ``--concurrency``:
 
 * repeated prompts: zero-shot classification's pattern, the same prompt set (ImageNet templates x
   class names) sent ``--rounds`` times: only the first round misses;
 * unique prompts: every request new (all misses): what the cache costs when it never hits.
 
 Rows: texts/s of each layout, the ratios to the cache off, and the hit rate Triton reports
-(``cache_hit`` of the cached model that skips the encoder: the ensemble, or the text encoder, over the
-ensemble's requests).
+(``cache_hit`` of the cached ensemble over the public ensemble's requests).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import prepared_export
 
-from clip_triton.contract import TEXT_ENSEMBLE, TEXT_MODEL, TOKENIZER_MODEL
+from clip_triton.contract import TEXT_CACHED, TEXT_ENSEMBLE
 
 
 def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
@@ -45,18 +46,17 @@ def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
     return {"repeated prompts": prompts * rounds, "unique prompts": unique}
 
 
-LAYOUTS = ("off", "on", "composing")  # "on": the ensemble, as `clip-triton repo` writes it
+LAYOUTS = ("off", "nested", "public")  # "nested": what `clip-triton repo` writes
 
 
-def composing_layout(repo: Path) -> None:
-    """Rewrite a repository to cache clip_text's composing models instead of the ensemble."""
+def public_layout(repo: Path) -> None:
+    """Rewrite an uncached repository to cache the public clip_text ensemble (the old layout)."""
     from clip_triton.repository import parse, render
 
-    for folder in (TOKENIZER_MODEL, TEXT_MODEL, TEXT_ENSEMBLE):
-        path = repo / folder / "config.pbtxt"
-        config = parse(path.read_text())
-        config.response_cache.enable = folder != TEXT_ENSEMBLE
-        path.write_text(render(config))
+    path = repo / TEXT_ENSEMBLE / "config.pbtxt"
+    config = parse(path.read_text())
+    config.response_cache.enable = True
+    path.write_text(render(config))
 
 
 def run(onnx_dir: Path, work: Path, layout: str, sets, request_batch: int, concurrency: int) -> dict:
@@ -65,11 +65,11 @@ def run(onnx_dir: Path, work: Path, layout: str, sets, request_batch: int, concu
     from clip_triton.server import DEFAULT_RESPONSE_CACHE_MIB, TritonServer
 
     label, cached = layout, layout != "off"
-    options = RepoOptions(runtime="python", response_cache="text" if cached else "none")
+    options = RepoOptions(runtime="python", response_cache="text" if layout == "nested" else "none")
     repo = write_repository(work / f"cache-repo-{label}", onnx_dir=onnx_dir, options=options, force=True)
-    if layout == "composing":
-        composing_layout(repo)
-    hits_at = TEXT_MODEL if layout == "composing" else TEXT_ENSEMBLE
+    if layout == "public":
+        public_layout(repo)
+    hits_at = TEXT_CACHED if layout == "nested" else TEXT_ENSEMBLE
     mib = DEFAULT_RESPONSE_CACHE_MIB if cached else 0
     rows = {}
     with (
@@ -135,22 +135,23 @@ def main() -> None:
     onnx_dir = prepared_export(args.model, work)
     sets = prompt_sets(args.prompts, args.rounds)
     report = {layout: run(onnx_dir, work, layout, sets, args.request_batch, args.concurrency) for layout in LAYOUTS}
-    off, ens, on = (report[layout] for layout in LAYOUTS)  # ens: the ensemble cache; on: the composing one
+    off, nested, public = (report[layout] for layout in LAYOUTS)
     print(
         f"\n{args.model}, clip_text, ClipClient ({args.request_batch} prompts per request, concurrency "
-        f"{args.concurrency}, client prompt cache off); texts/s. ensemble: the cache at clip_text (what "
-        "`clip-triton repo` writes); composing: at its tokenizer and encoder instead"
+        f"{args.concurrency}, client prompt cache off); texts/s. nested: the cache at clip_text_cached behind "
+        "clip_text (what `clip-triton repo` writes); public: at clip_text itself (the old, poisonable layout)"
     )
     print(
-        f"{'workload':<20}{'texts':>7}{'off':>9}{'ensemble':>10}{'ratio':>7}{'hits':>7}"
-        f"{'composing':>11}{'ratio':>7}{'hits':>7}"
+        f"{'workload':<20}{'texts':>7}{'off':>9}{'nested':>9}{'ratio':>7}{'hits':>7}{'public':>9}{'ratio':>7}{'hits':>7}"
     )
     for name, texts in sets.items():
         base = off[name]["texts_per_s"]
         print(
             f"{name:<20}{len(texts):>7}{base:>9.1f}"
-            f"{ens[name]['texts_per_s']:>10.1f}{ens[name]['texts_per_s'] / base:>7.2f}{ens[name]['hit_rate']:>7.0%}"
-            f"{on[name]['texts_per_s']:>11.1f}{on[name]['texts_per_s'] / base:>7.2f}{on[name]['hit_rate']:>7.0%}"
+            + "".join(
+                f"{row[name]['texts_per_s']:>9.1f}{row[name]['texts_per_s'] / base:>7.2f}{row[name]['hit_rate']:>7.0%}"
+                for row in (nested, public)
+            )
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, **report}, indent=2) + "\n")

@@ -21,6 +21,7 @@ from .grpc_client import (
     plan_batches,
     prepare_images,
     prepare_texts,
+    prompt_set_key,
     rank,
     record_or_split,
     record_rows,
@@ -129,7 +130,7 @@ class AsyncClipClient:
         return await self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepare_texts(texts))
 
     async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        key = (*prompts, "\x00", *(templates or ()))
+        key = prompt_set_key(prompts, templates)
         emb = self._text_cache.get(key)
         if emb is None:
             if templates:

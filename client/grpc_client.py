@@ -8,6 +8,7 @@ sent several at a time; results come back in input order.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import os
@@ -204,13 +205,31 @@ def template_texts(prompts: Sequence[str], templates: Sequence[str]) -> list[str
     return [t.replace("{}", p) for p in prompts for t in templates]
 
 
-class PromptCache:
-    """Prompt-set embeddings, least recently used first out: bounded however many distinct prompt sets
-    callers send."""
+DEFAULT_PROMPT_CACHE_BYTES = 64 * 1024 * 1024
 
-    def __init__(self, entries: int = 256):
-        self.entries = entries
+
+def prompt_set_key(prompts: Sequence[str], templates: Sequence[str] | None) -> bytes:
+    """A prompt set's cache key: the SHA-256 of its prompts and templates, each length-prefixed (so no two
+    sets share a key by concatenation). 32 bytes, whatever the set holds: keys holding the strings made
+    each cached set of 256 long prompts cost +64 MB."""
+    digest = hashlib.sha256()
+    for group in (prompts, templates or ()):
+        digest.update(len(group).to_bytes(8, "little"))
+        for text in group:
+            data = text.encode("utf-8", "surrogatepass")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.digest()
+
+
+class PromptCache:
+    """Prompt-set embeddings (keyed by :func:`prompt_set_key`), least recently used first out: bounded
+    in entries and in bytes (the arrays plus their keys), however many and however large the prompt
+    sets callers send. A value larger than the whole budget is not kept."""
+
+    def __init__(self, entries: int = 256, max_bytes: int = DEFAULT_PROMPT_CACHE_BYTES):
+        self.entries, self.max_bytes = entries, max_bytes
         self._data: OrderedDict = OrderedDict()
+        self.bytes = 0
 
     def get(self, key):
         value = self._data.get(key)
@@ -219,10 +238,17 @@ class PromptCache:
         return value
 
     def put(self, key, value) -> None:
+        size = int(getattr(value, "nbytes", 0)) + len(key)
+        if size > self.max_bytes or self.entries <= 0:
+            return
+        if key in self._data:
+            old = self._data.pop(key)
+            self.bytes -= int(getattr(old, "nbytes", 0)) + len(key)
         self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.entries:
-            self._data.popitem(last=False)
+        self.bytes += size
+        while len(self._data) > self.entries or self.bytes > self.max_bytes:
+            old_key, old = self._data.popitem(last=False)
+            self.bytes -= int(getattr(old, "nbytes", 0)) + len(old_key)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -669,7 +695,7 @@ class ClipClient:
 
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
-        key = (*prompts, "\x00", *(templates or ()))
+        key = prompt_set_key(prompts, templates)
         emb = self._text_cache.get(key)
         if emb is None:
             if templates:

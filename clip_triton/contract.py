@@ -33,14 +33,40 @@ VISION_MODEL = "vision_encoder"
 TEXT_MODEL = "text_encoder"
 IMAGE_ENSEMBLE = "clip_image"
 TEXT_ENSEMBLE = "clip_text"
+# A tower whose answers Triton's response cache keeps is served as two ensembles: the public one
+# (above, never cached) whose single step is the cached one (below), which runs the pipeline. Triton
+# keys a cache entry on the model and its inputs only, and an ensemble's response holds just the outputs
+# its request names: cached at the public ensemble, one request for EMBEDDING alone would leave an entry
+# without STATUS for everyone (issue 25). A step request names every output of its step, so the cached
+# ensemble's entries always hold both. Internal: a request sent to it directly must name both outputs.
+IMAGE_CACHED = "clip_image_cached"
+TEXT_CACHED = "clip_text_cached"
 
 IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row
 TEXT_INPUT = "TEXT"  # UTF-8 text, one item per batch row
 EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding
 # Per item: b"" when the item was embedded, else why it was refused ("item 3: empty text"). A request
 # of several items is answered whole, every good row with its embedding and every bad row flagged
-# here (its EMBEDDING row is meaningless); a request of one bad item still fails INVALID_ARGUMENT.
+# here, its EMBEDDING row all NaN; a request of one bad item still fails INVALID_ARGUMENT.
 STATUS_OUTPUT = "STATUS"
+# A refused item's EMBEDDING row is NaN on every runtime, so no similarity computed from it can pass
+# for a score (any product with it is NaN) even for a client that never reads STATUS. The encoder
+# graphs do it themselves (export/graphs.py ``refusable``), from a mark the front step leaves in the
+# refused row of the graph's own input, so no extra input and no extra model hop:
+#   text: the row's first token is the padding id (every tokenization starts with a start token or
+#         text; the tokenizer refuses a text whose first token would be padding);
+#   image: the row's first value is REFUSED_PIXEL (no normalised image comes near it; finite, so fp16
+#          holds it and the python encoder's finiteness check lets it through).
+REFUSED_PIXEL = 1.0e4
+# The export manifest's "format": 2 since the graphs answer refused rows with NaN. Older exports are
+# re-exported (export's reuse check) or refused (repo), never served beside fronts that mark rows.
+EXPORT_FORMAT = 2
+REFUSED_PIXEL_FLOOR = REFUSED_PIXEL / 2  # the graph's test: first value >= this marks a refused row
+OUTPUT_DESCRIPTIONS = {
+    EMBEDDING_OUTPUT: "L2-normalised float32 embedding per item; a refused item's row is all NaN (read STATUS "
+    "for why, or drop rows where isnan)",
+    STATUS_OUTPUT: 'per item: empty when embedded, else why it was refused ("item 3: empty text")',
+}
 
 PIXELS = "pixel_values"  # [B, 3, H, W], the vision graph's input
 INPUT_IDS = "input_ids"  # [B, L] int32, the text graph's input: L one of the contract's text lengths
@@ -70,10 +96,11 @@ class Tower:
     ensemble: str  # the public ensemble that ends in it
     front: str  # the python model that feeds it (preprocess | tokenizer)
     kind: str  # what clients send: "image" | "text"
+    cached: str  # the inner ensemble the response cache keys on, when the tower is cached
 
 
-VISION = Tower("vision", VISION_MODEL, VISION_ONNX, VISION_IR, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image")
-TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_IR, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text")
+VISION = Tower("vision", VISION_MODEL, VISION_ONNX, VISION_IR, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image", IMAGE_CACHED)
+TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_IR, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text", TEXT_CACHED)
 TOWERS = (VISION, TEXT)
 
 

@@ -198,9 +198,9 @@ def response_cached(url: str, model: str, protocol: str = "grpc") -> bool:
     try:
         with client_module.InferenceServerClient(url) as client:
             config = read(client, model)
-            # The cache sits at the ensemble's composing models (clip_triton/repository.py: an ensemble
-            # response holds only the outputs one client asked for); an older repository cached the
-            # ensemble itself. Either way repeated inputs are answered from it.
+            # The cache sits at the inner ensemble that is the public one's step (clip_triton/repository.py
+            # cached_towers); an older repository cached the public ensemble itself. Either way repeated
+            # inputs are answered from it.
             steps = [step["model_name"] for step in config.get("ensemble_scheduling", {}).get("step", [])]
             cached = any(
                 bool(c.get("response_cache", {}).get("enable"))

@@ -11,16 +11,30 @@ very float32 values torch computes.
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .contract import PreprocessSpec
+from .contract import REFUSED_PIXEL, PreprocessSpec
 
 DEFAULT_MAX_PIXELS = 50_000_000  # decoded pixels (width * height) per image
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024  # encoded bytes per image
+# Each side on its own, too: JPEG's and GIF's own maximum. A 1 x 50,000,000 PNG (97 KB) is within the
+# pixel limit yet costs 2 s and 430 MB to decode; extreme aspect ratios below it stay served.
+DEFAULT_MAX_SIDE = 65_535
+# Progressive JPEG: every scan re-walks the whole coefficient buffer, so 20,000 tiny scans in 613 KB
+# cost 23 s of CPU. Encoders write about 10 (libjpeg's progressive script), mozjpeg's search a few more.
+MAX_JPEG_SCANS = 100
+# Decoding is charged CPU time (this thread's), checked between blocks of the encoded input: a budget of
+# DECODE_CPU_BASE_S plus DECODE_CPU_S_PER_MB per MB of image, over which the item fails on its own.
+# A 24 MP photo (~8 MB) decodes in ~0.3 s here, so the budget is generous for real images and bounds
+# anything built to make the decoder loop.
+DECODE_CPU_BASE_S = 0.5
+DECODE_CPU_S_PER_MB = 1.0
+DECODE_BLOCK = 16 * 1024  # encoded bytes per decoder call: the budget's granularity
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 _SUPPORT = {Image.Resampling.BICUBIC: 2.0, Image.Resampling.BILINEAR: 1.0}  # filter radius, in pixels
@@ -38,6 +52,12 @@ MAX_INTERMEDIATE_FACTOR = 64
 Image.init()  # register every plugin, so that each accepted format (WebP, TIFF) can be named
 
 
+def refused_pixels(shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The pixel row the preprocess model sends for a refused image: every value REFUSED_PIXEL, which
+    the vision graph answers with a NaN row (export/graphs.py ``refusable``)."""
+    return np.full(shape, REFUSED_PIXEL, dtype=dtype)
+
+
 class ImageError(ValueError):
     """An image that cannot be served; the message says why and what is accepted."""
 
@@ -46,13 +66,44 @@ class ImageError(ValueError):
 class ImageLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
+    max_side: int = DEFAULT_MAX_SIDE
+    max_jpeg_scans: int = MAX_JPEG_SCANS
+    decode_cpu_base_s: float = DECODE_CPU_BASE_S
+    decode_cpu_s_per_mb: float = DECODE_CPU_S_PER_MB
+
+    def decode_budget_s(self, size: int) -> float:
+        return self.decode_cpu_base_s + self.decode_cpu_s_per_mb * size / 1e6
+
+
+class _Budgeted(io.BytesIO):
+    """Encoded bytes that charge the reading thread's CPU time: a read past the budget raises, so a
+    decoder fed block by block stops within one block of it."""
+
+    def __init__(self, data: bytes, budget_s: float, clock=time.thread_time):
+        super().__init__(data)
+        self.clock, self.budget_s = clock, budget_s
+        self.deadline = clock() + budget_s
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.clock() > self.deadline:
+            raise ImageError(
+                f"decoding took over its CPU budget of {self.budget_s:.2f} s for {len(self.getbuffer())} bytes"
+            )
+        return super().read(size)
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG. Entropy-coded data stuffs every 0xFF byte (0xFF00), so a marker
+    pair FF DA only begins a scan (or one in an embedded thumbnail): an exact count, or a slight over-count."""
+    return data.count(b"\xff\xda")
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Decode encoded image bytes into a loaded PIL image (first frame of animations).
 
-    Raises :class:`ImageError` for empty, oversized, undecodable or truncated input. The pixel
-    limit is checked from the header, before any pixel is decoded (decompression bombs).
+    Raises :class:`ImageError` for empty, oversized, undecodable or truncated input. Size, sides and
+    (JPEG) scan count are checked from the header and bytes, before any pixel is decoded; the decode
+    itself runs on a CPU budget (:class:`ImageLimits`).
     """
     if not data:
         raise ImageError("empty image (0 bytes)")
@@ -61,14 +112,19 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            img = Image.open(_Budgeted(data, limits.decode_budget_s(len(data))), formats=ACCEPTED_FORMATS)
             width, height = img.size
             if width < 1 or height < 1:
                 raise ImageError(f"image has no pixels ({width}x{height})")
+            if max(width, height) > limits.max_side:
+                raise ImageError(f"image is {width}x{height}, a side over the limit of {limits.max_side} pixels")
             if width * height > limits.max_pixels:
                 raise ImageError(
                     f"image is {width}x{height} = {width * height} pixels, over the limit of {limits.max_pixels} pixels"
                 )
+            if img.format == "JPEG" and (scans := jpeg_scans(data)) > limits.max_jpeg_scans:
+                raise ImageError(f"JPEG has {scans} scans, over the limit of {limits.max_jpeg_scans}")
+            img.decodermaxblock = DECODE_BLOCK
             img.load()
     except ImageError:
         raise

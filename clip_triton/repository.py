@@ -26,10 +26,12 @@ from google.protobuf import text_format
 from .contract import (
     ENCODER_IR_FILE,
     ENCODER_ONNX_FILE,
+    EXPORT_FORMAT,
     HF_TOKENIZER_DIR,
     HF_TOKENIZER_FILE,
     IMAGE_ENSEMBLE,
     MANIFEST,
+    OUTPUT_DESCRIPTIONS,
     PLAN_FILE,
     PREPROCESS_MODEL,
     RESPONSE_CACHE_CHOICES,
@@ -43,6 +45,7 @@ from .contract import (
     VISION_MODEL,
     ModelContract,
     TensorSpec,
+    Tower,
     check_served_model_name,
 )
 from .cpuruntime import check_cpu_runtime
@@ -72,20 +75,28 @@ def _pb2():
     return model_config_pb2
 
 
-def cached_ensembles(setting: str) -> tuple[str, ...]:
-    """The ensembles whose responses Triton caches for a ``response_cache`` setting.
+def cached_towers(setting: str) -> tuple[Tower, ...]:
+    """The towers whose answers Triton's response cache keeps for a ``response_cache`` setting.
 
-    At the ensembles, knowingly (issue 25, open): Triton keys an entry on the model and its input
-    tensors, not on the outputs a request names (core ``cache_manager.cc``), and an ensemble's response
-    holds only those outputs, so a raw request for EMBEDDING alone leaves an entry without STATUS for
-    that input (clients refuse such an answer with a clear error: client/grpc_client.py
-    ``split_result``). Caching the composing models instead, whose requests always name every output,
-    was tried and rejected: a dynamic-batched model's *error* response is cached too, as an entry
-    without outputs (core ``dynamic_batch_scheduler.cc``, ``DelegateResponse`` inserts every response),
-    so a repeated bad item's INVALID_ARGUMENT became "expected 1 inputs but got 0" for everyone; and a
-    GPU encoder's output, in GPU memory, is never cached (server PR #8124). docs/benchmarks.md has both
-    layouts measured."""
-    return {"none": (), "text": (TEXT.ensemble,), "all": tuple(t.ensemble for t in TOWERS)}[setting]
+    Each is served as two ensembles (contract ``TEXT_CACHED``): the public one, never cached, whose
+    single step is the inner one, cached. Triton keys an entry on the model and its input tensors, not
+    on the outputs a request names (core ``cache_manager.cc`` ``Hash``), and an ensemble's response holds
+    only the outputs its request named (``ensemble_scheduler.cc`` ``CheckAndSetEnsembleOutput``); a
+    step's request names every output of its step (``AddOriginalRequestedOutput`` over the step's
+    output map), so every entry of the inner ensemble holds EMBEDDING and STATUS, whatever a client
+    asked of the public one. Ensembles cache only successful responses (``FinishEnsemble``), unlike a
+    dynamic-batched model, which caches its error responses as entries without outputs
+    (``DelegateResponse``): caching the composing models was tried and rejected for that. An entry is
+    cached only when all its outputs lie in CPU memory (``cache_entry.cc``): on GPU runtimes the
+    encoder's output reaches the inner ensemble's response in GPU memory unless Triton has no CUDA
+    pool to put it in, so the server runs with ``--cuda-memory-pool-byte-size=0:0`` there
+    (server.py ``TritonServer.command``; docs/benchmarks.md has the layouts measured)."""
+    return {"none": (), "text": (TEXT,), "all": TOWERS}[setting]
+
+
+def served_models(options: RepoOptions) -> tuple[str, ...]:
+    """Every model a repository written with ``options`` holds."""
+    return (*MODELS, *(tower.cached for tower in cached_towers(options.response_cache)))
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ class RepoOptions:
     # Which towers answer repeated inputs from Triton's response cache (the server needs
     # --cache-config; `clip-triton serve` sets it): text (prompts repeat), all (images too, keyed on
     # their bytes) or none. Exact: the key hashes the whole request (model, inputs and their bytes).
-    # Cached at the ensembles (see cached_ensembles: why, and the open defect of issue 25).
+    # Cached at an inner ensemble that every request reaches naming both outputs (cached_towers).
     response_cache: str = "text"
     # OpenVINO runtimes serve the IR converted from the module when the export has one (`export
     # --openvino-ir`: faster than OpenVINO on the ONNX, docs/benchmarks.md); False: the ONNX graphs.
@@ -165,6 +176,12 @@ class ServingFacts:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> ServingFacts:
+        if manifest.get("format", 1) < EXPORT_FORMAT:
+            raise ClipTritonError(
+                f"the export is format {manifest.get('format', 1)}, from before refused items' rows were NaN "
+                f"(this version serves format {EXPORT_FORMAT})",
+                "re-export it: clip-triton export --onnx-dir DIR (same model and weights)",
+            )
         verification = manifest.get("verification", {})
         if verification.get("performed") and not verification.get("passed"):
             raise ClipTritonError(
@@ -344,11 +361,15 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         configs[name] = enc
 
     facts_params = facts.server_facts(options).parameters()
+    described = {**facts_params, **{f"output_{name}": text for name, text in OUTPUT_DESCRIPTIONS.items()}}
+    cached = cached_towers(options.response_cache)
     for tower in TOWERS:
         encoder = c.encoder(tower.name)
         spec_in, spec_mid = encoder.client_input, encoder.input
-        name = tower.ensemble
-        ens = _base(name, max_batch, [spec_in], [c.embedding, c.status], facts_params)
+        # The pipeline: front (per-item status) -> encoder. A cached tower runs it in the inner ensemble
+        # the cache keys on, reached through the public one's single step (contract TEXT_CACHED: why).
+        pipeline = tower.cached if tower in cached else tower.ensemble
+        ens = _base(pipeline, max_batch, [spec_in], [c.embedding, c.status], described)
         ens.platform = "ensemble"
         step = ens.ensemble_scheduling.step.add()
         step.model_name, step.model_version = tower.front, -1
@@ -359,9 +380,17 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
         step.model_name, step.model_version = tower.model, -1
         step.input_map[spec_mid.name] = spec_mid.name
         step.output_map[encoder.output.name] = c.embedding.name
-        if name in cached_ensembles(options.response_cache):
-            ens.response_cache.enable = True  # top-level requests of the ensemble (its steps run on a miss)
-        configs[name] = ens
+        configs[pipeline] = ens
+        if tower in cached:
+            ens.response_cache.enable = True  # keyed on its inputs; its steps run on a miss
+            public = _base(tower.ensemble, max_batch, [spec_in], [c.embedding, c.status], described)
+            public.platform = "ensemble"
+            step = public.ensemble_scheduling.step.add()
+            step.model_name, step.model_version = tower.cached, -1
+            step.input_map[spec_in.name] = spec_in.name
+            for output in (c.embedding.name, c.status.name):  # a step request names all of these
+                step.output_map[output] = output
+            configs[tower.ensemble] = public
     return configs
 
 

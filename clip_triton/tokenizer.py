@@ -31,6 +31,12 @@ _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # Longest text (characters) one item may have: the server's tokenizer model, the repository and the
 # gateway share it (a longer text is refused for that item before any work).
 DEFAULT_MAX_TEXT_CHARS = 65536
+# Only context_length ids are kept, so only a prefix of a text is cleaned and encoded: whole lines (ftfy
+# fixes each line on its own, so the first lines clean alike alone or in the whole text), from a window
+# that grows until it yields the ids kept. ftfy costs ~27 us per line whatever its length: a text whose
+# kept ids need more lines than this is refused (64 KB of "\x80\n" took 0.9 s; the cap holds it to ~55 ms).
+MAX_TEXT_LINES = 2048
+_FIRST_WINDOW_PER_ID = 8  # characters per id kept in the first window (English: ~4); it grows x4
 
 
 class TextError(ValueError):
@@ -64,6 +70,31 @@ def _load_vocab() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
 
 def _basic_clean(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _blank(line: str) -> bool:
+    """A line ftfy turns into whitespace alone, so cleaning can skip it (NEL, U+0085, is whitespace that
+    ftfy turns into an ellipsis)."""
+    return (not line or line.isspace()) and "\x85" not in line
+
+
+def cleaned_prefixes(kind: str, text: str, ids: int):
+    """``(cleaned, whole)`` for growing prefixes of ``text`` cut after a line break: first about
+    ``_FIRST_WINDOW_PER_ID * ids`` characters, then four times more, until the whole text. Cleaning a
+    prefix of whole lines gives a prefix of the whole text's cleaning (ftfy fixes line by line, its only
+    text-wide choice, HTML unescaping after a ``<``, carries forward only; the HTML unescaping and
+    whitespace collapse that follow are local), so its first ids are the whole text's. Blank lines are
+    left out before ftfy sees them (they clean to whitespace, which collapses anyway). Raises
+    :class:`TextError` past :data:`MAX_TEXT_LINES` other lines."""
+    window = _FIRST_WINDOW_PER_ID * (ids + 2)
+    while True:
+        cut = len(text) if window >= len(text) else (text.find("\n", window) + 1 or len(text))
+        *lines, last = text[:cut].split("\n")
+        lines = [line for line in lines if not _blank(line)]
+        if len(lines) > MAX_TEXT_LINES:
+            raise TextError(f"text has over {MAX_TEXT_LINES} line breaks before its first {ids} tokens")
+        yield _clean(kind, "".join(line + "\n" for line in lines) + last), cut >= len(text)
+        window *= 4
 
 
 def _clean(kind: str, text: str) -> str:
@@ -200,8 +231,17 @@ class ClipTokenizer:
         a long word is merged from a prefix that holds its first ids many times over (BPE merges are
         local: what lies far past the ids that are kept does not change them).
         """
+        if limit is None:
+            return self._encode_clean(_clean(self.spec.clean, text), None)
+        for cleaned, whole in cleaned_prefixes(self.spec.clean, text, limit):
+            ids = self._encode_clean(cleaned, limit)
+            if whole or len(ids) >= limit:
+                return ids
+        raise AssertionError("unreachable: the last prefix is the whole text")
+
+    def _encode_clean(self, cleaned: str, limit: int | None) -> list[int]:
         ids: list[int] = []
-        for match in self._pattern.finditer(_clean(self.spec.clean, text)):
+        for match in self._pattern.finditer(cleaned):
             word = "".join(self._alphabet[b] for b in match.group().encode("utf-8"))
             if limit is not None:
                 need = limit - len(ids)
@@ -269,7 +309,11 @@ class HFTextTokenizer:
 
     def ids(self, text: str) -> np.ndarray:
         self.check(text)
-        tokens = self.backend.encode(_clean(self.spec.clean, text)).ids
+        for cleaned, whole in cleaned_prefixes(self.spec.clean, text, self.spec.context_length):
+            encoding = self.backend.encode(cleaned)
+            if whole or encoding.overflowing:  # truncated: the prefix already fills the context
+                break
+        tokens = encoding.ids
         row = np.full(self.spec.context_length, self.spec.pad_token_id, dtype=np.int32)
         row[: len(tokens)] = tokens
         return row
@@ -294,6 +338,12 @@ def text_tokenizer(
     return HFTextTokenizer(spec, path, max_chars=max_chars)
 
 
+def refused_row(spec: TokenizerSpec) -> np.ndarray:
+    """The token row the tokenizer model sends for a refused text: padding from the first id, which
+    the text graph answers with a NaN row (export/graphs.py ``refusable``) and no accepted text has."""
+    return np.full(spec.context_length, spec.pad_token_id, dtype=np.int32)
+
+
 def needed_length(ids: np.ndarray, eot: int) -> int:
     """Tokens the rows of ``ids`` need: up to and including each row's last EOT, the longest row's."""
     if not ids.size:
@@ -305,10 +355,13 @@ def needed_length(ids: np.ndarray, eot: int) -> int:
 
 def cut_to_bucket(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
     """``[N, context_length]`` ids cut to ``[N, L]``, L the shortest of the contract's lengths that
-    holds every row's EOT: the causal, EOT-pooled text tower then embeds them exactly as whole rows."""
+    holds every row's EOT: the causal, EOT-pooled text tower then embeds them exactly as whole rows.
+    Refused rows (:func:`refused_row`, padding from the first id) need nothing: the graph answers
+    them NaN at any length, so they never lengthen the request."""
     if not spec.dynamic:
         return ids
-    return np.ascontiguousarray(ids[:, : spec.bucket(needed_length(ids, spec.eot_token_id))])
+    live = ids[ids[:, 0] != spec.pad_token_id] if ids.ndim == 2 and ids.shape[1] else ids
+    return np.ascontiguousarray(ids[:, : spec.bucket(needed_length(live, spec.eot_token_id))])
 
 
 def decode_utf8(data: bytes) -> str:

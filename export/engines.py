@@ -410,10 +410,15 @@ def validate_plan(
     runner=None,
 ) -> list[dict]:
     """Run an engine on the export's reference inputs (text at every bucket) and compare with the
-    PyTorch references."""
+    PyTorch references; plus a copy of one batch with a refused row, which must come back NaN with
+    every other row unchanged (verify ``check_refusal``: the engine keeps the graph's ``Where``)."""
+    from . import verify as V  # noqa: PLC0415
+
     cases = [(label, x.astype(profile_dtype(contract, tower))) for label, x, _ in references]
+    cases, index = V.with_refusal(contract, tower, cases)
     outputs = run_engine(plan_path, profiles, [x for _, x in cases], runner=runner)
-    return validate_engine(tower, cases, [ref for _, _, ref in references], outputs)
+    checks = validate_engine(tower, cases[:-1], [ref for _, _, ref in references], outputs[:-1])
+    return [*checks, *V.as_dicts([V.check_refusal(tower, outputs[index], outputs[-1])])]
 
 
 def build_engines(

@@ -6,7 +6,7 @@ import gc
 import os
 from pathlib import Path
 
-from clip_triton.contract import BUCKETABLE_POOLING, VISION, ModelContract
+from clip_triton.contract import BUCKETABLE_POOLING, REFUSED_PIXEL_FLOOR, VISION, ModelContract
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError
 
@@ -39,12 +39,47 @@ def text_tower(model):
     return getattr(model, "text", model)
 
 
+def refusable(encoder, contract: ModelContract, tower: str):
+    """``encoder`` whose output row is all NaN where the input row carries the contract's refusal mark
+    (clip_triton/contract.py ``REFUSED_PIXEL``: an image row whose first value is at least
+    ``REFUSED_PIXEL_FLOOR``; a token row whose first id is the padding id). One ``Where`` on the output,
+    so every other row is the encoder's own value, bit for bit; the fronts write the mark into a refused
+    item's row, and every runtime (TensorRT, ONNX Runtime, OpenVINO, the python encoders) then answers
+    NaN for it without an extra input or model hop."""
+    import torch  # noqa: PLC0415
+
+    vision = tower_spec(tower) is VISION
+    pad = contract.tokenizer.pad_token_id
+    if not vision and pad < 0:
+        raise ClipTritonError(
+            f"{contract.model}'s padding id is unknown ({pad}) at export", "export reads it from the tokenizer's files"
+        )
+
+    class Refusable(torch.nn.Module):
+        """The encoder, then NaN rows for the inputs its front refused."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            embedding = self.inner(x)
+            valid = x[:, 0, 0, 0] < REFUSED_PIXEL_FLOOR if vision else x[:, 0] != pad
+            return torch.where(valid.unsqueeze(1), embedding, torch.full_like(embedding, float("nan")))
+
+    return Refusable(encoder).eval()
+
+
 def export_module(model, contract: ModelContract, tower: str):
-    """The module exported for a tower. The vision tower and a static text graph are open_clip's own
-    encoders (:func:`tower_module`); with text buckets the text encoder runs on the first L tokens,
-    L given by the input, with the positional embedding and causal mask cut to L: open_clip's
-    ``encode_text`` step by step otherwise, so a text whose EOT lies inside the cut embeds exactly as
-    its whole context (checked per bucket against ``encode_text`` by verify)."""
+    """The module exported for a tower, refused rows NaN (:func:`refusable`). The vision tower and a
+    static text graph are open_clip's own encoders (:func:`tower_module`); with text buckets the text
+    encoder runs on the first L tokens, L given by the input, with the positional embedding and causal
+    mask cut to L: open_clip's ``encode_text`` step by step otherwise, so a text whose EOT lies inside
+    the cut embeds exactly as its whole context (checked per bucket against ``encode_text`` by verify)."""
+    return refusable(_encoder_module(model, contract, tower), contract, tower)
+
+
+def _encoder_module(model, contract: ModelContract, tower: str):
     import torch  # noqa: PLC0415
     import torch.nn.functional as F  # noqa: PLC0415
     from open_clip.transformer import text_global_pool  # noqa: PLC0415

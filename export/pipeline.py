@@ -22,6 +22,7 @@ import numpy as np
 
 from clip_triton.contract import (
     DEFAULT_PRECISION,
+    EXPORT_FORMAT,
     HF_TOKENIZER_DIR,
     MANIFEST,
     TEXT,
@@ -203,10 +204,12 @@ def check_graphs(
         path = Path(onnx_dir) / (spec.ir_file if graph == "ir" else spec.onnx_file)
         lengths = f", lengths {list(contract.tokenizer.lengths)}" if spec is TEXT else ""
         log(f"verifying {path.name} with {runtime} ({cpu_precision}) at batch sizes {sizes}{lengths} and real inputs")
-        cases = [(label, x) for label, x, _ in batches[tower]]
+        # One more batch: a copy with a refused row, which must come back NaN with the others unchanged.
+        cases, index = V.with_refusal(contract, tower, [(label, x) for label, x, _ in batches[tower]])
         outputs = V.run_graph(path, contract, tower, cases, log=log, runtime=runtime, cpu_precision=cpu_precision)
         name = f"{tower} ir" if graph == "ir" else tower
-        checks += V.compare(name, cases, [ref for _, _, ref in batches[tower]], outputs, tolerance)
+        references = [ref for _, _, ref in batches[tower]]
+        checks += V.compare_with_refusal(name, cases, index, references, outputs, tolerance)
         del outputs
         gc.collect()
         if steps is not None:
@@ -240,7 +243,8 @@ def current_export(
     tag = normalise_pretrained(pretrained)
     buckets = tuple((manifest.get("contract") or {}).get("tokenizer", {}).get("buckets") or ())
     same = (
-        manifest.get("model") == Path(model).stem
+        manifest.get("format", 1) == EXPORT_FORMAT
+        and manifest.get("model") == Path(model).stem
         and manifest.get("precision") == precision
         and manifest.get("verification", {}).get("passed") is True
         and (bool(buckets) if text_buckets is None else buckets == tuple(sorted(text_buckets)))
@@ -499,7 +503,7 @@ def _export_into(
         log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
 
     manifest = {
-        "format": 1,
+        "format": EXPORT_FORMAT,
         "model": contract.model,
         "pretrained": contract.pretrained,
         "random_weights": facts["random_weights"],

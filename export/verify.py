@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clip_triton import samples
-from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract, cosine
+from clip_triton.contract import REFUSED_PIXEL, TEXT, TOLERANCES, VISION, ModelContract, cosine
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import VerificationError
 from clip_triton.tokenizer import cut_to_bucket
@@ -64,12 +64,15 @@ def verification_inputs(
         else (max(tok.sot_token_id, tok.eot_token_id, tok.pad_token_id) + 1, tok.vocab_size)
     )
     start = [tok.sot_token_id] if tok.sot_token_id >= 0 else []  # Gemma and T5 add no start token
+    # A row that starts with the padding id is a refused one (NaN by design): with no start token and
+    # EOT = padding (SigLIP), every row holds a word.
+    fewest = 1 if not start and tok.eot_token_id == tok.pad_token_id else 0
     for cut in tok.lengths:
         for batch in batches:
             ids = np.full((batch, cut), tok.pad_token_id, dtype=np.int32)
             for row in ids:
                 length = int(
-                    rng.integers(0, cut - len(start))
+                    rng.integers(fewest, cut - len(start))
                 )  # words between start and end: 0 .. cut - 1 - len(start)
                 row[: len(start)] = start
                 row[len(start) : len(start) + length] = rng.integers(low, high, size=length)
@@ -166,6 +169,34 @@ def report(checks: list[Check], precision: str, stream=None, note: str = "") -> 
     print(HEADER, file=stream)
     for check in checks:
         print(check.row(), file=stream)
+
+
+REFUSAL_LABEL = "refused"
+REFUSAL_MAX_DIFF = 1e-6  # the other rows: the unmarked batch's own values (rows never mix; observed 0)
+
+
+def with_refusal(contract: ModelContract, tower: str, cases: list) -> tuple[list, int]:
+    """``cases`` plus one more: a copy of the first case of two or more rows, its row 1 carrying the
+    contract's refusal mark (what the fronts send for a refused item); and the copied case's index."""
+    index = next(i for i, (_, x) in enumerate(cases) if x.shape[0] >= 2)
+    marked = np.array(cases[index][1], copy=True)
+    marked[1] = REFUSED_PIXEL if tower_spec(tower) is VISION else contract.tokenizer.pad_token_id
+    return [*cases, (REFUSAL_LABEL, marked)], index
+
+
+def check_refusal(tower: str, plain: np.ndarray, marked: np.ndarray) -> Check:
+    """The marked batch's output: row 1 all NaN, every other row the unmarked batch's own."""
+    others, base = np.delete(marked, 1, axis=0), np.delete(plain, 1, axis=0)
+    cos = float(cosine(base, others).min()) if np.isfinite(others).all() else float("nan")
+    diff = float(np.abs(base.astype(np.float64) - others).max())
+    ok = bool(np.isnan(marked[1]).all() and np.isfinite(others).all() and diff <= REFUSAL_MAX_DIFF)
+    return Check(tower, REFUSAL_LABEL, marked.shape[0], cos, diff, ok)
+
+
+def compare_with_refusal(tower: str, cases: list, index: int, reference, outputs, precision: str) -> list[Check]:
+    """:func:`compare` over ``cases`` less the last (from :func:`with_refusal`), then its refusal check."""
+    checks = compare(tower, cases[:-1], reference, outputs[:-1], precision)
+    return [*checks, check_refusal(tower, outputs[index], outputs[-1])]
 
 
 def raise_on_failure(checks: list[Check]) -> None:

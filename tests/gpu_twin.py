@@ -364,9 +364,10 @@ def io_signature(config) -> dict:
     }
 
 
-def validate_export_through_twin(export_dir: Path) -> dict:
+def validate_export_through_twin(export_dir: Path, transform=None) -> dict:
     """build-engines' validation step (``validate_plan``) on an export's references, each tower's
-    "engine" computed by ONNX Runtime from the export's own graphs through :class:`PolygraphyHostTwin`.
+    "engine" computed by ONNX Runtime from the export's own graphs through :class:`PolygraphyHostTwin`
+    (its output passed through ``transform`` when given: an engine that computes something else).
     Returns ``{tower: (checks, profiles, twin)}``; the caller asserts."""
     import onnxruntime as ort
 
@@ -380,7 +381,7 @@ def validate_export_through_twin(export_dir: Path) -> dict:
     for tower in ("vision", "text"):
         session = ort.InferenceSession(str(Path(export_dir) / f"{tower}.onnx"), providers=["CPUExecutionProvider"])
         profiles = engines.profiles_for(contract, tower)
-        twin = PolygraphyHostTwin(lambda feed, s=session: s.run(None, feed)[0])
+        twin = PolygraphyHostTwin(lambda feed, s=session: (transform or (lambda out: out))(s.run(None, feed)[0]))
         checks = engines.validate_plan(tower, Path("unused.plan"), profiles, contract, references[tower], runner=twin)
         results[tower] = (checks, profiles, twin)
     return results

@@ -230,10 +230,10 @@ def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path):
         "response_cache.py", tiny_config, tmp_path, "--prompts", "32", "--rounds", "3", "--concurrency", "1"
     )
     assert report["off"]["repeated prompts"]["hit_rate"] == 0.0  # no cache, no hit
-    for cached in ("on", "composing"):  # the ensemble cache `clip-triton repo` writes, and the alternative
+    for cached in ("nested", "public"):  # the cache `clip-triton repo` writes, and the old layout
         assert report[cached]["repeated prompts"]["hit_rate"] == pytest.approx(2 / 3)  # rounds 2 and 3 of 3
         assert report[cached]["unique prompts"]["hit_rate"] == 0.0
-    assert all(row["texts_per_s"] > 0 for side in ("off", "on", "composing") for row in report[side].values())
+    assert all(row["texts_per_s"] > 0 for side in ("off", "nested", "public") for row in report[side].values())
 
 
 def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tmp_path):

@@ -348,6 +348,10 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     assert current_export(out, str(TINY_CONFIG), "none") is not None
     assert current_export(out, str(TINY_CONFIG), "none", seed=1) is None  # other weights: replaced by --reuse
     assert current_export(out, str(TINY_CONFIG), "none", precision="fp16") is None
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))  # graphs without NaN refusals
+    assert current_export(out, str(TINY_CONFIG), "none") is None
+    (out / "manifest.json").write_text(json.dumps(manifest))
     replaced = cli(
         "export", "--model", TINY_CONFIG, "--pretrained", "none", "--onnx-dir", out, "--force", "--no-verify"
     )

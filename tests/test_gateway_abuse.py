@@ -224,3 +224,98 @@ def test_row_3_templates_are_sized_before_any_text_is_built(prompts, templates, 
             tracemalloc.stop()
     assert answer.status_code == 400 and reason in answer.text, answer.text
     assert peak < 64 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_row_11_a_body_of_many_tiny_values_is_refused_before_it_is_parsed():
+    """8.4 MB of `[{},{},...]` with a valid key: 0.95 s and +420 MB of dicts before the item count
+    refused it; now its values are counted from the bytes and it is refused unparsed."""
+    import tracemalloc
+
+    from clip_triton.gateway.app import json_values_problem
+
+    app = create_app(GatewaySettings(triton_url="127.0.0.1:1", api_keys=(KEY,)))
+    chunks = [b'{"model": "tiny", "input": [' + b"{}," * 100_000] + [b"{}," * 100_000] * 27 + [b"{}]}"]
+    tracemalloc.start()
+    try:
+        status, body, pulled = _asgi(
+            app,
+            "POST",
+            "/v1/embeddings",
+            {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+            chunks,
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == 400 and json.loads(body)["error"]["code"] == "too_many_values", body[:300]
+    assert peak < 3 * sum(map(len, chunks)), f"peak {peak / 2**20:.0f} MiB for {sum(map(len, chunks)) / 2**20:.1f} MiB"
+    # What real requests send passes: prose (a comma per ~60 characters), image data URLs (none).
+    prose = json.dumps({"model": "m", "input": ["a photo of a cat, on a mat, in the sun. " * 1500] * 200}).encode()
+    images = json.dumps({"model": "m", "input": ["data:image/png;base64," + "A" * 4_000_000] * 8}).encode()
+    assert len(prose) > 12_000_000 and json_values_problem(prose) is None and json_values_problem(images) is None
+    assert json_values_problem(b"[" + b"1," * 200_000 + b"1]") is not None
+
+
+def test_row_8_the_prompt_cache_is_bounded_in_bytes_and_keyed_by_digest():
+    """256 prompts of an emoji and 65,529 characters: the key held the strings, +64 MB per cached set."""
+    import numpy as np
+
+    from clip_triton.client.grpc_client import PromptCache, prompt_set_key
+
+    prompts = ["\N{CAT FACE}" + "x" * 65_529 + str(i) for i in range(256)]
+    key = prompt_set_key(prompts, None)
+    assert len(key) == 32 and key != prompt_set_key(prompts[:-1], None)
+    assert prompt_set_key(["ab", "c"], None) != prompt_set_key(["a", "bc"], None)  # length-prefixed
+    assert prompt_set_key(["a"], ["{}"]) != prompt_set_key(["a", "{}"], None)
+    cache = PromptCache(entries=1000, max_bytes=1_000_000)
+    for i in range(100):
+        cache.put(prompt_set_key([str(i)], None), np.zeros((256, 256), np.float32))  # 256 KiB each
+    assert cache.bytes <= 1_000_000 and len(cache) == 3
+    cache.put(b"k" * 32, np.zeros((1024, 1024), np.float32))  # 4 MiB: over the whole budget, not kept
+    assert cache.get(b"k" * 32) is None and len(cache) == 3
+
+
+def test_row_7_fetches_are_owned_by_their_request_and_wait_for_slots_within_their_deadline(monkeypatch):
+    """4 requests each with one malformed data URL and 15 slow URLs: all 400 at once, then 60 fetches
+    ran anyway and a victim's URL waited 14 s for a slot. Now a request's failure cancels its fetches,
+    and a URL that waits for a slot waits within its own deadline."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from clip_triton.gateway import routes as R
+
+    started, cancelled = [], []
+
+    async def slow_fetch(url, policy):
+        started.append(url)
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(url)
+            raise
+        return b""
+
+    monkeypatch.setattr(R, "fetch_image", slow_fetch)
+    settings = GatewaySettings(
+        triton_url="127.0.0.1:1", api_keys=(KEY,), max_concurrent_fetches=8, fetch=FetchPolicy(timeout_s=1.5)
+    )
+    app = create_app(settings)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(app) as client:
+        app.state.client = _facts_only_client()
+        t0 = time.monotonic()
+        for n in range(4):
+            inputs = [f"http://slow.example/{n}/{i}.jpg" for i in range(15)] + ["data:image/png;base64,@@"]
+            answer = client.post("/v1/embeddings", headers=headers, json={"model": "tiny", "input": inputs})
+            assert answer.status_code == 400 and "input[15]" in answer.text, answer.text
+        assert time.monotonic() - t0 < 10  # each answered at once, not after its fetches
+        assert len(started) == 4 * 8  # each request's fetches took the 8 slots (the rest waited)...
+        assert sorted(cancelled) == sorted(started)  # ...and every one that began was cancelled with it
+        # Slots all taken by slow fetches: a URL waiting for one fails at its own deadline, not later.
+        started.clear()
+        t0 = time.monotonic()
+        inputs = [f"http://slow.example/held/{i}.jpg" for i in range(9)]  # 8 slots, the 9th waits
+        answer = client.post("/v1/embeddings", headers=headers, json={"model": "tiny", "input": inputs})
+        assert answer.status_code == 400 and "was not fetched within 1.5 s" in answer.text, answer.text
+        assert time.monotonic() - t0 < 10 and len(started) == 8

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -305,6 +306,18 @@ def test_engine_validation_passes_through_the_polygraphy_twin(tiny_export):
         if tower == "text":  # every bucket validated, each in its own profile
             assert {shape[1] for _, shape in twin.profiles_used} == set(contract.tokenizer.lengths)
             assert {index for index, _ in twin.profiles_used} == set(range(len(profiles)))
+        (refusal,) = [c for c in checks if c["inputs"] == "refused"]  # a refused row: NaN, the others kept
+        assert refusal["passed"] and refusal["max_abs_diff"] == 0.0
+
+
+def test_engine_validation_fails_an_engine_that_answers_a_refused_row(tiny_export):
+    """An engine that lost the graph's Where (a refused row comes back as numbers) fails validation:
+    issue 25's NaN rows are checked on the GPU at build time, where the engine's own kernels run."""
+    from .gpu_twin import validate_export_through_twin
+
+    for tower, (checks, *_) in validate_export_through_twin(tiny_export, transform=np.nan_to_num).items():
+        failed = [c["inputs"] for c in checks if not c["passed"]]
+        assert failed == ["refused"], (tower, failed)
 
 
 class _BuilderConfig:
@@ -438,6 +451,16 @@ def test_response_cache_size_is_one_figure_everywhere():
     assert flag in deployment
     assert flag in TritonServer("unused").command()
     assert not any(arg.startswith("--cache-config") for arg in TritonServer("unused", response_cache_mib=0).command())
+
+
+def test_gpu_servers_hand_the_cached_ensemble_host_memory():
+    """Triton caches a response only when every output lies in CPU memory (core cache_entry.cc); on a
+    GPU runtime the encoder's output reaches the inner cached ensemble in GPU memory unless the CUDA
+    pool is off (ensemble ResponseAlloc falls back to pinned host memory). Both GPU deployments turn it
+    off with the cache on; a stand-in on the CPU cannot show this (tests/twin_standin.py)."""
+    deployment = (ROOT / "deploy" / "k8s" / "base" / "triton-deployment.yaml").read_text()
+    for text in (command_text("triton"), deployment):
+        assert "--cache-config=" in text and "--cuda-memory-pool-byte-size=0:0" in text
 
 
 def test_containers_remove_a_killed_predecessors_shared_memory_before_starting():

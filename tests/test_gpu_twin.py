@@ -437,6 +437,19 @@ def test_served_embeddings_match_open_clip_within_fp16_tolerance(standin_server,
         assert served.shape == ref.shape
         assert float(cos(served, ref).min()) >= tol["min_cosine"]
         assert float(np.abs(served - ref).max()) <= tol["max_abs_diff"]
+    # A raw client asking for EMBEDDING alone: the refused item's row is NaN through the engine's graph.
+    import tritonclient.grpc as grpcclient
+
+    for model, name, items in (
+        (C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, [photos["cat"], b"not an image at all", photos["cat"]]),
+        (C.TEXT_ENSEMBLE, C.TEXT_INPUT, [b"a cat", b"\xff", b"a dog"]),
+    ):
+        tensor = grpcclient.InferInput(name, [3, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(-1, 1))
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            rows = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(C.EMBEDDING_OUTPUT)])
+        rows = rows.as_numpy(C.EMBEDDING_OUTPUT)
+        assert np.isnan(rows[1]).all() and not np.isnan(rows[[0, 2]]).any(), model
 
 
 def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
@@ -554,7 +567,7 @@ def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, 
         first, second = (client.infer("clip_text", [text]).as_numpy("EMBEDDING") for _ in range(2))
 
         def hits() -> int:
-            stats = client.get_inference_statistics("clip_text")["model_stats"][0]["inference_stats"]
+            stats = client.get_inference_statistics(C.TEXT_CACHED)["model_stats"][0]["inference_stats"]
             return stats.get("cache_hit", {}).get("count", 0)
 
         assert settled(hits, 1) == 1 and np.array_equal(first, second)

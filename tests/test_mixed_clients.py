@@ -1,13 +1,12 @@
-"""Issue 25 (open): one server, every kind of client, with the response cache on.
+"""Issue 25: one server, every kind of client, with the response cache on.
 
 Triton's response cache keys a request on the model and its input tensors, not on the outputs it asks
 for (core cache_manager.cc), and an ensemble's response holds only the requested outputs. Cached at the
-ensemble (what `clip-triton repo` writes), one raw request for EMBEDDING alone leaves an entry without
-STATUS that later requests for that input get. The tests of that defect are strict xfails: they fail
-today, as they must, and a fix turns them into passes that the marker then refuses (remove it then).
-Caching the composing models instead was tried and rejected (clip_triton/repository.py
-``cached_ensembles``: Triton caches their error responses as empty successes). What holds today: a
-client that gets an answer without an output it asked for says so clearly (last tests here).
+public ensemble (the layout before), one raw request for EMBEDDING alone left an entry without STATUS
+that every later request for that input got. Now the cache sits at an inner ensemble that the public
+one reaches through a step naming both outputs (clip_triton/repository.py ``cached_towers``), so no
+client can store a partial entry. And a refused item's EMBEDDING row is NaN, so a client that reads
+EMBEDDING alone cannot take it for an embedding.
 """
 
 from __future__ import annotations
@@ -52,17 +51,10 @@ def raw_http(url: str, texts: list[str], outputs: list[str] | None):
     return raw(httpclient, url, texts, outputs)
 
 
-OPEN = pytest.mark.xfail(
-    strict=True,
-    reason="issue 25 open: the response cache sits at the ensemble and ignores which outputs a request names",
-)
-
-
 def fresh(n: int = 1) -> list[str]:
     return [f"a photo of a cache probe {uuid.uuid4().hex[:12]}" for _ in range(n)]
 
 
-@OPEN
 def test_a_raw_request_for_the_embedding_alone_does_not_poison_clip_client(triton, open_clip_reference):
     texts = fresh(2)
     only = raw_grpc(triton.grpc_url, texts, [C.EMBEDDING_OUTPUT])
@@ -75,7 +67,6 @@ def test_a_raw_request_for_the_embedding_alone_does_not_poison_clip_client(trito
     assert [s for s in both.as_numpy(C.STATUS_OUTPUT).reshape(-1)] == [b"", b""]
 
 
-@OPEN
 def test_a_raw_request_for_status_alone_does_not_poison_the_embedding(triton, open_clip_reference):
     texts = fresh(1)
     status = raw_http(triton.http_url, texts, [C.STATUS_OUTPUT])
@@ -86,7 +77,6 @@ def test_a_raw_request_for_status_alone_does_not_poison_the_embedding(triton, op
     assert default.as_numpy(C.EMBEDDING_OUTPUT) is not None and default.as_numpy(C.STATUS_OUTPUT) is not None
 
 
-@OPEN
 def test_every_client_gets_its_own_answer_interleaved_with_the_cache_on(triton, open_clip_reference, grpc):
     """Raw gRPC and HTTP (each output subset), ClipClient and AsyncClipClient on the same texts, in
     turns: every answer equals the solo one, and repeats are still answered from the cache."""
@@ -95,7 +85,7 @@ def test_every_client_gets_its_own_answer_interleaved_with_the_cache_on(triton, 
     headers = triton.grpc_admin_headers
 
     def hits() -> int:
-        stats = grpc.get_inference_statistics(C.TOKENIZER_MODEL, headers=headers, as_json=True)["model_stats"][0]
+        stats = grpc.get_inference_statistics(C.TEXT_CACHED, headers=headers, as_json=True)["model_stats"][0]
         return int(stats["inference_stats"].get("cache_hit", {}).get("count", 0))
 
     before = settled(hits)
@@ -119,31 +109,78 @@ def test_every_client_gets_its_own_answer_interleaved_with_the_cache_on(triton, 
     assert settled(hits, before + answers - 1) >= before + answers - 1  # all but the first were hits
 
 
-@OPEN
 @pytest.mark.parametrize("setting", ["text", "all"])
-def test_the_cache_never_sits_where_a_subset_of_outputs_could_be_stored(setting):
-    """Every cached model is one whose requests always ask for all its outputs: a composing model
-    (the ensemble maps every output it has), never an ensemble that a raw client calls."""
+def test_the_cache_sits_only_where_every_request_names_every_output(setting):
+    """Every cached model, on every runtime, is an ensemble that only a public ensemble's step reaches,
+    and that step maps all of its outputs; no public ensemble, no dynamic-batched model caches."""
     from clip_triton.repository import RepoOptions, ServingFacts, build_configs
 
+    public = {tower.ensemble for tower in C.TOWERS}
     for runtime in ("python", "openvino", "onnxruntime", "tensorrt"):
         options = RepoOptions(
             runtime=runtime, response_cache=setting, cpu_precision="bf16" if runtime == "openvino" else "fp32"
         )
         configs = build_configs(ServingFacts.default(), options)
-        for name, config in configs.items():
-            if not config.response_cache.enable:
-                continue
-            assert config.platform != "ensemble", f"{runtime}: {name} caches top-level requests"
-            mapped = {
-                key
+        cached = [name for name, config in configs.items() if config.response_cache.enable]
+        assert cached and not public & set(cached), f"{runtime}: {cached}"
+        for name in cached:
+            config = configs[name]
+            assert config.platform == "ensemble", f"{runtime}: {name} is not an ensemble (errors would be cached)"
+            callers = [
+                (ens.name, step)
                 for ens in configs.values()
-                if ens.platform == "ensemble"
                 for step in ens.ensemble_scheduling.step
                 if step.model_name == name
-                for key in step.output_map
-            }
-            assert mapped == {out.name for out in config.output}, f"{runtime}: {name} has unmapped outputs"
+            ]
+            assert [caller for caller, _ in callers] == [name.removesuffix("_cached")], f"{runtime}: {name}"
+            assert set(callers[0][1].output_map) == {out.name for out in config.output}, f"{runtime}: {name}"
+
+
+def _images_input(module, items: list[bytes]):
+    tensor = module.InferInput(C.IMAGE_INPUT, [len(items), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array(items, dtype=object).reshape(-1, 1))
+    return tensor
+
+
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_a_refused_image_is_a_nan_row_for_a_client_that_reads_only_the_embedding(
+    triton, photos, module, open_clip_reference
+):
+    """Issue 25's second scenario: a bad item between two JPEGs, asked for EMBEDDING alone."""
+    url = triton.grpc_url if module is grpcclient else triton.http_url
+    items = [photos["coffee"], b"not an image at all", photos["cat"]]
+    with module.InferenceServerClient(url) as client:
+        result = client.infer(
+            C.IMAGE_ENSEMBLE, [_images_input(module, items)], outputs=[module.InferRequestedOutput(C.EMBEDDING_OUTPUT)]
+        )
+    rows = result.as_numpy(C.EMBEDDING_OUTPUT)
+    assert rows.shape[0] == 3 and result.as_numpy(C.STATUS_OUTPUT) is None
+    assert np.isnan(rows[1]).all() and not np.isnan(rows[[0, 2]]).any()
+    assert cos(rows[[0, 2]], open_clip_reference.images([photos["coffee"], photos["cat"]])).min() >= PARITY
+    assert np.isnan(rows @ rows[0]).tolist() == [False, True, False]  # no similarity can use it silently
+
+
+@pytest.mark.parametrize("module", [grpcclient, httpclient], ids=["grpc", "http"])
+def test_a_refused_text_is_a_nan_row_for_a_client_that_reads_only_the_embedding(triton, module, open_clip_reference):
+    texts = fresh(2)
+    url = triton.grpc_url if module is grpcclient else triton.http_url
+    tensor = module.InferInput(C.TEXT_INPUT, [3, 1], "BYTES")
+    tensor.set_data_from_numpy(
+        np.array([texts[0].encode(), b"\xff\xfe", texts[1].encode()], dtype=object).reshape(-1, 1)
+    )
+    with module.InferenceServerClient(url) as client:
+        result = client.infer(C.TEXT_ENSEMBLE, [tensor], outputs=[module.InferRequestedOutput(C.EMBEDDING_OUTPUT)])
+    rows = result.as_numpy(C.EMBEDDING_OUTPUT)
+    assert np.isnan(rows[1]).all() and not np.isnan(rows[[0, 2]]).any()
+    assert cos(rows[[0, 2]], open_clip_reference.texts(texts)).min() >= PARITY
+    described = raw_config(url, module)["parameters"][f"output_{C.EMBEDDING_OUTPUT}"]["string_value"]
+    assert "NaN" in described and "STATUS" in described  # the config tells raw users what a refused row is
+
+
+def raw_config(url: str, module) -> dict:
+    with module.InferenceServerClient(url) as client:
+        config = client.get_model_config(C.TEXT_ENSEMBLE, **({"as_json": True} if module is grpcclient else {}))
+    return config.get("config", config)
 
 
 class _Answer:
@@ -182,7 +219,6 @@ def test_an_answer_without_an_output_the_client_asked_for_is_a_clear_error(missi
 LOAD_SECONDS = 60.0  # issue 25's figure; the bound on each request is the clients' own
 
 
-@OPEN
 def test_a_mixed_client_load_with_the_cache_on_has_no_errors_and_no_mismatches(triton, open_clip_reference):
     """32 threads for 60 s: raw gRPC and HTTP asking for random output subsets, ClipClient, and the
     gateway through the official `openai` package, over a few texts (so the cache hits) and fresh ones

@@ -182,3 +182,58 @@ def test_decompression_bomb_refused_before_decoding():
 def test_byte_limit():
     with pytest.raises(ImageError, match="over the limit of 10 bytes"):
         decode_image(b"x" * 11, ImageLimits(max_bytes=10))
+
+
+# Issue 27, rows 2 and 6: decoders on a budget. Each case failed before (decoded, at its cost).
+
+
+def test_a_side_over_the_limit_is_refused_from_the_header():
+    """A 1 x 50,000,000 PNG (97 KB) is within the pixel limit but cost 2 s and 430 MB to decode."""
+    tall = encode(Image.new("1", (1, 70_000)), "PNG")
+    with pytest.raises(ImageError, match="a side over the limit of 65535"):
+        decode_image(tall)
+    assert decode_image(encode(Image.new("L", (1, 60_000)), "PNG")).size == (1, 60_000)  # extreme, served
+
+
+def _progressive(photos) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(photos["cat"])).save(buffer, format="JPEG", progressive=True, quality=90)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_with_too_many_scans_is_refused_before_decoding(photos):
+    """20,000 tiny scans in 613 KB took 23 s of CPU: the scan count is read off the bytes first."""
+    from clip_triton.preprocess import MAX_JPEG_SCANS, jpeg_scans
+
+    data = _progressive(photos)
+    assert 2 <= jpeg_scans(data) <= 20  # a real progressive JPEG: about 10
+    assert decode_image(data).size == Image.open(io.BytesIO(data)).size
+    start = data.rindex(b"\xff\xda")  # the last scan, repeated until the count is over the limit
+    hostile = data[:start] + data[start:-2] * (MAX_JPEG_SCANS + 1) + data[-2:]
+    with pytest.raises(ImageError, match=f"scans, over the limit of {MAX_JPEG_SCANS}"):
+        decode_image(hostile)
+
+
+def test_decoding_stops_at_its_cpu_budget(photos):
+    """The decoder is fed block by block from a reader that charges this thread's CPU time: past the
+    budget the item fails with the reason, and nothing else (a fake clock stands for a slow decode)."""
+    from clip_triton import preprocess as P
+
+    data = encode(Image.open(io.BytesIO(photos["cat"])).resize((1600, 1600)), "PNG")
+    assert len(data) > 4 * P.DECODE_BLOCK  # several blocks, so the budget is checked mid-decode
+    ticks = iter(range(10_000))
+    real = P._Budgeted
+
+    class Slow(real):
+        def __init__(self, data, budget_s):
+            super().__init__(data, budget_s, clock=lambda: float(next(ticks)))  # one second per read
+
+    P._Budgeted = Slow
+    try:
+        with pytest.raises(ImageError, match="CPU budget of"):
+            decode_image(data)
+    finally:
+        P._Budgeted = real
+    assert decode_image(data).size == (1600, 1600)  # the real clock: well within the budget
+    limits = ImageLimits()
+    assert limits.decode_budget_s(2_000_000) == pytest.approx(2.5)  # 0.5 s + 1 s per MB

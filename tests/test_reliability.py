@@ -378,7 +378,9 @@ def _corpus():
         ),
         # A few bytes declaring an extreme aspect ratio: the full resize would be 4,480,000 x 224 pixels.
         ("20000x1 png", *img, "BYTES", one(_encode(Image.new("RGB", (20_000, 1)), "PNG")), ok, ""),
-        ("1x300000 png", *img, "BYTES", one(_encode(Image.new("L", (1, 300_000)), "PNG")), ok, ""),
+        ("1x60000 png", *img, "BYTES", one(_encode(Image.new("L", (1, 60_000)), "PNG")), ok, ""),
+        # A side past JPEG's own maximum is refused from the header (issue 27 row 6: 1 x 50,000,000).
+        ("1x300000 png", *img, "BYTES", one(_encode(Image.new("L", (1, 300_000)), "PNG")), bad, "side over"),
         *[
             (
                 f"{fmt.lower()} (not an accepted format)",
@@ -425,8 +427,11 @@ def test_bad_input_corpus(grpc, triton, case: Case):
     tensor = grpcclient.InferInput(case.tensor, list(case.array.shape), case.datatype)
     tensor.set_data_from_numpy(case.array)
     if case.status == "ok":
-        out = grpc.infer(case.model, [tensor]).as_numpy(C.EMBEDDING_OUTPUT)
-        assert out.shape == (case.array.shape[0], 32) and np.isfinite(out).all()
+        result = grpc.infer(case.model, [tensor])
+        out, status = result.as_numpy(C.EMBEDDING_OUTPUT), result.as_numpy(C.STATUS_OUTPUT)
+        refused = np.zeros(len(out), bool) if status is None else status.reshape(-1) != b""
+        assert out.shape == (case.array.shape[0], 32)
+        assert np.isfinite(out[~refused]).all() and np.isnan(out[refused]).all()  # a refused row is NaN
     else:
         with pytest.raises(InferenceServerException) as err:
             grpc.infer(case.model, [tensor])
@@ -451,7 +456,8 @@ def _infer_status(url: str, model: str, name: str, datatype: str, array: np.ndar
 def test_hostile_requests_do_not_fail_their_batch_mates(triton):
     """72 concurrent requests, a third of them hostile: ids outside the vocabulary sent straight to the
     text encoder (co-batched with clip_text's own) and 1x300000 PNGs (a MemoryError in the full
-    resize). Before, 37 and 48 of the 72 failed; now exactly the hostile ones do, and only them."""
+    resize once; now refused from the header: a side over 65,535). Before, 37 and 48 of the 72 failed;
+    now exactly the hostile ones do, and only them."""
     tall = np.array([[_encode(Image.new("L", (1, 300_000)), "PNG")]], dtype=object)
     photo = np.array([[png(3, (64, 48))]], dtype=object)
     text = np.array([[b"a photo of a cat"]], dtype=object)
@@ -465,7 +471,11 @@ def test_hostile_requests_do_not_fail_their_batch_mates(triton):
                 else ("StatusCode.INVALID_ARGUMENT", C.TEXT_MODEL, C.INPUT_IDS, "INT32", oov)
             )
         else:
-            jobs.append(("ok", C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, "BYTES", tall if i % 3 == 0 else photo))
+            jobs.append(
+                ("StatusCode.INVALID_ARGUMENT", C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, "BYTES", tall)
+                if i % 3 == 0
+                else ("ok", C.IMAGE_ENSEMBLE, C.IMAGE_INPUT, "BYTES", photo)
+            )
     with ThreadPoolExecutor(24) as pool:
         got = list(pool.map(lambda job: _infer_status(triton.grpc_url, *job[1:]), jobs))
     assert got == [job[0] for job in jobs]

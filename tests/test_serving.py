@@ -120,6 +120,7 @@ def test_bad_image_is_flagged_and_its_batch_mates_answered(grpc, triton, photos,
     assert status[0] == status[2] == "" and status[1].startswith("item 1: ")
     expected = open_clip_reference.images([photos["coffee"], photos["cat"]])
     assert cos(served[[0, 2]], expected).min() >= PARITY
+    assert np.isnan(served[1]).all()  # the refused row cannot pass for an embedding (issue 25)
     with pytest.raises(InferenceServerException) as err:
         embed(grpc, C.IMAGE_ENSEMBLE, [data])
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in err.value.message()
@@ -139,6 +140,7 @@ def test_bad_text_is_flagged_and_its_batch_mates_answered(grpc, triton, data, fr
     served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [b"fine", data, b"a photo of a cat"])
     assert status[0] == status[2] == "" and status[1].startswith("item 1: ") and fragment in status[1]
     assert cos(served[[0, 2]], open_clip_reference.texts(["fine", "a photo of a cat"])).min() >= PARITY
+    assert np.isnan(served[1]).all() and not np.isnan(served[[0, 2]]).any()
     with pytest.raises(InferenceServerException) as err:
         embed(grpc, C.TEXT_ENSEMBLE, [data])
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and fragment in err.value.message()
@@ -253,14 +255,15 @@ def _stats(client, model: str, headers: dict) -> dict:
 
 
 def test_a_repeated_text_request_is_answered_from_the_response_cache(grpc, triton):
-    """clip_text is cached whole (repo --response-cache text, serve's --cache-config): a repeated
-    request hits without running the tokenizer or the encoder, and the answer is identical."""
+    """clip_text is cached whole (repo --response-cache text, serve's --cache-config), at the inner
+    clip_text_cached ensemble that is its step: a repeated request hits without running the tokenizer
+    or the encoder, and the answer is identical."""
     import urllib.request
     import uuid
 
     texts = [f"a photo of a cache probe {uuid.uuid4().hex}".encode(), b"a photo of a dog"]
     headers = triton.grpc_admin_headers
-    hits = lambda: int(_stats(grpc, C.TEXT_ENSEMBLE, headers)["inference_stats"].get("cache_hit", {}).get("count", 0))  # noqa: E731
+    hits = lambda: int(_stats(grpc, C.TEXT_CACHED, headers)["inference_stats"].get("cache_hit", {}).get("count", 0))  # noqa: E731
     tokenized = lambda: int(_stats(grpc, C.TOKENIZER_MODEL, headers)["inference_count"])  # noqa: E731
     hits_before = settled(hits)
     first = embed(grpc, C.TEXT_ENSEMBLE, texts)
@@ -270,7 +273,11 @@ def test_a_repeated_text_request_is_answered_from_the_response_cache(grpc, trito
     assert np.array_equal(first, second)
     metrics = urllib.request.urlopen(triton.metrics_url, timeout=30).read().decode()
     assert any(
-        line.startswith("nv_cache_num_hits_per_model") and 'model="clip_text"' in line for line in metrics.splitlines()
+        line.startswith("nv_cache_num_hits_per_model") and f'model="{C.TEXT_CACHED}"' in line
+        for line in metrics.splitlines()
     )
-    assert grpc.get_model_config(C.TEXT_ENSEMBLE).config.response_cache.enable
+    assert grpc.get_model_config(C.TEXT_CACHED).config.response_cache.enable
+    assert not grpc.get_model_config(C.TEXT_ENSEMBLE).config.response_cache.enable  # the public one: never
     assert not grpc.get_model_config(C.IMAGE_ENSEMBLE).config.response_cache.enable  # images: opt-in (all)
+    with pytest.raises(InferenceServerException, match="unknown model|not found"):
+        grpc.get_model_config(C.IMAGE_CACHED)  # an uncached tower has no inner ensemble

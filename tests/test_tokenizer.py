@@ -245,3 +245,41 @@ def test_rows_are_cut_to_the_shortest_bucket_that_holds_every_eot():
     # A row without any EOT (hand-made ids) needs its whole length; a static spec never cuts.
     assert needed_length(np.full((1, 77), 5, np.int32), spec.eot_token_id) == 77
     assert cut_to_bucket(short, TokenizerSpec()).shape == (1, 77)
+
+
+# Issue 27, row 5: only a prefix of whole lines is cleaned and encoded.
+MULTILINE = [
+    "\x80\n" * 32_767,  # the row's text: 0.9 s each (ftfy ~27 us per line), 13 s for 15 in one request
+    "a photo &amp; a <b>cat</b>\n" * 2_000,  # `<` turns ftfy's HTML unescaping off from its line on
+    "&amp;amp;\n" * 40 + "<p>x</p>\n" + "&lt;\n" * 3_000,
+    "Ã©tÃ©\n" * 500 + "Ã\n" + "é\n" * 500,  # mojibake fixed line by line
+    "word\r\n" * 3_000 + "\u2028" * 10,
+    "\n" * 500 + "a cat" + "\n" * 5_000,
+    " ".join(["lorem ipsum dolor"] * 3_000),  # one long line: processed whole (linear)
+    "\u00a0\n" * 1_000 + "late words " * 50,
+]
+
+
+@pytest.mark.parametrize("text", MULTILINE, ids=range(len(MULTILINE)))
+def test_a_bounded_prefix_of_lines_tokenizes_as_open_clip_does(tokenizers, text):
+    import time
+
+    ref, mine = tokenizers
+    started = time.process_time()
+    ours = mine(text)[0]
+    spent = time.process_time() - started
+    assert np.array_equal(ours, ref([text])[0].numpy())
+    assert spent < 0.25, f"{spent:.3f} s"  # measured: ~0.01 s for the first (0.9 s before)
+
+
+def test_a_text_whose_tokens_lie_past_the_line_cap_is_refused_cheaply(tokenizers):
+    import time
+
+    from clip_triton.tokenizer import MAX_TEXT_LINES
+
+    _, mine = tokenizers
+    started = time.process_time()
+    with pytest.raises(TextError, match=f"over {MAX_TEXT_LINES} line breaks before its first"):
+        mine.ids("\x00\n" * 30_000 + "a cat")  # lines ftfy empties: no token until the end
+    assert time.process_time() - started < 0.5
+    assert mine.ids("\x00\n" * 1_000 + "a cat")[1] != mine.spec.eot_token_id  # under the cap: served

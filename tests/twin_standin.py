@@ -13,9 +13,13 @@ What it models, from the engine's own record (``engine.json``'s profiles, writte
   backend's "request specifies invalid shape" (warm-ups included, so a config that leaves a bucket's
   profile out fails its load, as on a GPU).
 
-What it cannot check: TensorRT's numerics (fp16 kernels, tactic choice), device memory, engine
-deserialisation on another TensorRT or GPU (check-engines' record is checked instead), CUDA graphs and
-the backend's execution contexts per profile (concurrency between profiles).
+What it cannot check: TensorRT's numerics (fp16 kernels, tactic choice; build-engines validates them
+on the GPU, a refused row's NaN included), device memory, engine deserialisation on another TensorRT or
+GPU (check-engines' record is checked instead), CUDA graphs and the backend's execution contexts per
+profile (concurrency between profiles). Nor where its output lies: a real engine's output is in GPU
+memory, which Triton's response cache cannot keep, and reaches the cached inner ensemble in host memory
+only because the GPU deployments turn the CUDA pool off (tests/test_gpu_path.py checks the flag); the
+stand-in's output is always in host memory, so the twin's cache hits prove the layout, not the memory.
 """
 
 from __future__ import annotations

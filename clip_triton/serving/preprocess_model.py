@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..contract import IMAGE_INPUT, PIXELS, STATUS_OUTPUT
-from ..preprocess import ImageError, ImageLimits, Preprocessor
+from ..preprocess import ImageError, ImageLimits, Preprocessor, refused_pixels
 from .common import contract_from, parameters, per_item
 
 
@@ -15,7 +13,8 @@ class TritonPythonModel:
         contract = contract_from(params)
         limits = ImageLimits(max_pixels=int(params["max_image_pixels"]), max_bytes=int(params["max_image_bytes"]))
         self.preprocessor = Preprocessor(contract.preprocess, dtype=contract.pixel_dtype, limits=limits)
-        self.blank = np.zeros(contract.pixels.shape, dtype=contract.pixel_dtype)  # a refused item's row
+        # A refused item's row, marked so the vision graph answers NaN for it (contract.REFUSED_PIXEL).
+        self.blank = refused_pixels(contract.pixels.shape, contract.pixel_dtype)
 
     def execute(self, requests):
         return per_item(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
-from ..tokenizer import TextError, cut_to_bucket, decode_utf8, text_tokenizer
+from ..tokenizer import TextError, cut_to_bucket, decode_utf8, refused_row, text_tokenizer
 from .common import contract_from, parameters, per_item
 
 
@@ -18,14 +20,22 @@ class TritonPythonModel:
         # A Hugging Face tokenizer's tokenizer.json lies in this model's version folder (`clip-triton repo`).
         folder = Path(args["model_repository"]) / str(args["model_version"])
         self.tokenizer = text_tokenizer(contract.tokenizer, folder, max_chars=int(params["max_text_chars"]))
-        self.blank = self.tokenizer.ids("x")  # a refused item's row: a valid, short one (its output is dropped)
+        # A refused item's row: padding from the first id, which the text graph answers with NaN
+        # (contract.REFUSED_PIXEL's comment); no text the tokenizer accepts starts with it.
+        self.blank = refused_row(self.spec)
+
+    def ids(self, item: bytes) -> np.ndarray:
+        row = self.tokenizer.ids(decode_utf8(item))
+        if row[0] == self.spec.pad_token_id:  # e.g. SigLIP (no start token, EOT = padding) given only spaces
+            raise TextError("text has no tokens")
+        return row
 
     def execute(self, requests):
         return per_item(
             requests,
             TEXT_INPUT,
             INPUT_IDS,
-            lambda item: self.tokenizer.ids(decode_utf8(item)),
+            self.ids,
             (TextError,),
             STATUS_OUTPUT,
             self.blank,
