@@ -74,15 +74,20 @@ def _verify(args) -> int:
 
 
 def _build_engines(args) -> int:
-    from clip_triton.export.engines import BuildOptions, build_engines  # noqa: PLC0415
+    from clip_triton.export.engines import BuildOptions, build_engines, deploy_engines  # noqa: PLC0415
 
+    if (args.repo is None) == (args.root is None):
+        raise ClipTritonError("give exactly one of --repo and --root", "compose and Kubernetes use --root")
     options = BuildOptions(
         optimization_level=args.optimization_level,
         workspace_gib=args.workspace_gib,
         timing_cache=args.timing_cache,
         strongly_typed=None if args.typing == "auto" else args.typing == "strong",
     )
-    build_engines(args.onnx_dir, args.repo, options)
+    if args.root is not None:
+        deploy_engines(args.onnx_dir, args.root, options)
+    else:
+        build_engines(args.onnx_dir, args.repo, options)
     return 0
 
 
@@ -669,7 +674,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _parser(sub, "build-engines", "build and validate TensorRT engines (GPU host, TensorRT container)")
     p.add_argument("--onnx-dir", required=True, help="export folder (graphs, manifest.json, references.npz)")
-    p.add_argument("--repo", required=True, help="repository written by `clip-triton repo --runtime tensorrt`")
+    p.add_argument(
+        "--repo", default=None, help="build into this repository, written by `clip-triton repo --runtime tensorrt`"
+    )
+    p.add_argument(
+        "--root",
+        default=None,
+        help="serve ROOT/current instead: kept when its engines match the export, TensorRT and GPU; else "
+        "written and built in a new folder and switched to in one rename once validated (a failed build "
+        "leaves the old one serving)",
+    )
     p.add_argument("--optimization-level", type=int, default=3, help="TensorRT builder optimisation level 0-5")
     p.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace")
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: REPO/timing.cache, reused)")

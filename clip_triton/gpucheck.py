@@ -28,7 +28,7 @@ def engine_cosines(repo: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", default="triton:8001")
-    parser.add_argument("--repo", default="/models")
+    parser.add_argument("--repo", default="/models/current")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--measurement-ms", type=int, default=5000)

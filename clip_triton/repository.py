@@ -154,7 +154,9 @@ class RepoOptions:
                     return f"{self.cpu_runtime} (python backend), fp32 (bf16 requested; this CPU has no native bf16)"
             return f"{self.cpu_runtime} (python backend), {self.cpu_precision}"
         if self.runtime == "openvino":
-            return "openvino, bf16"
+            # Written here, served on some CPU node: OpenVINO computes bf16 only where the CPU has it
+            # (AMX/AVX512-BF16), fp32 elsewhere, and the backend reports neither.
+            return "openvino backend, bf16 on CPUs with native bf16 (else fp32)"
         return self.runtime
 
 
@@ -258,19 +260,21 @@ def _instances(config, count: int, kind: str):
     group.kind = pb.ModelInstanceGroup.Kind.Value(kind)
 
 
-def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = ()):
+def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = (), batch_in_dims: bool = False):
     """Zero inputs at each batch size; a dynamic (-1) axis at each of ``lengths`` (the text buckets:
-    each is its own TensorRT profile and ONNX Runtime shape, each warmed before the first request)."""
+    each is its own TensorRT profile and ONNX Runtime shape, each warmed before the first request).
+    ``batch_in_dims``: a model that does not batch (max_batch_size 0) takes the batch as its first dim,
+    and Triton sends its warm-up requests with batch_size 1."""
     pb = _pb2()
     shapes = [tuple(length if d == -1 else d for d in spec.shape) for length in lengths] if -1 in spec.shape else []
     for size in batch_sizes:
         for shape in shapes or [spec.shape]:
             warm = config.model_warmup.add()
             warm.name = f"zeros_batch_{size}" + (f"_length_{shape[-1]}" if shapes else "")
-            warm.batch_size = size
+            warm.batch_size = 1 if batch_in_dims else size
             data = warm.inputs[spec.name]
             data.data_type = pb.DataType.Value(spec.config_type)
-            data.dims.extend(shape)
+            data.dims.extend((size, *shape) if batch_in_dims else shape)
             data.zero_data = True
 
 
@@ -338,11 +342,25 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.default_model_filename = ENCODER_ONNX_FILE
             _instances(enc, options.encoder_instances, "KIND_GPU")
         elif options.runtime == "openvino":
-            # Triton's OpenVINO backend reads ONNX or IR; the keys are the backend's own.
+            # Triton's OpenVINO backend reads ONNX or IR; the keys are the backend's own. A batching
+            # model's batch is fixed at max_batch_size (openvino_backend src/openvino.cc:
+            # ov::set_batch(model, MaxBatchSize())), and any other batch is refused ("expected requests
+            # with batch size '64', got 'N'") unless ENABLE_BATCH_PADDING pads every batch to 64 rows.
+            # So the encoder does not batch: max_batch_size 0 and the batch a -1 dim of its own (the
+            # backend's tests/configs/dynamic.pbtxt); the ensemble above it still takes batches (core
+            # lets a batchable ensemble hold non-batchable models: ensemble_utils.cc), each client
+            # request's rows go through in one call.
+            enc.max_batch_size = 0
+            for field, spec in ((enc.input, spec_in), (enc.output, spec_out)):
+                del field[:]
+                _io(field, TensorSpec(spec.name, spec.dtype, (-1, *spec.shape)))
             enc.backend = "openvino"
             enc.default_model_filename = graph_file
             enc.parameters["PERFORMANCE_HINT"].string_value = "LATENCY"
-            enc.parameters["NUM_STREAMS"].string_value = "1"
+            # The instances share one compiled model (the backend's ModelState holds it per device),
+            # each with its own infer request: with one stream they would take turns. One stream per
+            # instance lets them run at once.
+            enc.parameters["NUM_STREAMS"].string_value = str(options.encoder_instances)
             enc.parameters["HINT_BF16"].string_value = "YES"
             if options.encoder_threads:
                 enc.parameters["INFERENCE_NUM_THREADS"].string_value = threads
@@ -355,9 +373,16 @@ def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
             enc.parameters["threads"].string_value = threads
             enc.parameters["ort_spinning"].string_value = "true" if options.ort_spinning else "false"
             _instances(enc, options.encoder_instances, "KIND_CPU")
-        _batching(enc, preferred, delay)
+        if enc.max_batch_size:
+            _batching(enc, preferred, delay)
         if options.warmup:
-            _warmup(enc, spec_in, sorted({1, preferred[0]}), c.tokenizer.lengths if tower is TEXT else ())
+            _warmup(
+                enc,
+                spec_in,
+                sorted({1, preferred[0]}),
+                c.tokenizer.lengths if tower is TEXT else (),
+                batch_in_dims=not enc.max_batch_size,
+            )
         configs[name] = enc
 
     facts_params = facts.server_facts(options).parameters()

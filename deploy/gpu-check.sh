@@ -30,4 +30,4 @@ while :; do
     if [ "$(date +%s)" -ge "$deadline" ]; then fail "triton is not healthy after ${timeout_s} s (state: $state)"; fi
     sleep "${GPU_CHECK_POLL_S:-10}"
 done
-docker compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models "$@"
+docker compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models/current "$@"

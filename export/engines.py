@@ -110,6 +110,21 @@ def tensorrt_version() -> str:
     )
 
 
+def require_tensorrt(expected: str) -> str:
+    """The TensorRT of this environment, or exit non-zero naming both versions when it is not
+    ``expected`` (major.minor.patch: the Triton image's libnvinfer reports no build number). The
+    Dockerfile runs it in the engines and the triton images at build time: an image of another
+    TensorRT than the pin fails to build instead of failing to load engines on the GPU host."""
+    found = tensorrt_version()
+    if parse_version(found)[:3] != parse_version(expected)[:3]:
+        raise SystemExit(
+            f"TensorRT {found} in this image, clip-triton pins {expected}: update the Dockerfile's "
+            "TENSORRT_VERSION and clip_triton.export.engines.TENSORRT_PIN together"
+        )
+    print(f"TensorRT {found} (pinned: {expected})")
+    return found
+
+
 def current_platform() -> Platform:
     version = tensorrt_version()
     name, capability = gpu_identity()
@@ -491,3 +506,100 @@ def build_engines(
 def profile_dtype(contract: ModelContract, tower: str) -> str:
     spec, _ = contract.encoder_io(tower)
     return spec.dtype
+
+
+CURRENT = "current"  # ROOT/current: the served repository, a relative link to ROOT/builds/<id>
+BUILDS = "builds"
+
+
+def repository_is_current(repo: Path, onnx_dir: Path) -> str | None:
+    """Why ``repo`` is not what ``clip-triton repo --runtime tensorrt`` would write now for ``onnx_dir``
+    with engines built from it on this TensorRT and GPU, or None when it is (nothing to do)."""
+    from clip_triton.repository import RepoOptions, ServingFacts, repository_files  # noqa: PLC0415
+
+    try:
+        check_repository_engines(repo, onnx_dir=onnx_dir)
+    except ClipTritonError as exc:
+        return exc.message
+    facts = ServingFacts.from_manifest(json.loads((Path(onnx_dir) / MANIFEST).read_text()))
+    for path, text in repository_files(facts, RepoOptions(runtime="tensorrt")).items():
+        if not (repo / path).is_file() or (repo / path).read_text() != text:
+            return f"{path} differs from what this version writes"
+    return None
+
+
+def deploy_engines(
+    onnx_dir: str | Path,
+    root: str | Path,
+    options: BuildOptions = BuildOptions(),
+    log: Progress | None = None,
+    build=None,
+) -> Path:
+    """The engines service of docker-compose.yml: serve ``ROOT/current``, replaced only by a validated one.
+
+    * Current already (:func:`repository_is_current`): nothing is written; seconds.
+    * Only the configs changed (a new clip-triton) and the engines still match the graphs, TensorRT and
+      GPU: a new build folder gets the new configs and hard links to the engines; no TensorRT build.
+    * Otherwise the engines are built into a new folder under ``ROOT/builds`` and validated there.
+
+    Then ``ROOT/current`` is switched to the new folder in one atomic rename; until then (and when the
+    build fails, whose folder is removed) the previous repository stays in place, whole. The previous
+    build is kept for a manual rollback; older ones are removed. ``build`` (tests) stands for
+    :func:`build_engines`."""
+    import shutil  # noqa: PLC0415
+
+    from clip_triton.repository import RepoOptions, write_repository  # noqa: PLC0415
+
+    log = log or Progress("engines")
+    onnx_dir, root = Path(onnx_dir), Path(root)
+    current = root / CURRENT
+    reason = repository_is_current(current, onnx_dir) if current.exists() else f"{current} does not exist yet"
+    if reason is None:
+        log(f"reusing {current} -> {os.readlink(current)}: engines match the export, TensorRT and GPU")
+        return current
+    log(f"building a new repository: {reason}")
+    staging = root / BUILDS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+    try:
+        write_repository(staging, onnx_dir=onnx_dir, options=RepoOptions(runtime="tensorrt"))
+        if current.exists() and _engines_still_valid(current, onnx_dir):
+            for spec in TOWERS:  # the configs changed, not the engines: keep them (hard links)
+                for name in (PLAN_FILE, ENGINE_MANIFEST):
+                    os.link(current / spec.model / "1" / name, staging / spec.model / "1" / name)
+            log("the engines still match: kept (linked), configs rewritten")
+        else:
+            (build or build_engines)(onnx_dir, staging, options, log)
+        check_repository_engines(staging, onnx_dir=onnx_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        log(f"nothing replaced: {current} is left as it was")
+        raise
+    link = root / f".{CURRENT}.{os.getpid()}"
+    link.unlink(missing_ok=True)
+    link.symlink_to(staging.relative_to(root))  # relative: valid wherever the volume is mounted
+    previous = os.readlink(current) if current.is_symlink() else None
+    os.replace(link, current)
+    log(f"{current} -> {staging.relative_to(root)}")
+    for old in (root / BUILDS).iterdir():
+        if old != staging and (previous is None or old != root / previous):
+            shutil.rmtree(old, ignore_errors=True)
+    return current
+
+
+def _engines_still_valid(repo: Path, onnx_dir: Path) -> bool:
+    """Each encoder's plan passed validation on this TensorRT and GPU and was built from these graphs,
+    with the profiles the contract declares (configs aside)."""
+    platform = current_platform()
+    contract = ModelContract.from_dict(json.loads((onnx_dir / MANIFEST).read_text())["contract"])
+    for spec in TOWERS:
+        folder = repo / spec.model / "1"
+        try:
+            manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
+            check_engine_manifest(manifest, platform, where=str(folder / PLAN_FILE))
+        except (OSError, ValueError, ClipTritonError):
+            return False
+        if not (folder / PLAN_FILE).is_file() or manifest.get("profiles") != recorded_profiles(contract, spec.name):
+            return False
+        built_from, now = manifest.get("onnx", {}), graph_identity(onnx_dir, spec.name)
+        if any(built_from.get(k) != now[k] for k in ("sha256", "data_sha256")):
+            return False
+    return True

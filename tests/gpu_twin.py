@@ -112,12 +112,17 @@ def fake_gpu_env(
 # Image stages: each Dockerfile stage's environment, built from the Dockerfile's own install lines
 # ---------------------------------------------------------------------------------------------
 # What a base image already holds before our lines run, from Triton's own image recipes at v2.62.0
-# (release 25.10): build.py installs "numpy<2" for the python backend into the tritonserver image;
-# Dockerfile.sdk installs "numpy<2", pillow, "grpcio<1.68" and the release's tritonclient[all] wheel.
-# Our install lines must work on top of exactly that.
-PREINSTALLED = {
-    "triton": ("numpy<2",),
-    "sdk": ("numpy<2", "pillow", "grpcio<1.68", "tritonclient[all]==2.62.0"),
+# (release 25.10): build.py installs "numpy<2" and virtualenv for the python backend into the
+# tritonserver image (dockerfile_prepare_container_linux); Dockerfile.sdk installs "numpy<2", pillow,
+# attrdict, "grpcio<1.68", the release's tritonclient[all] wheel, then genai-perf (unpinned there:
+# 0.0.16, the last release, here). Our install lines must work on top of exactly that, and leave every
+# preinstalled package's requirements met (test_gpu_twin: `pip check`). What this cannot model: the
+# versions pip resolved on the image's build day (the twin resolves today's within the same specs), and
+# the TensorRT image's own Python packages (the TensorRT bindings and their CUDA libraries: gigabytes,
+# and the twin's engines stage never imports tensorrt).
+PREINSTALLED = {  # one pip run per RUN line of the recipe, in its order (genai-perf then lifts numpy)
+    "triton": (("numpy<2", "virtualenv"),),
+    "sdk": (("grpcio<1.68",), ("numpy<2", "pillow", "attrdict", "tritonclient[all]==2.62.0"), ("genai-perf==0.0.16",)),
 }
 SOURCE = "/opt/clip-triton"  # where the `source` stage puts the package in every image
 
@@ -214,8 +219,8 @@ def stage_environment(stage: Stage, log=print) -> Path:
         log(f"[twin] building the {stage.name} stage's environment (Python {stage.python}) in {venv}")
         subprocess.run(["rm", "-rf", str(venv)], check=True)
         subprocess.run([str(stage_python_binary(stage.python)), "-m", "venv", str(venv)], check=True)
-        if PREINSTALLED.get(stage.name):
-            subprocess.run([str(python), "-m", "pip", "install", "-q", *PREINSTALLED[stage.name]], check=True, env=env)
+        for line in PREINSTALLED.get(stage.name, ()):
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *line], check=True, env=env)
         (venv / BASE_IMAGE_PACKAGES).write_text(json.dumps(installed(venv)))
         for argv in stage.pip_installs():
             subprocess.run([str(python), "-m", *argv], check=True, env=env, cwd=ROOT)
@@ -385,3 +390,35 @@ def validate_export_through_twin(export_dir: Path, transform=None) -> dict:
         checks = engines.validate_plan(tower, Path("unused.plan"), profiles, contract, references[tower], runner=twin)
         results[tower] = (checks, profiles, twin)
     return results
+
+
+def openvino_standin_repository(ov_repo: Path, onnx_dir: Path, out: Path) -> Path:
+    """Copy an OpenVINO repository (`clip-triton repo --runtime openvino`) and replace each ``openvino``
+    encoder by tests/twin_openvino.py's stand-in with the identical config (max_batch_size, dims,
+    batching, warm-ups, the backend's own parameters), running the export's ONNX graph."""
+    import shutil
+
+    from clip_triton.contract import ENCODER_ONNX_FILE, TOWERS
+    from clip_triton.repository import _place_graph, parse, python_entry_point, render
+
+    shutil.copytree(ov_repo, out)
+    contract = parse((out / TOWERS[0].front / "config.pbtxt").read_text()).parameters["contract"].string_value
+    for tower in TOWERS:
+        config = parse((out / tower.model / "config.pbtxt").read_text())
+        assert config.backend == "openvino", f"{tower.model} is not an OpenVINO model in {ov_repo}"
+        config.backend, config.default_model_filename = "python", ""
+        for key, value in {
+            "graph_file": ENCODER_ONNX_FILE,
+            "contract": contract,
+            "cpu_runtime": "onnxruntime",
+            "compute_precision": "fp32",
+            "threads": "1",
+        }.items():
+            config.parameters[key].string_value = value
+        (out / tower.model / "config.pbtxt").write_text(render(config))
+        version = out / tower.model / "1"
+        for stale in version.iterdir():
+            stale.unlink()
+        (version / "model.py").write_text(python_entry_point("tests.twin_openvino"))
+        _place_graph(onnx_dir, tower.onnx_file, version)
+    return out

@@ -48,7 +48,7 @@ def test_a_healthy_triton_goes_on_to_the_check(tmp_path):
     done = run_check(tmp_path, ["created||0", "running|starting|0", "running|healthy|0"])
     assert done.returncode == 0, done.stderr
     assert (
-        "compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models --quick"
+        "compose run --rm sdk python -m clip_triton.gpucheck --url triton:8001 --repo /models/current --quick"
         in (tmp_path / "log").read_text()
     )
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from clip_triton import contract as C
-from clip_triton.errors import ClipTritonError
+from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.export import engines as E
 from clip_triton.repository import parse
 
@@ -56,7 +56,7 @@ def test_gpu_reservations():
 def test_triton_service():
     triton = COMPOSE["services"]["triton"]
     text = command_text("triton")
-    assert "--model-control-mode=none" in text and "--model-repository=/models" in text
+    assert "--model-control-mode=none" in text and "--model-repository=/models/current" in text
     assert text.index("clip-triton check-engines") < text.index("tritonserver")  # refuse foreign engines first
     assert all(port.startswith("127.0.0.1:") for port in triton["ports"])
     assert sorted(p.split(":")[-1] for p in triton["ports"]) == ["8000", "8001", "8002"]
@@ -87,8 +87,9 @@ def test_export_and_engines_jobs():
     assert "ViT-bigG-14" in export and "laion2b_s39b_b160k" in export
     assert "hf-cache:/cache" in COMPOSE["services"]["export"]["volumes"]
     engines = command_text("engines")
-    assert "clip-triton repo --runtime tensorrt --onnx-dir /exports/current --repo /models" in engines
-    assert "clip-triton build-engines --onnx-dir /exports/current --repo /models" in engines
+    # one command: keeps matching engines, else builds a new repository and switches /models/current to it
+    assert "clip-triton build-engines --onnx-dir /exports/current --root /models" in engines
+    assert "clip-triton repo" not in engines and "--force" not in engines  # nothing deletes working engines
     assert (
         "--timing-cache /trt-cache/timing.cache" in engines
         and "trt-cache:/trt-cache" in COMPOSE["services"]["engines"]["volumes"]
@@ -584,3 +585,81 @@ def test_a_probe_never_outlasts_its_budget(monkeypatch, timeout):
     took = time.monotonic() - started
     assert not alive and "no request completed" in reason
     assert took <= health.probe_budget(timeout) + 1.0, f"{took:.1f} s for a {health.probe_budget(timeout):.1f} s budget"
+
+
+def _fake_build(calls: list):
+    """build_engines' result without TensorRT: a plan and a passed engine.json per encoder (the GPU boundary)."""
+
+    def build(onnx_dir, repo, options, log):
+        calls.append(Path(repo).name)
+        platform = E.current_platform()
+        contract = C.ModelContract.from_dict(json.loads((Path(onnx_dir) / C.MANIFEST).read_text())["contract"])
+        for spec in C.TOWERS:
+            folder = Path(repo) / spec.model / "1"
+            (folder / C.PLAN_FILE).write_bytes(b"serialized engine")
+            manifest = {
+                "platform": {
+                    "tensorrt": platform.tensorrt,
+                    "gpu": platform.gpu,
+                    "compute_capability": platform.compute_capability,
+                },
+                "onnx": E.graph_identity(Path(onnx_dir), spec.name),
+                "profiles": E.recorded_profiles(contract, spec.name),
+                "validation": {
+                    "min_cosine": E.MIN_ENGINE_COSINE,
+                    "passed": True,
+                    "checks": [{"inputs": "references", "batch": 4, "min_cosine": 0.9999, "passed": True}],
+                },
+            }
+            (folder / E.ENGINE_MANIFEST).write_text(json.dumps(manifest))
+
+    return build
+
+
+def test_build_engines_root_keeps_valid_engines_and_switches_only_to_validated_ones(tiny_export, tmp_path, monkeypatch):
+    """Issue 26: compose's engines service ran `repo --force` on every `up`, deleting working engines
+    before a rebuild, and a failed rebuild left nothing to serve. Now: ROOT/current is kept when it
+    matches; a config change relinks the engines; a rebuild happens in a new folder and is switched to
+    in one rename once validated; a failed one leaves the old repository serving."""
+    from .gpu_twin import fake_gpu_env
+
+    env = fake_gpu_env(tmp_path / "gpu")
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("TRT_VERSION", env["TRT_VERSION"])
+    root, calls, lines = tmp_path / "models", [], []
+    first = E.deploy_engines(tiny_export, root, log=lines.append, build=_fake_build(calls))
+    target = (root / "current").resolve()
+    assert first == root / "current" and (root / "current").is_symlink() and len(calls) == 1
+    assert E.check_repository_engines(root / "current", onnx_dir=tiny_export)
+    plan = target / C.VISION_MODEL / "1" / C.PLAN_FILE
+
+    def refuse(*args):
+        raise AssertionError("rebuilt engines that were current")
+
+    # `up` again: nothing written, nothing built.
+    E.deploy_engines(tiny_export, root, log=lines.append, build=refuse)
+    assert (root / "current").resolve() == target and any("reusing" in line for line in lines)
+    # A new clip-triton writes other configs: new folder, the same engines (hard links), no build.
+    config = target / C.TEXT_ENSEMBLE / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 64", "max_batch_size: 63"))
+    E.deploy_engines(tiny_export, root, log=lines.append, build=refuse)
+    relinked = (root / "current").resolve()
+    assert relinked != target and (relinked / C.VISION_MODEL / "1" / C.PLAN_FILE).stat().st_ino == plan.stat().st_ino
+    assert E.repository_is_current(root / "current", tiny_export) is None
+    # Another TensorRT: a rebuild, which fails: the live repository is untouched, the attempt removed.
+    monkeypatch.setenv("TRT_VERSION", "10.14.1.0")
+
+    def failing(onnx_dir, repo, options, log):
+        raise VerificationError("engine disagrees with open_clip PyTorch", "do not serve it")
+
+    with pytest.raises(VerificationError):
+        E.deploy_engines(tiny_export, root, log=lines.append, build=failing)
+    assert (root / "current").resolve() == relinked and sorted(p.name for p in (root / "builds").iterdir()) == sorted(
+        {target.name, relinked.name}
+    )
+    # ... and one that succeeds is switched to; only the previous build is kept besides it.
+    E.deploy_engines(tiny_export, root, log=lines.append, build=_fake_build(calls))
+    assert (root / "current").resolve() not in (target, relinked) and len(calls) == 2
+    assert sorted(p.name for p in (root / "builds").iterdir()) == sorted(
+        {relinked.name, (root / "current").resolve().name}
+    )

@@ -155,6 +155,7 @@ def test_every_pod_is_hardened(docs):
         ("Deployment", "clip-triton-triton"),
         ("Deployment", "clip-triton-gateway"),
         ("Job", "clip-triton-build"),
+        ("Job", "clip-triton-export"),
     ):
         spec = pod_spec(docs[(kind, name)])
         assert spec["automountServiceAccountToken"] is False, name
@@ -193,8 +194,43 @@ def test_build_job_writes_what_triton_serves_on_the_same_gpu(docs):
         for v in pod_spec(d)["volumes"]
         if "persistentVolumeClaim" in v
     }
-    assert claims == {"clip-triton-models"}
+    assert claims == {"clip-triton-models", "clip-triton-exports"}
     assert docs[("PersistentVolumeClaim", "clip-triton-models")]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_export_holds_no_gpu_and_keeps_its_work_on_a_volume(docs):
+    """Issue 26: the export ran as the GPU Job's init container, holding a GPU for the hour bigG takes
+    on the CPU, and its /exports and Hugging Face cache were emptyDir, so every rerun downloaded ~10 GB
+    and exported again. Now it is its own Job on any node, writing to a ReadWriteMany volume that the
+    build Job reads; the build Job waits for it between tries, not in a pod."""
+    export, build = docs[("Job", "clip-triton-export")], docs[("Job", "clip-triton-build")]
+    spec = pod_spec(export)
+    (container,) = spec["containers"]
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"]) and "nodeSelector" not in spec
+    assert "tolerations" not in spec
+    assert "--onnx-dir=/exports/$(ENGINE_TAG) --reuse" in " ".join(container["args"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HF_HOME"].startswith("/exports/")  # the weights stay on the volume
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["exports"]["persistentVolumeClaim"]["claimName"] == "clip-triton-exports"
+    assert "initContainers" not in pod_spec(build)
+    build_volumes = {v["name"]: v for v in pod_spec(build)["volumes"]}
+    assert build_volumes["exports"]["persistentVolumeClaim"] == {"claimName": "clip-triton-exports", "readOnly": True}
+    assert docs[("PersistentVolumeClaim", "clip-triton-exports")]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # Waiting for the export: exit 75 and Kubernetes' backoff (no pod, no GPU between tries); any other
+    # failure fails the Job at once instead of rebuilding bigG on the GPU again.
+    assert build["spec"]["backoffLimit"] >= 20
+    (rule,) = build["spec"]["podFailurePolicy"]["rules"]
+    assert rule == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "engines", "operator": "NotIn", "values": [75]},
+    }
+    # The first install applies the build resources alone first (docs/kubernetes.md): all carry the label.
+    for key in (("Job", "clip-triton-export"), ("Job", "clip-triton-build"), ("ConfigMap", "clip-triton-engine")):
+        assert docs[key]["metadata"]["labels"]["app.kubernetes.io/component"] == "build", key
+    for claim in ("clip-triton-models", "clip-triton-exports"):
+        assert docs[("PersistentVolumeClaim", claim)]["metadata"]["labels"]["app.kubernetes.io/component"] == "build"
+    assert "app.kubernetes.io/component" not in docs[("Deployment", "clip-triton-triton")]["metadata"].get("labels", {})
 
 
 def test_autoscaling_and_monitoring(docs):
@@ -229,8 +265,14 @@ def test_production_overlay_pins_images_gpu_and_namespace():
     assert images and all(i.startswith("registry.example.com/") and not i.endswith(":latest") for i in images)
     namespaced = [d for d in docs if d["kind"] != "Namespace"]
     assert {d["metadata"].get("namespace") for d in namespaced} == {"clip-triton"}
-    selectors = {d["kind"]: d["spec"]["template"]["spec"]["nodeSelector"] for d in docs if d["kind"] in ("Job",)}
-    assert selectors["Job"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    selectors = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"].get("nodeSelector", {})
+        for d in docs
+        if d["kind"] in ("Job", "Deployment")
+    }
+    for name in ("clip-triton-build", "clip-triton-triton"):  # engines built on the GPU product that serves them
+        assert selectors[name]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3", name
+    assert "nvidia.com/gpu.product" not in selectors["clip-triton-export"]  # the export runs on any node
 
 
 def _container(docs, kind: str, name: str) -> dict:
@@ -374,6 +416,11 @@ def test_build_job_is_idempotent_and_swaps_in_only_validated_engines(tiny_export
     second = run()  # re-applying the kustomization: same graphs, TensorRT and GPU
     assert second.returncode == 0 and "are current: nothing to rebuild" in second.stdout, second.stderr
     assert (plan.stat().st_ino, plan.stat().st_mtime_ns) == before  # the live folder was not touched
+    shutil.move(tmp_path / "exports" / tag, tmp_path / "exports" / "aside")  # no export (yet): exit 75, untouched
+    waiting = run()
+    assert waiting.returncode == 75 and "no export for" in waiting.stderr
+    assert (plan.stat().st_ino, plan.stat().st_mtime_ns) == before
+    shutil.move(tmp_path / "exports" / "aside", tmp_path / "exports" / tag)
     failed = run(TRT_VERSION="10.14.1.48", SHIM_BUILD_FAILS="1")  # a new TensorRT, and its build fails
     assert failed.returncode == 3 and "engine validation failed" in failed.stderr
     assert (plan.stat().st_ino, plan.stat().st_mtime_ns) == before  # still serving the old, validated engines

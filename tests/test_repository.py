@@ -122,9 +122,17 @@ def test_all_runtimes_share_one_signature(runtime):
     options = RUNTIME_OPTIONS[runtime]
     configs = build_configs(ServingFacts.default(), options)
     reference = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+
+    def full(config, field):  # (name, dtype, dims with the batch dim): what the ensemble hands over
+        batch = [-1] if config.max_batch_size else []
+        return [(t.name, t.data_type, [*batch, *t.dims]) for t in getattr(config, field)]
+
     for name in (C.VISION_MODEL, C.TEXT_MODEL):
-        assert list(configs[name].input) == list(reference[name].input)
-        assert list(configs[name].output) == list(reference[name].output)
+        for field in ("input", "output"):
+            assert full(configs[name], field) == full(reference[name], field)
+        if runtime != "openvino":  # the OpenVINO backend's encoders take the batch as a dim (issue 26)
+            assert list(configs[name].input) == list(reference[name].input)
+            assert configs[name].max_batch_size == reference[name].max_batch_size
     encoder = configs[C.VISION_MODEL]
     assert {
         "tensorrt": encoder.platform == "tensorrt_plan",
@@ -156,6 +164,14 @@ def test_openvino_configs_carry_the_backends_own_keys():
     python = build_configs(ServingFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
     params = {k: v.string_value for k, v in python.parameters.items()}
     assert (params["cpu_runtime"], params["compute_precision"], params["threads"]) == ("openvino", "bf16", "0")
+    # Instances share the backend's one compiled model: one stream each, or they take turns (issue 26).
+    three = build_configs(
+        ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_instances=3)
+    )
+    assert three[C.VISION_MODEL].parameters["NUM_STREAMS"].string_value == "3"
+    # The repository is written on one machine and served on some CPU node: it claims bf16 only where
+    # the CPU has it.
+    assert "else fp32" in three[C.TEXT_ENSEMBLE].parameters["encoder_runtime"].string_value
 
 
 @pytest.mark.parametrize(
