@@ -47,10 +47,18 @@ def clip_triton_invocations(line: str) -> list[list[str]]:
     for part in re.split(r"&&|\|\||;|\|", line):
         try:
             words = shlex.split(part, comments=True)
-        except ValueError:
+        except ValueError as exc:  # a README command a shell could not parse is a defect, not a skip
+            if "clip-triton" in part:
+                raise AssertionError(f"README line cannot be parsed by a shell ({exc}): {line!r}") from None
             continue
-        if "clip-triton" in words:
-            argv = words[words.index("clip-triton") + 1 :]
+        # the command, not a namespace or a name that happens to be spelled the same (kubectl -n clip-triton)
+        at = [
+            i
+            for i, w in enumerate(words)
+            if w == "clip-triton" and (i == 0 or words[i - 1] not in ("-n", "--namespace"))
+        ]
+        if at:
+            argv = words[at[0] + 1 :]
             found.append([w for w in argv if w != "&"])
     return found
 
