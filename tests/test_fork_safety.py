@@ -183,3 +183,47 @@ def test_tritonserver_and_its_stubs_get_no_secrets(monkeypatch):
         and "PATH" in env
     )
     assert server.admin_key == "admin-secret"  # still the server's key: it travels on the command line only
+
+
+def test_python_stubs_end_with_a_killed_tritonserver(tiny_repo, tmp_path):
+    """tritonserver SIGKILLed (its death signal when the process that started it dies, an OOM kill):
+    its python-backend stubs, reparented, used to keep running (one for 23 minutes). Every model's
+    initialize now watches the parent and the stubs end within seconds."""
+    from pathlib import Path
+
+    from clip_triton.server import TritonServer
+
+    def child_pids(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    server = TritonServer(tiny_repo, log_file=tmp_path / "t.log").start(timeout=300)
+    try:
+        stubs = child_pids(server.process.pid)
+        assert len(stubs) >= 4, stubs  # preprocess, tokenizer, both encoders (python backend here)
+        os.kill(server.process.pid, signal.SIGKILL)
+
+        def running() -> list[int]:  # a zombie (ended, not yet reaped by pid 1) is not running
+            alive = []
+            for pid in stubs:
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if state != "Z":
+                    alive.append(pid)
+            return alive
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and running():
+            time.sleep(0.2)
+        assert not running(), f"stubs still running after their tritonserver died: {running()}"
+    finally:
+        server.stop(timeout=10)

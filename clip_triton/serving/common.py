@@ -3,11 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..contract import ModelContract
+
+_WATCHING: list[int] = []
+
+
+def end_with_server(poll_s: float = 1.0) -> None:
+    """End this python stub when tritonserver is gone. Every model here calls it in ``initialize``.
+
+    A stub's parent is tritonserver; when tritonserver is SIGKILLed (the death signal clip_triton gives
+    it when the process that started it dies, an OOM kill) its stubs are reparented and keep running:
+    one was found using CPU 23 minutes after its server had died. A daemon thread watches the parent
+    pid and exits the process when it changes. (Not PR_SET_PDEATHSIG: it fires when the *thread* that
+    forked the stub ends, and Triton forks stubs from model-loading threads.)"""
+    if _WATCHING:
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/comm") as comm:
+            if not comm.read().startswith("tritonserver"):
+                return  # not a stub (the models run in-process in tests): nothing to end with
+    except OSError:
+        return
+    _WATCHING.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="end-with-tritonserver").start()
 
 
 def parameters(args: dict) -> dict[str, str]:

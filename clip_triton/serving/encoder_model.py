@@ -15,11 +15,12 @@ import numpy as np
 
 from ..contract import TEXT
 from ..cpuruntime import open_session
-from .common import contract_from, parameters
+from .common import contract_from, end_with_server, parameters
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        end_with_server()
         import triton_python_backend_utils as pb_utils  # noqa: PLC0415
 
         params = parameters(args)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..contract import IMAGE_INPUT, PIXELS, STATUS_OUTPUT
 from ..preprocess import ImageError, ImageLimits, Preprocessor, refused_pixels
-from .common import contract_from, parameters, per_item
+from .common import contract_from, end_with_server, parameters, per_item
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        end_with_server()
         params = parameters(args)
         contract = contract_from(params)
         limits = ImageLimits(max_pixels=int(params["max_image_pixels"]), max_bytes=int(params["max_image_bytes"]))

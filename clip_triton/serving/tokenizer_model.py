@@ -9,11 +9,12 @@ import numpy as np
 
 from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
 from ..tokenizer import TextError, cut_to_bucket, decode_utf8, refused_row, text_tokenizer
-from .common import contract_from, parameters, per_item
+from .common import contract_from, end_with_server, parameters, per_item
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        end_with_server()
         params = parameters(args)
         contract = contract_from(params)
         self.spec = contract.tokenizer
