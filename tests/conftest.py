@@ -19,7 +19,57 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run the opt-in full-size ViT-bigG-14 checks")
 
 
+# The fast tier (`bash dev.sh test -m fast`): in-process tests, fakes only at the project's own seams.
+# A test is fast unless it needs one of these session fixtures (an export, a tritonserver, the open_clip
+# reference model, the GPU twin's environments) or lives in a module whose tests run subprocesses
+# (the CLI as users run it, servers of their own, kubectl, the twin's virtualenvs, benchmarks).
+SLOW_FIXTURES = {
+    "tiny_export",
+    "tiny_ir_export",
+    "tiny_repo",
+    "triton",
+    "grpc",
+    "reference_model",
+    "open_clip_reference",
+    "fp16_export",
+    "bigg_io_export",
+    "written_standins",
+    "committed_standins",
+    "standin_server",
+    "family",
+    "ov_triton",
+    "ov_grpc",
+    "gateway",
+    "oai",
+    "reference",
+    "readme_folder",
+    "tokenizers",
+    "pair",
+}
+SUBPROCESS_MODULES = {
+    "test_bench",
+    "test_bigg_slow",
+    "test_day_one",
+    "test_fork_safety",
+    "test_gpu_check_script",
+    "test_gpu_twin",
+    "test_kubernetes",
+    "test_restart",
+    "test_server_cli",
+    "test_serving",
+    "test_serving_openvino",
+    "test_perf_analyzer",
+    "test_mixed_clients",
+    "test_families",
+    "test_export",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module not in SUBPROCESS_MODULES and not SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.fast)
     if config.getoption("--run-slow"):
         for item in items:  # full-size exports take 6-20 minutes each: above the suite's per-test bound
             if "slow" in item.keywords:
