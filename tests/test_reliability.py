@@ -212,11 +212,16 @@ def test_job_survives_a_killed_stub(own_repo, tmp_path, open_clip_reference):
     texts = [f"text number {i}" for i in range(60)]
     expected = open_clip_reference.texts(texts)
     stop, state = threading.Event(), {}
+    # Events, not the clock: the stub is killed once the job has answers, and the job goes on only
+    # after the kill, so requests land on both sides of it on any machine.
+    answered, killed = threading.Event(), threading.Event()
 
     def chaos_and_watchdog():
-        time.sleep(0.5)
+        if not answered.wait(300) or stop.is_set():
+            return
         os.kill(stub_pids(server, "tokenizer")[0], signal.SIGKILL)
         state["killed"] = time.monotonic()
+        killed.set()
         while not stop.is_set() and not state.get("restarts"):
             server.watchdog_step(state, failures_before_restart=1)
             time.sleep(0.3)
@@ -225,13 +230,17 @@ def test_job_survives_a_killed_stub(own_repo, tmp_path, open_clip_reference):
     thread.start()
     rows, finished = [], []
     try:
-        with ClipClient(server.grpc_url, retries=12, backoff=0.25) as client:
+        with ClipClient(server.grpc_url, backoff=0.25) as client:  # the default retry budget outlasts a restart
             for start in range(0, len(texts), 3):
                 rows.append(client.embed_texts(texts[start : start + 3]))
                 finished.append(time.monotonic())
+                if len(finished) == 3:
+                    answered.set()
+                    assert killed.wait(300), "the stub was not killed"
                 time.sleep(0.1)
     finally:
         stop.set()
+        answered.set()
         thread.join()
         server.stop()
     assert state.get("restarts") == 1

@@ -17,16 +17,21 @@ def test_job_finishes_across_a_server_restart(tiny_repo, tmp_path, open_clip_ref
     first = TritonServer(tiny_repo, log_file=tmp_path / "triton.log").start(timeout=120)
     ports = dict(http_port=first.http_port, grpc_port=first.grpc_port, metrics_port=first.metrics_port)
     servers, marks = [first], {}
+    # Events, not the clock: the restart begins once the job has answers, and the job goes on only
+    # once the server is down, so requests land before, during and after the restart on any machine.
+    answered, down = threading.Event(), threading.Event()
 
     def restart():
-        time.sleep(0.6)
+        if not answered.wait(300):
+            return
         first.stop()
         marks["down"] = time.monotonic()
+        down.set()
         time.sleep(1.0)  # down for a moment: requests meet UNAVAILABLE and back off
         servers.append(TritonServer(tiny_repo, log_file=tmp_path / "triton2.log", **ports).start(timeout=120))
         marks["up"] = time.monotonic()
 
-    client = ClipClient(first.grpc_url, retries=12, backoff=0.2)
+    client = ClipClient(first.grpc_url, backoff=0.2)  # the default retry budget (150 s) outlasts a restart
     thread = threading.Thread(target=restart)
     thread.start()
     rows, finished = [], []
@@ -34,8 +39,12 @@ def test_job_finishes_across_a_server_restart(tiny_repo, tmp_path, open_clip_ref
         for start in range(0, len(texts), 3):  # a job of 20 requests spread over the restart
             rows.append(client.embed_texts(texts[start : start + 3]))
             finished.append(time.monotonic())
-            time.sleep(0.1)
+            if len(finished) == 3:
+                answered.set()
+                assert down.wait(300), "the server was not stopped"
+            time.sleep(0.1)  # paced: the job outlasts the restart's last readiness poll
     finally:
+        answered.set()
         thread.join()
         client.close()
         for server in servers:
