@@ -189,10 +189,15 @@ def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
     process, http = _serve(tiny_repo)
     try:
         assert "starting tritonserver" in process.stdout.readline()
-        time.sleep(1.0)  # tritonserver is loading models
+        deadline = time.monotonic() + 120  # a state, not a clock: tritonserver has begun loading models
+        while not _stubs(tiny_repo) - before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _stubs(tiny_repo) - before, "tritonserver started no python-backend stub"
         process.send_signal(signal.SIGINT)
         assert process.wait(300) == 0
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while _stubs(tiny_repo) - before and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert not _serving(http)
         assert _stubs(tiny_repo) <= before, "a python-backend stub outlived tritonserver"
     finally:
