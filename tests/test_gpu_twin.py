@@ -521,25 +521,43 @@ def test_gateway_stage_serves_in_front_of_the_twin(written_standins):
         process.wait()
 
 
-def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, tmp_path):
-    """compose's triton command, after compose's interpolation, run by a shell with the real
-    tritonserver (2.51, pip) on the stand-in repository: every flag parses, the admin APIs answer only
-    with the key from CLIP_TRITON_ADMIN_KEY, inference stays open."""
+def _triton_script(where: str) -> tuple[str, str]:
+    """The Triton container's shell command as compose or the kubelet hands it to the shell (compose's
+    $$ escaping undone; the kubelet's $(ENGINE_TAG) expanded), its check-engines step (run by the
+    engines twin above) cut off, and the repository path it serves."""
+    if where == "compose":
+        command = COMPOSE["services"]["triton"]["command"]
+        script, repo = command[2].replace("$$", "$"), "/models/current"
+        assert script.startswith(f"clip-triton check-engines --repo {repo} &&")
+    else:
+        from .test_kubernetes import _container, by_kind_and_name
+
+        docs = by_kind_and_name("overlays/production")
+        command = _container(docs, "Deployment", "clip-triton-triton")["args"]
+        tag = docs[("ConfigMap", "clip-triton-engine")]["data"]["ENGINE_TAG"]
+        script, repo = command[2].replace("$(ENGINE_TAG)", tag), f"/models/{tag}"
+        assert script.startswith(f"clip-triton check-engines --repo={repo} &&")
+    assert command[:2] == ["sh", "-c"]
+    return script.split("&&", 1)[1], repo
+
+
+@pytest.mark.parametrize("where", ["compose", "kubernetes"])
+def test_triton_service_command_runs_on_the_real_tritonserver(written_standins, tmp_path, where):
+    """compose's triton command and the Kubernetes Deployment's, after compose's interpolation or the
+    kubelet's, run by a shell with the real tritonserver (2.51, pip) on the stand-in repository: every
+    flag parses, the admin APIs answer only with the key from CLIP_TRITON_ADMIN_KEY, inference stays
+    open, the response cache answers a repeat."""
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
     from clip_triton.server import backend_directory, free_ports, pytriton_root
 
     _, repo, *_ = written_standins
-    command = COMPOSE["services"]["triton"]["command"]
-    assert command[:2] == ["sh", "-c"]
-    script = command[2].replace("$$", "$")  # compose's own escaping
-    assert script.startswith("clip-triton check-engines --repo /models/current &&")  # run by the engines twin above
-    script = script.split("&&", 1)[1]
+    script, served = _triton_script(where)
     ports = free_ports(3)
     for default, port in zip((8000, 8001, 8002), ports):
         script = script.replace(f"-port={default}", f"-port={port}")
-    script = script.replace("--model-repository=/models/current", f"--model-repository={repo}")
+    script = script.replace(f"--model-repository={served}", f"--model-repository={repo}")
     # The command removes a killed predecessor's shared memory before it starts: a stand-in leftover under
     # a prefix of this test's own (so that the real rm cannot touch another server's regions here).
     from clip_triton.server import CONTAINER_SHM_PREFIX, SHM_DIR, release_shm, shm_regions
