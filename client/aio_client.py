@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from clip_triton.contract import IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import DEFAULT_URL, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
 
 from .grpc_client import (
     RETRY_SECONDS,
@@ -42,7 +42,7 @@ class AsyncClipClient:
 
     def __init__(
         self,
-        url: str | Sequence[str] = "localhost:8001",
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float = 60.0,
         retries: int = 60,

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from clip_triton.contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STATUS_OUTPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import (
+    DEFAULT_URL,
+    EMBEDDING_OUTPUT,
+    IMAGE_ENSEMBLE,
+    IMAGE_INPUT,
+    STATUS_OUTPUT,
+    STUB_NOT_HEALTHY,
+    TEXT_ENSEMBLE,
+    TEXT_INPUT,
+)
 from clip_triton.errors import ClipTritonError
 from clip_triton.facts import ServerFacts
 
@@ -36,7 +45,7 @@ RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 LOADING = "has no available versions"
 # A python-backend stub that died answers INTERNAL with this until the server is restarted (by
 # `clip-triton serve`'s watchdog or the orchestrator's liveness probe): worth waiting for.
-STUB_DOWN = "is not healthy"
+STUB_DOWN = STUB_NOT_HEALTHY
 MAX_URL_BYTES = 20 * 1024 * 1024
 # Transient failures (server restarting, overloaded, a stub being replaced) are retried for this long
 # by default: a tritonserver restart takes ~60 s on a 2-core machine, and a job should ride it out.
@@ -571,7 +580,7 @@ class ClipClient:
 
     def __init__(
         self,
-        url: str | Sequence[str] = "localhost:8001",
+        url: str | Sequence[str] = DEFAULT_URL,
         *,
         timeout: float | None = None,
         retries: int = 60,

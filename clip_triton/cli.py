@@ -13,6 +13,7 @@ from .contract import (
     DEFAULT_MODEL,
     DEFAULT_PRECISION,
     DEFAULT_PRETRAINED,
+    DEFAULT_URL,
     PRECISIONS,
     RESPONSE_CACHE_CHOICES,
     RUNTIMES,
@@ -512,7 +513,7 @@ def _cpu_args(p: argparse.ArgumentParser, applies: str) -> None:
 def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--url",
-        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        default=os.environ.get("CLIP_TRITON_URL", DEFAULT_URL),
         help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)",
     )
     p.add_argument(
@@ -743,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--url",
-        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        default=os.environ.get("CLIP_TRITON_URL", DEFAULT_URL),
         help="Triton gRPC host:port ($CLIP_TRITON_URL)",
     )
     p.add_argument(
@@ -780,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "gateway", "OpenAI-compatible HTTP API in front of Triton (needs the gateway extra)")
     p.add_argument(
         "--url",
-        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        default=os.environ.get("CLIP_TRITON_URL", DEFAULT_URL),
         help="Triton gRPC host:port, dns:///name:port, or several comma-separated ($CLIP_TRITON_URL)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -909,7 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _parser(sub, "perf", "run perf_analyzer against the ensembles with real inputs (bundled JPEGs, prompts)")
     p.add_argument(
         "--url",
-        default=os.environ.get("CLIP_TRITON_URL", "localhost:8001"),
+        default=os.environ.get("CLIP_TRITON_URL", DEFAULT_URL),
         help="Triton gRPC host:port ($CLIP_TRITON_URL)",
     )
     p.add_argument(

@@ -42,6 +42,11 @@ TEXT_ENSEMBLE = "clip_text"
 IMAGE_CACHED = "clip_image_cached"
 TEXT_CACHED = "clip_text_cached"
 
+# Wire defaults, spelled once: where clients look for Triton's gRPC endpoint, and how Triton's python
+# backend says a stub died ("Stub process '<model>_0_0' is not healthy.").
+DEFAULT_URL = "localhost:8001"
+STUB_NOT_HEALTHY = "is not healthy"
+
 IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row
 TEXT_INPUT = "TEXT"  # UTF-8 text, one item per batch row
 EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from .contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from .contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STUB_NOT_HEALTHY, TEXT_ENSEMBLE, TEXT_INPUT
 
-STUB_DEAD = "is not healthy"  # python backend: "Stub process '<model>_0_0' is not healthy."
+STUB_DEAD = STUB_NOT_HEALTHY
 UNREACHABLE = ("StatusCode.UNAVAILABLE", "Connection refused", "failed to connect")
 
 

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..contract import TEXT, VISION, check_served_model_name
+from ..contract import DEFAULT_URL, TEXT, VISION, check_served_model_name
 from ..errors import ClipTritonError
 from ..tokenizer import DEFAULT_MAX_TEXT_CHARS
 from .fetch import FetchPolicy
@@ -52,7 +52,7 @@ def json_values_problem(body: bytes) -> str | None:
 
 @dataclass
 class GatewaySettings:
-    triton_url: str = "localhost:8001"
+    triton_url: str = DEFAULT_URL
     api_keys: tuple[str, ...] = ()
     auth: bool = True  # False only when explicitly disabled for local use
     max_body_bytes: int = 64 * 1024 * 1024
