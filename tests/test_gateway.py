@@ -76,6 +76,22 @@ def gateway(triton):
     live.stop()
 
 
+@pytest.fixture(scope="module")
+def offline_gateway():
+    """The same gateway with nothing at its Triton address: for what it decides before any model call
+    (auth, body limits, metrics labels, docs), in the fast tier."""
+    live = LiveGateway(
+        GatewaySettings(
+            triton_url="127.0.0.1:1",
+            api_keys=(KEY,),
+            max_body_bytes=2 * 1024 * 1024,
+            fetch=FetchPolicy(resolver=StubResolver()),
+        )
+    )
+    yield live
+    live.stop()
+
+
 @pytest.fixture()
 def oai(gateway):
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
@@ -159,7 +175,8 @@ def test_models_health_and_metrics(oai, gateway):
     assert "clip_gateway_request_seconds_bucket" in metrics
 
 
-def test_auth_failures(gateway):
+def test_auth_failures(offline_gateway):
+    gateway = offline_gateway
     client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         client.embeddings.create(model="clip-triton-tiny", input="x")
@@ -358,7 +375,7 @@ def test_idna_2008_name_is_what_gets_resolved_and_connected():
     assert resolver.asked == ["xn--strae-oqa.example"]  # once: a rebinding second answer is never asked for
 
 
-def test_fetch_connects_to_the_vetted_address_with_the_name_as_host(triton, photos):
+def test_fetch_connects_to_the_vetted_address_with_the_name_as_host(photos):
     """End to end on loopback (private addresses allowed): `images.test` exists only in the stub
     resolver, so the request can only have reached the server through the vetted address; the server
     sees the name in its Host header."""
@@ -389,11 +406,12 @@ def _rss_mib() -> float:
 
 
 @pytest.mark.parametrize("keyed", [False, True])
-def test_a_chunked_body_is_refused_as_it_arrives(gateway, keyed):
+def test_a_chunked_body_is_refused_as_it_arrives(offline_gateway, keyed):
     """No Content-Length, 64 MiB announced chunk by chunk. Without an API key the gateway answers 401
     before reading any of it (issue 27: before, the key was checked after parsing); with a key it
     answers 413 once it has counted past its 2 MiB limit and reads no further (before, only
     Content-Length was read: a 300 MiB chunked body drove it to 1.14 GiB)."""
+    gateway = offline_gateway
     import select
     import socket
 
@@ -510,7 +528,8 @@ def test_lone_surrogates_are_400_not_500(gateway, photos):
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompts[1]", response.text
 
 
-def test_metrics_label_by_route_not_raw_path(gateway):
+def test_metrics_label_by_route_not_raw_path(offline_gateway):
+    gateway = offline_gateway
     for i in range(300):
         httpx.get(f"{gateway.url}/no/such/path/{i}")
     metrics = httpx.get(f"{gateway.url}/metrics").text
@@ -535,10 +554,11 @@ def test_tokenizing_happens_off_the_event_loop(gateway, oai, monkeypatch):
     assert threads and gateway.thread not in threads  # uvicorn's event loop runs on gateway.thread
 
 
-def test_api_docs_are_off_unless_asked_for(gateway, triton):
+def test_api_docs_are_off_unless_asked_for(offline_gateway):
+    gateway = offline_gateway
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert httpx.get(f"{gateway.url}{path}").status_code == 404
-    live = LiveGateway(GatewaySettings(triton_url=triton.grpc_url, api_keys=(KEY,), docs=True))
+    live = LiveGateway(GatewaySettings(triton_url="127.0.0.1:1", api_keys=(KEY,), docs=True))
     try:
         assert httpx.get(f"{live.url}/openapi.json").status_code == 200
     finally:
