@@ -138,8 +138,9 @@ def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]
     """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items.
 
     An answer without an output this client asked for is refused with a clear error, never read as
-    data: Triton's response cache on an ensemble ignores which outputs a request names, so it can hand
-    a client the entry another client's request for fewer outputs left behind (issue 25, open)."""
+    data: Triton's response cache ignores which outputs a request names, so a cached ensemble that
+    clients call directly (a repository from before issue 25, or a raw request to the internal
+    ``clip_*_cached`` naming one output) can hand a client the entry a request for fewer outputs left."""
     embeddings = result.as_numpy(EMBEDDING_OUTPUT)
     statuses = result.as_numpy(STATUS_OUTPUT) if facts.item_status else None
     missing = [name for name, value in ((EMBEDDING_OUTPUT, embeddings), (STATUS_OUTPUT, statuses)) if value is None]
@@ -147,8 +148,9 @@ def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]
         raise ClipClientError(
             f"the server answered without its {' and '.join(missing)} output, which this client asked for "
             "(Triton's response cache ignores which outputs a request names: another client asked for fewer)",
-            "have raw clients ask for both outputs or none, restart the server to empty its cache, or write the "
-            "repository with `clip-triton repo --response-cache none`",
+            "rewrite the repository with this version's `clip-triton repo` (its cache sits behind a step that "
+            "asks for both), have raw clients ask the internal clip_*_cached models for both outputs or none, or "
+            "restart the server to empty its cache",
         )
     if statuses is not None and statuses.size != len(embeddings):
         raise ClipClientError(
@@ -246,18 +248,20 @@ class PromptCache:
             self._data.move_to_end(key)
         return value
 
+    @staticmethod
+    def _size(key, value) -> int:
+        return int(getattr(value, "nbytes", 0)) + len(key)
+
     def put(self, key, value) -> None:
-        size = int(getattr(value, "nbytes", 0)) + len(key)
+        size = self._size(key, value)
         if size > self.max_bytes or self.entries <= 0:
             return
         if key in self._data:
-            old = self._data.pop(key)
-            self.bytes -= int(getattr(old, "nbytes", 0)) + len(key)
+            self.bytes -= self._size(key, self._data.pop(key))
         self._data[key] = value
         self.bytes += size
         while len(self._data) > self.entries or self.bytes > self.max_bytes:
-            old_key, old = self._data.popitem(last=False)
-            self.bytes -= int(getattr(old, "nbytes", 0)) + len(old_key)
+            self.bytes -= self._size(*self._data.popitem(last=False))
 
     def __len__(self) -> int:
         return len(self._data)

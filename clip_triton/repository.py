@@ -89,8 +89,9 @@ def cached_towers(setting: str) -> tuple[Tower, ...]:
     (``DelegateResponse``): caching the composing models was tried and rejected for that. An entry is
     cached only when all its outputs lie in CPU memory (``cache_entry.cc``): on GPU runtimes the
     encoder's output reaches the inner ensemble's response in GPU memory unless Triton has no CUDA
-    pool to put it in, so the server runs with ``--cuda-memory-pool-byte-size=0:0`` there
-    (server.py ``TritonServer.command``; docs/benchmarks.md has the layouts measured)."""
+    pool to put it in, so the GPU deployments run Triton with ``--cuda-memory-pool-byte-size=0:0``
+    (docker-compose.yml and the Kubernetes Deployment; tests/test_gpu_path.py checks both;
+    docs/benchmarks.md has the layouts measured)."""
     return {"none": (), "text": (TEXT,), "all": TOWERS}[setting]
 
 

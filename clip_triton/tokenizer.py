@@ -344,6 +344,12 @@ def refused_row(spec: TokenizerSpec) -> np.ndarray:
     return np.full(spec.context_length, spec.pad_token_id, dtype=np.int32)
 
 
+def is_refused(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray | bool:
+    """Whether a token row (or each row of ``[N, L]`` ids) carries the refusal mark of
+    :func:`refused_row`: the padding id first, which no tokenized text has."""
+    return ids[..., 0] == spec.pad_token_id
+
+
 def needed_length(ids: np.ndarray, eot: int) -> int:
     """Tokens the rows of ``ids`` need: up to and including each row's last EOT, the longest row's."""
     if not ids.size:
@@ -360,7 +366,7 @@ def cut_to_bucket(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
     them NaN at any length, so they never lengthen the request."""
     if not spec.dynamic:
         return ids
-    live = ids[ids[:, 0] != spec.pad_token_id] if ids.ndim == 2 and ids.shape[1] else ids
+    live = ids[~is_refused(ids, spec)] if ids.ndim == 2 and ids.shape[1] else ids
     return np.ascontiguousarray(ids[:, : spec.bucket(needed_length(live, spec.eot_token_id))])
 
 

@@ -561,13 +561,10 @@ def deploy_engines(
     staging = root / BUILDS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     try:
         write_repository(staging, onnx_dir=onnx_dir, options=RepoOptions(runtime="tensorrt"))
-        if current.exists() and _engines_still_valid(current, onnx_dir):
-            for spec in TOWERS:  # the configs changed, not the engines: keep them (hard links)
-                for name in (PLAN_FILE, ENGINE_MANIFEST):
-                    os.link(current / spec.model / "1" / name, staging / spec.model / "1" / name)
-            log("the engines still match: kept (linked), configs rewritten")
-        else:
+        if not (current.exists() and _relinked(current, staging, onnx_dir)):
             (build or build_engines)(onnx_dir, staging, options, log)
+        else:
+            log("the engines still match: kept (linked), configs rewritten")
         check_repository_engines(staging, onnx_dir=onnx_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -585,21 +582,20 @@ def deploy_engines(
     return current
 
 
-def _engines_still_valid(repo: Path, onnx_dir: Path) -> bool:
-    """Each encoder's plan passed validation on this TensorRT and GPU and was built from these graphs,
-    with the profiles the contract declares (configs aside)."""
-    platform = current_platform()
-    contract = ModelContract.from_dict(json.loads((onnx_dir / MANIFEST).read_text())["contract"])
-    for spec in TOWERS:
-        folder = repo / spec.model / "1"
-        try:
-            manifest = json.loads((folder / ENGINE_MANIFEST).read_text())
-            check_engine_manifest(manifest, platform, where=str(folder / PLAN_FILE))
-        except (OSError, ValueError, ClipTritonError):
-            return False
-        if not (folder / PLAN_FILE).is_file() or manifest.get("profiles") != recorded_profiles(contract, spec.name):
-            return False
-        built_from, now = manifest.get("onnx", {}), graph_identity(onnx_dir, spec.name)
-        if any(built_from.get(k) != now[k] for k in ("sha256", "data_sha256")):
-            return False
-    return True
+def _relinked(current: Path, staging: Path, onnx_dir: Path) -> bool:
+    """Hard-link ``current``'s plans and engine.json into ``staging`` (new configs) and keep them when
+    :func:`check_repository_engines` passes them there (validated on this TensorRT and GPU, built from
+    these graphs, profiles as the new configs and the contract list them). Otherwise the links are
+    removed, so a build never writes through them into the served files, and False is returned."""
+    linked = []
+    try:
+        for spec in TOWERS:
+            for name in (PLAN_FILE, ENGINE_MANIFEST):
+                os.link(current / spec.model / "1" / name, staging / spec.model / "1" / name)
+                linked.append(staging / spec.model / "1" / name)
+        check_repository_engines(staging, onnx_dir=onnx_dir)
+        return True
+    except (OSError, ValueError, ClipTritonError):
+        for path in linked:
+            path.unlink(missing_ok=True)
+        return False

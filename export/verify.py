@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clip_triton import samples
-from clip_triton.contract import REFUSED_PIXEL, TEXT, TOLERANCES, VISION, ModelContract, cosine
+from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract, cosine
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import VerificationError
-from clip_triton.tokenizer import cut_to_bucket
+from clip_triton.preprocess import refused_pixels
+from clip_triton.tokenizer import cut_to_bucket, refused_row
 
 
 def tolerance_key(graph_precision: str, cpu_precision: str = "fp32") -> str:
@@ -180,7 +181,11 @@ def with_refusal(contract: ModelContract, tower: str, cases: list) -> tuple[list
     contract's refusal mark (what the fronts send for a refused item); and the copied case's index."""
     index = next(i for i, (_, x) in enumerate(cases) if x.shape[0] >= 2)
     marked = np.array(cases[index][1], copy=True)
-    marked[1] = REFUSED_PIXEL if tower_spec(tower) is VISION else contract.tokenizer.pad_token_id
+    # The very row the preprocess or tokenizer model sends (the tokenizer's cut to this case's length).
+    if tower_spec(tower) is VISION:
+        marked[1] = refused_pixels(marked.shape[1:], marked.dtype)
+    else:
+        marked[1] = refused_row(contract.tokenizer)[: marked.shape[1]]
     return [*cases, (REFUSAL_LABEL, marked)], index
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
-from ..tokenizer import TextError, cut_to_bucket, decode_utf8, refused_row, text_tokenizer
+from ..tokenizer import TextError, cut_to_bucket, decode_utf8, is_refused, refused_row, text_tokenizer
 from .common import contract_from, end_with_server, parameters, per_item
 
 
@@ -27,7 +27,7 @@ class TritonPythonModel:
 
     def ids(self, item: bytes) -> np.ndarray:
         row = self.tokenizer.ids(decode_utf8(item))
-        if row[0] == self.spec.pad_token_id:  # e.g. SigLIP (no start token, EOT = padding) given only spaces
+        if is_refused(row, self.spec):  # e.g. SigLIP (no start token, EOT = padding) given only spaces
             raise TextError("text has no tokens")
         return row
 
