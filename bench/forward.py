@@ -42,10 +42,11 @@ def main() -> None:
     import torch
     from common import prepared_export  # bench/common.py
 
-    from clip_triton.contract import TEXT, TOWERS, VISION, cosine
+    from clip_triton.contract import TEXT, TOWERS, VISION
     from clip_triton.cpuruntime import OpenVINOSession, cpu_supports_bf16
     from clip_triton.export.graphs import tower_module
     from clip_triton.export.weights import load_model
+    from clip_triton.fidelity import cosine
     from clip_triton.ortutil import make_session
 
     onnx_dir = prepared_export(args.model, args.workdir)

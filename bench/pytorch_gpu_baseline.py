@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     import open_clip
     import torch
 
-    from clip_triton.contract import register_model_config
+    from clip_triton.export.adapter import register_model_config
 
     name = register_model_config(args.model)
     results = {"model": name, "device": args.device, "rows": []}

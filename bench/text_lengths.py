@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import prepared_export
 
-from clip_triton.contract import TEXT, ModelContract, cosine
+from clip_triton.contract import TEXT, ModelContract
+from clip_triton.fidelity import cosine
 from clip_triton.samples import BENCH_PROMPTS
 
 

@@ -4,8 +4,8 @@ Export, the Triton model repository, the python-backend models, the client and t
 this module instead of repeating tensor names, shapes, dtypes, image size, mean/std or context length.
 
 A :class:`ModelContract` is derived from open_clip's own configuration for an architecture and a
-pretrained tag (:meth:`ModelContract.from_open_clip`, which needs open_clip but no weights), and is
-persisted as JSON (in the export manifest, in Triton config ``parameters``, and for the default model
+pretrained tag by ``clip_triton.export.adapter.contract_from_open_clip`` (open_clip, no weights; this
+module never imports open_clip), and is persisted as JSON (in the export manifest, in Triton config ``parameters``, and for the default model
 as a snapshot shipped in this package) so that serving code and clients read it without torch.
 """
 
@@ -15,7 +15,6 @@ import json
 import re
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from .errors import ClipTritonError
@@ -42,9 +41,16 @@ TEXT_ENSEMBLE = "clip_text"
 IMAGE_CACHED = "clip_image_cached"
 TEXT_CACHED = "clip_text_cached"
 
-# Wire defaults, spelled once: where clients look for Triton's gRPC endpoint, and how Triton's python
-# backend says a stub died ("Stub process '<model>_0_0' is not healthy.").
-DEFAULT_URL = "localhost:8001"
+# Wire defaults, spelled once: Triton's ports (its own defaults), where clients look for its gRPC
+# endpoint, the gateway's port, how long clients ride out a restarting server (a tritonserver restart
+# takes ~60 s on a 2-core machine), and how Triton's python backend says a stub died ("Stub process
+# '<model>_0_0' is not healthy.").
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+GATEWAY_PORT = 8080
+DEFAULT_URL = f"localhost:{GRPC_PORT}"
+RETRY_SECONDS = 150.0
 STUB_NOT_HEALTHY = "is not healthy"
 
 IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row
@@ -56,7 +62,7 @@ EMBEDDING_OUTPUT = "EMBEDDING"  # L2-normalised float32 embedding
 STATUS_OUTPUT = "STATUS"
 # A refused item's EMBEDDING row is NaN on every runtime, so no similarity computed from it can pass
 # for a score (any product with it is NaN) even for a client that never reads STATUS. The encoder
-# graphs do it themselves (export/graphs.py ``refusable``), from a mark the front step leaves in the
+# graphs do it themselves (clip_triton/export/graphs.py ``refusable``), from a mark the front step leaves in the
 # refused row of the graph's own input, so no extra input and no extra model hop:
 #   text: the row's first token is the padding id (every tokenization starts with a start token or
 #         text; the tokenizer refuses a text whose first token would be padding);
@@ -310,7 +316,7 @@ class TokenizerSpec:
         return self.context_length
 
 
-def _tuple(value, n: int | None = None) -> tuple:
+def as_tuple(value, n: int | None = None) -> tuple:
     if isinstance(value, (int, float)):
         value = (value,) * (n or 1)
     return tuple(value)
@@ -421,10 +427,10 @@ class ModelContract:
         if "buckets" in tok:
             tok["buckets"] = tuple(tok["buckets"])
         if "image_size" in pre:
-            pre["image_size"] = _tuple(pre["image_size"], 2)
+            pre["image_size"] = as_tuple(pre["image_size"], 2)
         for key in ("mean", "std"):
             if key in pre:
-                pre[key] = _tuple(pre[key], 3)
+                pre[key] = as_tuple(pre[key], 3)
         return cls(
             model=data["model"],
             pretrained=data["pretrained"],
@@ -449,109 +455,6 @@ class ModelContract:
         text = resources.files("clip_triton").joinpath("assets", DEFAULT_SNAPSHOT).read_text()
         return cls.from_json(text)
 
-    # -- derivation from open_clip ---------------------------------------------------------
-    @classmethod
-    def from_open_clip(
-        cls,
-        model: str = DEFAULT_MODEL,
-        pretrained: str | None = DEFAULT_PRETRAINED,
-        precision: str = DEFAULT_PRECISION,
-        batch: BatchProfile | None = None,
-        text_buckets: tuple[int, ...] | None = None,
-    ) -> ModelContract:
-        """Read an architecture's config and a tag's preprocessing from open_clip (no weights).
-
-        ``model`` is an open_clip architecture name or the path of a custom JSON config (which is
-        registered with open_clip under its file stem). ``pretrained`` is a tag, a local checkpoint
-        path, or ``None``/``"none"`` for random weights. ``text_buckets``: the shorter sequence lengths
-        to serve (default :data:`TEXT_BUCKETS`; ``()`` for a static graph); refused for a text tower
-        where a cut text would not be exact.
-        """
-        open_clip = _import_open_clip()
-        name = register_model_config(model)
-        model_cfg = open_clip.get_model_config(name)
-        if model_cfg is None:
-            raise ClipTritonError(
-                f"unknown open_clip architecture {model!r}",
-                "pass a name from open_clip.list_models() or a path to a model-config JSON",
-            )
-        vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-        if "hf_model_name" in text_cfg:
-            raise ClipTritonError(
-                f"{name} uses a Hugging Face text transformer (hf_model_name), which this exporter does not serve",
-                "choose a model whose text tower is open_clip's own (CLIP, SigLIP, MetaCLIP 2, EVA, PE-Core, MobileCLIP)",
-            )
-        if isinstance(vision_cfg.get("layers"), (list, tuple)):
-            raise ClipTritonError(f"{name} is a ResNet (ModifiedResNet) model", "choose an open_clip ViT architecture")
-
-        from open_clip.transform import PreprocessCfg, merge_preprocess_dict  # noqa: PLC0415 (export only)
-
-        pre = merge_preprocess_dict(PreprocessCfg(), model_cfg.get("preprocess_cfg", {}))
-        tag = normalise_pretrained(pretrained)
-        if tag != "none" and not Path(tag).exists():
-            tag_cfg = open_clip.get_pretrained_cfg(name, tag)
-            if not tag_cfg:
-                tags = open_clip.list_pretrained_tags_by_model(name)
-                raise ClipTritonError(
-                    f"unknown pretrained tag {tag!r} for {name}",
-                    f"known tags: {', '.join(tags) or 'none'}; or pass a checkpoint file path, or 'none'",
-                )
-            pre = merge_preprocess_dict(pre, tag_cfg)
-        pre["size"] = vision_cfg.get("image_size", pre["size"])  # open_clip sets size from the tower
-
-        text_kwargs = text_cfg.get("tokenizer_kwargs", {}) or {}
-        if text_kwargs.get("reduction_mask"):
-            raise ClipTritonError(f"{name} uses a tokenizer reduction mask", "only truncation is served")
-        hf_name = text_cfg.get("hf_tokenizer_name") or ""
-        unserved = sorted(set(text_kwargs) - {"clean"}) if hf_name else []
-        if unserved:  # CLIPA's strip_sep_token, NLLB's language, 'clips' mode
-            raise ClipTritonError(
-                f"{name}'s tokenizer options {unserved} are not served",
-                "SigLIP, SigLIP 2 and MetaCLIP 2 tokenizers are; these options are not implemented server-side",
-            )
-        context = int(text_cfg.get("context_length", 77))
-        pool_type = text_cfg.get("pool_type", "argmax")
-        exact_cut = pool_type in BUCKETABLE_POOLING and not text_cfg.get("no_causal_mask", False)
-        if text_buckets is None:
-            text_buckets = tuple(b for b in TEXT_BUCKETS if b < context) if exact_cut else ()
-        elif text_buckets and not exact_cut:
-            raise ClipTritonError(
-                f"{name}'s text tower pools with {pool_type!r}"
-                f"{' without a causal mask' if text_cfg.get('no_causal_mask') else ''}: a text cut to a bucket "
-                "would not give the embedding of the whole context",
-                "export without --text-buckets (or --text-buckets none)",
-            )
-        return cls(
-            model=name,
-            pretrained=tag,
-            embed_dim=int(model_cfg["embed_dim"]),
-            preprocess=PreprocessSpec(
-                image_size=_tuple(pre["size"], 2),
-                mean=_tuple(pre["mean"], 3),
-                std=_tuple(pre["std"], 3),
-                interpolation=pre["interpolation"],
-                resize_mode=pre["resize_mode"],
-                fill_color=int(pre.get("fill_color", 0)),
-            ),
-            tokenizer=TokenizerSpec(
-                context_length=context,
-                vocab_size=int(text_cfg.get("vocab_size", 49408)),
-                # open_clip's defaults: SimpleTokenizer lower-cases, HFTokenizer only collapses whitespace
-                clean=text_kwargs.get("clean", "whitespace" if hf_name else "lower"),
-                pool_type=pool_type,
-                buckets=tuple(text_buckets),
-                # A Hugging Face tokenizer's ids are read from its files at export (export.weights).
-                kind="hf" if hf_name else "clip-bpe",
-                hf_name=hf_name,
-                sot_token_id=-1 if hf_name else TokenizerSpec.sot_token_id,
-                eot_token_id=-1 if hf_name else TokenizerSpec.eot_token_id,
-                pad_token_id=-1 if hf_name else TokenizerSpec.pad_token_id,
-            ),
-            precision=precision,
-            batch=batch or BatchProfile(),
-            model_cfg=model_cfg,
-        )
-
 
 DEFAULT_SNAPSHOT = f"contract-{DEFAULT_MODEL}-{DEFAULT_PRETRAINED}.json"
 
@@ -574,59 +477,3 @@ def check_served_model_name(name: str) -> str:
             "use 1-128 letters, digits and . _ - : / , starting with a letter or digit",
         )
     return name
-
-
-def register_model_config(model: str) -> str:
-    """Register a custom model-config JSON with open_clip; return the architecture name to use."""
-    path = Path(model)
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise ClipTritonError(f"model config {model} not found", "pass an existing JSON file or an open_clip name")
-        open_clip = _import_open_clip()
-        cfg = json.loads(path.read_text())
-        tokenizer = (cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
-        if tokenizer and not Path(tokenizer).is_absolute() and (path.parent / tokenizer).is_dir():
-            # A tokenizer folder named relative to the config file (offline use): made absolute, so that
-            # every process (export child, verification) finds it wherever it runs.
-            import tempfile  # noqa: PLC0415
-
-            cfg["text_cfg"]["hf_tokenizer_name"] = str((path.parent / tokenizer).resolve())
-            path = Path(tempfile.mkdtemp(prefix="clip-triton-cfg-")) / path.name
-            path.write_text(json.dumps(cfg))
-        open_clip.add_model_config(path)
-        return path.stem
-    return model
-
-
-def register_recorded_config(name: str, model_cfg: dict[str, Any]) -> str:
-    """Make an architecture recorded in a manifest known to open_clip (custom configs included)."""
-    open_clip = _import_open_clip()
-    if open_clip.get_model_config(name) is None and model_cfg:
-        import tempfile  # noqa: PLC0415
-
-        folder = Path(tempfile.mkdtemp(prefix="clip-triton-cfg-"))
-        path = folder / f"{name}.json"
-        path.write_text(json.dumps(model_cfg))
-        open_clip.add_model_config(path)
-    return name
-
-
-def _import_open_clip():
-    try:
-        import open_clip  # noqa: PLC0415 (heavy, export-only dependency)
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ClipTritonError(
-            "open_clip is not installed", "install the export extra: pip install 'clip-triton[export]'"
-        ) from exc
-    return open_clip
-
-
-def cosine(a, b) -> Any:
-    """Row-wise cosine similarity of two (N, D) arrays (numpy), in float64."""
-    import numpy as np  # noqa: PLC0415 (the contract itself needs no numpy)
-
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return num / np.maximum(den, 1e-30)

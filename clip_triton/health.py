@@ -19,7 +19,15 @@ import time
 
 import numpy as np
 
-from .contract import EMBEDDING_OUTPUT, IMAGE_ENSEMBLE, IMAGE_INPUT, STUB_NOT_HEALTHY, TEXT_ENSEMBLE, TEXT_INPUT
+from .contract import (
+    EMBEDDING_OUTPUT,
+    IMAGE_ENSEMBLE,
+    IMAGE_INPUT,
+    METRICS_PORT,
+    STUB_NOT_HEALTHY,
+    TEXT_ENSEMBLE,
+    TEXT_INPUT,
+)
 
 STUB_DEAD = STUB_NOT_HEALTHY
 UNREACHABLE = ("StatusCode.UNAVAILABLE", "Connection refused", "failed to connect")
@@ -91,7 +99,7 @@ def completed_requests(metrics_url: str, timeout: float = 5.0, models: tuple[str
     return total
 
 
-def metrics_url_for(grpc_url: str, metrics_port: int = 8002) -> str:
+def metrics_url_for(grpc_url: str, metrics_port: int = METRICS_PORT) -> str:
     host = grpc_url.rsplit(":", 1)[0] if ":" in grpc_url else grpc_url
     return f"http://{host}:{metrics_port}/metrics"
 

@@ -54,7 +54,7 @@ Image.init()  # register every plugin, so that each accepted format (WebP, TIFF)
 
 def refused_pixels(shape: tuple[int, ...], dtype: str) -> np.ndarray:
     """The pixel row the preprocess model sends for a refused image: every value REFUSED_PIXEL, which
-    the vision graph answers with a NaN row (export/graphs.py ``refusable``)."""
+    the vision graph answers with a NaN row (clip_triton/export/graphs.py ``refusable``)."""
     return np.full(shape, REFUSED_PIXEL, dtype=dtype)
 
 

@@ -1,6 +1,6 @@
 """TensorRT optimisation profiles, declared once from the contract.
 
-`clip-triton build-engines` builds one profile per entry (export/engines.py), `clip-triton repo`
+`clip-triton build-engines` builds one profile per entry (clip_triton/export/engines.py), `clip-triton repo`
 lists every one in the TensorRT encoder's instance group (clip_triton/repository.py), and
 `check-engines` compares the profiles an engine recorded in its ``engine.json`` with that list. The
 list matters: Triton's TensorRT backend creates an execution context only for the profiles the

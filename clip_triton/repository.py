@@ -162,8 +162,9 @@ class RepoOptions:
 
 
 @dataclass
-class ServingFacts:
-    """What clients read from the server (``parameters`` of the ensembles)."""
+class ExportFacts:
+    """What an export says the repository publishes to clients (the ensembles' ``parameters``), read from
+    its manifest. Clients read it back as :class:`~clip_triton.facts.ServerFacts`."""
 
     contract: ModelContract
     logit_scale: float
@@ -178,7 +179,7 @@ class ServingFacts:
         return self.has_openvino_ir and options.openvino_ir and openvino
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> ServingFacts:
+    def from_manifest(cls, manifest: dict) -> ExportFacts:
         if manifest.get("format", 1) < EXPORT_FORMAT:
             raise ClipTritonError(
                 f"the export is format {manifest.get('format', 1)}, from before refused items' rows were NaN "
@@ -200,7 +201,7 @@ class ServingFacts:
         )
 
     @classmethod
-    def default(cls) -> ServingFacts:
+    def default(cls) -> ExportFacts:
         return cls(
             contract=ModelContract.default(),
             logit_scale=ASSUMED_LOGIT_SCALE,
@@ -279,7 +280,7 @@ def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = ()
             data.zero_data = True
 
 
-def build_configs(facts: ServingFacts, options: RepoOptions) -> dict:
+def build_configs(facts: ExportFacts, options: RepoOptions) -> dict:
     """All six ModelConfig messages, keyed by model name."""
     c = facts.contract
     max_batch = options.max_batch_size or c.batch.max
@@ -448,7 +449,7 @@ def python_entry_point(module: str) -> str:
     )
 
 
-def repository_files(facts: ServingFacts, options: RepoOptions) -> dict[str, str]:
+def repository_files(facts: ExportFacts, options: RepoOptions) -> dict[str, str]:
     """Every text file of the repository, keyed by relative path (graphs and engines excluded)."""
     files = {}
     configs = build_configs(facts, options)
@@ -502,11 +503,11 @@ def write_repository(
         manifest_path = onnx_dir / MANIFEST
         if not manifest_path.is_file():
             raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --onnx-dir DIR` first")
-        facts = ServingFacts.from_manifest(json.loads(manifest_path.read_text()))
+        facts = ExportFacts.from_manifest(json.loads(manifest_path.read_text()))
     else:
         if options.runtime != "tensorrt":
             raise ClipTritonError(f"--runtime {options.runtime} needs --onnx-dir", "export first, then pass its folder")
-        facts = ServingFacts.default()
+        facts = ExportFacts.default()
     if out.exists():
         if not force and any(out.iterdir()):
             raise ClipTritonError(f"{out} exists and is not empty", "pass --force to replace it")

@@ -340,7 +340,7 @@ def text_tokenizer(
 
 def refused_row(spec: TokenizerSpec) -> np.ndarray:
     """The token row the tokenizer model sends for a refused text: padding from the first id, which
-    the text graph answers with a NaN row (export/graphs.py ``refusable``) and no accepted text has."""
+    the text graph answers with a NaN row (clip_triton/export/graphs.py ``refusable``) and no accepted text has."""
     return np.full(spec.context_length, spec.pad_token_id, dtype=np.int32)
 
 

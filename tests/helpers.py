@@ -33,7 +33,7 @@ def open_clip_reference_for(config: Path, model):
     import torch
     from PIL import Image
 
-    from clip_triton.contract import register_model_config
+    from clip_triton.export.adapter import register_model_config
 
     name = register_model_config(str(config))
     tokenizer = open_clip.get_tokenizer(name)
@@ -61,7 +61,7 @@ def open_clip_reference_for(config: Path, model):
 
 
 def cos(a, b) -> np.ndarray:
-    from clip_triton.contract import cosine
+    from clip_triton.fidelity import cosine
 
     return cosine(a, b)
 

@@ -230,7 +230,7 @@ def http_server(photos):
 
 
 def test_urls_are_fetched_with_limits(triton, http_server, photos):
-    from clip_triton.client import grpc_client
+    from clip_triton.client import inputs
 
     with ClipClient(triton.grpc_url) as client:
         from_url = client.embed_images([f"{http_server}/cat.jpg"])
@@ -239,9 +239,9 @@ def test_urls_are_fetched_with_limits(triton, http_server, photos):
             client.embed_images([f"{http_server}/missing.jpg", photos["cat"]])
         assert set(err.value.errors) == {0} and "404" in err.value.errors[0]
     with pytest.raises(ValueError, match="byte limit"):
-        grpc_client.fetch_url(f"{http_server}/huge.jpg", max_bytes=1024 * 1024)
+        inputs.fetch_url(f"{http_server}/huge.jpg", max_bytes=1024 * 1024)
     with pytest.raises(ValueError, match="not an http"):
-        grpc_client.fetch_url("file:///etc/passwd")
+        inputs.fetch_url("file:///etc/passwd")
 
 
 def test_dns_target_and_several_urls(triton):

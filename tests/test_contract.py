@@ -8,6 +8,7 @@ import pytest
 
 from clip_triton import contract as C
 from clip_triton.errors import ClipTritonError
+from clip_triton.export.adapter import contract_from_open_clip
 
 
 def test_default_snapshot_matches_open_clip_lookups_for_bigG():
@@ -16,7 +17,7 @@ def test_default_snapshot_matches_open_clip_lookups_for_bigG():
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     snapshot = C.ModelContract.default()
-    live = C.ModelContract.from_open_clip("ViT-bigG-14", "laion2b_s39b_b160k", precision="fp16")
+    live = contract_from_open_clip("ViT-bigG-14", "laion2b_s39b_b160k", precision="fp16")
     assert snapshot == live
     assert snapshot.model_cfg == live.model_cfg
 
@@ -47,7 +48,7 @@ def test_tensor_specs_follow_precision():
 
 
 def test_round_trip_through_json():
-    c = C.ModelContract.from_open_clip("ViT-B-32", "laion2b_s34b_b79k", precision="fp32")
+    c = contract_from_open_clip("ViT-B-32", "laion2b_s34b_b79k", precision="fp32")
     assert C.ModelContract.from_json(c.to_json()) == c
 
 
@@ -64,9 +65,9 @@ def test_readable_without_torch():
 
 
 def test_any_open_clip_vit_through_the_same_code(tiny_config):
-    c = C.ModelContract.from_open_clip("ViT-L-14", "openai")
+    c = contract_from_open_clip("ViT-L-14", "openai")
     assert (c.embed_dim, c.image_size) == (768, (224, 224))
-    custom = C.ModelContract.from_open_clip(str(tiny_config), "none")
+    custom = contract_from_open_clip(str(tiny_config), "none")
     assert custom.model == "clip-triton-tiny" and custom.embed_dim == 32 and custom.image_size == (32, 32)
     assert custom.pretrained == "none"
 
@@ -82,7 +83,7 @@ def test_any_open_clip_vit_through_the_same_code(tiny_config):
 )
 def test_errors_say_what_to_do(model, pretrained, fragment):
     with pytest.raises(ClipTritonError) as err:
-        C.ModelContract.from_open_clip(model, pretrained)
+        contract_from_open_clip(model, pretrained)
     assert fragment in str(err.value)
     assert err.value.hint
 
@@ -130,10 +131,10 @@ def test_text_buckets_are_data_of_the_contract():
     old = C.ModelContract.default().to_dict()
     del old["tokenizer"]["buckets"]
     assert C.ModelContract.from_dict(old).input_ids.shape == (77,)
-    live = C.ModelContract.from_open_clip("ViT-B-32", "none")
+    live = contract_from_open_clip("ViT-B-32", "none")
     assert live.tokenizer.buckets == C.TEXT_BUCKETS
-    assert C.ModelContract.from_open_clip("ViT-B-32", "none", text_buckets=()).tokenizer.lengths == (77,)
-    assert C.ModelContract.from_open_clip("ViT-B-32", "none", text_buckets=(24,)).tokenizer.lengths == (24, 77)
+    assert contract_from_open_clip("ViT-B-32", "none", text_buckets=()).tokenizer.lengths == (77,)
+    assert contract_from_open_clip("ViT-B-32", "none", text_buckets=(24,)).tokenizer.lengths == (24, 77)
 
 
 def test_text_buckets_are_refused_where_a_cut_is_not_exact(tmp_path):
@@ -144,6 +145,6 @@ def test_text_buckets_are_refused_where_a_cut_is_not_exact(tmp_path):
     cfg["text_cfg"]["no_causal_mask"] = True
     path = tmp_path / "tiny-bidirectional.json"
     path.write_text(json.dumps(cfg))
-    assert C.ModelContract.from_open_clip(str(path), "none").tokenizer.lengths == (77,)  # default: static
+    assert contract_from_open_clip(str(path), "none").tokenizer.lengths == (77,)  # default: static
     with pytest.raises(ClipTritonError, match="would not give the embedding"):
-        C.ModelContract.from_open_clip(str(path), "none", text_buckets=(16,))
+        contract_from_open_clip(str(path), "none", text_buckets=(16,))

@@ -103,7 +103,7 @@ def test_a_deadline_error_says_deadline_and_names_the_flags(triton, photo_folder
 def test_automatic_deadlines_scale_with_the_work_in_flight():
     """The auto deadline grows with the items ahead of a request and the server's measured speed; a
     fixed --timeout stays fixed."""
-    from clip_triton.client.grpc_client import (
+    from clip_triton.client.core import (
         AUTO_DEADLINE_FLOOR_S,
         DEADLINE_SAFETY,
         FIRST_SECONDS_PER_ITEM,

@@ -18,6 +18,7 @@ import tritonclient.grpc as grpcclient
 from clip_triton import contract as C
 from clip_triton.contract import TOLERANCES, ModelContract
 from clip_triton.errors import ClipTritonError
+from clip_triton.export.adapter import contract_from_open_clip
 
 from .helpers import ROOT, SEED, cos, export_for_tests, open_clip_reference_for
 
@@ -288,17 +289,17 @@ def test_a_hugging_face_tokenizer_that_cannot_be_had_stops_the_export_early(monk
 def test_tokenizer_options_not_served_are_refused(model):
     """CLIPA strips the separator token; NLLB-CLIP uses an HF text transformer: refused up front."""
     with pytest.raises(ClipTritonError, match="not served|does not serve"):
-        ModelContract.from_open_clip(model, None)
+        contract_from_open_clip(model, None)
 
 
 def test_scoring_follows_the_config():
-    assert ModelContract.from_open_clip("ViT-B-16-SigLIP2", None).scoring == "sigmoid"
-    assert ModelContract.from_open_clip("ViT-bigG-14-worldwide", None).scoring == "softmax"
+    assert contract_from_open_clip("ViT-B-16-SigLIP2", None).scoring == "sigmoid"
+    assert contract_from_open_clip("ViT-bigG-14-worldwide", None).scoring == "softmax"
     assert ModelContract.default().scoring == "softmax"
-    spec = ModelContract.from_open_clip("ViT-bigG-14-worldwide", None).tokenizer
+    spec = contract_from_open_clip("ViT-bigG-14-worldwide", None).tokenizer
     assert (spec.kind, spec.hf_name, spec.pool_type, spec.buckets) == ("hf", "facebook/xlm-v-base", "eos", (8, 16, 32))
     assert not spec.resolved  # its ids come from the tokenizer's files, at export
-    siglip = ModelContract.from_open_clip("ViT-B-16-SigLIP2", None).tokenizer
+    siglip = contract_from_open_clip("ViT-B-16-SigLIP2", None).tokenizer
     assert (siglip.clean, siglip.pool_type, siglip.context_length, siglip.buckets) == ("canonicalize", "last", 64, ())
 
 

@@ -566,7 +566,7 @@ def test_api_docs_are_off_unless_asked_for(offline_gateway):
 
 
 def test_prompt_cache_is_bounded():
-    from clip_triton.client.grpc_client import PromptCache
+    from clip_triton.client.scoring import PromptCache
 
     cache = PromptCache(entries=3)
     for i in range(10):

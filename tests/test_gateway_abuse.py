@@ -164,7 +164,7 @@ def test_row_9_data_urls_are_parsed_in_linear_time():
     import base64
     import time
 
-    from clip_triton.gateway.app import decode_data_url
+    from clip_triton.gateway.inputs import decode_data_url
 
     hostile = "data:image/png" + ";" * (16 * 2**20)
     started = time.process_time()
@@ -231,7 +231,7 @@ def test_row_11_a_body_of_many_tiny_values_is_refused_before_it_is_parsed():
     refused it; now its values are counted from the bytes and it is refused unparsed."""
     import tracemalloc
 
-    from clip_triton.gateway.app import json_values_problem
+    from clip_triton.gateway.inputs import json_values_problem
 
     app = create_app(GatewaySettings(triton_url="127.0.0.1:1", api_keys=(KEY,)))
     chunks = [b'{"model": "tiny", "input": [' + b"{}," * 100_000] + [b"{}," * 100_000] * 27 + [b"{}]}"]
@@ -260,7 +260,7 @@ def test_row_8_the_prompt_cache_is_bounded_in_bytes_and_keyed_by_digest():
     """256 prompts of an emoji and 65,529 characters: the key held the strings, +64 MB per cached set."""
     import numpy as np
 
-    from clip_triton.client.grpc_client import PromptCache, prompt_set_key
+    from clip_triton.client.scoring import PromptCache, prompt_set_key
 
     prompts = ["\N{CAT FACE}" + "x" * 65_529 + str(i) for i in range(256)]
     key = prompt_set_key(prompts, None)

@@ -483,10 +483,10 @@ def test_tensorrt_encoders_list_every_profile_of_their_engine():
     """Triton's TensorRT backend serves only the profiles an instance group lists (profile 0 when none):
     the text encoder lists one per bucket, the vision encoder its one (clip_triton/profiles.py)."""
     from clip_triton.profiles import profiles_for
-    from clip_triton.repository import RepoOptions, ServingFacts, build_configs
+    from clip_triton.repository import ExportFacts, RepoOptions, build_configs
 
     contract = C.ModelContract.default()
-    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    configs = build_configs(ExportFacts.default(), RepoOptions(runtime="tensorrt"))
     for tower in C.TOWERS:
         (group,) = configs[tower.model].instance_group
         assert list(group.profile) == [str(i) for i in range(len(profiles_for(contract, tower.name)))]

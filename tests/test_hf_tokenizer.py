@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clip_triton.contract import ModelContract
 from clip_triton.tokenizer import HFTextTokenizer, TextError, cut_to_bucket, text_tokenizer
 
 from .helpers import ROOT
@@ -28,14 +27,12 @@ def pair(request, tmp_path_factory):
     tokenizer saves, as an export does."""
     import open_clip
 
-    from clip_triton.contract import register_model_config
+    from clip_triton.export.adapter import contract_from_open_clip, register_model_config
     from clip_triton.export.weights import resolve_hf_tokenizer
     from clip_triton.progress import Progress
 
     name = register_model_config(str(CONFIGS / KINDS[request.param]))
-    contract, reference = resolve_hf_tokenizer(
-        ModelContract.from_open_clip(name, None), None, Progress("t", enabled=False)
-    )
+    contract, reference = resolve_hf_tokenizer(contract_from_open_clip(name, None), None, Progress("t", enabled=False))
     folder = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(folder)
     assert reference is not None and isinstance(open_clip.get_tokenizer(name), type(reference))

@@ -113,14 +113,14 @@ def test_every_client_gets_its_own_answer_interleaved_with_the_cache_on(triton, 
 def test_the_cache_sits_only_where_every_request_names_every_output(setting):
     """Every cached model, on every runtime, is an ensemble that only a public ensemble's step reaches,
     and that step maps all of its outputs; no public ensemble, no dynamic-batched model caches."""
-    from clip_triton.repository import RepoOptions, ServingFacts, build_configs
+    from clip_triton.repository import ExportFacts, RepoOptions, build_configs
 
     public = {tower.ensemble for tower in C.TOWERS}
     for runtime in ("python", "openvino", "onnxruntime", "tensorrt"):
         options = RepoOptions(
             runtime=runtime, response_cache=setting, cpu_precision="bf16" if runtime == "openvino" else "fp32"
         )
-        configs = build_configs(ServingFacts.default(), options)
+        configs = build_configs(ExportFacts.default(), options)
         cached = [name for name, config in configs.items() if config.response_cache.enable]
         assert cached and not public & set(cached), f"{runtime}: {cached}"
         for name in cached:
@@ -197,7 +197,8 @@ class _Answer:
 def test_an_answer_without_an_output_the_client_asked_for_is_a_clear_error(missing):
     """What a server with the old layout (the ensemble cached) could hand any client: refused with what
     happened and what to do, never an AttributeError or rows read as data."""
-    from clip_triton.client.grpc_client import ClipClientError, split_result
+    from clip_triton.client import ClipClientError
+    from clip_triton.client.core import split_result
     from clip_triton.facts import ServerFacts
 
     facts = ServerFacts(model="m", pretrained="p", embed_dim=2, logit_scale=1.0, item_status=True)

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from clip_triton.contract import ModelContract, PreprocessSpec
+from clip_triton.export.adapter import contract_from_open_clip
 from clip_triton.preprocess import ImageError, ImageLimits, Preprocessor, decode_image
 
 TOLERANCE = 1e-5  # max abs difference allowed per pixel value (observed: 0.0)
@@ -125,9 +126,7 @@ def test_each_family_transform_matches_open_clip(photos, model, tag):
     open_clip's own transform for that model and tag is the reference, on every sample photo."""
     import open_clip
 
-    from clip_triton.contract import ModelContract
-
-    spec = ModelContract.from_open_clip(model, tag).preprocess
+    spec = contract_from_open_clip(model, tag).preprocess
     cfg = open_clip.get_pretrained_cfg(model, tag)
     size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
     transform = open_clip.image_transform(

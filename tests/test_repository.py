@@ -10,8 +10,8 @@ from clip_triton import contract as C
 from clip_triton.errors import ClipTritonError
 from clip_triton.repository import (
     MODELS,
+    ExportFacts,
     RepoOptions,
-    ServingFacts,
     build_configs,
     parse,
     render,
@@ -29,7 +29,7 @@ def committed_files() -> dict[str, str]:
 
 
 def test_committed_repository_has_not_drifted_from_the_generator():
-    expected = repository_files(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    expected = repository_files(ExportFacts.default(), RepoOptions(runtime="tensorrt"))
     assert committed_files() == expected, (
         "regenerate: clip-triton repo --runtime tensorrt --repo model_repository --force"
     )
@@ -120,8 +120,8 @@ RUNTIME_OPTIONS = {
 @pytest.mark.parametrize("runtime", sorted(RUNTIME_OPTIONS))
 def test_all_runtimes_share_one_signature(runtime):
     options = RUNTIME_OPTIONS[runtime]
-    configs = build_configs(ServingFacts.default(), options)
-    reference = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    configs = build_configs(ExportFacts.default(), options)
+    reference = build_configs(ExportFacts.default(), RepoOptions(runtime="tensorrt"))
 
     def full(config, field):  # (name, dtype, dims with the batch dim): what the ensemble hands over
         batch = [-1] if config.max_batch_size else []
@@ -149,7 +149,7 @@ def test_all_runtimes_share_one_signature(runtime):
 
 def test_openvino_configs_carry_the_backends_own_keys():
     native = build_configs(
-        ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_threads=2)
+        ExportFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_threads=2)
     )[C.TEXT_MODEL]
     assert native.backend == "openvino" and native.default_model_filename == "model.onnx"
     assert native.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
@@ -161,12 +161,12 @@ def test_openvino_configs_carry_the_backends_own_keys():
         "HINT_BF16": "YES",
         "INFERENCE_NUM_THREADS": "2",
     }
-    python = build_configs(ServingFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
+    python = build_configs(ExportFacts.default(), RUNTIME_OPTIONS["python-openvino"])[C.VISION_MODEL]
     params = {k: v.string_value for k, v in python.parameters.items()}
     assert (params["cpu_runtime"], params["compute_precision"], params["threads"]) == ("openvino", "bf16", "0")
     # Instances share the backend's one compiled model: one stream each, or they take turns (issue 26).
     three = build_configs(
-        ServingFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_instances=3)
+        ExportFacts.default(), RepoOptions(runtime="openvino", cpu_precision="bf16", encoder_instances=3)
     )
     assert three[C.VISION_MODEL].parameters["NUM_STREAMS"].string_value == "3"
     # The repository is written on one machine and served on some CPU node: it claims bf16 only where
@@ -198,7 +198,7 @@ def test_max_batch_size_zero_is_written_explicitly():
 
 def test_tensorrt_batch_cannot_exceed_the_profile():
     with pytest.raises(ClipTritonError, match="exceeds the TensorRT profile maximum"):
-        build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt", max_batch_size=128))
+        build_configs(ExportFacts.default(), RepoOptions(runtime="tensorrt", max_batch_size=128))
 
 
 def test_python_repository_places_graphs(tiny_export, tmp_path):
@@ -259,8 +259,8 @@ def test_facts_are_written_and_read_by_one_module():
     from clip_triton.facts import ServerFacts
 
     options = RepoOptions(runtime="python", served_model_name="clip-big")
-    facts = ServingFacts.default().server_facts(options)
-    configs = build_configs(ServingFacts.default(), options)
+    facts = ExportFacts.default().server_facts(options)
+    configs = build_configs(ExportFacts.default(), options)
     for tower in C.TOWERS:
         read = ServerFacts.from_config(
             json_format.MessageToDict(configs[tower.ensemble], preserving_proto_field_name=True)
@@ -272,7 +272,7 @@ def test_facts_are_written_and_read_by_one_module():
 def test_encoder_configs_name_their_tower_and_carry_the_contract_only_where_read():
     for runtime in ("tensorrt", "onnxruntime", "python"):
         options = RUNTIME_OPTIONS.get(runtime) or RepoOptions(runtime=runtime)
-        configs = build_configs(ServingFacts.default(), options)
+        configs = build_configs(ExportFacts.default(), options)
         for tower in C.TOWERS:
             params = configs[tower.model].parameters
             assert params["tower"].string_value == tower.name
@@ -284,7 +284,7 @@ def test_encoder_configs_name_their_tower_and_carry_the_contract_only_where_read
     [("text", {C.TEXT_CACHED}), ("all", {C.TEXT_CACHED, C.IMAGE_CACHED}), ("none", set())],
 )
 def test_response_cache_is_enabled_per_ensemble(setting, cached):
-    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="python", response_cache=setting))
+    configs = build_configs(ExportFacts.default(), RepoOptions(runtime="python", response_cache=setting))
     enabled = {name for name, config in configs.items() if config.response_cache.enable}
     assert enabled == cached  # only inner ensembles: their whole request (strings or image bytes) is the key
     assert set(configs) == set(served_models(RepoOptions(runtime="python", response_cache=setting)))
@@ -293,7 +293,7 @@ def test_response_cache_is_enabled_per_ensemble(setting, cached):
 
 
 def test_text_encoder_takes_every_bucket_and_is_warmed_at_each():
-    configs = build_configs(ServingFacts.default(), RepoOptions(runtime="tensorrt"))
+    configs = build_configs(ExportFacts.default(), RepoOptions(runtime="tensorrt"))
     contract = C.ModelContract.default()
     text, tokenizer = configs[C.TEXT_MODEL], configs[C.TOKENIZER_MODEL]
     assert list(text.input[0].dims) == [-1] and list(tokenizer.output[0].dims) == [-1]

@@ -1,10 +1,13 @@
 """OpenAI-compatible HTTP gateway (``clip-triton gateway``); needs the ``gateway`` extra."""
 
-from .app import ApiError, GatewaySettings, create_app
+from ..contract import GATEWAY_PORT
+from .app import create_app
 from .fetch import FetchError, FetchPolicy, fetch_image
+from .schemas import ApiError
+from .settings import GatewaySettings
 
 
-def serve_gateway(settings: GatewaySettings, host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve_gateway(settings: GatewaySettings, host: str = "127.0.0.1", port: int = GATEWAY_PORT) -> None:
     import uvicorn  # noqa: PLC0415
 
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)

@@ -12,203 +12,44 @@ item's index, 401 for a missing or wrong key, 404 for an unknown model, 413 for 
 400 for schema errors, 503 when Triton is unavailable. A caller's bad input never yields a 500.
 """
 
-import base64
-import binascii
+from __future__ import annotations
+
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from typing import Any
 
 from .. import __version__
-from ..contract import DEFAULT_URL, TEXT, VISION, check_served_model_name
-from ..errors import ClipTritonError
-from ..tokenizer import DEFAULT_MAX_TEXT_CHARS
-from .fetch import FetchPolicy
-from .schemas import ApiError, item_error
+from .admission import BodyLimit
+from .schemas import ApiError
+from .settings import GatewaySettings
 
-MAX_DATA_URL_HEADER = 1024  # "data:image/<type>[;params];base64" ends before this many characters
-# Parsing JSON costs memory per value, not per byte: 8.4 MB of `[{},{},...]` became 2.8 M dicts
-# (+420 MB, 0.95 s) before the item count could refuse it. Before any parsing the body's values are
-# counted from its commas and opening brackets (an over-count: those inside strings count too), and a
-# body with more than JSON_VALUES_FREE + one per JSON_BYTES_PER_VALUE bytes is refused. Parsing then
-# costs at most ~72 bytes per value: under 10 MB for a 1 MB body, ~5 bytes per byte beyond. Prose
-# has a comma every ~60 characters; image data URLs have none.
-JSON_VALUES_FREE = 65_536
-JSON_BYTES_PER_VALUE = 16
+ClientFactory = Callable[[GatewaySettings], Any]
 
 
-def json_values_problem(body: bytes) -> str | None:
-    """Why a JSON body holds too many values to parse within the memory budget, or None (C-speed
-    counts over the bytes, no parsing)."""
-    values = body.count(b",") + body.count(b"{") + body.count(b"[")
-    allowed = JSON_VALUES_FREE + len(body) // JSON_BYTES_PER_VALUE
-    if values <= allowed:
-        return None
-    return (
-        f"request body holds up to {values} JSON values (commas and brackets, strings included) in {len(body)} "
-        f"bytes, over the limit of {allowed} ({JSON_VALUES_FREE} + one per {JSON_BYTES_PER_VALUE} bytes); "
-        "send fewer items per request"
+def triton_client(settings: GatewaySettings):
+    """The default client factory: an :class:`~clip_triton.client.AsyncClipClient` on ``triton_url``
+    (a comma-separated list of URLs is used in turn)."""
+    from clip_triton.client import AsyncClipClient  # noqa: PLC0415
+
+    urls = [u.strip() for u in settings.triton_url.split(",") if u.strip()]
+    return AsyncClipClient(
+        urls if len(urls) > 1 else urls[0],
+        timeout=settings.triton_timeout_s,
+        retries=2,
+        backoff=0.2,
+        prompt_cache_entries=settings.prompt_cache_entries,
     )
 
 
-@dataclass
-class GatewaySettings:
-    triton_url: str = DEFAULT_URL
-    api_keys: tuple[str, ...] = ()
-    auth: bool = True  # False only when explicitly disabled for local use
-    max_body_bytes: int = 64 * 1024 * 1024
-    max_items: int = 256
-    triton_timeout_s: float = 60.0
-    fetch: FetchPolicy = field(default_factory=FetchPolicy)
-    max_urls_per_request: int = 16  # image URLs fetched for one request
-    max_concurrent_fetches: int = 8  # image URLs being fetched at once, all requests together
-    max_templates: int = 64
-    max_template_chars: int = 1000
-    max_template_texts: int = 256  # prompts x templates encoded for one /v1/classify request
-    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # one text, as encoded (a prompt in its template)
-    prompt_cache_entries: int = 256
-    docs: bool = False  # /docs, /redoc, /openapi.json: off unless asked for
-    served_model_name: str | None = None  # public model id; default: the repository's, else the architecture
-    # Folder holding the served model's tokenizer.json, for models with a Hugging Face tokenizer (SigLIP,
-    # MetaCLIP 2): the gateway counts `usage` tokens with it. The repository's `tokenizer/1` is one.
-    tokenizer_dir: str | None = None
-
-    def __post_init__(self):
-        if self.served_model_name is not None:
-            check_served_model_name(self.served_model_name)
-        if self.auth and not self.api_keys:
-            raise ClipTritonError(
-                "no API keys configured for the gateway",
-                "set CLIP_TRITON_API_KEYS=key1,key2, or pass --no-auth for local use only",
-            )
-
-
-def decode_data_url(value: str) -> bytes:
-    """The bytes of a ``data:<type>[;param...];base64,<data>`` URL. Parsed in linear time, with no
-    regular expression over user input (a backtracking pattern spent 5.6 s of the event loop on
-    ``data:image/png`` and 16 Mi semicolons): the header must end within its first
-    ``MAX_DATA_URL_HEADER`` characters."""
-    comma = value.find(",", 0, MAX_DATA_URL_HEADER)
-    header = value[:comma] if comma > 0 else ""
-    params = header[5:].split(";") if header[:5].lower() == "data:" else []
-    if len(params) < 2 or params[-1].lower() != "base64":
-        raise ValueError("malformed data URL: expected data:image/<type>;base64,<data>")
-    if not params[0].lower().startswith("image/"):
-        raise ValueError(f"data URL is {params[0][:64] or 'untyped'}, not an image (expected data:image/...)")
-    try:
-        return base64.b64decode(value[comma + 1 :], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("data URL holds invalid base64") from None
-
-
-def is_image_reference(value: str) -> bool:
-    """A plain string item is an image when it is a ``data:image/`` URL (any other ``data:`` text is
-    text: "data: the quick brown fox") or an ``http(s)://`` URL (NV-CLIP's convention); anything else
-    is text. A caption that is a URL is sent as ``{"type": "text", "text": ...}`` instead."""
-    lowered = value[:16].lower()
-    return lowered.startswith(("data:image/", "http://", "https://"))
-
-
-def is_data_url(value: str) -> bool:
-    return value[:5].lower() == "data:"
-
-
-def classify_item(item, index: int, name: str = "input") -> tuple[str, str]:
-    """("text" | "image", value) of one input item: a string (the rule of :func:`is_image_reference`),
-    or a typed object ``{"type": "text", "text": ...}`` / ``{"type": "image_url", "image_url": URL or
-    {"url": URL}}`` that says which it is (OpenAI's content-part shape)."""
-    if isinstance(item, str):
-        return (VISION.kind if is_image_reference(item) else TEXT.kind), item
-    kind = item.get("type")
-    if kind == "text" and isinstance(item.get("text"), str):  # OpenAI's part type, not ours
-        return TEXT.kind, item["text"]
-    if kind == "image_url":
-        url = item.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        if isinstance(url, str) and is_image_reference(url):
-            return VISION.kind, url
-        raise item_error(index, "image_url must be a data:image/...;base64, URL or an http(s) URL", name)
-    raise item_error(
-        index, 'a typed item is {"type": "text", "text": ...} or {"type": "image_url", "image_url": {"url": ...}}', name
-    )
-
-
-def utf8_error(value: str) -> str | None:
-    """Why a string from JSON cannot be sent on (a lone surrogate such as "\\ud800"), or None."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return f"not valid Unicode text (unpaired surrogate at character {exc.start})"
-    return None
-
-
-class BodyLimit:
-    """ASGI middleware, the gateway's admission: before any other work, a request to a guarded path
-    (``/v1/``) without a valid API key is answered 401 without reading a byte of its body (an
-    unauthenticated request costs O(1) memory, whatever it sends), then a body over ``limit`` bytes is
-    refused while it arrives, then a body with more JSON values than the memory budget allows is
-    refused before it is parsed (:func:`json_values_problem`).
-
-    The declared Content-Length is checked first; a chunked body (no length) is counted chunk by
-    chunk, and the 413 goes out as soon as the count passes the limit: the rest is never read.
-    """
-
-    def __init__(self, app, limit: int, refuse, key_problem=None, guarded: str = "/v1/"):
-        self.app, self.limit, self.refuse = app, limit, refuse
-        self.key_problem, self.guarded = key_problem, guarded
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.key_problem is not None and scope.get("path", "").startswith(self.guarded):
-            problem = self.key_problem(headers.get(b"authorization", b"").decode("latin-1"))
-            if problem is not None:
-                from fastapi.responses import JSONResponse  # noqa: PLC0415
-
-                return await JSONResponse(problem.body(), status_code=problem.status)(scope, receive, send)
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            return await self.refuse(send, f"request body is {int(declared)} bytes")
-        # The body is read here, within the limit, and its JSON values counted before the app parses
-        # anything (json_values_problem); the app then reads it from this buffer.
-        chunks, received = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return None  # the client left: nothing to answer
-            chunk = message.get("body", b"")
-            received += len(chunk)
-            if received > self.limit:
-                return await self.refuse(send, f"request body is over {received} bytes")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        del chunks
-        if scope.get("path", "").startswith(self.guarded) and (problem := json_values_problem(body)) is not None:
-            from fastapi.responses import JSONResponse  # noqa: PLC0415
-
-            error = ApiError(400, problem, code="too_many_values")
-            return await JSONResponse(error.body(), status_code=400)(scope, receive, send)
-        replayed = False
-
-        async def buffered_receive():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: the disconnect, when it comes
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, buffered_receive, send)
-
-
-def create_app(settings: GatewaySettings):
+def create_app(settings: GatewaySettings, client_factory: ClientFactory = triton_client):
+    """The gateway's ASGI app. ``client_factory(settings)`` makes the Triton client when the app starts
+    (closed when it stops): tests pass a fake with :class:`~clip_triton.client.AsyncClipClient`'s
+    coroutines, and no Triton is needed."""
     from fastapi import Depends, FastAPI, Request  # noqa: PLC0415
     from fastapi.exceptions import RequestValidationError  # noqa: PLC0415
     from fastapi.responses import JSONResponse  # noqa: PLC0415
     from starlette.exceptions import HTTPException  # noqa: PLC0415
-
-    from clip_triton.client import AsyncClipClient  # noqa: PLC0415
 
     from .routes import Routes  # noqa: PLC0415
 
@@ -216,14 +57,7 @@ def create_app(settings: GatewaySettings):
 
     @asynccontextmanager
     async def lifespan(app):
-        urls = [u.strip() for u in settings.triton_url.split(",") if u.strip()]
-        app.state.client = AsyncClipClient(
-            urls if len(urls) > 1 else urls[0],
-            timeout=settings.triton_timeout_s,
-            retries=2,
-            backoff=0.2,
-            prompt_cache_entries=settings.prompt_cache_entries,
-        )
+        app.state.client = client_factory(settings)
         app.state.tokenizer = None
         yield
         await app.state.client.close()

@@ -15,12 +15,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from tritonclient.utils import InferenceServerException
 
 from clip_triton.client import ClipClientError, ItemErrors, rank
-from clip_triton.client.grpc_client import template_texts
+from clip_triton.client.scoring import template_texts
 
 from ..contract import TEXT, VISION, ModelContract, TokenizerSpec
 from ..tokenizer import ClipTokenizer, HFTextTokenizer, TextError, text_tokenizer
-from .app import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
 from .fetch import FetchError, fetch_image
+from .inputs import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
 from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, item_error
 
 LOG = logging.getLogger("clip_triton.gateway")

@@ -14,15 +14,29 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from clip_triton.contract import TEXT, TOWERS, VISION
 from clip_triton.errors import ClipTritonError
+from clip_triton.facts import ServerFacts
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .grpc_client import ClipClient
+from .errors import ItemErrors
+from .scoring import top_k
+
+
+class Embedder(Protocol):
+    """What an index needs of a client (:class:`~clip_triton.client.ClipClient` is one): the index
+    module depends on this shape, not on the client, so the two never import each other."""
+
+    @property
+    def facts(self) -> ServerFacts: ...
+
+    def embed_images(self, images: Iterable) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Iterable[str]) -> np.ndarray: ...
+
 
 FORMAT = 1
 KINDS = tuple(tower.kind for tower in TOWERS)  # what an index holds: image or text embeddings
@@ -99,7 +113,7 @@ class EmbeddingIndex:
     unanswered: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
-    client: ClipClient | None = field(default=None, repr=False, compare=False)
+    client: Embedder | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -122,12 +136,12 @@ class EmbeddingIndex:
         kind: str = VISION.kind,
         model: str = "",
         pretrained: str = "",
-        client: ClipClient | None = None,
+        client: Embedder | None = None,
     ) -> EmbeddingIndex:
         return cls(list(items), embeddings, kind=kind, model=model, pretrained=pretrained, client=client)
 
     @classmethod
-    def from_folder(cls, client: ClipClient, folder: str | os.PathLike, *, all_files: bool = False) -> EmbeddingIndex:
+    def from_folder(cls, client: Embedder, folder: str | os.PathLike, *, all_files: bool = False) -> EmbeddingIndex:
         """Embed every image under ``folder``; items the server refuses go to ``failed``, not to rows."""
         files, skipped = image_files(folder, all_files=all_files)
         index = cls._embed(client, [str(p) for p in files], VISION.kind)
@@ -135,13 +149,11 @@ class EmbeddingIndex:
         return index
 
     @classmethod
-    def from_texts(cls, client: ClipClient, texts: Sequence[str]) -> EmbeddingIndex:
+    def from_texts(cls, client: Embedder, texts: Sequence[str]) -> EmbeddingIndex:
         return cls._embed(client, list(texts), TEXT.kind)
 
     @classmethod
-    def _embed(cls, client: ClipClient, items: list[str], kind: str) -> EmbeddingIndex:
-        from .grpc_client import ItemErrors  # noqa: PLC0415
-
+    def _embed(cls, client: Embedder, items: list[str], kind: str) -> EmbeddingIndex:
         embed = client.embed_images if kind == VISION.kind else client.embed_texts
         refused: dict[int, str] = {}
         try:
@@ -184,7 +196,7 @@ class EmbeddingIndex:
         return npy, meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, client: ClipClient | None = None) -> EmbeddingIndex:
+    def load(cls, path: str | os.PathLike, *, client: Embedder | None = None) -> EmbeddingIndex:
         npy, meta = index_paths(path)
         for file in (npy, meta):
             if not file.is_file():
@@ -245,8 +257,6 @@ class EmbeddingIndex:
 
     def search_embeddings(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
         """Top-``k`` hits for each row of ``queries`` (``(D,)`` or ``(Q, D)``)."""
-        from .grpc_client import ClipClient  # noqa: PLC0415
-
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.embed_dim:
             raise ClipTritonError(
@@ -255,13 +265,13 @@ class EmbeddingIndex:
             )
         if not len(self.items):
             return [[] for _ in queries]
-        top, scores = ClipClient.search(queries, self.embeddings, k)
+        top, scores = top_k(queries, self.embeddings, k)
         return [
             [Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores)]
             for row, row_scores in zip(top, scores)
         ]
 
-    def _query_client(self) -> ClipClient:
+    def _query_client(self) -> Embedder:
         if self.client is None:
             raise ClipTritonError(
                 "this index has no client to embed the query",

@@ -28,13 +28,13 @@ from clip_triton.contract import (
     TEXT,
     VISION,
     ModelContract,
-    register_recorded_config,
 )
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress, emit
 
 from . import verify as V
+from .adapter import register_recorded_config
 from .graphs import DEFAULT_EXTERNAL_THRESHOLD, export_openvino_ir, export_tower, fuse_for_inference, to_half
 from .weights import load_model
 

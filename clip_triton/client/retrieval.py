@@ -21,6 +21,8 @@ import numpy as np
 
 from clip_triton.errors import ClipTritonError
 
+from .errors import ItemErrors
+
 
 @dataclass(frozen=True)
 class CaptionedImage:
@@ -115,7 +117,6 @@ def evaluate_retrieval(
     split: str | None = None,
 ) -> RetrievalResult:
     """Recall@k of the deployment behind ``client``; images it refuses are left out with their captions."""
-    from .grpc_client import ItemErrors  # noqa: PLC0415
 
     dataset = load_captions(images_root, captions_file, split)[:limit]
     failed: set[int] = set()

@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clip_triton.contract import DEFAULT_PRECISION, ModelContract, normalise_pretrained, register_model_config
+from clip_triton.contract import DEFAULT_PRECISION, ModelContract, normalise_pretrained
 from clip_triton.errors import ClipTritonError
 from clip_triton.progress import Progress
+
+from .adapter import contract_from_open_clip, register_model_config
 
 
 @dataclass
@@ -146,7 +148,7 @@ def load_model(
     if local and not Path(tag).is_file():
         raise ClipTritonError(f"checkpoint file {tag} not found", "pass an existing checkpoint path, a tag, or 'none'")
     # validates name and tag
-    contract = ModelContract.from_open_clip(model, tag, precision=precision, text_buckets=text_buckets)
+    contract = contract_from_open_clip(model, tag, precision=precision, text_buckets=text_buckets)
     hf_tokenizer = None
     if contract.tokenizer.kind == "hf":  # before any weights: a tokenizer that cannot be had stops the export early
         contract, hf_tokenizer = resolve_hf_tokenizer(contract, cache_dir, log)

@@ -515,13 +515,13 @@ BUILDS = "builds"
 def repository_is_current(repo: Path, onnx_dir: Path) -> str | None:
     """Why ``repo`` is not what ``clip-triton repo --runtime tensorrt`` would write now for ``onnx_dir``
     with engines built from it on this TensorRT and GPU, or None when it is (nothing to do)."""
-    from clip_triton.repository import RepoOptions, ServingFacts, repository_files  # noqa: PLC0415
+    from clip_triton.repository import ExportFacts, RepoOptions, repository_files  # noqa: PLC0415
 
     try:
         check_repository_engines(repo, onnx_dir=onnx_dir)
     except ClipTritonError as exc:
         return exc.message
-    facts = ServingFacts.from_manifest(json.loads((Path(onnx_dir) / MANIFEST).read_text()))
+    facts = ExportFacts.from_manifest(json.loads((Path(onnx_dir) / MANIFEST).read_text()))
     for path, text in repository_files(facts, RepoOptions(runtime="tensorrt")).items():
         if not (repo / path).is_file() or (repo / path).read_text() != text:
             return f"{path} differs from what this version writes"

@@ -3,19 +3,13 @@
 Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
 """
 
+from clip_triton.facts import ServerFacts
+
 from .aio_client import AsyncClipClient
-from .grpc_client import (
-    ClipClient,
-    ClipClientError,
-    DeadlineExceeded,
-    ItemErrors,
-    JobFailed,
-    JobInterrupted,
-    ServerFacts,
-    ServerUnavailable,
-    rank,
-)
+from .errors import ClipClientError, DeadlineExceeded, ItemErrors, JobFailed, JobInterrupted, ServerUnavailable
+from .grpc_client import ClipClient
 from .index import EmbeddingIndex, Hit
+from .scoring import rank
 
 __all__ = [
     "AsyncClipClient",

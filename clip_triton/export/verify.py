@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from clip_triton import samples
-from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract, cosine
+from clip_triton.contract import TEXT, TOLERANCES, VISION, ModelContract
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import VerificationError
+from clip_triton.fidelity import cosine
 from clip_triton.preprocess import refused_pixels
 from clip_triton.tokenizer import cut_to_bucket, refused_row
 

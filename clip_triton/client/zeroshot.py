@@ -15,6 +15,7 @@ import numpy as np
 
 from clip_triton.errors import ClipTritonError
 
+from .errors import ItemErrors
 from .index import IMAGE_SUFFIXES
 
 
@@ -144,7 +145,6 @@ def evaluate(
     client, root: str | Path, *, classnames: str = "folder", template_set: str = "openai", limit: int | None = None
 ) -> EvalResult:
     """Top-1/top-5 and per-class zero-shot accuracy of the deployment behind ``client`` on an ImageFolder."""
-    from .grpc_client import ItemErrors  # noqa: PLC0415
 
     paths, labels, folders = image_folder(root)
     if limit:

@@ -9,28 +9,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from clip_triton.contract import DEFAULT_URL, IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import DEFAULT_URL, IMAGE_ENSEMBLE, IMAGE_INPUT, RETRY_SECONDS, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.facts import ServerFacts
 
-from .grpc_client import (
-    RETRY_SECONDS,
-    ClipClientError,
-    ItemErrors,
-    PromptCache,
-    ServerFacts,
-    ensemble_templates,
-    plan_batches,
-    prepare_images,
-    prepare_texts,
-    prompt_set_key,
-    rank,
-    record_or_split,
-    record_rows,
-    requested_outputs,
-    retry_delay,
-    should_retry,
-    split_result,
-    template_texts,
-)
+from .core import plan_batches, record_or_split, record_rows, retry_delay, should_retry, split_result
+from .errors import ClipClientError, ItemErrors
+from .inputs import prepare_images, prepare_texts
+from .scoring import PromptCache, ensemble_templates, prompt_set_key, rank, template_texts
+from .transport import bytes_input, connect, requested_outputs, urls_of
 
 
 class AsyncClipClient:
@@ -56,15 +42,7 @@ class AsyncClipClient:
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
-        urls = [url] if isinstance(url, str) else list(url)
-        if not urls:
-            raise ValueError("AsyncClipClient needs at least one server URL")
-        self.clients = [
-            aioclient.InferenceServerClient(
-                u, channel_args=[("grpc.lb_policy_name", "round_robin")] if u.startswith("dns:") else None
-            )
-            for u in urls
-        ]
+        self.clients = connect(aioclient, urls_of(url, "AsyncClipClient"))
         self._next = itertools.cycle(range(len(self.clients)))
         self.timeout, self.retries, self.backoff, self.retry_seconds = timeout, retries, backoff, retry_seconds
         self.concurrency = max(1, concurrency)
@@ -95,9 +73,7 @@ class AsyncClipClient:
 
     async def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
         facts = await self.get_facts()
-        array = np.array(items, dtype=object).reshape(-1, 1)
-        tensor = self._grpc.InferInput(input_name, list(array.shape), "BYTES")
-        tensor.set_data_from_numpy(array)
+        tensor = bytes_input(self._grpc, input_name, items)
         outputs = requested_outputs(self._grpc, facts)
         result = await self._call(lambda c: c.infer(model, [tensor], outputs=outputs, client_timeout=self.timeout))
         return split_result(result, facts)

@@ -1,0 +1,275 @@
+"""Use commands, a deployment's clients: ``classify``, ``embed`` (a resumable index, through
+:func:`clip_triton.client.resume.embed_into`), ``search``, ``eval`` and ``eval-retrieval``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..contract import TEXT, VISION
+from ..errors import ClipTritonError
+from .common import EXIT_INTERRUPTED, Rule, add_command, client_args, finish, int_list, read_text
+
+EMBED_RULES: list[Rule] = [("all_files", lambda a: bool(a.images), "--all-files applies to --images")]
+
+
+def _client(args):
+    from clip_triton.client import ClipClient  # noqa: PLC0415
+
+    urls = [u.strip() for u in args.url.split(",") if u.strip()]
+    client = ClipClient(
+        urls if len(urls) > 1 else urls[0],
+        timeout=args.timeout,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        progress=args.progress,
+        retry_seconds=args.retry_seconds,
+    )
+    if client.readiness() is not None:
+        print(
+            f"waiting up to {args.ready_timeout:.0f} s for clip_image and clip_text to be ready at {args.url}",
+            file=sys.stderr,
+        )
+    try:
+        client.wait_until_ready(args.ready_timeout)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def _report_item_errors(errors: dict[int, str], names) -> None:
+    for index, reason in errors.items():
+        print(f"error: item {index} ({names[index]}): {reason}", file=sys.stderr)
+
+
+def _classify(args) -> int:
+    from clip_triton.client import ItemErrors  # noqa: PLC0415
+    from clip_triton.client.zeroshot import templates  # noqa: PLC0415
+
+    template_list = templates(args.templates) if args.templates else None
+    with _client(args) as client:
+        try:
+            results = client.classify(args.images, args.prompts, template_list)
+        except ItemErrors as err:
+            _report_item_errors(err.errors, args.images)
+            return 1
+        facts = client.facts
+    if facts.random_weights:
+        print("NOTE: the served model has RANDOM weights; scores carry no meaning", file=sys.stderr)
+    if facts.scoring == "sigmoid":
+        print(
+            f"scoring: sigmoid (logit_scale {facts.logit_scale:.4g}, logit_bias {facts.logit_bias:.4g}): "
+            "each prompt's probability on its own, they need not sum to 1"
+        )
+    for image, ranked in zip(args.images, results):
+        print(image)
+        print(f"  {'rank':<6}{'prompt':<40}{'cosine':>9}{'probability':>13}")
+        for place, row in enumerate(ranked[: args.top], start=1):
+            print(f"  {place:<6}{row['prompt'][:39]:<40}{row['cosine']:>9.4f}{row['probability']:>13.4f}")
+    return 0
+
+
+def _embed(args) -> int:
+    from clip_triton.client.index import image_files, index_paths  # noqa: PLC0415
+    from clip_triton.client.resume import embed_into  # noqa: PLC0415
+
+    kind = VISION.kind if args.images else TEXT.kind
+    skipped: dict[str, str] = {}
+    if args.images:
+        files, skipped = image_files(args.images, all_files=args.all_files)
+        items = [str(p) for p in files]
+        if skipped:
+            print(
+                f"skipped {len(skipped)} files whose suffix is not an image suffix ({_suffix_counts(skipped)}); "
+                "listed in the side-car JSON; --all-files tries every file by content",
+                file=sys.stderr,
+            )
+        if not items:
+            raise ClipTritonError(
+                f"no images under {args.images}",
+                "accepted suffixes: .jpg .jpeg .png .webp .bmp .gif .tif .tiff, or --all-files to try every file",
+            )
+    else:
+        items = [line for line in read_text(args.texts, "--texts").splitlines() if line.strip()]
+        if not items:
+            raise ClipTritonError(f"--texts {args.texts} has no non-empty line", "one text per line")
+    with _client(args) as client:
+        run = embed_into(
+            client,
+            items,
+            kind,
+            args.out,
+            force=args.force,
+            skipped=skipped,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    if run.failure is not None:
+        print(f"error: {run.failure}", file=sys.stderr)
+    elif run.refused and not run.interrupted:
+        for item, reason in run.refused.items():
+            print(f"error: {item}: {reason}", file=sys.stderr)
+    npy, meta = index_paths(args.out)
+    index = run.index
+    missing = [f"{n} {what}" for n, what in ((len(run.unanswered), "unanswered"), (len(run.refused), "refused")) if n]
+    print(
+        f"wrote {npy} ({len(index)} x {index.embed_dim} float32) and {meta}"
+        + (f"; items without a row: {', '.join(missing)} (listed there)" if missing else "")
+    )
+    if run.interrupted:
+        print(
+            f"interrupted: {len(index)} of {len(dict.fromkeys(items))} items written; rerun the same command to "
+            "embed the rest",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if run.unanswered or (run.refused and not args.skip_errors):
+        return 1
+    return 0
+
+
+def _suffix_counts(skipped: dict[str, str]) -> str:
+    from collections import Counter  # noqa: PLC0415
+
+    counts = Counter(Path(path).suffix.lower() or "(none)" for path in skipped)
+    return ", ".join(f"{suffix} x{n}" for suffix, n in counts.most_common(6)) + (", ..." if len(counts) > 6 else "")
+
+
+def _search(args) -> int:
+    from clip_triton.client.index import EmbeddingIndex  # noqa: PLC0415
+
+    index = EmbeddingIndex.load(args.index)
+    with _client(args) as client:
+        index.client = client
+        hits = index.search_text(args.text, args.k) if args.text is not None else index.search_image(args.image, args.k)
+    print(f"  {'rank':<6}{'cosine':>8}  item")
+    for place, hit in enumerate(hits, start=1):
+        print(f"  {place:<6}{hit.score:>8.4f}  {hit.item}")
+    return 0
+
+
+def _eval(args) -> int:
+    from clip_triton.client.zeroshot import evaluate  # noqa: PLC0415
+
+    return _evaluation(
+        args,
+        "accuracy",
+        lambda client: evaluate(
+            client, args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit
+        ),
+    )
+
+
+def _eval_retrieval(args) -> int:
+    from clip_triton.client.retrieval import evaluate_retrieval  # noqa: PLC0415
+
+    return _evaluation(
+        args,
+        "recall",
+        lambda client: evaluate_retrieval(
+            client, args.images, args.captions, ks=int_list(args.k, "-k"), limit=args.limit, split=args.split
+        ),
+    )
+
+
+def _evaluation(args, figure: str, run) -> int:
+    """Run an evaluation through the deployment; print its table (and write its JSON with --json)."""
+    import json  # noqa: PLC0415
+
+    with _client(args) as client:
+        result = run(client)
+        random_weights = client.facts.random_weights
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    if random_weights:
+        print(f"NOTE: the served model has RANDOM weights; {figure} is chance level", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = add_command(sub, "classify", "zero-shot classify images against prompts (ranked table)")
+    p.add_argument("images", nargs="+", help="image paths or http(s) URLs")
+    p.add_argument("--prompts", nargs="+", required=True, help="one prompt per class")
+    p.add_argument(
+        "--templates",
+        choices=["openai", "simple"],
+        default=None,
+        help="ensemble each prompt over open_clip's templates (default: the prompts as written)",
+    )
+    p.add_argument("--top", type=int, default=5, help="rows shown per image")
+    client_args(p)
+    finish(p, _classify)
+    p = add_command(
+        sub,
+        "embed",
+        "embed a folder of images or a text file (one text a line) into an index (.npy + .json); a rerun resumes",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (recursive)")
+    source.add_argument("--texts", help="UTF-8 file, one text per line")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="index to write: NAME.npy and NAME.json (a rerun embeds only the items without a row)",
+    )
+    p.add_argument("--force", action="store_true", help="start over instead of resuming an existing --out")
+    p.add_argument(
+        "--skip-errors",
+        action="store_true",
+        help="exit 0 although the server refused some items (they are listed in the .json either way)",
+    )
+    p.add_argument(
+        "--all-files",
+        action="store_true",
+        help="--images: try every file by content, not only image suffixes (refused files are "
+        "reported like any bad item); without it, other files are skipped and listed",
+    )
+    client_args(p)
+    finish(p, _embed, rules=EMBED_RULES)
+    p = add_command(sub, "search", "search an index written by `clip-triton embed` (or EmbeddingIndex.save)")
+    p.add_argument("--index", required=True, help="NAME.npy (or NAME) written by `clip-triton embed`")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="query text")
+    query.add_argument("--image", help="query image path or http(s) URL")
+    p.add_argument("-k", type=int, default=5, help="results to show")
+    client_args(p)
+    finish(p, _search)
+    p = add_command(sub, "eval", "zero-shot top-1/top-5 and per-class accuracy over an ImageFolder dataset")
+    p.add_argument("dataset", help="ROOT/CLASS/IMAGE folders")
+    p.add_argument(
+        "--classnames",
+        default="folder",
+        help="'folder' (folder names, _ as space), 'imagenet' (open_clip's 1000 names in sorted-wnid "
+        "order), a file with one name per line in folder order, or a comma-separated list",
+    )
+    p.add_argument(
+        "--templates",
+        default="openai",
+        help="'openai' (80), 'simple' (7), 'none' (the class name alone), or a file with one template per "
+        "line, {} standing for the class name",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    client_args(p)
+    finish(p, _eval)
+    p = add_command(
+        sub,
+        "eval-retrieval",
+        "image-text retrieval recall@k over an image-caption dataset (COCO or Flickr30k/Karpathy captions JSON)",
+    )
+    p.add_argument("--images", required=True, help="folder the captions file's image names are relative to")
+    p.add_argument(
+        "--captions",
+        required=True,
+        help="COCO captions JSON (images + annotations) or Karpathy JSON (images[].filename, sentences)",
+    )
+    p.add_argument(
+        "--split", default=None, help="Karpathy JSON: evaluate this split only, e.g. test (default: every image)"
+    )
+    p.add_argument("-k", default="1,5,10", help="comma-separated k of recall@k")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    client_args(p)
+    finish(p, _eval_retrieval)

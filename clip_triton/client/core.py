@@ -1,0 +1,200 @@
+"""The clients' sans-I/O core: retry policy, deadlines, batch plans, and reading answers.
+
+Shared by :class:`~clip_triton.client.grpc_client.ClipClient` (threads) and
+:class:`~clip_triton.client.aio_client.AsyncClipClient` (asyncio): every function here decides from its
+arguments (an exception, an answer, a clock) and does no I/O, so the fast tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+import time
+
+import numpy as np
+
+from clip_triton.contract import EMBEDDING_OUTPUT, STATUS_OUTPUT, STUB_NOT_HEALTHY
+from clip_triton.facts import ServerFacts
+
+from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ServerUnavailable
+
+RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
+# A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
+LOADING = "has no available versions"
+# A python-backend stub that died answers INTERNAL with this until the server is restarted (by
+# `clip-triton serve`'s watchdog or the orchestrator's liveness probe): worth waiting for.
+STUB_DOWN = STUB_NOT_HEALTHY
+MAX_BACKOFF_S = 5.0
+# Per-request deadlines when ``timeout`` is None ("auto"). A request waits behind every item in flight,
+# so its deadline scales with them: DEADLINE_SAFETY x the job's measured seconds per item x the items
+# in flight when it is sent, never under AUTO_DEADLINE_FLOOR_S. Until the first answer measures the
+# server, FIRST_SECONDS_PER_ITEM per item is assumed (generous: a CPU-served ViT-L needs ~1 s).
+AUTO_DEADLINE_FLOOR_S = 60.0
+FIRST_SECONDS_PER_ITEM = 2.0
+DEADLINE_SAFETY = 4.0
+
+
+def retry_delay(attempt: int, backoff: float) -> float:
+    """Exponential backoff with jitter, capped at MAX_BACKOFF_S."""
+    return min(backoff * (2**attempt), MAX_BACKOFF_S) * (0.5 + random.random())
+
+
+def should_retry(exc, attempt: int, retries: int, deadline: float) -> bool:
+    return retryable(exc) and attempt < retries and time.monotonic() < deadline
+
+
+def output_names(facts: ServerFacts) -> list[str]:
+    """The outputs every request asks for: EMBEDDING, and STATUS where the server has it."""
+    return [EMBEDDING_OUTPUT, STATUS_OUTPUT] if facts.item_status else [EMBEDDING_OUTPUT]
+
+
+def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:
+    """(embeddings, {row: reason}) of one answer: rows flagged in STATUS are the refused items.
+
+    An answer without an output this client asked for is refused with a clear error, never read as
+    data: Triton's response cache ignores which outputs a request names, so a cached ensemble that
+    clients call directly (a repository from before issue 25, or a raw request to the internal
+    ``clip_*_cached`` naming one output) can hand a client the entry a request for fewer outputs left."""
+    embeddings = result.as_numpy(EMBEDDING_OUTPUT)
+    statuses = result.as_numpy(STATUS_OUTPUT) if facts.item_status else None
+    missing = [name for name, value in ((EMBEDDING_OUTPUT, embeddings), (STATUS_OUTPUT, statuses)) if value is None]
+    if missing and not (missing == [STATUS_OUTPUT] and not facts.item_status):
+        raise ClipClientError(
+            f"the server answered without its {' and '.join(missing)} output, which this client asked for "
+            "(Triton's response cache ignores which outputs a request names: another client asked for fewer)",
+            "rewrite the repository with this version's `clip-triton repo` (its cache sits behind a step that "
+            "asks for both), have raw clients ask the internal clip_*_cached models for both outputs or none, or "
+            "restart the server to empty its cache",
+        )
+    if statuses is not None and statuses.size != len(embeddings):
+        raise ClipClientError(
+            f"the server answered {len(embeddings)} embeddings but {statuses.size} STATUS rows",
+            "check that the repository was written by `clip-triton repo`",
+        )
+    failed = {}
+    if statuses is not None:
+        for row, status in enumerate(statuses.reshape(-1)):
+            if status:
+                failed[row] = item_reason(
+                    status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+                )
+    return embeddings, failed
+
+
+def record_rows(
+    out: np.ndarray,
+    chunk: list[int],
+    answer: tuple[np.ndarray, dict[int, str]],
+    errors: dict[int, str],
+    answered: list[int],
+) -> None:
+    """Put one answer's rows in place: good rows into ``out``, flagged ones into ``errors`` (NaN rows)."""
+    embeddings, failed = answer
+    for row, index in enumerate(chunk):
+        if row in failed:
+            errors[index] = failed[row]
+        else:
+            out[index] = embeddings[row]
+            answered.append(index)
+
+
+def item_reason(text: str) -> str:
+    """The server's reason for one item, without what precedes it ("[ensemble ...] item 3: ")."""
+    return re.split(r"item \d+: ", text, maxsplit=1)[-1]
+
+
+def item_error(exc) -> str:
+    """The server's reason for a single-item request, without the ensemble prefix."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    return item_reason(message or str(exc))
+
+
+def plan_batches(items: list, embed_dim: int, batch_size: int) -> tuple[np.ndarray, dict[int, str], list[list[int]]]:
+    """NaN-filled output rows, the items that already failed on the client (index -> reason), and
+    the other indices split into batches of ``batch_size``."""
+    out = np.full((len(items), embed_dim), np.nan, dtype=np.float32)
+    errors = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
+    good = [i for i in range(len(items)) if i not in errors]
+    return out, errors, [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
+
+
+def record_or_split(exc, model: str, chunk: list[int], errors: dict[int, str], target: str = "") -> bool:
+    """After a failed batch: True means resend its items one by one to find the bad one(s).
+
+    INVALID_ARGUMENT on a single item records that item's reason; any other status is a transport
+    or server failure and raises :class:`ClipClientError`.
+    """
+    if status_of(exc) != "StatusCode.INVALID_ARGUMENT":
+        raise transport_error(exc, model, target) from exc
+    if len(chunk) == 1:
+        errors[chunk[0]] = item_error(exc)
+        return False
+    return True
+
+
+def status_of(exc) -> str:
+    """The gRPC status of a tritonclient error, as text (``StatusCode.UNAVAILABLE``)."""
+    status = getattr(exc, "status", None)
+    return str(status() if callable(status) else status)
+
+
+def retryable(exc) -> bool:
+    """Transient: server unreachable, overloaded, or still loading its models."""
+    status = status_of(exc)
+    return (
+        status in RETRYABLE
+        or (status == "StatusCode.NOT_FOUND" and LOADING in str(exc))
+        or (status == "StatusCode.INTERNAL" and STUB_DOWN in str(exc))
+    )
+
+
+def transport_error(exc, model: str, target: str = "") -> ClipClientError:
+    """The :class:`ClipClientError` for a failure that is not a bad item, with the next step in its hint."""
+    message = exc.message() if callable(getattr(exc, "message", None)) else str(exc)
+    status = status_of(exc)
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"{model}: request missed its deadline ({message})", DEADLINE_HINT)
+    if status == "StatusCode.UNAVAILABLE":
+        where = f" at {target}" if target else ""
+        return ServerUnavailable(
+            f"{model}: no server reachable{where} ({message})", "is the server up? check --url (or $CLIP_TRITON_URL)"
+        )
+    return ClipClientError(f"{model}: {message}")
+
+
+class DeadlinePolicy:
+    """Deadlines per request: fixed (``timeout`` seconds) or, with ``timeout=None``, scaled to the work
+    in front of each request (see ``AUTO_DEADLINE_FLOOR_S``). Thread-safe."""
+
+    def __init__(self, timeout: float | None, clock=time.monotonic):
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds or None (auto), not {timeout}")
+        self.fixed, self._clock, self._lock = timeout, clock, threading.Lock()
+        self._started: float | None = None
+        self._items_done = 0
+
+    @property
+    def auto(self) -> bool:
+        return self.fixed is None
+
+    def seconds_per_item(self) -> float | None:
+        """The job's measured service time per item (wall time since the first send / items answered)."""
+        with self._lock:
+            if not self._items_done or self._started is None:
+                return None
+            return (self._clock() - self._started) / self._items_done
+
+    def deadline(self, items_in_flight: int) -> float:
+        """Seconds the request about to be sent may take, ``items_in_flight`` counting its own items."""
+        with self._lock:
+            if self._started is None:
+                self._started = self._clock()
+        if self.fixed is not None:
+            return self.fixed
+        per_item = self.seconds_per_item() or FIRST_SECONDS_PER_ITEM
+        return max(AUTO_DEADLINE_FLOOR_S, DEADLINE_SAFETY * per_item * max(1, items_in_flight))
+
+    def answered(self, items: int) -> None:
+        with self._lock:
+            self._items_done += items

@@ -1,0 +1,117 @@
+"""A resumable embedding job: embed items into an index file, keep every row answered whatever stops
+the job (a refused item, a server that stayed down, Ctrl-C), and on a rerun embed only the items
+without a row. ``clip-triton embed`` is this function with flags; Python users call it directly::
+
+    with ClipClient(url) as client:
+        run = embed_into(client, texts, "text", "captions")   # captions.npy + captions.json
+        if not run.complete: ...                              # run.refused, run.unanswered, run.failure
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clip_triton.contract import VISION
+from clip_triton.errors import ClipTritonError
+
+from .errors import ItemErrors, JobFailed, JobInterrupted
+from .index import Embedder, EmbeddingIndex, index_paths
+
+
+@dataclass
+class EmbedRun:
+    """What one :func:`embed_into` call did. ``index`` is what was saved."""
+
+    index: EmbeddingIndex
+    resumed: int = 0  # items that already had a row in the index
+    embedded: int = 0  # items sent to the server by this run
+    refused: dict[str, str] = field(default_factory=dict)  # item -> the server's reason
+    unanswered: list[str] = field(default_factory=list)  # items a failure or an interruption left without a row
+    failure: JobFailed | None = None  # the failure retries did not outlast, if one stopped the job
+    interrupted: bool = False  # Ctrl-C stopped the job (what was answered is saved)
+
+    @property
+    def complete(self) -> bool:
+        """Every item has a row."""
+        return not (self.refused or self.unanswered or self.interrupted)
+
+
+def _without_row(todo: list[str], answered: list[int], errors: dict[int, str]) -> list[str]:
+    return [todo[i] for i in sorted(set(range(len(todo))) - set(answered) - set(errors))]
+
+
+def embed_into(
+    client: Embedder,
+    items: Sequence[str],
+    kind: str,
+    out: str | os.PathLike,
+    *,
+    force: bool = False,
+    skipped: dict[str, str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EmbedRun:
+    """Embed ``items`` (image paths or URLs for ``kind="image"``, texts for ``"text"``) into the index
+    ``out`` (``out.npy`` + ``out.json``), resuming an index already there unless ``force``.
+
+    An index of the other kind, or one embedded by another model than the server's, is refused (a
+    :class:`~clip_triton.errors.ClipTritonError` saying what to do). Duplicate items get one row.
+    ``skipped`` (file -> why) is recorded in the side-car. ``log`` receives progress lines.
+    """
+    say = log or (lambda line: None)
+    npy, _ = index_paths(out)
+    unique = list(dict.fromkeys(items))
+    previous, done = None, {}
+    if not force and any(p.exists() for p in index_paths(out)):
+        previous = EmbeddingIndex.load(out)
+        if previous.kind != kind:
+            raise ClipTritonError(
+                f"{npy} holds {previous.kind} embeddings, not {kind}", "choose another --out, or --force to replace it"
+            )
+        done = {item: row for row, item in enumerate(previous.items)}
+    facts = client.facts
+    if previous is not None and (previous.model, previous.pretrained) != (facts.model, facts.pretrained):
+        raise ClipTritonError(
+            f"{npy} was embedded by {previous.model} ({previous.pretrained}); the server serves "
+            f"{facts.model} ({facts.pretrained})",
+            "choose another --out, or --force to replace it",
+        )
+    todo = [item for item in unique if item not in done]
+    if done:
+        say(f"resuming {npy}: {len(unique) - len(todo)} of {len(unique)} items already embedded; embedding {len(todo)}")
+    run = EmbedRun(index=None, resumed=len(unique) - len(todo), embedded=len(todo))  # type: ignore[arg-type]
+    answered: dict[str, np.ndarray] = {}
+    if todo:
+        embed = client.embed_images if kind == VISION.kind else client.embed_texts
+        refused: dict[int, str] = {}
+        try:
+            rows = embed(todo)
+        except JobInterrupted as err:
+            rows, refused, run.interrupted = err.embeddings, err.errors, True
+            run.unanswered = _without_row(todo, err.answered, err.errors)
+        except JobFailed as err:  # retries did not outlast the failure: keep every row answered
+            rows, refused, run.failure = err.embeddings, err.errors, err
+            run.unanswered = _without_row(todo, err.answered, err.errors)
+        except ItemErrors as err:
+            rows, refused = err.embeddings, err.errors
+        run.refused = {todo[i]: reason for i, reason in refused.items()}
+        missing = set(run.refused) | set(run.unanswered)
+        answered = {item: rows[i] for i, item in enumerate(todo) if item not in missing}
+    keep = [item for item in unique if item in done or item in answered]
+    vectors = [previous.embeddings[done[item]] if item in done else answered[item] for item in keep]  # type: ignore[union-attr]
+    run.index = EmbeddingIndex(
+        keep,
+        np.stack(vectors) if vectors else np.zeros((0, facts.embed_dim), dtype=np.float32),
+        kind=kind,
+        model=facts.model,
+        pretrained=facts.pretrained,
+        failed=run.refused,
+        unanswered=run.unanswered,
+        skipped=dict(skipped or {}),
+        interrupted=run.interrupted,
+    )
+    run.index.save(out)
+    return run
