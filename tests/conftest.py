@@ -8,6 +8,7 @@ test is bit-for-bit the model that was exported.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ def pytest_addoption(parser):
 
 # The fast tier (`bash dev.sh test -m fast`): in-process tests, fakes only at the project's own seams.
 # A test is fast unless it needs one of these session fixtures (an export, a tritonserver, the open_clip
-# reference model, the GPU twin's environments) or lives in a module whose tests run subprocesses
-# (the CLI as users run it, servers of their own, kubectl, the twin's virtualenvs, benchmarks).
+# reference model, the GPU twin's environments) or is marked `integration` (it runs subprocesses: the CLI
+# as users run it, servers of its own, kubectl, node, the twin's virtualenvs, benchmarks; or it exports).
+# The classification cannot drift: a fast test that starts a subprocess fails (`_fast_tier_stays_in_process`).
 SLOW_FIXTURES = {
     "tiny_export",
     "tiny_ir_export",
@@ -39,36 +41,17 @@ SLOW_FIXTURES = {
     "family",
     "ov_triton",
     "ov_grpc",
-    "gateway",
-    "oai",
-    "reference",
     "readme_folder",
-    "tokenizers",
-    "pair",
 }
-SUBPROCESS_MODULES = {
-    "test_bench",
-    "test_bigg_slow",
-    "test_day_one",
-    "test_fork_safety",
-    "test_gpu_check_script",
-    "test_gpu_twin",
-    "test_kubernetes",
-    "test_restart",
-    "test_server_cli",
-    "test_serving",
-    "test_serving_openvino",
-    "test_perf_analyzer",
-    "test_mixed_clients",
-    "test_families",
-    "test_export",
-}
+
+
+def is_fast(item) -> bool:
+    return "integration" not in item.keywords and not SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if module not in SUBPROCESS_MODULES and not SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if is_fast(item):
             item.add_marker(pytest.mark.fast)
     if config.getoption("--run-slow"):
         for item in items:  # full-size exports take 6-20 minutes each: above the suite's per-test bound
@@ -79,6 +62,44 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+# Libraries probe the system on import (ctypes.util.find_library runs `ldconfig -p`; platform runs
+# `uname`): milliseconds, and not the test's work. Anything else is a program the test started.
+_PROBES = ("ldconfig", "uname")
+
+
+def _no_subprocess(popen):
+    class NoSubprocess(popen):
+        def __init__(self, args, *rest, **kwargs):
+            argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+            if Path(os.fsdecode(argv[0]).split()[0]).name in _PROBES:
+                super().__init__(args, *rest, **kwargs)
+                return
+            raise AssertionError(
+                f"a fast-tier test started a subprocess ({argv!r:.160}): mark it @pytest.mark.integration, "
+                "or keep it in-process"
+            )
+
+    return NoSubprocess
+
+
+def _no_child_process(self):
+    raise AssertionError(
+        f"a fast-tier test started a child process ({self.name}: an export?): mark it @pytest.mark.integration"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_stays_in_process(request, monkeypatch):
+    """The fast tier's promise, enforced: no subprocess (so no tritonserver, no CLI run, no kubectl)."""
+    if request.node.get_closest_marker("fast") is not None:
+        import multiprocessing.process
+        import subprocess
+
+        monkeypatch.setattr(subprocess, "Popen", _no_subprocess(subprocess.Popen))
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", _no_child_process)
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -116,3 +116,33 @@ def settled(read, at_least: float | None = None, *, quiet: float = 0.5, timeout:
         elif (at_least is None or value >= at_least) and time.monotonic() - since >= quiet:
             break
     return value
+
+
+def run_cli(*args, env: dict | None = None):
+    """``clip-triton ARGS`` in this process: ``main``'s exit code and what it printed, as a
+    CompletedProcess (for the fast tier: flags, rules and one-line errors need no interpreter of
+    their own). The logging set-up the CLI does is undone afterwards."""
+    import logging
+    import os
+    import subprocess
+
+    from clip_triton.cli import main
+
+    argv = [str(a) for a in args]
+    logger = logging.getLogger("clip_triton")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    environ = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.environ.update(env or {})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exit_:  # argparse: --help, --version, a usage error
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        logger.handlers[:], logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+    return subprocess.CompletedProcess(["clip-triton", *argv], code, out.getvalue(), err.getvalue())

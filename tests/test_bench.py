@@ -9,6 +9,8 @@ import pytest
 
 from clip_triton import children
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 PEAK_RSS_LIMIT_GIB = 12.0
 PEAK_RSS_LIMIT_IR_GIB = 16.0  # the IR conversion holds OpenVINO's model beside the torch one
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from clip_triton.client import ClipClient, ItemErrors, rank
 
-from .helpers import cos, local_http_server, settled
+from .helpers import cos, local_http_server, run_cli, settled
 
 
 @pytest.fixture()
@@ -171,7 +171,7 @@ def test_cli_classify_embed_search(triton, photos, tmp_path):
 def test_cli_reports_an_unreachable_server():
     from clip_triton.server import free_port
 
-    result = _cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--ready-timeout", "2")
+    result = run_cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--ready-timeout", "2")
     assert result.returncode == 2 and "not ready" in result.stderr and "no server answers" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 2  # waiting..., error
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
+
+pytestmark = pytest.mark.integration
 
 CODE = ["clip_triton", "tests", "bench"]
 

@@ -52,6 +52,7 @@ def test_round_trip_through_json():
     assert C.ModelContract.from_json(c.to_json()) == c
 
 
+@pytest.mark.integration  # a fresh interpreter, to see what it imports
 def test_readable_without_torch():
     """Serving and clients load the default contract in a process where torch cannot be imported."""
     code = (

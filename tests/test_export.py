@@ -19,6 +19,8 @@ from clip_triton.ortutil import make_session
 
 from .helpers import SEED, TINY_CONFIG
 
+pytestmark = pytest.mark.integration
+
 
 def cli(*args, env=None, timeout=300):
     return subprocess.run(

@@ -78,6 +78,7 @@ def test_random_weights_embed_each_image_differently(family):
     assert similarity[~np.eye(len(rows), dtype=bool)].max() < 0.99, similarity
 
 
+@pytest.mark.integration  # builds each family's model
 def test_batchnorm_calibration_and_fusion_only_where_the_tower_has_them():
     from clip_triton.export.graphs import fuse_for_inference
     from clip_triton.export.weights import calibrate_batch_norm, load_model
@@ -92,6 +93,7 @@ def test_batchnorm_calibration_and_fusion_only_where_the_tower_has_them():
     assert fuse_for_inference(loaded.model) == 0
 
 
+@pytest.mark.integration  # exports
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_fp16_export_of_each_family_keeps_its_norms_and_softmax_in_float32(tmp_path, name):
     """timm towers go to fp16 whole (their RoPE tables, position embeddings and pooling latents met
@@ -271,6 +273,7 @@ def live_model(live) -> str:
     return models["data"][0]["id"]
 
 
+@pytest.mark.integration  # starts an export
 def test_a_hugging_face_tokenizer_that_cannot_be_had_stops_the_export_early(monkeypatch):
     """SigLIP 2's tokenizer comes from the Hugging Face hub: offline and not cached, the export stops
     before building any weights, with the ways forward."""

@@ -20,6 +20,8 @@ from clip_triton import children
 
 from .helpers import ROOT
 
+pytestmark = pytest.mark.integration
+
 
 def _gone(pid: int, within: float = 60.0) -> bool:
     deadline = time.monotonic() + within

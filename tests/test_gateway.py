@@ -41,14 +41,16 @@ class StubResolver:
 
 
 class LiveGateway:
-    def __init__(self, settings: GatewaySettings):
+    """The gateway app under uvicorn on loopback, in a thread of this process. ``client_factory``: the
+    app's Triton client (default: the real AsyncClipClient at ``settings.triton_url``)."""
+
+    def __init__(self, settings: GatewaySettings, client_factory=None):
         import uvicorn
 
         self.settings = settings
         self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        )
+        app = create_app(settings) if client_factory is None else create_app(settings, client_factory)
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -63,7 +65,49 @@ class LiveGateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(triton):
+def fake_world(tmp_path_factory):
+    """(facts, front models) of the tiny repository, in-process: the FakeClipClient's world."""
+    from clip_triton.contract import ModelContract
+
+    from .fakes import front_models, tiny_facts
+
+    facts = tiny_facts()
+    return facts, front_models(ModelContract.from_json(facts.contract), tmp_path_factory.mktemp("front"))
+
+
+def fake_client_factory(fake_world):
+    from .fakes import FakeClipClient
+
+    return lambda settings: FakeClipClient(*fake_world)
+
+
+@pytest.fixture(scope="module")
+def engine(fake_world):
+    """The fake encoders' answers: what a fake-backed gateway must return, item by item."""
+    from .fakes import FakeEngine
+
+    return FakeEngine(fake_world[0].embed_dim)
+
+
+@pytest.fixture(scope="module")
+def gateway(fake_world):
+    """The gateway in front of a FakeClipClient (tests/fakes.py): routes, schemas, limits and errors,
+    in the fast tier. Parity through the real Triton uses ``live_gateway``."""
+    live = LiveGateway(
+        GatewaySettings(
+            triton_url="127.0.0.1:1",
+            api_keys=(KEY,),
+            max_body_bytes=2 * 1024 * 1024,
+            fetch=FetchPolicy(resolver=StubResolver()),
+        ),
+        fake_client_factory(fake_world),
+    )
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def live_gateway(triton):
     live = LiveGateway(
         GatewaySettings(
             triton_url=triton.grpc_url,
@@ -97,6 +141,11 @@ def oai(gateway):
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
 
 
+@pytest.fixture()
+def live_oai(live_gateway):
+    return openai.OpenAI(base_url=f"{live_gateway.url}/v1", api_key=KEY, max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def reference(triton):
     with ClipClient(triton.grpc_url) as client:
@@ -107,7 +156,8 @@ def data_url(data: bytes, kind: str = "image/jpeg") -> str:
     return f"data:{kind};base64,{base64.b64encode(data).decode()}"
 
 
-def test_text_embeddings_match_the_client(oai, reference):
+def test_text_embeddings_match_the_client(live_oai, reference):
+    oai = live_oai
     texts = ["a photo of a cat", "Ünïcödé 🐱"]
     result = oai.embeddings.create(model="clip-triton-tiny", input=texts, encoding_format="float")
     got = np.array([d.embedding for d in result.data], dtype=np.float32)
@@ -118,7 +168,8 @@ def test_text_embeddings_match_the_client(oai, reference):
     assert np.abs(np.array(single.data[0].embedding, np.float32) - got[0]).max() < 1e-6
 
 
-def test_data_url_images_and_mixed_lists(oai, reference, photos):
+def test_data_url_images_and_mixed_lists(live_oai, reference, photos):
+    oai = live_oai
     items = ["a rocket", data_url(photos["rocket"]), data_url(photos["cat"]), "a cat"]
     result = oai.embeddings.create(model="clip-triton-tiny", input=items)
     got = np.array([d.embedding for d in result.data], dtype=np.float32)
@@ -132,7 +183,8 @@ def test_data_url_images_and_mixed_lists(oai, reference, photos):
     assert got.shape == (4, 32) and cos(got, expected).min() > 0.99999
 
 
-def test_base64_encoding_is_little_endian_float32(gateway, reference):
+def test_base64_encoding_is_little_endian_float32(live_gateway, reference):
+    gateway = live_gateway
     response = httpx.post(
         f"{gateway.url}/v1/embeddings",
         headers={"Authorization": f"Bearer {KEY}"},
@@ -143,7 +195,8 @@ def test_base64_encoding_is_little_endian_float32(gateway, reference):
     assert np.abs(vector - reference.embed_texts(["a cat"])[0]).max() < 1e-6
 
 
-def test_zero_shot_endpoint(gateway, reference, photos):
+def test_zero_shot_endpoint(live_gateway, reference, photos):
+    gateway = live_gateway
     prompts = ["a cat", "a rocket", "a cup of coffee"]
     response = httpx.post(
         f"{gateway.url}/v1/classify",
@@ -168,6 +221,7 @@ def test_zero_shot_endpoint(gateway, reference, photos):
 
 def test_models_health_and_metrics(oai, gateway):
     assert [m.id for m in oai.models.list().data] == ["clip-triton-tiny"]
+    oai.embeddings.create(model="clip-triton-tiny", input=["a cat"])
     assert httpx.get(f"{gateway.url}/healthz").status_code == 200
     assert httpx.get(f"{gateway.url}/readyz").json() == {"status": "ready"}
     metrics = httpx.get(f"{gateway.url}/metrics").text
@@ -285,26 +339,26 @@ def test_urls_to_loopback_are_refused_by_default(oai, image_host):
         assert "refused" in err.value.body["message"]
 
 
-def test_other_schemes_are_text_never_fetched(oai, reference):
+def test_other_schemes_are_text_never_fetched(oai, engine):
     """Only data:image and http(s) items are images (NV-CLIP's convention); file:// is plain text."""
     items = ["file:///etc/passwd", "ftp://example.com/x.jpg"]
     got = oai.embeddings.create(model="clip-triton-tiny", input=items)
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
-    assert cos(vectors, reference.embed_texts(items)).min() > 0.99999
+    assert cos(vectors, engine.embed_texts(items)).min() > 0.99999
 
 
-def test_url_fetching_when_loopback_is_allowed(triton, image_host, reference, photos):
+def test_url_fetching_when_loopback_is_allowed(fake_world, engine, image_host, photos):
     settings = GatewaySettings(
-        triton_url=triton.grpc_url,
+        triton_url="127.0.0.1:1",
         api_keys=(KEY,),
         fetch=FetchPolicy(allow_private=True, max_bytes=1024 * 1024, max_redirects=2, resolver=StubResolver()),
     )
-    live = LiveGateway(settings)
+    live = LiveGateway(settings, fake_client_factory(fake_world))
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
         got = client.embeddings.create(model="clip-triton-tiny", input=[f"{image_host}/cat.jpg", f"{image_host}/hop1"])
         vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
-        assert cos(vectors, reference.embed_images([photos["cat"]] * 2)).min() > 0.99999
+        assert cos(vectors, engine.embed_images([photos["cat"]] * 2)).min() > 0.99999
         for path, fragment in (
             ("/page.html", "not image/*"),
             ("/huge.jpg", "byte limit"),
@@ -578,7 +632,7 @@ def test_prompt_cache_is_bounded():
 
 
 # -- inputs are classified exactly as documented ------------------------------------------------------
-def test_data_prefixed_text_is_text_and_only_data_image_is_an_image(oai, reference, photos):
+def test_data_prefixed_text_is_text_and_only_data_image_is_an_image(oai, engine, photos):
     """Only `data:image/...` items are images; "data: the quick brown fox" is a caption (it was refused
     as a malformed data URL)."""
     items = [
@@ -590,15 +644,15 @@ def test_data_prefixed_text_is_text_and_only_data_image_is_an_image(oai, referen
     ]
     got = oai.embeddings.create(model="clip-triton-tiny", input=items)
     vectors = np.array([d.embedding for d in got.data], dtype=np.float32)
-    assert cos(vectors[:3], reference.embed_texts(items[:3])).min() > 0.99999
-    assert cos(vectors[3:], reference.embed_images([photos["cat"]] * 2)).min() > 0.99999
+    assert cos(vectors[:3], engine.embed_texts(items[:3])).min() > 0.99999
+    assert cos(vectors[3:], engine.embed_images([photos["cat"]] * 2)).min() > 0.99999
     for bad in ("data:image/png,not-base64-data", "data:image/png;base64,@@@"):
         with pytest.raises(openai.BadRequestError) as err:
             oai.embeddings.create(model="clip-triton-tiny", input=["fine", bad])
         assert err.value.body["param"] == "input[1]", err.value.body
 
 
-def test_typed_items_say_what_they_are(gateway, reference, photos):
+def test_typed_items_say_what_they_are(gateway, engine, photos):
     """A caption that is a URL is embedded as text when typed so, and never fetched."""
     headers = {"Authorization": f"Bearer {KEY}"}
     resolver = gateway_resolver(gateway)
@@ -614,10 +668,8 @@ def test_typed_items_say_what_they_are(gateway, reference, photos):
     )
     assert response.status_code == 200, response.text
     vectors = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
-    assert (
-        cos(vectors[[0, 3]], reference.embed_texts(["https://example.com/cat.jpg", "a plain caption"])).min() > 0.99999
-    )
-    assert cos(vectors[[1, 2]], reference.embed_images([photos["cat"], photos["rocket"]])).min() > 0.99999
+    assert cos(vectors[[0, 3]], engine.embed_texts(["https://example.com/cat.jpg", "a plain caption"])).min() > 0.99999
+    assert cos(vectors[[1, 2]], engine.embed_images([photos["cat"], photos["rocket"]])).min() > 0.99999
     assert resolver.asked == asked_before  # the URL-looking caption was never resolved, let alone fetched
     for bad, fragment in (
         ({"type": "image_url", "image_url": "file:///etc/passwd"}, "image_url must be"),
@@ -635,16 +687,17 @@ def gateway_resolver(gateway) -> StubResolver:
     return gateway.settings.fetch.resolver
 
 
-def test_served_model_name_is_the_only_public_id(triton):
+def test_served_model_name_is_the_only_public_id(fake_world):
     """`gateway --served-model-name` gives the model the id clients use; the architecture name (and any
     checkpoint path behind it) is not accepted or shown."""
     live = LiveGateway(
         GatewaySettings(
-            triton_url=triton.grpc_url,
+            triton_url="127.0.0.1:1",
             api_keys=(KEY,),
             served_model_name="clip-tiny-v1",
             fetch=FetchPolicy(resolver=StubResolver()),
-        )
+        ),
+        fake_client_factory(fake_world),
     )
     try:
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)

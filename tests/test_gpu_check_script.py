@@ -11,6 +11,8 @@ import pytest
 
 from .helpers import ROOT
 
+pytestmark = pytest.mark.integration
+
 FAKE_DOCKER = """#!/usr/bin/env bash
 # docker compose ... / docker inspect ...: states come from $FAKE_STATES, one per inspect call
 echo "$*" >> "$FAKE_LOG"

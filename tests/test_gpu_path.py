@@ -248,6 +248,7 @@ def test_check_engines_refuses_a_plan_without_its_manifest(tmp_path):
         E.check_repository_engines(repo, E.Platform("10.13.0", "NVIDIA H200", "9.0"))
 
 
+@pytest.mark.integration  # the CLI against a fake nvidia-smi on PATH
 def test_check_engines_cli_exits_2_on_a_failed_engine(tmp_path, fake_gpu):
     repo = _engine_repo(tmp_path, _manifest(passed=False, tensorrt="10.13.3.9"))
     result = subprocess.run(

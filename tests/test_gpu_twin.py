@@ -54,6 +54,8 @@ from .gpu_twin import (
 )
 from .helpers import SEED, TINY_CONFIG, cos, export_for_tests, open_clip_reference_for, settled
 
+pytestmark = pytest.mark.integration
+
 STAGES = dockerfile_stages()
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 BIGG_IO_CONFIG = ROOT / "tests" / "configs" / "clip-triton-tiny-bigG-io.json"
@@ -263,9 +265,10 @@ def _compose_binary() -> str:
 
 
 def documented_compose_commands() -> list[str]:
-    """Every `docker compose ...` line of README's GPU section and of deploy/gpu-check.sh."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## GPU hosts") : readme.index("## Benchmarks")]
+    """Every `docker compose ...` line of the docs' shell blocks (README, docs/) and of deploy/gpu-check.sh."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    blocks = [block for page in pages for block in re.findall(r"```(?:bash|sh)\n(.*?)```", page.read_text(), re.S)]
+    section = "\n".join(blocks)
     text = section.replace("\\\n", " ") + "\n" + (ROOT / "deploy" / "gpu-check.sh").read_text().replace("\\\n", " ")
     commands = []
     for line in text.splitlines():

@@ -9,9 +9,12 @@ from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.errors import ClipTritonError
 from clip_triton.perf import run_perf_analyzer
 
-pytestmark = pytest.mark.skipif(
-    not ctypes.util.find_library("b64"), reason="perf_analyzer needs Debian's libb64-0d (apt-get install libb64-0d)"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not ctypes.util.find_library("b64"), reason="perf_analyzer needs Debian's libb64-0d (apt-get install libb64-0d)"
+    ),
+]
 
 
 @pytest.mark.parametrize("model", [IMAGE_ENSEMBLE, TEXT_ENSEMBLE])

@@ -111,14 +111,16 @@ def test_every_documented_command_parses_with_the_real_cli():
 
 
 def test_repo_examples_write_to_different_folders():
+    """Within a page, each `repo` example writes its own folder: copying them in turn overwrites nothing."""
     from clip_triton.cli import build_parser
 
-    folders = [
-        build_parser().parse_args(argv).repo
-        for where, argv in documented_commands()
-        if where.startswith("README") and argv[:1] == ["repo"]
-    ]
-    assert len(folders) >= 5 and len(set(folders)) == len(folders), folders
+    pages: dict[str, list[str]] = {}
+    for where, argv in documented_commands():
+        if argv[:1] == ["repo"] and where.endswith(".md", 0, where.index(":")):
+            pages.setdefault(where.split(":")[0], []).append(build_parser().parse_args(argv).repo)
+    assert sum(len(folders) for folders in pages.values()) >= 5, pages
+    for page, folders in pages.items():
+        assert len(set(folders)) == len(folders), (page, folders)
 
 
 @pytest.fixture()
@@ -150,8 +152,8 @@ def readme_folder(tmp_path, photos) -> Path:
 
 
 def marked_block(name: str) -> list[str]:
-    blocks = [block for marker, block in bash_blocks(ROOT / "README.md") if marker == name]
-    assert len(blocks) == 1, f"README has {len(blocks)} blocks marked {name}"
+    blocks = [block for path in DOCS for marker, block in bash_blocks(path) if marker == name]
+    assert len(blocks) == 1, f"README and docs/ have {len(blocks)} blocks marked {name}"
     return command_lines(blocks[0])
 
 

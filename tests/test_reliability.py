@@ -429,9 +429,68 @@ class Case(NamedTuple):
 
 
 CORPUS = _corpus()
+# Cases the python models decide (decoder, tokenizer) run in-process against the very models Triton
+# loads (`answer`, the pure half of their `execute`): the fast tier. These few also go end to end, as
+# do the cases Triton itself or an encoder decides (datatypes, shapes, batch limits, token ids, pixels).
+END_TO_END = {
+    "zero bytes",
+    "truncated jpeg",
+    "png decompression bomb",
+    "1x1 image",
+    "one bad item in a batch",
+    "invalid utf-8",
+    "huge text",
+}
 
 
-@pytest.mark.parametrize("case", CORPUS, ids=[case.label for case in CORPUS])
+def decided_by_a_front_model(case: Case) -> bool:
+    """Bytes the preprocess or tokenizer model reads (shaped [n, 1], n within Triton's batch limit)."""
+    within = case.array.shape[1:] == (1,) and case.array.shape[0] <= C.ModelContract.default().batch.max
+    return (
+        within
+        and case.datatype == "BYTES"
+        and (case.model, case.tensor)
+        in (
+            (C.IMAGE_ENSEMBLE, C.IMAGE_INPUT),
+            (C.TEXT_ENSEMBLE, C.TEXT_INPUT),
+        )
+    )
+
+
+IN_PROCESS = [case for case in CORPUS if decided_by_a_front_model(case)]
+SERVED = [case for case in CORPUS if not decided_by_a_front_model(case) or case.label in END_TO_END]
+
+
+@pytest.fixture(scope="module")
+def front_models(tmp_path_factory):
+    """The preprocess and tokenizer python models, initialised in-process from the configs `clip-triton
+    repo --runtime python` writes (ViT-bigG-14's contract: no export needed)."""
+    from .fakes import front_models
+
+    return front_models(C.ModelContract.default(), tmp_path_factory.mktemp("front"))
+
+
+@pytest.mark.parametrize("case", IN_PROCESS, ids=[case.label for case in IN_PROCESS])
+def test_bad_input_corpus_in_the_front_models(front_models, case: Case):
+    answer = front_models[case.model].answer(list(case.array.reshape(-1)))
+    if case.status == "ok":
+        assert answer.error is None, answer.error
+        assert answer.rows is not None and len(answer.rows) == case.array.shape[0]
+        if len(answer.statuses) > 1:  # a batch is answered whole, its bad item flagged
+            assert [bool(s) for s in answer.statuses].count(True) == 1
+        else:
+            assert answer.statuses == [b""]
+    else:
+        assert answer.error is not None and answer.rows is None  # a single bad item fails its request
+        assert case.fragment.lower() in answer.error.lower(), answer.error
+
+
+def test_the_corpus_covers_both_tiers():
+    assert len(IN_PROCESS) >= 35 and len(SERVED) >= 15
+    assert {case.label for case in IN_PROCESS} >= END_TO_END
+
+
+@pytest.mark.parametrize("case", SERVED, ids=[case.label for case in SERVED])
 def test_bad_input_corpus(grpc, triton, case: Case):
     tensor = grpcclient.InferInput(case.tensor, list(case.array.shape), case.datatype)
     tensor.set_data_from_numpy(case.array)
@@ -524,7 +583,7 @@ class _FakeStubUtils:
 def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
     import sys
 
-    from clip_triton.serving.common import per_item
+    from clip_triton.serving.common import answer_items, respond
 
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeStubUtils)
 
@@ -541,7 +600,8 @@ def test_any_item_failure_is_isolated_to_its_request(monkeypatch):
         {"IMAGE": np.array([[b"overflow"]], dtype=object)},
         {"IMAGE": np.array([[b"ok"]], dtype=object)},
     ]
-    responses = per_item(requests, "IMAGE", "PIXELS", convert, (ValueError,), "STATUS", np.ones(2, np.float32))
+    blank = np.ones(2, np.float32)
+    responses = respond(requests, "IMAGE", "PIXELS", "STATUS", lambda v: answer_items(v, convert, (ValueError,), blank))
     assert [r.error is None for r in responses] == [True, True, False, True]
     pixels, status = responses[1].output_tensors  # answered whole: the failed item flagged, its row blank
     assert [bytes(x) for x in status.array.reshape(-1)][0] == b""

@@ -205,6 +205,7 @@ def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
             process.kill()
 
 
+@pytest.mark.integration  # the demo: export, tritonserver
 def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
     """The README's main job, on the tiny architecture to keep the suite fast."""
     result = children.run(
@@ -481,6 +482,7 @@ def test_a_job_completes_across_a_kill_9_of_tritonserver(own_repo, open_clip_ref
     assert cos(served, open_clip_reference.texts(texts)).min() >= 0.9999
 
 
+@pytest.mark.integration  # processes that own shared memory
 def test_the_sweep_removes_only_regions_of_dead_owners_that_nothing_maps(tmp_path):
     """What every start and stop removes: a dead owner's unmapped region. A live owner's region, and a
     dead owner's region some process still maps (a stub not yet gone), stay."""

@@ -111,7 +111,9 @@ def _bomb() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("label", [*BAD_IMAGES, "truncated jpeg", "decompression bomb"])
+# Every decoder refusal and its reason is in the in-process corpus (test_reliability.py); here one
+# undecodable item and one bomb show the served path: batch mates answered, the refused row NaN.
+@pytest.mark.parametrize("label", ["html", "decompression bomb"])
 def test_bad_image_is_flagged_and_its_batch_mates_answered(grpc, triton, photos, label, open_clip_reference):
     """One request, one round trip: every good item's embedding and every bad item's reason in STATUS;
     alone, the bad item still fails its request with INVALID_ARGUMENT."""
@@ -129,12 +131,7 @@ def test_bad_image_is_flagged_and_its_batch_mates_answered(grpc, triton, photos,
 
 @pytest.mark.parametrize(
     "data, fragment",
-    [
-        (b"\xff\xfe\xfd", "not valid UTF-8"),
-        (b"", "empty text"),
-        (b"   \n\t", "empty text"),
-        (b"y" * 70_000, "over the limit"),
-    ],
+    [(b"\xff\xfe\xfd", "not valid UTF-8"), (b"y" * 70_000, "over the limit")],
 )
 def test_bad_text_is_flagged_and_its_batch_mates_answered(grpc, triton, data, fragment, open_clip_reference):
     served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [b"fine", data, b"a photo of a cat"])
@@ -172,18 +169,6 @@ def test_bad_requests_do_not_fail_their_batch_mates(triton, photos, open_clip_re
         else:
             assert isinstance(result, InferenceServerException)
             assert result.status() == "StatusCode.INVALID_ARGUMENT"
-    assert triton.ready()
-
-
-def test_wrong_shapes_and_dtypes_are_refused(grpc, triton):
-    pixels = grpcclient.InferInput(C.PIXELS, [1, 3, 16, 16], "FP32")
-    pixels.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
-    with pytest.raises(InferenceServerException, match="unexpected shape"):
-        grpc.infer(C.VISION_MODEL, [pixels])
-    ids = grpcclient.InferInput(C.INPUT_IDS, [1, 77], "INT64")
-    ids.set_data_from_numpy(np.zeros((1, 77), np.int64))
-    with pytest.raises(InferenceServerException, match="data-type|datatype|INT64"):
-        grpc.infer(C.TEXT_MODEL, [ids])
     assert triton.ready()
 
 

@@ -16,6 +16,8 @@ from clip_triton.export.verify import TOLERANCES
 from .helpers import cos
 from .test_serving import _png, embed, embed_with_status
 
+pytestmark = pytest.mark.integration
+
 BF16 = TOLERANCES["bf16"]["min_cosine"]  # 0.999 vs open_clip PyTorch fp32
 
 

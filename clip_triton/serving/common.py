@@ -7,6 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,62 +60,72 @@ def items(request, name: str) -> list[bytes]:
     return [bytes(x) if not isinstance(x, bytes) else x for x in array.reshape(-1)]
 
 
-def per_item(
-    requests: Sequence,
-    input_name: str,
-    output_name: str,
+@dataclass
+class Answer:
+    """One request's answer, decided without Triton: ``rows`` (a good or ``blank`` row per item) and
+    ``statuses`` (b"" for good items, the reason for bad ones), or ``error`` for the whole request."""
+
+    rows: np.ndarray | None
+    statuses: list[bytes]
+    error: str | None = None
+
+
+def answer_items(
+    values: Sequence[bytes],
     convert: Callable[[bytes], np.ndarray],
     errors: tuple[type[Exception], ...],
-    status_name: str,
     blank: np.ndarray,
     finish: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> list:
-    """Run ``convert`` on every item of every request; a bad item never fails another request.
+) -> Answer:
+    """Run ``convert`` on every item; a bad item never fails another.
 
     A request of several items is answered whole: each good item's row, and for each bad one the
-    ``blank`` row plus its reason in ``status_name`` (b"" for good items), so dirty data costs no extra
-    round trip. A request of a single bad item fails with INVALID_ARGUMENT naming it (what raw
-    clients and perf_analyzer expect). ``errors`` are the expected refusals (their message is the
-    reason); any other exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is
-    caught too, named by its type. ``finish`` shapes a request's stacked rows (the tokenizer cuts
-    them to the request's sequence-length bucket).
+    ``blank`` row plus its reason in the statuses (b"" for good items), so dirty data costs no extra
+    round trip. A request of a single bad item fails (``error``) naming it: what raw clients and
+    perf_analyzer expect. ``errors`` are the expected refusals (their message is the reason); any other
+    exception (MemoryError, OverflowError, a decoder's own bug on hostile bytes) is caught too, named
+    by its type. ``finish`` shapes the stacked rows (the tokenizer cuts them to the request's
+    sequence-length bucket). Pure: the fast tests call it through each model's ``answer``.
     """
-    import triton_python_backend_utils as pb_utils  # noqa: PLC0415
+    rows, statuses = [], []
+    for index, item in enumerate(values):
+        try:
+            rows.append(convert(item))
+            statuses.append(b"")
+        except errors as exc:
+            rows.append(blank)
+            statuses.append(f"item {index}: {exc}".encode())
+        except Exception as exc:  # noqa: BLE001 (isolated to this item, by design)
+            rows.append(blank)
+            statuses.append(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})".encode())
+    if not rows:
+        return Answer(None, [], "the request holds no item")
+    if len(rows) == 1 and statuses[0]:
+        return Answer(None, statuses, statuses[0].decode())
+    return Answer((finish or _same)(np.stack(rows)), statuses)
+
+
+def respond(requests: Sequence, input_name: str, output_name: str, status_name: str, answer) -> list:
+    """Triton's side of :func:`answer_items`: each request's items in, its :class:`Answer` out as an
+    InferenceResponse (a whole-request error is INVALID_ARGUMENT)."""
+    import triton_python_backend_utils as pb_utils  # noqa: PLC0415 (exists only inside the stub)
 
     responses = []
     for request in requests:
-        rows, statuses = [], []
-        for index, item in enumerate(items(request, input_name)):
-            try:
-                rows.append(convert(item))
-                statuses.append(b"")
-            except errors as exc:
-                rows.append(blank)
-                statuses.append(f"item {index}: {exc}".encode())
-            except Exception as exc:  # noqa: BLE001 (isolated to this item, by design)
-                rows.append(blank)
-                statuses.append(f"item {index}: cannot be processed ({type(exc).__name__}: {exc})".encode())
-        if not rows:
+        result = answer(items(request, input_name))
+        if result.error is not None:
             responses.append(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError("the request holds no item", pb_utils.TritonError.INVALID_ARG)
-                )
+                pb_utils.InferenceResponse(error=pb_utils.TritonError(result.error, pb_utils.TritonError.INVALID_ARG))
             )
-        elif len(rows) == 1 and statuses[0]:
-            responses.append(
-                pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(statuses[0].decode(), pb_utils.TritonError.INVALID_ARG)
-                )
+            continue
+        responses.append(
+            pb_utils.InferenceResponse(
+                output_tensors=[
+                    pb_utils.Tensor(output_name, result.rows),
+                    pb_utils.Tensor(status_name, np.array(result.statuses, dtype=object).reshape(-1, 1)),
+                ]
             )
-        else:
-            responses.append(
-                pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor(output_name, (finish or _same)(np.stack(rows))),
-                        pb_utils.Tensor(status_name, np.array(statuses, dtype=object).reshape(-1, 1)),
-                    ]
-                )
-            )
+        )
     return responses
 
 

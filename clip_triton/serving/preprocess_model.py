@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..contract import IMAGE_INPUT, PIXELS, STATUS_OUTPUT
 from ..preprocess import ImageError, ImageLimits, Preprocessor, refused_pixels
-from .common import contract_from, end_with_server, parameters, per_item
+from .common import Answer, answer_items, contract_from, end_with_server, parameters, respond
 
 
 class TritonPythonModel:
@@ -17,7 +17,8 @@ class TritonPythonModel:
         # A refused item's row, marked so the vision graph answers NaN for it (contract.REFUSED_PIXEL).
         self.blank = refused_pixels(contract.pixels.shape, contract.pixel_dtype)
 
+    def answer(self, values: list[bytes]) -> Answer:
+        return answer_items(values, self.preprocessor.from_bytes, (ImageError,), self.blank)
+
     def execute(self, requests):
-        return per_item(
-            requests, IMAGE_INPUT, PIXELS, self.preprocessor.from_bytes, (ImageError,), STATUS_OUTPUT, self.blank
-        )
+        return respond(requests, IMAGE_INPUT, PIXELS, STATUS_OUTPUT, self.answer)

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
 from ..tokenizer import TextError, cut_to_bucket, decode_utf8, is_refused, refused_row, text_tokenizer
-from .common import contract_from, end_with_server, parameters, per_item
+from .common import Answer, answer_items, contract_from, end_with_server, parameters, respond
 
 
 class TritonPythonModel:
@@ -31,14 +31,8 @@ class TritonPythonModel:
             raise TextError("text has no tokens")
         return row
 
+    def answer(self, values: list[bytes]) -> Answer:
+        return answer_items(values, self.ids, (TextError,), self.blank, lambda rows: cut_to_bucket(rows, self.spec))
+
     def execute(self, requests):
-        return per_item(
-            requests,
-            TEXT_INPUT,
-            INPUT_IDS,
-            self.ids,
-            (TextError,),
-            STATUS_OUTPUT,
-            self.blank,
-            lambda rows: cut_to_bucket(rows, self.spec),
-        )
+        return respond(requests, TEXT_INPUT, INPUT_IDS, STATUS_OUTPUT, self.answer)

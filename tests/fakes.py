@@ -1,0 +1,264 @@
+"""Fakes at the project's own seams, for the fast tier.
+
+``FakeClipClient`` stands where :class:`~clip_triton.client.AsyncClipClient` stands in the gateway (its
+``client_factory``): the gateway's tests run in-process against it, as infinity tests its API against
+a dummy engine. It is not a second implementation of the server: items are decided by the very python
+models Triton loads (``preprocess``, ``tokenizer``: the real decoder and tokenizer refuse the same items
+with the same reasons); only the encoders are replaced, by a deterministic unit vector per item. What
+only Triton can show (parity with open_clip, batching, the cache) stays in the integration tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from clip_triton import contract as C
+from clip_triton.client import ItemErrors
+from clip_triton.client.core import item_reason
+from clip_triton.client.scoring import ensemble_templates, rank, template_texts
+from clip_triton.facts import ServerFacts
+
+
+def front_models(contract: C.ModelContract, folder: Path, logit_scale: float = 100.0) -> dict:
+    """{ensemble: the python model in front of its encoder}, initialised in-process from the configs
+    `clip-triton repo --runtime python` writes for ``contract``."""
+    from google.protobuf.json_format import MessageToJson
+
+    from clip_triton.repository import ExportFacts, RepoOptions, build_configs
+    from clip_triton.serving import preprocess_model, tokenizer_model
+
+    configs = build_configs(ExportFacts(contract=contract, logit_scale=logit_scale), RepoOptions(runtime="python"))
+    models = {}
+    for ensemble, name, module in (
+        (C.IMAGE_ENSEMBLE, C.PREPROCESS_MODEL, preprocess_model),
+        (C.TEXT_ENSEMBLE, C.TOKENIZER_MODEL, tokenizer_model),
+    ):
+        model = module.TritonPythonModel()
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        model.initialize(
+            {
+                "model_config": MessageToJson(configs[name], preserving_proto_field_name=True),
+                "model_repository": str(folder / name),
+                "model_version": "1",
+            }
+        )
+        models[ensemble] = model
+    return models
+
+
+def fake_embedding(item: bytes, dim: int) -> np.ndarray:
+    """A unit vector that only this item's bytes give (the fake encoders' answer)."""
+    seed = int.from_bytes(hashlib.sha256(item).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+class FakeClipClient:
+    """AsyncClipClient's coroutines, answered in-process (see the module's docstring)."""
+
+    def __init__(self, facts: ServerFacts, models: dict, *, ready: bool = True):
+        self.facts, self.models, self.ready = facts, models, ready
+        self.calls: list[tuple[str, int]] = []  # (ensemble, items) of every embed call
+        self.closed = False
+
+    async def get_facts(self) -> ServerFacts:
+        return self.facts
+
+    async def is_ready(self) -> bool:
+        return self.ready
+
+    def _embed(self, ensemble: str, items: list[bytes]) -> np.ndarray:
+        self.calls.append((ensemble, len(items)))
+        out = np.full((len(items), self.facts.embed_dim), np.nan, dtype=np.float32)
+        errors = {}
+        for index, item in enumerate(items):
+            answer = self.models[ensemble].answer([item])
+            if answer.error is not None:
+                errors[index] = item_reason(answer.error)
+            else:
+                out[index] = fake_embedding(item, self.facts.embed_dim)
+        if errors:
+            raise ItemErrors(errors, out)
+        return out
+
+    # Off the event loop, as the real client's work is (it happens in Triton).
+    async def embed_images(self, images) -> np.ndarray:
+        return await asyncio.to_thread(self._embed, C.IMAGE_ENSEMBLE, [bytes(image) for image in images])
+
+    async def embed_texts(self, texts) -> np.ndarray:
+        return await asyncio.to_thread(self._embed, C.TEXT_ENSEMBLE, [text.encode("utf-8") for text in texts])
+
+    async def prompt_embeddings(self, prompts, templates=None) -> np.ndarray:
+        if templates:
+            texts = template_texts(prompts, templates)
+            return ensemble_templates(await self.embed_texts(texts), len(prompts), len(templates))
+        return await self.embed_texts(list(prompts))
+
+    async def classify(self, images, prompts, templates=None):
+        text = await self.prompt_embeddings(list(prompts), templates)
+        image = await self.embed_images(images)
+        return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def tiny_facts() -> ServerFacts:
+    """The facts the suite's tiny repository publishes (tests/configs/clip-triton-tiny.json, random
+    weights), derived the way `clip-triton repo` derives them."""
+    from clip_triton.export.adapter import contract_from_open_clip
+    from clip_triton.repository import ExportFacts, RepoOptions
+
+    from .helpers import TINY_CONFIG
+
+    contract = contract_from_open_clip(str(TINY_CONFIG), "none")
+    facts = ExportFacts(contract=contract, logit_scale=100.0, random_weights=True)
+    return facts.server_facts(RepoOptions(runtime="python")).with_(max_batch_size=contract.batch.max, item_status=True)
+
+
+class FakeEngine:
+    """What the fake encoders answer, synchronously: the expected side of a fast gateway test."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    def embed_texts(self, texts) -> np.ndarray:
+        return np.stack([fake_embedding(text.encode("utf-8"), self.dim) for text in texts])
+
+    def embed_images(self, images) -> np.ndarray:
+        return np.stack([fake_embedding(bytes(image), self.dim) for image in images])
+
+
+# -- Triton's gRPC client, faked at tritonclient's InferenceServerClient ------------------------------
+class FakeResult:
+    def __init__(self, outputs: dict[str, np.ndarray]):
+        self.outputs = outputs
+
+    def as_numpy(self, name: str):
+        return self.outputs.get(name)
+
+
+class FakeCall:
+    def __init__(self):
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def status_error(status: str, message: str = "fake"):
+    from tritonclient.utils import InferenceServerException
+
+    return InferenceServerException(message, status=f"StatusCode.{status}")
+
+
+class FakeTriton:
+    """A scripted Triton behind the real ClipClient and AsyncClipClient (``install``): its ensembles
+    answer ``fake_embedding`` of each item, refuse items in ``bad`` (flagged in STATUS, or the whole
+    request with INVALID_ARGUMENT where ``item_status`` is off, as an older repository does), and fail
+    requests with the statuses queued in ``failures`` (one per request, in order; ``forever`` repeats
+    the last). Every request's items are recorded in ``requests``."""
+
+    def __init__(self, embed_dim: int = 8, max_batch_size: int = 8, item_status: bool = True):
+        self.facts = ServerFacts(
+            model="fake-clip",
+            pretrained="none",
+            embed_dim=embed_dim,
+            logit_scale=100.0,
+            max_batch_size=max_batch_size,
+            item_status=item_status,
+        )
+        self.bad: dict[bytes, str] = {}
+        self.failures: list = []
+        self.forever = False
+        self.requests: list[list[bytes]] = []
+        self.live = True
+
+    def config(self) -> dict:
+        outputs = [{"name": C.EMBEDDING_OUTPUT}] + ([{"name": C.STATUS_OUTPUT}] if self.facts.item_status else [])
+        params = {key: {"string_value": value} for key, value in self.facts.parameters().items()}
+        return {"config": {"max_batch_size": self.facts.max_batch_size, "parameters": params, "output": outputs}}
+
+    def infer(self, model: str, inputs, outputs=None):
+        from tritonclient.utils import deserialize_bytes_tensor
+
+        items = [bytes(x) for x in deserialize_bytes_tensor(inputs[0]._raw_content)]  # what went on the wire
+        self.requests.append(items)
+        if self.failures:
+            failure = self.failures[0] if (self.forever and len(self.failures) == 1) else self.failures.pop(0)
+            raise failure
+        if len(items) > self.facts.max_batch_size:
+            raise status_error("INVALID_ARGUMENT", f"batch of {len(items)} over max_batch_size")
+        bad = {i: self.bad[item] for i, item in enumerate(items) if item in self.bad}
+        if bad and (len(items) == 1 or not self.facts.item_status):
+            index, reason = next(iter(bad.items()))
+            raise status_error("INVALID_ARGUMENT", f"[request id: <id_unknown>] item {index}: {reason}")
+        rows = np.stack(
+            [
+                np.full(self.facts.embed_dim, np.nan, np.float32)
+                if i in bad
+                else fake_embedding(item, self.facts.embed_dim)
+                for i, item in enumerate(items)
+            ]
+        )
+        names = [o.name() for o in outputs] if outputs else [C.EMBEDDING_OUTPUT, C.STATUS_OUTPUT]
+        result = {C.EMBEDDING_OUTPUT: rows}
+        if self.facts.item_status and C.STATUS_OUTPUT in names:
+            statuses = [f"item {i}: {bad[i]}".encode() if i in bad else b"" for i in range(len(items))]
+            result[C.STATUS_OUTPUT] = np.array(statuses, dtype=object).reshape(-1, 1)
+        return FakeResult({k: v for k, v in result.items() if k in names})
+
+    def install(self, monkeypatch) -> FakeTriton:
+        """Make tritonclient's gRPC clients (sync and asyncio) talk to this fake."""
+        import tritonclient.grpc
+        import tritonclient.grpc.aio
+
+        triton = self
+
+        class SyncClient:
+            def __init__(self, url, channel_args=None, **kwargs):
+                self.url = url
+
+            def is_server_live(self):
+                return triton.live
+
+            def is_model_ready(self, name):
+                return triton.live
+
+            def get_model_config(self, name, as_json=False):
+                return triton.config()
+
+            def async_infer(self, model, inputs, callback, outputs=None, client_timeout=None):
+                call = FakeCall()
+                try:
+                    callback(triton.infer(model, inputs, outputs), None)
+                except Exception as exc:  # noqa: BLE001 (handed to the callback, as tritonclient does)
+                    callback(None, exc)
+                return call
+
+            def close(self):
+                pass
+
+        class AsyncClient:
+            def __init__(self, url, channel_args=None, **kwargs):
+                self.url = url
+
+            async def is_model_ready(self, name):
+                return triton.live
+
+            async def get_model_config(self, name, as_json=False):
+                return triton.config()
+
+            async def infer(self, model, inputs, outputs=None, client_timeout=None):
+                return triton.infer(model, inputs, outputs)
+
+            async def close(self):
+                pass
+
+        monkeypatch.setattr(tritonclient.grpc, "InferenceServerClient", SyncClient)
+        monkeypatch.setattr(tritonclient.grpc.aio, "InferenceServerClient", AsyncClient)
+        return self

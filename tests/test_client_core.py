@@ -1,0 +1,179 @@
+"""The clients' logic in-process, against a scripted Triton at tritonclient's InferenceServerClient
+(tests/fakes.py FakeTriton): batching, order, retries, splitting, deadlines, what a failed job keeps.
+What only a real tritonserver shows (restarts, parity, the STATUS contract on the wire) is in
+test_restart.py, test_client.py and test_serving.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from clip_triton.client import AsyncClipClient, ClipClient, DeadlineExceeded, ItemErrors, JobFailed, ServerUnavailable
+from clip_triton.client import core as K
+
+from .fakes import FakeTriton, fake_embedding, status_error
+
+
+@pytest.fixture()
+def fake_triton(monkeypatch) -> FakeTriton:
+    return FakeTriton(embed_dim=8, max_batch_size=4).install(monkeypatch)
+
+
+def expected(texts) -> np.ndarray:
+    return np.stack([fake_embedding(t.encode(), 8) for t in texts])
+
+
+def test_rows_come_back_in_input_order_across_batches_and_threads(fake_triton):
+    texts = [f"caption {i}" for i in range(23)]
+    with ClipClient("fake:1", concurrency=4) as client:
+        rows = client.embed_texts(texts)
+    assert np.array_equal(rows, expected(texts))
+    assert sorted(len(r) for r in fake_triton.requests) == [3, 4, 4, 4, 4, 4]  # the server's max_batch_size
+    assert sorted(item for r in fake_triton.requests for item in r) == sorted(t.encode() for t in texts)
+
+
+def test_a_smaller_batch_size_is_honoured_and_a_larger_one_capped(fake_triton):
+    with ClipClient("fake:1", batch_size=2) as client:
+        client.embed_texts(["a", "b", "c"])
+    with ClipClient("fake:1", batch_size=64) as client:
+        client.embed_texts([str(i) for i in range(9)])
+    assert [len(r) for r in fake_triton.requests[:2]] == [2, 1] and max(len(r) for r in fake_triton.requests[2:]) == 4
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        status_error("UNAVAILABLE", "failed to connect to all addresses"),
+        status_error("RESOURCE_EXHAUSTED", "queue full"),
+        status_error("NOT_FOUND", f"Request for unknown model: 'clip_text' {K.LOADING}"),
+        status_error("INTERNAL", f"Stub process 'tokenizer_0_0' {K.STUB_DOWN}"),
+    ],
+    ids=["unavailable", "overloaded", "loading", "stub down"],
+)
+def test_transient_failures_are_retried_and_nothing_is_lost(fake_triton, failure):
+    fake_triton.failures = [failure, failure]
+    with ClipClient("fake:1", backoff=0.001) as client:
+        rows = client.embed_texts(["a", "b"])
+    assert np.array_equal(rows, expected(["a", "b"])) and len(fake_triton.requests) == 3
+
+
+def test_other_failures_are_not_retried(fake_triton):
+    fake_triton.failures = [status_error("INTERNAL", "a bug")]
+    with ClipClient("fake:1", backoff=0.001) as client, pytest.raises(JobFailed) as failed:
+        client.embed_texts(["a"])
+    assert len(fake_triton.requests) == 1 and "a bug" in str(failed.value)
+
+
+def test_a_job_that_fails_keeps_every_answered_row(fake_triton):
+    """The server goes away for good mid-job: JobFailed carries every row answered before it, and the
+    hint says what to check."""
+    texts = [f"caption {i} of a job that dies" for i in range(12)]
+    with ClipClient("fake:1", batch_size=3, concurrency=1, retry_seconds=0.3, backoff=0.01) as client:
+        original = fake_triton.infer
+
+        def lose_the_server_after_three(*args):
+            if len(fake_triton.requests) == 3:
+                fake_triton.failures, fake_triton.forever = [status_error("UNAVAILABLE", "connection refused")], True
+            return original(*args)
+
+        fake_triton.infer = lose_the_server_after_three
+        with pytest.raises(JobFailed) as failed:
+            client.embed_texts(texts)
+    failure = failed.value
+    assert failure.answered == list(range(9)) and isinstance(failure.cause, ServerUnavailable)
+    assert "is the server up?" in failure.hint
+    assert np.array_equal(failure.embeddings[:9], expected(texts[:9])) and np.isnan(failure.embeddings[9:]).all()
+
+
+def test_bad_items_are_flagged_by_status_in_one_round_trip(fake_triton):
+    fake_triton.bad = {b"": "empty text"}
+    with ClipClient("fake:1") as client, pytest.raises(ItemErrors) as err:
+        client.embed_texts(["a", "", "b"])
+    assert err.value.errors == {1: "empty text"} and len(fake_triton.requests) == 1
+    assert np.isnan(err.value.embeddings[1]).all() and np.array_equal(
+        err.value.embeddings[[0, 2]], expected(["a", "b"])
+    )
+
+
+def test_without_status_a_refused_batch_is_split_to_find_the_bad_item(monkeypatch):
+    fake_triton = FakeTriton(embed_dim=8, max_batch_size=4, item_status=False).install(monkeypatch)
+    fake_triton.bad = {b"": "empty text"}
+    with ClipClient("fake:1") as client, pytest.raises(ItemErrors) as err:
+        client.embed_texts(["a", "", "b"])
+    assert err.value.errors == {1: "empty text"}
+    assert [len(r) for r in fake_triton.requests] == [3, 1, 1, 1]  # the batch, then each item alone
+    assert np.array_equal(err.value.embeddings[[0, 2]], expected(["a", "b"]))
+
+
+def test_items_the_client_cannot_read_fail_alone(fake_triton, tmp_path):
+    image = tmp_path / "ok.png"
+    image.write_bytes(b"\x89PNG fake")
+    with ClipClient("fake:1") as client, pytest.raises(ItemErrors) as err:
+        client.embed_images([str(image), str(tmp_path / "missing.png"), 42])
+    assert set(err.value.errors) == {1, 2} and "No such file" in err.value.errors[1]
+    assert "unsupported image item" in err.value.errors[2] and fake_triton.requests == [[b"\x89PNG fake"]]
+
+
+def test_a_missed_deadline_names_its_figures_and_the_flags(fake_triton):
+    fake_triton.failures = [status_error("DEADLINE_EXCEEDED", "Deadline Exceeded")]
+    with ClipClient("fake:1", timeout=0.5) as client, pytest.raises(JobFailed) as failed:
+        client.embed_texts(["a", "b"])
+    assert isinstance(failed.value.cause, DeadlineExceeded)
+    assert "missed its 0.5 s deadline (--timeout)" in str(failed.value) and "--timeout" in failed.value.hint
+
+
+def test_an_answer_without_a_requested_output_is_an_error_not_data(fake_triton):
+
+    original = fake_triton.infer
+    fake_triton.infer = lambda model, inputs, outputs=None: original(model, inputs, outputs[:1])  # EMBEDDING only
+    with ClipClient("fake:1") as client, pytest.raises(JobFailed, match="without its STATUS output"):
+        client.embed_texts(["a"])
+
+
+def test_retry_budget_is_time_and_count(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(K.time, "monotonic", lambda: now[0])
+    unavailable = status_error("UNAVAILABLE")
+    assert K.should_retry(unavailable, 0, 3, deadline=10.0)
+    assert not K.should_retry(unavailable, 3, 3, deadline=10.0)  # out of attempts
+    now[0] = 10.0
+    assert not K.should_retry(unavailable, 0, 3, deadline=10.0)  # out of time
+    assert not K.should_retry(status_error("INVALID_ARGUMENT"), 0, 3, deadline=99.0)
+    delays = [K.retry_delay(attempt, 0.5) for attempt in range(12)]
+    assert all(d <= K.MAX_BACKOFF_S * 1.5 for d in delays) and delays[0] < delays[3]
+
+
+def test_plan_batches_keeps_client_side_failures_out_of_requests():
+    out, errors, batches = K.plan_batches([b"a", ValueError("bad"), b"c", b"d"], 4, 2)
+    assert out.shape == (4, 4) and np.isnan(out).all()
+    assert errors == {1: "bad"} and batches == [[0, 2], [3]]
+
+
+def test_async_client_matches_the_sync_client(fake_triton):
+    texts = [f"caption {i}" for i in range(10)]
+    fake_triton.bad = {b"": "empty text"}
+
+    async def run():
+        async with AsyncClipClient("fake:1", concurrency=3) as client:
+            rows = await client.embed_texts(texts)
+            try:
+                await client.embed_texts(["a", ""])
+            except ItemErrors as err:
+                return rows, err
+        raise AssertionError("no ItemErrors")
+
+    rows, err = asyncio.run(run())
+    assert np.array_equal(rows, expected(texts)) and err.errors == {1: "empty text"}
+
+
+def test_classify_ranks_with_the_servers_scoring(fake_triton):
+    with ClipClient("fake:1") as client:
+        ranked = client.classify([b"img"], ["a", "b", "c"])
+        facts = client.facts
+    assert facts.model == "fake-clip" and facts.scoring == "softmax"
+    scores = {row["prompt"]: row for row in ranked[0]}
+    image = fake_embedding(b"img", 8)
+    assert scores["a"]["cosine"] == pytest.approx(float(image @ fake_embedding(b"a", 8)), abs=1e-6)
+    assert sum(row["probability"] for row in ranked[0]) == pytest.approx(1.0)

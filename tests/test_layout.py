@@ -1,0 +1,130 @@
+"""The house: folders are their import paths, nothing imports in a circle, each layer imports only
+the layers below it, and the contract reads without knowing open_clip."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+
+from .helpers import ROOT
+
+PACKAGE = ROOT / "clip_triton"
+
+
+def modules() -> dict[str, ast.Module]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = (path, ast.parse(path.read_text()))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports, anywhere in its body (lazy and TYPE_CHECKING
+    imports included: a circle through a function is still a circle)."""
+    mods = modules()
+    graph: dict[str, set[str]] = {}
+    for name, (path, tree) in mods.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            for target in targets:
+                while target and target not in mods and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in mods and target != name and not name.startswith(target + "."):
+                    deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_imports_another_in_a_circle():
+    assert cycles(import_graph()) == []
+
+
+def test_the_cycle_check_can_fail():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
+
+
+def test_folders_are_their_import_paths():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    setuptools = pyproject["tool"]["setuptools"]
+    assert "package-dir" not in setuptools and setuptools["packages"]["find"]["include"] == ["clip_triton*"]
+    for folder in ("export", "client"):  # the entry points the user asked for: docs, no code
+        assert (ROOT / folder / "README.md").is_file()
+        assert not list((ROOT / folder).rglob("*.py")), f"{folder}/ holds code: it belongs in clip_triton/{folder}/"
+    for package in [p for p in PACKAGE.rglob("*") if p.is_dir() and list(p.glob("*.py"))]:
+        assert (package / "__init__.py").is_file(), package
+
+
+def test_layers_import_only_what_is_below_them():
+    """contract <- client; contract <- gateway <- client; cli over everything; nothing imports the CLI,
+    the gateway or export from the client, and the contract imports nothing but errors."""
+    graph = import_graph()
+
+    def within(module: str, *packages: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    below = {
+        "clip_triton.contract": {"clip_triton.errors"},
+        "clip_triton.facts": {"clip_triton.errors", "clip_triton.contract"},
+    }
+    for module, allowed in below.items():
+        assert graph[module] <= allowed | {"clip_triton"}, (module, graph[module])
+    for module, deps in graph.items():
+        if within(module, "clip_triton.client"):
+            forbidden = [d for d in deps if within(d, "clip_triton.cli", "clip_triton.gateway", "clip_triton.export")]
+            assert not forbidden, (module, forbidden)
+        if not within(module, "clip_triton.cli"):
+            assert not [d for d in deps if within(d, "clip_triton.cli")], module
+    contract = (PACKAGE / "contract.py").read_text()
+    assert "open_clip" not in {n.names[0].name for n in ast.walk(ast.parse(contract)) if isinstance(n, ast.Import)}
+    assert "import open_clip" not in contract and "import torch" not in contract
+
+
+def test_the_client_errors_are_its_bottom_layer():
+    graph = import_graph()
+    assert {d for d in graph["clip_triton.client.errors"] if d.startswith("clip_triton.client")} == set()
+    assert "clip_triton.client.grpc_client" not in graph["clip_triton.client.index"]
