@@ -51,6 +51,9 @@ METRICS_PORT = 8002
 GATEWAY_PORT = 8080
 DEFAULT_URL = f"localhost:{GRPC_PORT}"
 RETRY_SECONDS = 150.0
+# Before a job: how long nothing may answer at the address before the client says so (a server that
+# answers but is still loading its models is waited for longer: the CLI's --ready-timeout).
+CONNECT_SECONDS = 10.0
 STUB_NOT_HEALTHY = "is not healthy"
 
 IMAGE_INPUT = "IMAGE"  # encoded image bytes, one item per batch row

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from .progress import Progress
-from .samples import DEMO_PROMPTS, image_paths
+from .samples import DEMO_PROMPTS, DEMO_WORKDIR, example, image_paths, write_sample_dataset
 
 
 def run_demo(
     model: str = "ViT-B-32",
     pretrained: str = "none",
-    workdir: str = ".clip-triton/demo",
+    workdir: str = DEMO_WORKDIR,
     images: list[str] | None = None,
     prompts: list[str] | None = None,
     cpu_runtime: str = "onnxruntime",
@@ -37,6 +37,7 @@ def run_demo(
     if "requested" in options.encoder_runtime:
         log("WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here")
 
+    write_sample_dataset(work / "samples")  # what the next steps (and every --help example) use
     items = [Path(p) for p in images] if images else image_paths()
     prompts = list(prompts or DEMO_PROMPTS)
 
@@ -59,17 +60,48 @@ def run_demo(
         print(f"  {'prompt':<32}{'cosine':>10}{'probability':>14}")
         for row in ranked:
             print(f"  {row['prompt']:<32}{row['cosine']:>10.4f}{row['probability']:>14.4f}")
-    print(next_steps(repo))
+    print(next_steps(work))
     return 0
 
 
-def next_steps(repo: Path) -> str:
-    """What to try after the demo: the same repository, served for the other commands."""
-    return f"""
-Next, with this repository:
-  clip-triton serve --repo {repo}                           # keep it up (Ctrl-C stops); then, in another shell:
-  clip-triton classify photo.jpg --prompts "a cat" "a dog"  # zero-shot scores for your images
-  clip-triton embed --images PHOTOS/ --out photos           # an index: photos.npy + photos.json (resumable)
-  clip-triton search --index photos --text "a red car"      # search it
-  clip-triton perf                                          # perf_analyzer with real inputs
-Real weights: clip-triton demo --pretrained laion2b_s34b_b79k (download) or --pretrained /path/to/checkpoint.bin"""
+def activation() -> str | None:
+    """The line that puts this clip-triton on PATH in a new shell, or None when it already is there
+    (`bash dev.sh demo` runs .venv/bin/clip-triton without activating .venv)."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    bin_dir = Path(sys.executable).parent
+    found = shutil.which("clip-triton")
+    if found and Path(found).resolve().parent == bin_dir.resolve():
+        return None
+    activate = bin_dir / "activate"
+    if not activate.is_file():
+        return f'export PATH="{bin_dir}:$PATH"'
+    try:
+        shown = os.path.relpath(activate)
+    except ValueError:
+        shown = str(activate)
+    return f"source {shown if not shown.startswith('..') else activate}"
+
+
+def next_steps(work: Path) -> str:
+    """What to try after the demo, as lines that run as written in a new shell (activation first where
+    clip-triton is not on PATH): serve the repository, then the use commands on the sample dataset."""
+    activate = activation()
+    lines = ["", "Next, in a new shell" + (" (each line runs as written):" if activate is None else ":")]
+    if activate is not None:
+        lines.append(f"  {activate}  # put this clip-triton on PATH (in every new shell)")
+    lines.append(f"  {example('serve', work)}  # keep it up (Ctrl-C stops); then, in another shell:")
+    for command, what in (
+        ("classify", "zero-shot scores"),
+        ("embed", "an index: .npy + .json (resumable)"),
+        ("search", "search it"),
+        ("eval", "zero-shot accuracy on the samples"),
+        ("eval-retrieval", "recall@k on their captions"),
+    ):
+        lines.append(f"  {example(command, work)}  # {what}")
+    lines.append(
+        "Real weights: clip-triton demo --pretrained laion2b_s34b_b79k (download) or --pretrained /path/to/checkpoint.bin"
+    )
+    return "\n".join(lines)

@@ -64,3 +64,60 @@ def image_paths() -> list[Path]:
 
 def image_bytes() -> list[bytes]:
     return [path.read_bytes() for path in image_paths()]
+
+
+# The demo's working folder, and the sample dataset it writes there: the bundled photographs as an
+# ImageFolder (one class folder each) with a COCO captions file, so that every example in the docs
+# and in each command's --help runs as written after `clip-triton demo`.
+DEMO_WORKDIR = ".clip-triton/demo"
+SAMPLE_CLASSES = {"cat.jpg": "cat", "coffee.jpg": "cup_of_coffee", "astronaut.jpg": "astronaut", "rocket.jpg": "rocket"}
+SAMPLE_CAPTIONS = {
+    "cat.jpg": "a cat looking at the camera",
+    "coffee.jpg": "a cup of coffee on a table",
+    "astronaut.jpg": "an astronaut in a space suit",
+    "rocket.jpg": "a rocket launching into the sky",
+}
+
+
+def write_sample_dataset(folder: str | Path) -> Path:
+    """``folder/CLASS/NAME.jpg`` for each bundled photograph and ``folder/captions.json`` (COCO
+    layout); idempotent. Returns ``folder``."""
+    import json  # noqa: PLC0415
+
+    root = Path(folder)
+    images, annotations = [], []
+    for index, (name, path) in enumerate(zip(IMAGES, image_paths())):
+        target = root / SAMPLE_CLASSES[name] / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_bytes() != path.read_bytes():
+            target.write_bytes(path.read_bytes())
+        images.append({"id": index, "file_name": f"{SAMPLE_CLASSES[name]}/{name}"})
+        annotations.append({"id": index, "image_id": index, "caption": SAMPLE_CAPTIONS[name]})
+    (root / "captions.json").write_text(json.dumps({"images": images, "annotations": annotations}, indent=1) + "\n")
+    return root
+
+
+# One example per command, each run as written after `clip-triton demo` (with the serve line running
+# in another shell): ends every command's --help, and the demo prints the use lines as its next steps.
+# {work} is the demo's folder.
+EXAMPLES = {
+    "export": "clip-triton export --model ViT-B-32 --pretrained none --onnx-dir {work}/onnx --reuse",
+    "verify": "clip-triton verify --onnx-dir {work}/onnx",
+    "repo": "clip-triton repo --onnx-dir {work}/onnx --repo {work}/model_repository --runtime python --force",
+    "build-engines": "clip-triton build-engines --onnx-dir /exports/bigG --root /models   # GPU host, TensorRT image",
+    "check-engines": "clip-triton check-engines --repo /models/current   # GPU host, TensorRT image",
+    "serve": "clip-triton serve --repo {work}/model_repository",
+    "health": "clip-triton health --url localhost:8001",
+    "demo": "clip-triton demo",
+    "gateway": "clip-triton gateway --url localhost:8001 --no-auth   # local use only",
+    "perf": "clip-triton perf --ensembles clip_text --concurrency 1 --measurement-ms 1500",
+    "classify": 'clip-triton classify {work}/samples/cat/cat.jpg --prompts "a cat" "a dog" "a rocket"',
+    "embed": "clip-triton embed --images {work}/samples --out {work}/photos",
+    "search": 'clip-triton search --index {work}/photos --text "a cup of coffee" -k 2',
+    "eval": "clip-triton eval {work}/samples --templates simple",
+    "eval-retrieval": "clip-triton eval-retrieval --images {work}/samples --captions {work}/samples/captions.json -k 1,2",
+}
+
+
+def example(command: str, work: str | Path = DEMO_WORKDIR) -> str:
+    return EXAMPLES[command].format(work=work)

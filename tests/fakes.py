@@ -177,6 +177,9 @@ class FakeTriton:
         self.forever = False
         self.requests: list[list[bytes]] = []
         self.live = True
+        self.listening = True  # False: nothing answers at the address (connection refused)
+        self.loading_polls = 0  # readiness polls answered "not ready" before the models are
+        self.connections = 0
 
     def config(self) -> dict:
         outputs = [{"name": C.EMBEDDING_OUTPUT}] + ([{"name": C.STATUS_OUTPUT}] if self.facts.item_status else [])
@@ -222,11 +225,17 @@ class FakeTriton:
         class SyncClient:
             def __init__(self, url, channel_args=None, **kwargs):
                 self.url = url
+                triton.connections += 1
 
             def is_server_live(self):
+                if not triton.listening:
+                    raise status_error("UNAVAILABLE", "failed to connect to all addresses; Connection refused")
                 return triton.live
 
             def is_model_ready(self, name):
+                if triton.loading_polls > 0:
+                    triton.loading_polls -= 1
+                    return False
                 return triton.live
 
             def get_model_config(self, name, as_json=False):

@@ -118,10 +118,16 @@ def settled(read, at_least: float | None = None, *, quiet: float = 0.5, timeout:
     return value
 
 
-def run_cli(*args, env: dict | None = None):
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run_cli(*args, env: dict | None = None, terminal: bool = False):
     """``clip-triton ARGS`` in this process: ``main``'s exit code and what it printed, as a
     CompletedProcess (for the fast tier: flags, rules and one-line errors need no interpreter of
-    their own). The logging set-up the CLI does is undone afterwards."""
+    their own). ``terminal``: stderr says it is a terminal. The logging set-up the CLI does is undone
+    afterwards."""
     import logging
     import os
     import subprocess
@@ -132,7 +138,7 @@ def run_cli(*args, env: dict | None = None):
     logger = logging.getLogger("clip_triton")
     saved = (list(logger.handlers), logger.propagate, logger.level)
     environ = dict(os.environ)
-    out, err = io.StringIO(), io.StringIO()
+    out, err = io.StringIO(), (_Terminal() if terminal else io.StringIO())
     try:
         os.environ.update(env or {})
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

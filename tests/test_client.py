@@ -171,9 +171,13 @@ def test_cli_classify_embed_search(triton, photos, tmp_path):
 def test_cli_reports_an_unreachable_server():
     from clip_triton.server import free_port
 
-    result = run_cli("classify", "x.jpg", "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--ready-timeout", "2")
-    assert result.returncode == 2 and "not ready" in result.stderr and "no server answers" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 2  # waiting..., error
+    from .helpers import IMAGES
+
+    cat = str(IMAGES / "cat.jpg")
+    result = run_cli("classify", cat, "--prompts", "a", "--url", f"127.0.0.1:{free_port()}", "--connect-timeout", "1")
+    assert result.returncode == 2 and "nothing answers at 127.0.0.1:" in result.stderr, result.stderr
+    assert "clip-triton serve" in result.stderr and "not ready after" not in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 2  # trying..., error
 
 
 def test_zero_shot_eval_on_an_image_folder(client, tmp_path, photos):

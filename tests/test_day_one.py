@@ -266,6 +266,28 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.integration  # the CLI as a user runs it
+def test_nothing_listening_fails_in_seconds_and_inputs_are_checked_before_dialling(tmp_path):
+    """With no server at --url, `classify` waited 120 s before saying so; now it says within seconds
+    (--connect-timeout, 10 s) which address and how to start one. `eval` on a flat folder waited the
+    same 120 s before looking at the folder; now the folder is refused before any connection."""
+    from clip_triton.server import free_port
+
+    url = f"127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = cli("classify", IMAGES / "cat.jpg", "--prompts", "a cat", "a dog", "--url", url)
+    took = time.monotonic() - started
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(error) == 1, result.stderr
+    assert f"nothing answers at {url}" in error[0] and "clip-triton serve --repo REPO" in error[0]
+    assert took < 100, took  # the connect timeout (10 s), not the 120 s --ready-timeout
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "cat.jpg").write_bytes((IMAGES / "cat.jpg").read_bytes())
+    line = one_line_error(cli("eval", flat, "--url", url))
+    assert "has no class sub-folders" in line
+
+
 @pytest.mark.parametrize(
     "blocked, args, extra",
     [
@@ -275,7 +297,7 @@ sys.exit(main(sys.argv[1:]))
             "export",
         ),
         ({"fastapi"}, ["gateway", "--no-auth"], "gateway"),
-        ({"tritonclient"}, ["classify", "x.jpg", "--prompts", "a"], "client"),
+        ({"tritonclient"}, ["classify", str(IMAGES / "cat.jpg"), "--prompts", "a"], "client"),
     ],
 )
 @pytest.mark.integration  # a fresh interpreter whose imports of the extra fail

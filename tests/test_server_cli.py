@@ -205,15 +205,33 @@ def test_ctrl_c_during_startup_leaves_no_server_behind(tiny_repo):
             process.kill()
 
 
-@pytest.mark.integration  # the demo: export, tritonserver
-def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
-    """The README's main job, on the tiny architecture to keep the suite fast."""
+def _fresh_shell(line: str, cwd: Path, **kwargs):
+    """``line`` in a new bash with the system PATH only (no virtualenv on it), as a user's new terminal."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
+    return children.spawn(["bash", "-c", line], cwd=cwd, env=env, **kwargs)
+
+
+@pytest.mark.integration  # the demo (export, tritonserver), then its next steps from a fresh shell
+def test_the_demo_and_its_next_steps_run_as_written_from_a_fresh_shell(tmp_path):
+    """The README's main job on the tiny architecture, run from a folder of its own with the default
+    workdir; then every "Next" line it prints (activation, serve, the five use commands), each in a new
+    shell with nothing but the system PATH, exactly as printed. They are the same lines each command's
+    --help ends with (samples.EXAMPLES), so those run as written too."""
+    import shlex
+
+    from clip_triton.cli import build_parser
+    from clip_triton.samples import example
+
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8001)) == 0:
+            pytest.skip("something listens on 8001: the printed lines use Triton's default ports")
     result = children.run(
-        [sys.executable, "-m", "clip_triton.cli", "demo", "--model", str(TINY_CONFIG), "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "clip_triton.cli", "demo", "--model", str(TINY_CONFIG)],
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(os.environ),
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "CLIP_TRITON_URL"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
@@ -226,20 +244,47 @@ def test_demo_main_job_prints_scores_and_says_weights_are_random(tmp_path):
     assert all(0 <= p <= 1 for p in probabilities)
     assert abs(sum(probabilities[:5]) - 1) < 1e-3  # one image's prompts sum to 1
     assert "encoders onnxruntime (python backend), fp32 (read from the server)" in out
-    # It ends with the next commands to try, and they are real commands for the repository it wrote.
-    import shlex
 
-    from clip_triton.cli import build_parser, check_combinations
-
-    nexts = [
-        line.split("#")[0].strip()
-        for line in out.split("Next, with this repository:")[1].splitlines()
-        if line.strip().startswith("clip-triton ")
-    ]
-    assert len(nexts) == 5 and f"--repo {tmp_path / 'model_repository'}" in nexts[0]
-    for line in nexts:
-        parser = build_parser()
-        check_combinations(parser, parser.parse_args(shlex.split(line)[1:]))
+    nexts = [line.strip() for line in out.split("Next, in a new shell")[1].splitlines()[1:] if line.startswith("  ")]
+    activate = nexts.pop(0) if nexts[0].startswith(("source ", "export PATH=")) else None
+    assert activate, "the tests run .venv's python without activating it: the demo must say how"
+    commands = [line.split("  # ")[0] for line in nexts]
+    names = ["serve", "classify", "embed", "search", "eval", "eval-retrieval"]
+    assert commands == [example(name) for name in names]
+    parser = build_parser()
+    for name in names:  # the same line ends each command's --help
+        args = parser.parse_args(shlex.split(example(name))[1:])
+        assert args.command == name and example(name) in args._parser.format_help()
+    serve = _fresh_shell(
+        f"{activate.split('  #')[0]}\nexec {commands[0]}",
+        tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = _Lines(serve)
+    try:
+        lines.wait_for("ready; Ctrl-C stops the server")
+        for command in commands[1:]:
+            shell = _fresh_shell(
+                f"{activate.split('  #')[0]}\n{command}",
+                tmp_path,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            stdout, stderr = shell.communicate(timeout=300)
+            assert shell.returncode == 0, f"{command}\n{stdout}\n{stderr}"
+            if command.startswith("clip-triton eval "):
+                assert "top-1" in stdout.lower() or "accuracy" in stdout.lower(), stdout
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(120)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    assert (tmp_path / ".clip-triton" / "demo" / "photos.npy").is_file()
 
 
 @pytest.fixture()

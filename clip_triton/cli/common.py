@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..contract import CPU_PRECISIONS, CPU_RUNTIMES, DEFAULT_URL, RETRY_SECONDS
+from ..contract import CONNECT_SECONDS, CPU_PRECISIONS, CPU_RUNTIMES, DEFAULT_URL, RETRY_SECONDS
 from ..errors import ClipTritonError
 
 EXIT_USER_ERROR = 2
@@ -28,7 +28,7 @@ BF16_NEEDS_OPENVINO: Rule = (
 )
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Every flag's default in its help (flags without a value, and defaults that are None, describe
     themselves in words)."""
 
@@ -36,6 +36,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or isinstance(action.default, bool) or "%(default)" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+# What an example needs first (samples.EXAMPLES run as written after it).
+EXAMPLE_CONTEXT = {
+    **dict.fromkeys(("verify", "repo", "serve"), " (after `clip-triton demo`)"),
+    **dict.fromkeys(
+        ("health", "gateway", "perf", "classify", "embed", "search", "eval", "eval-retrieval"),
+        " (after `clip-triton demo`, with its `clip-triton serve` example running)",
+    ),
+}
 
 
 def add_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
@@ -48,8 +58,19 @@ def finish(
     rules: Sequence[Rule] = (),
     check: Callable[[argparse.Namespace], None] | None = None,
 ) -> None:
-    """A command's handler, its flag rules and any further check of its arguments, kept on its parser."""
+    """A command's handler, its flag rules and any further check of its arguments, kept on its parser;
+    its --help ends with the command's example (samples.EXAMPLES: runs as written after the demo)."""
+    from ..samples import EXAMPLES, example  # noqa: PLC0415
+
     p.set_defaults(func=run, _parser=p, _rules=tuple(rules), _check=check)
+    command = p.prog.split()[-1]
+    if command in EXAMPLES:
+        after = (
+            ""
+            if command in ("demo", "export")
+            else " (after `clip-triton demo`; the use commands with `serve` running)"
+        )
+        p.epilog = f"example{after}:\n  {example(command)}"
 
 
 def check_combinations(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -108,7 +129,13 @@ def client_args(p: argparse.ArgumentParser) -> None:
         "--ready-timeout",
         type=float,
         default=120.0,
-        help="seconds to wait for the server's clip_image and clip_text to be ready",
+        help="seconds to wait for a server that answers but is still loading clip_image and clip_text",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_SECONDS,
+        help="seconds to wait for anything to answer at --url before saying nothing does",
     )
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--batch-size", type=int, default=None, help="items per request (default: the server's max)")

@@ -14,6 +14,9 @@ EMBED_RULES: list[Rule] = [("all_files", lambda a: bool(a.images), "--all-files 
 
 
 def _client(args):
+    """A ClipClient on --url, ready: nothing answering fails after --connect-timeout (one line naming
+    the address and `clip-triton serve`); a server that answers but is loading is waited for up to
+    --ready-timeout, with a countdown on a terminal. Called only once every input has been checked."""
     from clip_triton.client import ClipClient  # noqa: PLC0415
 
     urls = [u.strip() for u in args.url.split(",") if u.strip()]
@@ -25,17 +28,66 @@ def _client(args):
         progress=args.progress,
         retry_seconds=args.retry_seconds,
     )
-    if client.readiness() is not None:
-        print(
-            f"waiting up to {args.ready_timeout:.0f} s for clip_image and clip_text to be ready at {args.url}",
-            file=sys.stderr,
-        )
+    terminal, said = sys.stderr.isatty(), set()
+
+    def on_wait(state, left: float) -> None:
+        if state.state == "unreachable":
+            if "unreachable" not in said:
+                said.add("unreachable")
+                print(f"nothing answers at {args.url} yet; trying for {args.connect_timeout:.0f} s", file=sys.stderr)
+        elif terminal:
+            said.add("countdown")
+            line = f"waiting for clip_image and clip_text at {args.url}: {left:4.0f} s left ({state.reason})"
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif "loading" not in said:
+            said.add("loading")
+            print(f"waiting up to {left:.0f} s for clip_image and clip_text to be ready at {args.url}", file=sys.stderr)
+
     try:
-        client.wait_until_ready(args.ready_timeout)
+        client.wait_until_ready(args.ready_timeout, connect_timeout=args.connect_timeout, on_wait=on_wait)
     except BaseException:
         client.close()
         raise
+    finally:
+        if "countdown" in said:
+            print(file=sys.stderr)  # end the countdown's line
     return client
+
+
+def _writable(path: str, flag: str) -> Path:
+    """An output path the command can write: its folder exists and is writable (checked before the work)."""
+    import os  # noqa: PLC0415
+
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ClipTritonError(f"{flag} {path} is a folder", "name a file to write")
+    if not folder.is_dir():
+        raise ClipTritonError(
+            f"{flag} {path}: the folder {folder} does not exist", f"create it first: mkdir -p {folder}"
+        )
+    if not os.access(folder, os.W_OK):
+        raise ClipTritonError(f"{flag} {path}: cannot write in {folder}", "choose a folder you can write to")
+    return target
+
+
+def _local_images(values, flag: str) -> None:
+    """Every local image path names a file (http(s) URLs are fetched, and checked, when sent)."""
+    for value in values:
+        if str(value).lower().startswith(("http://", "https://")):
+            continue
+        path = Path(value)
+        if not path.exists():
+            raise ClipTritonError(f"{flag} {value}: no such file", "pass image files or http(s) URLs")
+        if path.is_dir():
+            raise ClipTritonError(
+                f"{flag} {value} is a folder", "pass image files (`clip-triton embed --images` takes a folder)"
+            )
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise ClipTritonError(f"{flag} {value}: expected a positive number")
 
 
 def _report_item_errors(errors: dict[int, str], names) -> None:
@@ -47,6 +99,8 @@ def _classify(args) -> int:
     from clip_triton.client import ItemErrors  # noqa: PLC0415
     from clip_triton.client.zeroshot import templates  # noqa: PLC0415
 
+    _local_images(args.images, "image")
+    _positive(args.top, "--top")
     template_list = templates(args.templates) if args.templates else None
     with _client(args) as client:
         try:
@@ -77,6 +131,10 @@ def _embed(args) -> int:
     kind = VISION.kind if args.images else TEXT.kind
     skipped: dict[str, str] = {}
     if args.images:
+        if not Path(args.images).is_dir():
+            raise ClipTritonError(
+                f"--images {args.images} is not a folder", "pass a folder of images (searched recursively)"
+            )
         files, skipped = image_files(args.images, all_files=args.all_files)
         items = [str(p) for p in files]
         if skipped:
@@ -94,6 +152,16 @@ def _embed(args) -> int:
         items = [line for line in read_text(args.texts, "--texts").splitlines() if line.strip()]
         if not items:
             raise ClipTritonError(f"--texts {args.texts} has no non-empty line", "one text per line")
+    npy, _ = index_paths(args.out)
+    _writable(str(npy), "--out")
+    if not args.force and npy.exists():
+        from clip_triton.client.index import EmbeddingIndex  # noqa: PLC0415
+
+        previous = EmbeddingIndex.load(args.out)  # a damaged index is refused here, before any connection
+        if previous.kind != kind:
+            raise ClipTritonError(
+                f"{npy} holds {previous.kind} embeddings, not {kind}", "choose another --out, or --force to replace it"
+            )
     with _client(args) as client:
         run = embed_into(
             client,
@@ -139,6 +207,9 @@ def _search(args) -> int:
     from clip_triton.client.index import EmbeddingIndex  # noqa: PLC0415
 
     index = EmbeddingIndex.load(args.index)
+    _positive(args.k, "-k")
+    if args.image is not None:
+        _local_images([args.image], "--image")
     with _client(args) as client:
         index.client = client
         hits = index.search_text(args.text, args.k) if args.text is not None else index.search_image(args.image, args.k)
@@ -149,33 +220,28 @@ def _search(args) -> int:
 
 
 def _eval(args) -> int:
-    from clip_triton.client.zeroshot import evaluate  # noqa: PLC0415
+    from clip_triton.client.zeroshot import ZeroShotTask, evaluate_task  # noqa: PLC0415
 
-    return _evaluation(
-        args,
-        "accuracy",
-        lambda client: evaluate(
-            client, args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit
-        ),
-    )
+    _positive(args.limit, "--limit")
+    task = ZeroShotTask.prepare(args.dataset, classnames=args.classnames, template_set=args.templates, limit=args.limit)
+    return _evaluation(args, "accuracy", lambda client: evaluate_task(client, task))
 
 
 def _eval_retrieval(args) -> int:
-    from clip_triton.client.retrieval import evaluate_retrieval  # noqa: PLC0415
+    from clip_triton.client.retrieval import evaluate_captions, load_captions  # noqa: PLC0415
 
-    return _evaluation(
-        args,
-        "recall",
-        lambda client: evaluate_retrieval(
-            client, args.images, args.captions, ks=int_list(args.k, "-k"), limit=args.limit, split=args.split
-        ),
-    )
+    _positive(args.limit, "--limit")
+    ks = int_list(args.k, "-k")
+    dataset = load_captions(args.images, args.captions, args.split)[: args.limit]
+    return _evaluation(args, "recall", lambda client: evaluate_captions(client, dataset, ks=ks))
 
 
 def _evaluation(args, figure: str, run) -> int:
     """Run an evaluation through the deployment; print its table (and write its JSON with --json)."""
     import json  # noqa: PLC0415
 
+    if args.json:
+        _writable(args.json, "--json")
     with _client(args) as client:
         result = run(client)
         random_weights = client.facts.random_weights

@@ -11,6 +11,7 @@ import random
 import re
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -33,6 +34,14 @@ MAX_BACKOFF_S = 5.0
 AUTO_DEADLINE_FLOOR_S = 60.0
 FIRST_SECONDS_PER_ITEM = 2.0
 DEADLINE_SAFETY = 4.0
+
+
+class Readiness(NamedTuple):
+    """Where a deployment stands before a job: ``ready``, ``loading`` (it answers, models not ready)
+    or ``unreachable`` (nothing answers at the address); ``reason`` in words (None when ready)."""
+
+    state: str
+    reason: str | None
 
 
 def retry_delay(attempt: int, backoff: float) -> float:

@@ -12,17 +12,26 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from clip_triton.contract import DEFAULT_URL, IMAGE_ENSEMBLE, IMAGE_INPUT, RETRY_SECONDS, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import (
+    CONNECT_SECONDS,
+    DEFAULT_URL,
+    IMAGE_ENSEMBLE,
+    IMAGE_INPUT,
+    RETRY_SECONDS,
+    TEXT_ENSEMBLE,
+    TEXT_INPUT,
+)
 from clip_triton.facts import ServerFacts
 
 from .core import (
     DeadlinePolicy,
+    Readiness,
     record_or_split,
     record_rows,
     retry_delay,
@@ -265,35 +274,65 @@ class ClipClient:
         with self._lock:
             return self.clients[next(self._next)]
 
-    def readiness(self) -> str | None:
-        """None when both ensembles are ready on every server, else what is missing, in words."""
+    def readiness_state(self) -> Readiness:
+        """Where the servers stand: ``ready`` (both ensembles on every server), ``loading`` (a server
+        answers but is not live or a model is not ready) or ``unreachable`` (nothing answers at an
+        address: connection refused, no such name, TLS), with the reason in words."""
         for target, client in zip(self.target.split(","), self.clients):
             try:
                 if not client.is_server_live():
-                    return f"the server at {target} is not live"
+                    return Readiness("loading", f"the server at {target} is not live")
                 missing = [m for m in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE) if not client.is_model_ready(m)]
             except Exception as exc:  # noqa: BLE001 (connection refused, DNS, TLS: all mean unreachable)
                 message = getattr(exc, "message", None)
                 text = message() if callable(message) else str(exc)
-                return f"no server answers at {target} ({(text or type(exc).__name__).splitlines()[0]})"
-            if missing:
-                return f"the server at {target} is up but {' and '.join(missing)} is not ready (still loading?)"
-        return None
-
-    def wait_until_ready(self, timeout: float = 120.0) -> None:
-        """Wait until both ensembles answer ready on every server; the error says what was missing."""
-        deadline = time.monotonic() + timeout
-        while True:
-            reason = self.readiness()
-            if reason is None:
-                return
-            if time.monotonic() >= deadline:
-                hint = (
-                    "start it with `clip-triton serve --repo REPO`, or check --url / $CLIP_TRITON_URL"
-                    if reason.startswith("no server")
-                    else "wait longer (--ready-timeout) or read the server log"
+                return Readiness(
+                    "unreachable", f"nothing answers at {target} ({(text or type(exc).__name__).splitlines()[0]})"
                 )
-                raise ServerUnavailable(f"clip-triton not ready after {timeout:.0f} s: {reason}", hint)
+            if missing:
+                return Readiness(
+                    "loading", f"the server at {target} is up but {' and '.join(missing)} is not ready (still loading?)"
+                )
+        return Readiness("ready", None)
+
+    def readiness(self) -> str | None:
+        """None when both ensembles are ready on every server, else what is missing, in words."""
+        return self.readiness_state().reason
+
+    def wait_until_ready(
+        self,
+        timeout: float = 120.0,
+        *,
+        connect_timeout: float = CONNECT_SECONDS,
+        on_wait: Callable[[Readiness, float], None] | None = None,
+    ) -> None:
+        """Wait until both ensembles answer ready on every server; the error says what was missing.
+
+        A server that answers but is still loading is waited for up to ``timeout`` seconds. An address
+        where nothing answers fails after ``connect_timeout`` (the most common first mistake: no server
+        started, or on other ports), not after the whole ``timeout``. ``on_wait(state, seconds_left)``
+        is called between polls (the CLI's countdown). Jobs already running ride out restarts through
+        their retry budget instead (``retry_seconds``)."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            state = self.readiness_state()
+            if state.state == "ready":
+                return
+            now = time.monotonic()
+            if state.state == "unreachable" and now - started >= min(connect_timeout, timeout):
+                raise ServerUnavailable(
+                    state.reason or "nothing answers",
+                    'start the server: `clip-triton serve --repo REPO` (it prints "ready" once it answers), '
+                    "or point --url / $CLIP_TRITON_URL at the one that runs",
+                )
+            if now >= deadline:
+                raise ServerUnavailable(
+                    f"clip-triton not ready after {timeout:.0f} s: {state.reason}",
+                    "wait longer (--ready-timeout) or read the server log",
+                )
+            if on_wait is not None:
+                on_wait(state, deadline - now)
             time.sleep(0.25)
 
     @property

@@ -33,6 +33,10 @@ class CaptionedImage:
 def load_captions(images_root: str | Path, captions_file: str | Path, split: str | None = None) -> list[CaptionedImage]:
     """The images with their captions, in the file's order (images without a caption are left out)."""
     root, path = Path(images_root), Path(captions_file)
+    if not root.is_dir():
+        raise ClipTritonError(
+            f"--images {root} is not a folder", "pass the folder the captions file's image names are relative to"
+        )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -117,8 +121,11 @@ def evaluate_retrieval(
     split: str | None = None,
 ) -> RetrievalResult:
     """Recall@k of the deployment behind ``client``; images it refuses are left out with their captions."""
+    return evaluate_captions(client, load_captions(images_root, captions_file, split)[:limit], ks=ks)
 
-    dataset = load_captions(images_root, captions_file, split)[:limit]
+
+def evaluate_captions(client, dataset: list[CaptionedImage], *, ks: tuple[int, ...] = (1, 5, 10)) -> RetrievalResult:
+    """:func:`evaluate_retrieval` of captions already loaded (and checked) by :func:`load_captions`."""
     failed: set[int] = set()
     try:
         image_rows = client.embed_images([item.path for item in dataset])

@@ -141,16 +141,37 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float | Non
     return float((top == labels[:, None]).any(axis=1).mean())
 
 
+@dataclass
+class ZeroShotTask:
+    """What an evaluation will send, read and checked before any server is dialled."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    names: list[str]
+    templates: list[str]
+
+    @classmethod
+    def prepare(
+        cls, root: str | Path, *, classnames: str = "folder", template_set: str = "openai", limit: int | None = None
+    ) -> ZeroShotTask:
+        paths, labels, folders = image_folder(root)
+        if limit:
+            paths, labels = paths[:limit], labels[:limit]
+        return cls(paths, labels, class_names(folders, classnames), templates(template_set))
+
+
 def evaluate(
     client, root: str | Path, *, classnames: str = "folder", template_set: str = "openai", limit: int | None = None
 ) -> EvalResult:
     """Top-1/top-5 and per-class zero-shot accuracy of the deployment behind ``client`` on an ImageFolder."""
+    task = ZeroShotTask.prepare(root, classnames=classnames, template_set=template_set, limit=limit)
+    return evaluate_task(client, task)
 
-    paths, labels, folders = image_folder(root)
-    if limit:
-        paths, labels = paths[:limit], labels[:limit]
-    names = class_names(folders, classnames)
-    classifier = client.prompt_embeddings(names, templates(template_set))
+
+def evaluate_task(client, task: ZeroShotTask) -> EvalResult:
+    """:func:`evaluate` of a prepared task."""
+    paths, labels, names = task.paths, task.labels, task.names
+    classifier = client.prompt_embeddings(names, task.templates)
     failed = 0
     try:
         images = client.embed_images(paths)
