@@ -16,6 +16,16 @@ import pytest
 from .helpers import IMAGES, SEED, TINY_CONFIG, export_for_tests, open_clip_reference_for
 
 
+def pytest_configure(config):
+    """The suite behaves the same however it is launched: a run started as a background job of a
+    non-interactive shell inherits SIGINT ignored, which its Python children would inherit too (the
+    Ctrl-C tests of test processes' own children then hang). Restore Python's handler."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run the opt-in full-size ViT-bigG-14 checks")
 

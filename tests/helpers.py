@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import io
+import os
 import threading
 from pathlib import Path
 
@@ -16,14 +17,71 @@ IMAGES = ROOT / "clip_triton" / "assets" / "images"
 SEED = 0
 
 
+# Exports the fixtures share, cached by content across runs (as the GPU twin's environments are): the
+# key is every byte that decides an export (the export code's import closure, the package's assets,
+# the test configs and tokenizers, the libraries' versions, the options), so a change to any of them
+# exports afresh. Tests of the export itself call export_model directly and never read this cache.
+EXPORT_CACHE = Path(os.environ.get("CLIP_TRITON_TEST_CACHE", Path.home() / ".cache" / "clip-triton-tests")) / "exports"
+_EXPORT_LIBRARIES = (
+    "torch",
+    "open_clip_torch",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "openvino",
+    "transformers",
+    "tokenizers",
+)
+
+
+def export_digest(config: Path, **options) -> str:
+    import hashlib
+    from importlib import metadata
+
+    from .imports import closure, source_files
+
+    digest = hashlib.sha256()
+    files = [
+        *source_files(closure("clip_triton.export.pipeline")),
+        *sorted(p for p in (ROOT / "clip_triton" / "assets").rglob("*") if p.is_file()),
+        *sorted(p for p in config.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts),
+    ]
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    for library in _EXPORT_LIBRARIES:
+        try:
+            digest.update(f"{library}=={metadata.version(library)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{library} absent".encode())
+    digest.update(repr(sorted({"config": str(config.relative_to(ROOT)), "seed": SEED, **options}.items())).encode())
+    return digest.hexdigest()[:16]
+
+
 def export_for_tests(
     tmp_path_factory, name: str, config: Path = TINY_CONFIG, precision: str = "fp32", openvino_ir: bool = False
 ) -> Path:
-    """An export with verification (as `clip-triton export` does), random weights with the suite's seed."""
+    """An export with verification (as `clip-triton export` does), random weights with the suite's seed:
+    from the content-keyed cache when one exists, copied into the test's own folder."""
+    import shutil
+
     from clip_triton.export import export_model
 
+    key = export_digest(config, precision=precision, openvino_ir=openvino_ir)
+    cached = EXPORT_CACHE / f"{name}-{key}"
+    if not (cached / ".complete").is_file():
+        EXPORT_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = EXPORT_CACHE / f".{name}-{key}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        export_model(str(config), "none", partial, precision=precision, seed=SEED, openvino_ir=openvino_ir)
+        (partial / ".complete").write_text(key + "\n")
+        shutil.rmtree(cached, ignore_errors=True)
+        os.replace(partial, cached)
+        for stale in EXPORT_CACHE.glob(f"{name}-*"):  # earlier code's exports of this fixture (only)
+            suffix = stale.name[len(name) + 1 :]
+            if stale != cached and len(suffix) == 16 and all(c in "0123456789abcdef" for c in suffix):
+                shutil.rmtree(stale, ignore_errors=True)
     out = tmp_path_factory.mktemp(name)
-    export_model(str(config), "none", out, precision=precision, seed=SEED, openvino_ir=openvino_ir)
+    shutil.copytree(cached, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".complete"))
     return out
 
 

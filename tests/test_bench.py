@@ -11,7 +11,19 @@ from clip_triton import children
 
 pytestmark = pytest.mark.integration
 
+TINY_STEM = "clip-triton-tiny"
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture()
+def seeded_bench(tmp_path, tiny_ir_export):
+    """The test's --workdir, holding the suite's verified tiny export where the bench scripts look for
+    one to reuse (bench/common.py prepared_export): each bench measures, instead of exporting again."""
+    import shutil
+
+    shutil.copytree(tiny_ir_export, tmp_path / f"onnx-{TINY_STEM}")
+    return tmp_path
 
 
 def test_pytorch_gpu_baseline_runs_on_cpu_with_a_tiny_model(tiny_config, tmp_path):
@@ -44,7 +56,7 @@ def test_pytorch_gpu_baseline_runs_on_cpu_with_a_tiny_model(tiny_config, tmp_pat
     assert "items/s" in result.stdout
 
 
-def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_path):
+def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_path, seeded_bench):
     """bench/run.py end to end on the tiny model (short windows): every row of the table is measured,
     both precisions, in-process and through a real tritonserver."""
     result = children.run(
@@ -109,7 +121,7 @@ def test_side_by_side_bench_runs_every_row_at_both_precisions(tiny_config, tmp_p
     assert same[2] == same[5] == 1.0 and abs(same[1] - same[0] / base[0]) <= 0.02 * same[1] + 0.01
 
 
-def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_path):
+def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_path, seeded_bench):
     result = subprocess.run(
         [
             sys.executable,
@@ -156,7 +168,7 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
         assert min(img_cos, txt_cos) >= (0.99999 if precision == "fp32" else 0.999)
 
 
-def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config, tmp_path):
+def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config, tmp_path, seeded_bench):
     """bench/dirty.py end to end on the tiny model (small folder and list): every row measured, and
     dirty data costs no more than its clean version beyond noise (a generous bound: timing on a shared
     2-core machine; the per-item round-trip count is asserted in tests/test_client.py)."""
@@ -202,7 +214,9 @@ def _bench(script: str, tiny_config, tmp_path, *args: str, timeout: int = 900) -
     return json.loads(out.read_text())
 
 
-def test_text_lengths_bench_measures_every_workload_static_and_bucketed_with_parity(tiny_config, tmp_path):
+def test_text_lengths_bench_measures_every_workload_static_and_bucketed_with_parity(
+    tiny_config, tmp_path, seeded_bench
+):
     report = _bench(
         "text_lengths.py",
         tiny_config,
@@ -226,7 +240,7 @@ def test_text_lengths_bench_measures_every_workload_static_and_bucketed_with_par
     assert set(rows["short prompts"]["requests_by_length"]) <= {"8", "16"}
 
 
-def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path):
+def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path, seeded_bench):
     # One request in flight: a repeat never overlaps its first copy (which would be a miss).
     report = _bench(
         "response_cache.py", tiny_config, tmp_path, "--prompts", "32", "--rounds", "3", "--concurrency", "1"
@@ -238,7 +252,7 @@ def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path):
     assert all(row["texts_per_s"] > 0 for side in ("off", "nested", "public") for row in report[side].values())
 
 
-def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tmp_path):
+def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tmp_path, seeded_bench):
     """bench/peers.py on the tiny model without infinity-emb (its own virtualenv, not in CI): every
     clip-triton row and the FastAPI + open_clip peer, every cell, and the long-text probe says that
     no system truncated."""

@@ -7,45 +7,7 @@ import ast
 import tomllib
 
 from .helpers import ROOT
-
-PACKAGE = ROOT / "clip_triton"
-
-
-def modules() -> dict[str, ast.Module]:
-    found = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(ROOT).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        found[".".join(parts)] = (path, ast.parse(path.read_text()))
-    return found
-
-
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports, anywhere in its body (lazy and TYPE_CHECKING
-    imports included: a circle through a function is still a circle)."""
-    mods = modules()
-    graph: dict[str, set[str]] = {}
-    for name, (path, tree) in mods.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-        deps = set()
-        for node in ast.walk(tree):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(parts + ([base] if base else []))
-                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
-            for target in targets:
-                while target and target not in mods and "." in target:
-                    target = target.rsplit(".", 1)[0]
-                if target in mods and target != name and not name.startswith(target + "."):
-                    deps.add(target)
-        graph[name] = deps
-    return graph
+from .imports import PACKAGE, import_graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -57,13 +57,16 @@ def test_port_in_use_is_reported(tiny_repo):
             TritonServer(tiny_repo, grpc_port=port).start(timeout=30)
 
 
-def _serve(repo, *extra: str):
-    """`clip-triton serve` as a child that dies with this test process (and takes tritonserver along)."""
+def _serve(repo, *extra: str, sigint_ignored: bool = False):
+    """`clip-triton serve` as a child that dies with this test process (and takes tritonserver along).
+    ``sigint_ignored``: started as a script's background job is, with SIGINT ignored (inherited)."""
     from clip_triton.server import free_ports
 
     http, grpc_port, metrics = free_ports(3)
+    ignoring = ["bash", "-c", 'trap "" INT; exec "$@"', "bash"] if sigint_ignored else []
     process = children.spawn(
         [
+            *ignoring,
             sys.executable,
             "-m",
             "clip_triton.cli",
@@ -152,7 +155,9 @@ def _serving(http: int) -> bool:
 
 
 def test_serve_command_runs_until_ctrl_c(tiny_repo):
-    process, http = _serve(tiny_repo)
+    """Ctrl-C stops serve, also when it was started with SIGINT ignored (a background job of a script:
+    it used to run on after `kill -INT`, and a test waiting for it hung)."""
+    process, http = _serve(tiny_repo, sigint_ignored=True)
     try:
         lines = []
         deadline = time.monotonic() + 180

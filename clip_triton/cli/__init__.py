@@ -36,9 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def honour_ctrl_c() -> None:
+    """Ctrl-C (SIGINT) stops every command, as documented, even where the process was started with
+    SIGINT ignored: a background job of a non-interactive shell script (`clip-triton serve &`), or
+    anything `nohup`-like, inherits SIG_IGN, and Python then installs no KeyboardInterrupt handler, so
+    `serve` ran on after `kill -INT` and `embed` could not be interrupted."""
+    import signal  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..progress import configure_cli_logging  # noqa: PLC0415
 
+    honour_ctrl_c()
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_cli_logging()
