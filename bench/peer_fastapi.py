@@ -22,7 +22,7 @@ def build_app(model_name: str, seed: int, threads: int):
     from PIL import Image
     from pydantic import BaseModel
 
-    from clip_triton.contract import register_model_config  # a model-config JSON path, as clip-triton takes
+    from clip_triton.export.adapter import register_model_config  # a model-config JSON path, as clip-triton takes
 
     model_name = register_model_config(model_name)
     torch.set_num_threads(threads)

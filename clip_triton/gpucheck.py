@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE, TEXT_MODEL, VISION_MODEL
+from .contract import GRPC_PORT, IMAGE_ENSEMBLE, TEXT_ENSEMBLE, TEXT_MODEL, VISION_MODEL
 from .perf import run_perf_analyzer
 
 
@@ -27,7 +27,7 @@ def engine_cosines(repo: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="triton:8001")
+    parser.add_argument("--url", default=f"triton:{GRPC_PORT}", help="the compose service's gRPC address")
     parser.add_argument("--repo", default="/models/current")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--concurrency", default="1,4,16,32")

@@ -99,7 +99,7 @@ def write_sample_dataset(folder: str | Path) -> Path:
 
 # One example per command, each run as written after `clip-triton demo` (with the serve line running
 # in another shell): ends every command's --help, and the demo prints the use lines as its next steps.
-# {work} is the demo's folder.
+# {work} is the demo's folder, {url} where clients look for Triton by default.
 EXAMPLES = {
     "export": "clip-triton export --model ViT-B-32 --pretrained none --onnx-dir {work}/onnx --reuse",
     "verify": "clip-triton verify --onnx-dir {work}/onnx",
@@ -107,9 +107,9 @@ EXAMPLES = {
     "build-engines": "clip-triton build-engines --onnx-dir /exports/bigG --root /models   # GPU host, TensorRT image",
     "check-engines": "clip-triton check-engines --repo /models/current   # GPU host, TensorRT image",
     "serve": "clip-triton serve --repo {work}/model_repository",
-    "health": "clip-triton health --url localhost:8001",
+    "health": "clip-triton health --url {url}",
     "demo": "clip-triton demo",
-    "gateway": "clip-triton gateway --url localhost:8001 --no-auth   # local use only",
+    "gateway": "clip-triton gateway --url {url} --no-auth   # local use only",
     "perf": "clip-triton perf --ensembles clip_text --concurrency 1 --measurement-ms 1500",
     "classify": 'clip-triton classify {work}/samples/cat/cat.jpg --prompts "a cat" "a dog" "a rocket"',
     "embed": "clip-triton embed --images {work}/samples --out {work}/photos",
@@ -120,4 +120,6 @@ EXAMPLES = {
 
 
 def example(command: str, work: str | Path = DEMO_WORKDIR) -> str:
-    return EXAMPLES[command].format(work=work)
+    from .contract import DEFAULT_URL  # noqa: PLC0415
+
+    return EXAMPLES[command].format(work=work, url=DEFAULT_URL)

@@ -279,8 +279,16 @@ def test_a_hugging_face_tokenizer_that_cannot_be_had_stops_the_export_early(monk
     before building any weights, with the ways forward."""
     from clip_triton.export.weights import load_model
 
+    import sys
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-clip-triton-hf-home")
+    # Offline as a process started offline is: huggingface_hub and transformers read HF_HUB_OFFLINE once,
+    # when imported (earlier tests import them); otherwise the hub is dialled and retried (46 s in CI).
+    if "huggingface_hub.constants" in sys.modules:
+        monkeypatch.setattr(sys.modules["huggingface_hub.constants"], "HF_HUB_OFFLINE", True)
+    if "transformers.utils.hub" in sys.modules and hasattr(sys.modules["transformers.utils.hub"], "_is_offline_mode"):
+        monkeypatch.setattr(sys.modules["transformers.utils.hub"], "_is_offline_mode", True)
     with pytest.raises(
         ClipTritonError, match="could not load the Hugging Face tokenizer 'timm/ViT-B-16-SigLIP2'"
     ) as info:
