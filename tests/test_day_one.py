@@ -227,28 +227,30 @@ def test_progress_bar_on_stderr_with_rate_and_eta(triton, photo_folder, tmp_path
 
 
 # -- one-line errors -----------------------------------------------------------------------------
-def test_a_texts_file_that_is_not_utf8(triton, tmp_path):
+def test_a_texts_file_that_is_not_utf8(tmp_path):
+    """Checked before any server is dialled: no server is needed to be told (issue 29)."""
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
-    line = one_line_error(cli("embed", "--texts", path, "--out", tmp_path / "t", "--url", triton.grpc_url))
+    line = one_line_error(run_cli("embed", "--texts", path, "--out", tmp_path / "t", "--url", "127.0.0.1:9"))
     assert "not UTF-8" in line and "line 1" in line and "iconv" in line
 
 
-def test_eval_mistakes(triton, tmp_path, photos):
+def test_eval_mistakes(tmp_path, photos):
+    dead = ("--url", "127.0.0.1:9")  # every mistake is found before any server is dialled
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / "cat.jpg").write_bytes(photos["cat"])
-    line = one_line_error(cli("eval", flat, "--url", triton.grpc_url))
+    line = one_line_error(run_cli("eval", flat, *dead))
     assert "no class sub-folders" in line and "ROOT/CLASS/IMAGE" in line
     three = tmp_path / "three"
     for name in ("cat", "coffee", "rocket"):
         (three / name).mkdir(parents=True)
         (three / name / "1.jpg").write_bytes(photos[name])
-    line = one_line_error(cli("eval", three, "--classnames", "imagenet", "--url", triton.grpc_url))
+    line = one_line_error(run_cli("eval", three, "--classnames", "imagenet", *dead))
     assert "1000 names" in line and "3 class folders" in line
-    line = one_line_error(cli("eval", three, "--classnames", "a,b", "--url", triton.grpc_url))
+    line = one_line_error(run_cli("eval", three, "--classnames", "a,b", *dead))
     assert "2 comma-separated names" in line
-    line = one_line_error(cli("eval", three, "--templates", "nosuchfile", "--url", triton.grpc_url))
+    line = one_line_error(run_cli("eval", three, "--templates", "nosuchfile", *dead))
     assert "neither openai, simple, none nor a file" in line
 
 

@@ -277,9 +277,9 @@ def live_model(live) -> str:
 def test_a_hugging_face_tokenizer_that_cannot_be_had_stops_the_export_early(monkeypatch):
     """SigLIP 2's tokenizer comes from the Hugging Face hub: offline and not cached, the export stops
     before building any weights, with the ways forward."""
-    from clip_triton.export.weights import load_model
-
     import sys
+
+    from clip_triton.export.weights import load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", "/nonexistent-clip-triton-hf-home")
