@@ -89,33 +89,28 @@ def engine(fake_world):
     return FakeEngine(fake_world[0].embed_dim)
 
 
+def suite_settings(triton_url: str = "127.0.0.1:1") -> GatewaySettings:
+    """The suite's gateway: one key, a 2 MiB body limit, the stub resolver."""
+    return GatewaySettings(
+        triton_url=triton_url,
+        api_keys=(KEY,),
+        max_body_bytes=2 * 1024 * 1024,
+        fetch=FetchPolicy(resolver=StubResolver()),
+    )
+
+
 @pytest.fixture(scope="module")
 def gateway(fake_world):
     """The gateway in front of a FakeClipClient (tests/fakes.py): routes, schemas, limits and errors,
     in the fast tier. Parity through the real Triton uses ``live_gateway``."""
-    live = LiveGateway(
-        GatewaySettings(
-            triton_url="127.0.0.1:1",
-            api_keys=(KEY,),
-            max_body_bytes=2 * 1024 * 1024,
-            fetch=FetchPolicy(resolver=StubResolver()),
-        ),
-        fake_client_factory(fake_world),
-    )
+    live = LiveGateway(suite_settings(), fake_client_factory(fake_world))
     yield live
     live.stop()
 
 
 @pytest.fixture(scope="module")
 def live_gateway(triton):
-    live = LiveGateway(
-        GatewaySettings(
-            triton_url=triton.grpc_url,
-            api_keys=(KEY,),
-            max_body_bytes=2 * 1024 * 1024,
-            fetch=FetchPolicy(resolver=StubResolver()),
-        )
-    )
+    live = LiveGateway(suite_settings(triton.grpc_url))
     yield live
     live.stop()
 
@@ -124,14 +119,7 @@ def live_gateway(triton):
 def offline_gateway():
     """The same gateway with nothing at its Triton address: for what it decides before any model call
     (auth, body limits, metrics labels, docs), in the fast tier."""
-    live = LiveGateway(
-        GatewaySettings(
-            triton_url="127.0.0.1:1",
-            api_keys=(KEY,),
-            max_body_bytes=2 * 1024 * 1024,
-            fetch=FetchPolicy(resolver=StubResolver()),
-        )
-    )
+    live = LiveGateway(suite_settings())
     yield live
     live.stop()
 
