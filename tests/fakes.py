@@ -19,7 +19,7 @@ import numpy as np
 from clip_triton import contract as C
 from clip_triton.client import ItemErrors
 from clip_triton.client.core import item_reason
-from clip_triton.client.scoring import ensemble_templates, rank, template_texts
+from clip_triton.client.scoring import ensemble_templates, template_texts
 from clip_triton.facts import ServerFacts
 
 
@@ -62,8 +62,6 @@ class FakeClipClient:
 
     def __init__(self, facts: ServerFacts, models: dict, *, ready: bool = True):
         self.facts, self.models, self.ready = facts, models, ready
-        self.calls: list[tuple[str, int]] = []  # (ensemble, items) of every embed call
-        self.closed = False
 
     async def get_facts(self) -> ServerFacts:
         return self.facts
@@ -72,7 +70,6 @@ class FakeClipClient:
         return self.ready
 
     def _embed(self, ensemble: str, items: list[bytes]) -> np.ndarray:
-        self.calls.append((ensemble, len(items)))
         out = np.full((len(items), self.facts.embed_dim), np.nan, dtype=np.float32)
         errors = {}
         for index, item in enumerate(items):
@@ -98,13 +95,8 @@ class FakeClipClient:
             return ensemble_templates(await self.embed_texts(texts), len(prompts), len(templates))
         return await self.embed_texts(list(prompts))
 
-    async def classify(self, images, prompts, templates=None):
-        text = await self.prompt_embeddings(list(prompts), templates)
-        image = await self.embed_images(images)
-        return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
-
     async def close(self) -> None:
-        self.closed = True
+        pass
 
 
 def tiny_facts() -> ServerFacts:

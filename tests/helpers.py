@@ -38,11 +38,11 @@ def export_digest(config: Path, **options) -> str:
     import hashlib
     from importlib import metadata
 
-    from .imports import closure, source_files
+    from .imports import closure, source_file
 
     digest = hashlib.sha256()
     files = [
-        *source_files(closure("clip_triton.export.pipeline")),
+        *sorted(source_file(module) for module in closure("clip_triton.export.pipeline")),
         *sorted(p for p in (ROOT / "clip_triton" / "assets").rglob("*") if p.is_file()),
         *sorted(p for p in config.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts),
     ]

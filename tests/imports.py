@@ -4,13 +4,15 @@ test checks it for circles, and the export cache keys exports on the export code
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clip_triton"
 
 
-def modules() -> dict[str, ast.Module]:
+def modules() -> dict[str, tuple[Path, ast.Module]]:
+    """Module name -> (its file, its parsed source)."""
     found = {}
     for path in PACKAGE.rglob("*.py"):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
@@ -20,6 +22,7 @@ def modules() -> dict[str, ast.Module]:
     return found
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package's modules it imports, anywhere in its body (lazy and TYPE_CHECKING
     imports included: a circle through a function is still a circle)."""
@@ -49,7 +52,7 @@ def import_graph() -> dict[str, set[str]]:
 
 def closure(module: str, graph: dict[str, set[str]] | None = None) -> set[str]:
     """``module`` and every module of the package it imports, directly or not."""
-    graph = graph if graph is not None else import_graph()
+    graph = graph if graph is not None else import_graph()  # parsed once per session
     seen, todo = set(), [module]
     while todo:
         current = todo.pop()
@@ -63,10 +66,7 @@ def closure(module: str, graph: dict[str, set[str]] | None = None) -> set[str]:
     return seen
 
 
-def source_files(modules: set[str]) -> list[Path]:
-    found = modules_by_name()
-    return sorted(found[name][0] for name in modules if name in found)
-
-
-def modules_by_name():
-    return modules()
+def source_file(module: str) -> Path:
+    """The file a module of the package is read from."""
+    base = ROOT / module.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")

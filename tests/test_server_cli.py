@@ -251,7 +251,7 @@ def test_the_demo_and_its_next_steps_run_as_written_from_a_fresh_shell(tmp_path)
     assert "encoders onnxruntime (python backend), fp32 (read from the server)" in out
 
     nexts = [line.strip() for line in out.split("Next, in a new shell")[1].splitlines()[1:] if line.startswith("  ")]
-    activate = nexts.pop(0) if nexts[0].startswith(("source ", "export PATH=")) else None
+    activate = nexts.pop(0).split("  # ")[0] if nexts[0].startswith(("source ", "export PATH=")) else None
     assert activate, "the tests run .venv's python without activating it: the demo must say how"
     commands = [line.split("  # ")[0] for line in nexts]
     names = ["serve", "classify", "embed", "search", "eval", "eval-retrieval"]
@@ -261,7 +261,7 @@ def test_the_demo_and_its_next_steps_run_as_written_from_a_fresh_shell(tmp_path)
         args = parser.parse_args(shlex.split(example(name))[1:])
         assert args.command == name and example(name) in args._parser.format_help()
     serve = _fresh_shell(
-        f"{activate.split('  #')[0]}\nexec {commands[0]}",
+        f"{activate}\nexec {commands[0]}",
         tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -272,7 +272,7 @@ def test_the_demo_and_its_next_steps_run_as_written_from_a_fresh_shell(tmp_path)
         lines.wait_for("ready; Ctrl-C stops the server")
         for command in commands[1:]:
             shell = _fresh_shell(
-                f"{activate.split('  #')[0]}\n{command}",
+                f"{activate}\n{command}",
                 tmp_path,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

@@ -126,7 +126,7 @@ def _classify(args) -> int:
 
 def _embed(args) -> int:
     from clip_triton.client.index import image_files, index_paths  # noqa: PLC0415
-    from clip_triton.client.resume import embed_into  # noqa: PLC0415
+    from clip_triton.client.resume import embed_into, existing_index  # noqa: PLC0415
 
     kind = VISION.kind if args.images else TEXT.kind
     skipped: dict[str, str] = {}
@@ -154,14 +154,7 @@ def _embed(args) -> int:
             raise ClipTritonError(f"--texts {args.texts} has no non-empty line", "one text per line")
     npy, _ = index_paths(args.out)
     _writable(str(npy), "--out")
-    if not args.force and npy.exists():
-        from clip_triton.client.index import EmbeddingIndex  # noqa: PLC0415
-
-        previous = EmbeddingIndex.load(args.out)  # a damaged index is refused here, before any connection
-        if previous.kind != kind:
-            raise ClipTritonError(
-                f"{npy} holds {previous.kind} embeddings, not {kind}", "choose another --out, or --force to replace it"
-            )
+    previous = existing_index(args.out, kind, force=args.force)  # checked (and read once) before connecting
     with _client(args) as client:
         run = embed_into(
             client,
@@ -171,6 +164,7 @@ def _embed(args) -> int:
             force=args.force,
             skipped=skipped,
             log=lambda line: print(line, file=sys.stderr),
+            previous=previous,
         )
     if run.failure is not None:
         print(f"error: {run.failure}", file=sys.stderr)

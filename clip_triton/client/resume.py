@@ -44,6 +44,21 @@ def _without_row(todo: list[str], answered: list[int], errors: dict[int, str]) -
     return [todo[i] for i in sorted(set(range(len(todo))) - set(answered) - set(errors))]
 
 
+def existing_index(out: str | os.PathLike, kind: str, *, force: bool = False) -> EmbeddingIndex | None:
+    """The index already at ``out`` that a run would resume, read and checked without a server: None
+    where there is none (or ``force`` replaces it); an index of the other kind, or a damaged one, is
+    refused."""
+    if force or not any(path.exists() for path in index_paths(out)):
+        return None
+    previous = EmbeddingIndex.load(out)
+    if previous.kind != kind:
+        raise ClipTritonError(
+            f"{index_paths(out)[0]} holds {previous.kind} embeddings, not {kind}",
+            "choose another --out, or --force to replace it",
+        )
+    return previous
+
+
 def embed_into(
     client: Embedder,
     items: Sequence[str],
@@ -53,6 +68,7 @@ def embed_into(
     force: bool = False,
     skipped: dict[str, str] | None = None,
     log: Callable[[str], None] | None = None,
+    previous: EmbeddingIndex | None = None,
 ) -> EmbedRun:
     """Embed ``items`` (image paths or URLs for ``kind="image"``, texts for ``"text"``) into the index
     ``out`` (``out.npy`` + ``out.json``), resuming an index already there unless ``force``.
@@ -60,18 +76,14 @@ def embed_into(
     An index of the other kind, or one embedded by another model than the server's, is refused (a
     :class:`~clip_triton.errors.ClipTritonError` saying what to do). Duplicate items get one row.
     ``skipped`` (file -> why) is recorded in the side-car. ``log`` receives progress lines.
+    ``previous``: the index :func:`existing_index` already read (not read a second time); None reads it.
     """
     say = log or (lambda line: None)
     npy, _ = index_paths(out)
     unique = list(dict.fromkeys(items))
-    previous, done = None, {}
-    if not force and any(p.exists() for p in index_paths(out)):
-        previous = EmbeddingIndex.load(out)
-        if previous.kind != kind:
-            raise ClipTritonError(
-                f"{npy} holds {previous.kind} embeddings, not {kind}", "choose another --out, or --force to replace it"
-            )
-        done = {item: row for row, item in enumerate(previous.items)}
+    if previous is None:
+        previous = existing_index(out, kind, force=force)
+    done = {item: row for row, item in enumerate(previous.items)} if previous is not None else {}
     facts = client.facts
     if previous is not None and (previous.model, previous.pretrained) != (facts.model, facts.pretrained):
         raise ClipTritonError(
