@@ -15,9 +15,9 @@ install() {
     fi
     local stamp="$VENV/.clip-triton-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/constraints.txt -nt "$stamp" ]; then
-        echo "[dev] installing clip-triton[export,serve,test,bench,gateway] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
+        echo "[dev] installing clip-triton[export,serve,cpu,test,bench,gateway,store] with pinned versions (torch is a ~6 GB CUDA build; runs on CPU)"
         "$VENV/bin/python" -m pip install -q --upgrade pip
-        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,cpu,test,bench,gateway]"
+        "$VENV/bin/python" -m pip install -q -c requirements/constraints.txt -e ".[export,serve,cpu,test,bench,gateway,store]"
         touch "$stamp"
     fi
     # perf_analyzer (in the tritonclient wheel) links Debian's libb64; the GPU twin renders

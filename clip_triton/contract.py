@@ -185,6 +185,24 @@ TOLERANCES = {
 }
 
 
+# Compact encodings of an L2-normalised embedding (clip_triton/encodings.py defines each; the gateway's
+# `embedding_type` and the client's take these names, Cohere's and sentence-transformers' values).
+# name -> (numpy dtype of the encoded array, dimensions per element: 8 bits per byte for binary).
+EMBEDDING_TYPES = {
+    "float": ("<f4", 1),
+    "float16": ("<f2", 1),
+    "int8": ("i1", 1),
+    "uint8": ("u1", 1),
+    "binary": ("i1", 8),
+    "ubinary": ("u1", 8),
+}
+DEFAULT_EMBEDDING_TYPE = "float"
+# int8/uint8: one fixed scale for every L2-normalised D-dimensional vector, no calibration data needed:
+# values in [-R, R] with R = INT8_RANGE_RMS / sqrt(D) (INT8_RANGE_RMS times a component's RMS of
+# 1/sqrt(D)) map to [-127, 127]; larger ones clip. Chosen by `python bench/encodings.py` (docs/storage.md).
+INT8_RANGE_RMS = 16.0
+
+
 @dataclass(frozen=True)
 class EncoderSpec:
     """One encoder of one model: its tower, the graph's input and output, what clients send, and how

@@ -290,3 +290,44 @@ def test_the_infinity_peer_builds_its_tokenizer_from_our_vocabulary(tmp_path):
         token.replace("<start_of_text>", "<|startoftext|>").replace("<end_of_text>", "<|endoftext|>"): i
         for token, i in encoder.items()
     }
+
+
+def test_encodings_bench_measures_every_type_and_structure(tiny_config, tmp_path):
+    """bench/encodings.py (docs/storage.md's tables) on the tiny model, small sizes: every type and
+    every FAISS structure gets a row; float is exact by definition and int8 must stay close to it."""
+    out = tmp_path / "encodings.json"
+    result = children.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "encodings.py"),
+            "--model",
+            str(tiny_config),
+            "--seed-items",
+            "64",
+            "--rows",
+            "3000",
+            "--queries",
+            "40",
+            "--ann",
+            "--ann-rows",
+            "12000",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {row["type"]: row for row in report["encodings"]}
+    assert set(rows) >= {"float", "float16", "int8", "uint8", "binary", "ubinary"}
+    columns = [c for c in rows["float"] if c not in ("type", "bytes/vector")]
+    assert len(columns) == 4  # two corpora x two query sets
+    assert all(rows["float"][c] == 1.0 and rows["float16"][c] > 0.95 for c in columns)
+    assert rows["int8"]["bytes/vector"] == 32 and rows["ubinary"]["bytes/vector"] == 4  # the tiny model: D = 32
+    structures = {(row["corpus"], row["structure"]) for row in report["ann"]}
+    assert structures == {(c, s) for c in ("gaussian", "clustered") for s in ("hnsw (auto)", "ivf")}
+    assert all(0 <= row["recall@10, text->image"] <= 1 for row in report["ann"])
+    assert "recall@10 vs float32 exact search" in result.stdout

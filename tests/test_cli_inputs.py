@@ -72,6 +72,11 @@ DEAD = ["--url", "127.0.0.1:9"]
         (["eval-retrieval", "--images", "{t}/missing", "--captions", "{t}/captions.json"], "is not a folder"),
         (["eval-retrieval", "--images", "{t}/flat", "--captions", "{t}/missing.json"], "no such file"),
         (["eval-retrieval", "--images", "{t}/flat", "--captions", "{t}/captions.json", "-k", "0,1"], "positive"),
+        (["embed", "--texts", "{t}/texts.txt", "--out", "{t}/i", "--shard-size", "5"], "--format parquet"),
+        (["embed", "--texts", "{t}/texts.txt", "--out", "{t}/i", "--embedding-type", "int8"], "--format parquet"),
+        (["embed", "--texts", "{t}/texts.txt", "--out", "{t}/texts.txt", "--format", "parquet"], "is a file"),
+        (["embed", "--texts", "{t}/texts.txt", "--out", "{t}/p", "--format", "parquet", "--shard-size", "0"], "0"),
+        (["search", "--index", "{t}/flat", "--text", "a cat"], "without Parquet shards"),
     ],
     ids=lambda value: value if isinstance(value, str) else " ".join(value[:1] + value[2:3]),
 )
@@ -91,6 +96,21 @@ def test_an_index_of_the_other_kind_is_refused_before_dialling(no_dialling, tmp_
     (tmp_path / "texts.txt").write_text("a cat\n")
     line = one_line_error(run_cli("embed", "--texts", tmp_path / "texts.txt", "--out", tmp_path / "idx", *DEAD))
     assert "holds image embeddings, not text" in line
+
+
+def test_a_damaged_shard_or_a_missing_store_package_is_refused_before_dialling(no_dialling, tmp_path, monkeypatch):
+    import importlib.util
+
+    (tmp_path / "texts.txt").write_text("a cat\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "part-00000.parquet").write_bytes(b"PAR1 not really")
+    argv = ["embed", "--texts", tmp_path / "texts.txt", "--out", tmp_path / "out", "--format", "parquet", *DEAD]
+    line = one_line_error(run_cli(*argv))
+    assert "part-00000.parquet is not a readable Parquet shard" in line
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    line = one_line_error(run_cli("embed", "--texts", tmp_path / "texts.txt", "--out", tmp_path / "x", "--ann", *DEAD))
+    assert "--ann needs faiss" in line and "clip-triton[store]" in line
 
 
 def test_nothing_answering_fails_after_the_connect_timeout_naming_the_address(monkeypatch):

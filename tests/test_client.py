@@ -421,3 +421,59 @@ def test_a_batch_with_bad_items_costs_one_round_trip(triton, photos, open_clip_r
     good = [i for i in range(64) if i not in (5, 17, 40)]
     assert cos(err.value.embeddings[good], open_clip_reference.texts([texts[i] for i in good])).min() >= 0.9999
     assert np.isnan(err.value.embeddings[[5, 17, 40]]).all()
+
+
+def test_embed_parquet_then_search_a_folder_of_generated_images(triton, tmp_path, open_clip_reference):
+    """Issue 32's path end to end through the real tritonserver: a folder of 3,000 generated images ->
+    `clip-triton embed --format parquet` (shards, int8 and float) -> `--ann` and `--lancedb` ->
+    `clip-triton search` (ANN and --exact); the stored rows equal open_clip's embeddings."""
+    import lancedb
+
+    from clip_triton import encodings as E
+    from clip_triton.client.parquet import shard_files
+    from clip_triton.client.store import open_index
+    from clip_triton.contract import TOLERANCES
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3000):
+        rng = np.random.default_rng(i)
+        pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+        Image.fromarray(pixels).save(folder / f"img_{i:04d}.png")
+    url = ["--url", triton.grpc_url]
+    out = tmp_path / "store"
+    result = _cli(
+        "embed", "--images", folder, "--out", out, "--format", "parquet", "--shard-size", "800", "--ann",
+        "--lancedb", tmp_path / "lance", *url,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in shard_files(out)] == [f"part-0000{i}.parquet" for i in range(4)]
+    assert "wrote 4 shards" in result.stdout and "(flat over 3000 rows" in result.stdout
+    index = open_index(out)
+    assert len(index) == 3000 and index.ann is not None and index.items[0].endswith("img_0000.png")
+    sample = [0, 799, 800, 2999]
+    expected = open_clip_reference.images([Path(index.items[i]).read_bytes() for i in sample])
+    tolerance = TOLERANCES["fp32"]
+    assert cos(index.embeddings[sample], expected).min() >= tolerance["min_cosine"]
+    assert np.abs(index.embeddings[sample] - expected).max() <= tolerance["max_abs_diff"]
+
+    query = folder / "img_1234.png"
+    for flags in ([], ["--exact"]):
+        result = _cli("search", "--index", out, "--image", query, "-k", "3", *flags, *url)
+        assert result.returncode == 0, result.stderr
+        first = result.stdout.splitlines()[1].split()
+        assert first[-1] == str(query) and float(first[1]) == pytest.approx(1.0, abs=1e-5)
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("clip_image")
+    assert table.count_rows() == 3000
+    assert table.search(index.embeddings[1234]).limit(1).to_list()[0]["source"] == str(query)
+
+    # a rerun resumes (nothing to embed); int8 shards into another folder hold the encoded rows
+    result = _cli("embed", "--images", folder, "--out", out, "--format", "parquet", "--shard-size", "800", *url)
+    assert result.returncode == 0 and "3000 of 3000 items already embedded" in result.stderr
+    result = _cli(
+        "embed", "--images", folder, "--out", tmp_path / "int8", "--format", "parquet", "--embedding-type", "int8", *url
+    )
+    assert result.returncode == 0, result.stderr
+    small = open_index(tmp_path / "int8")
+    assert small.embedding_type == "int8" and len(small) == 3000
+    assert np.array_equal(E.encode(index.embeddings, "int8"), E.encode(small.embeddings, "int8"))

@@ -183,6 +183,31 @@ def test_base64_encoding_is_little_endian_float32(live_gateway, reference):
     assert np.abs(vector - reference.embed_texts(["a cat"])[0]).max() < 1e-6
 
 
+def test_compact_encodings_through_the_live_gateway(live_oai, reference):
+    """Each compact type through the real Triton, via the official openai package: the gateway's rows
+    are the encoding of what ClipClient gets (issue 32; definitions in clip_triton/encodings.py)."""
+    from clip_triton import encodings as E
+
+    texts = ["a photo of a cat", "a rocket on a launch pad"]
+    floats = reference.embed_texts(texts)
+    for name in ("float16", "int8", "uint8", "binary", "ubinary"):
+        numbers = live_oai.embeddings.create(
+            model="clip-triton-tiny", input=texts, encoding_format="float", extra_body={"embedding_type": name}
+        )
+        got = np.array([d.embedding for d in numbers.data]).astype(E.dtype(name))
+        want = E.encode(floats, name)
+        if name == "float16":
+            assert np.abs(got.astype(np.float32) - floats).max() < 1e-3
+        elif name in ("int8", "uint8"):  # the float rows may differ in the last bits: one step at most
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+        else:
+            assert np.mean(got == want) > 0.95
+        raw = live_oai.embeddings.create(
+            model="clip-triton-tiny", input=texts, encoding_format="base64", extra_body={"embedding_type": name}
+        )
+        assert np.array_equal(np.stack([E.from_base64(d.embedding, name) for d in raw.data]), got)
+
+
 def test_zero_shot_endpoint(live_gateway, reference, photos):
     gateway = live_gateway
     prompts = ["a cat", "a rocket", "a cup of coffee"]

@@ -181,6 +181,8 @@ def test_the_client_command_line_block_runs_as_written(triton, readme_folder):
         result = shell(line, readme_folder, env)
         assert result.returncode == 0, f"{line}\n{result.stdout}\n{result.stderr}"
     assert (readme_folder / "photos.npy").exists() and (readme_folder / "captions.json").exists()
+    assert (readme_folder / "photos.parquet" / "part-00000.parquet").exists()
+    assert (readme_folder / "photos.parquet" / "index.faiss").exists()
     assert json.loads((readme_folder / "eval.json").read_text())["images"] == 3
 
 

@@ -6,11 +6,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..contract import TEXT, VISION
+from ..contract import DEFAULT_EMBEDDING_TYPE, EMBEDDING_TYPES, TEXT, VISION
 from ..errors import ClipTritonError
 from .common import EXIT_INTERRUPTED, Rule, add_command, client_args, finish, int_list, read_text
 
-EMBED_RULES: list[Rule] = [("all_files", lambda a: bool(a.images), "--all-files applies to --images")]
+EMBED_RULES: list[Rule] = [
+    ("all_files", lambda a: bool(a.images), "--all-files applies to --images"),
+    ("shard_size", lambda a: a.format == "parquet", "--shard-size applies to --format parquet"),
+    (
+        "embedding_type",
+        lambda a: a.format == "parquet",
+        "--embedding-type applies to --format parquet (NAME.npy holds float32)",
+    ),
+]
 
 
 def _client(args):
@@ -152,6 +160,9 @@ def _embed(args) -> int:
         items = [line for line in read_text(args.texts, "--texts").splitlines() if line.strip()]
         if not items:
             raise ClipTritonError(f"--texts {args.texts} has no non-empty line", "one text per line")
+    _store_modules(args)
+    if args.format == "parquet":
+        return _embed_parquet(args, items, kind)
     npy, _ = index_paths(args.out)
     _writable(str(npy), "--out")
     previous = existing_index(args.out, kind, force=args.force)  # checked (and read once) before connecting
@@ -178,16 +189,87 @@ def _embed(args) -> int:
         f"wrote {npy} ({len(index)} x {index.embed_dim} float32) and {meta}"
         + (f"; items without a row: {', '.join(missing)} (listed there)" if missing else "")
     )
+    _stores(args, index, args.out)
+    return _embed_exit(args, run, len(index), len(dict.fromkeys(items)))
+
+
+def _embed_exit(args, run, rows: int, items: int) -> int:
     if run.interrupted:
         print(
-            f"interrupted: {len(index)} of {len(dict.fromkeys(items))} items written; rerun the same command to "
-            "embed the rest",
-            file=sys.stderr,
+            f"interrupted: {rows} of {items} items written; rerun the same command to embed the rest", file=sys.stderr
         )
         return EXIT_INTERRUPTED
     if run.unanswered or (run.refused and not args.skip_errors):
         return 1
     return 0
+
+
+def _store_modules(args) -> None:
+    """What --format parquet, --ann and --lancedb import, checked before any item is embedded."""
+    import importlib.util  # noqa: PLC0415
+
+    needed = [
+        (flag, module)
+        for flag, module, wanted in (
+            ("--format parquet", "pyarrow", args.format == "parquet"),
+            ("--ann", "faiss", bool(args.ann)),
+            ("--lancedb", "lancedb", bool(args.lancedb)),
+        )
+        if wanted and importlib.util.find_spec(module) is None
+    ]
+    if needed:
+        raise ClipTritonError(
+            f"{', '.join(flag for flag, _ in needed)} needs {', '.join(module for _, module in needed)}",
+            "pip install 'clip-triton[store]'",
+        )
+
+
+def _stores(args, index, path) -> None:
+    """--ann and --lancedb: after the rows are safe on disk, from what was written."""
+    from clip_triton.client.store import write_ann, write_lancedb  # noqa: PLC0415
+
+    if args.ann and len(index):
+        file = write_ann(index, path, args.ann)
+        print(f"wrote {file} ({index.ann.params['type']} over {len(index)} rows; parameters in {file.name}.json)")
+    if args.lancedb and len(index):
+        table = write_lancedb(index, args.lancedb)
+        print(f"wrote LanceDB table {table!r} in {args.lancedb} ({len(index)} rows)")
+
+
+def _embed_parquet(args, items: list[str], kind: str) -> int:
+    from clip_triton.client.parquet import ShardFacts, embed_parquet, existing_shards  # noqa: PLC0415
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ClipTritonError(f"--out {out} is a file", "--format parquet writes a folder of shards: name a folder")
+    _writable(str(out / "part-00000.parquet") if out.is_dir() else str(out), "--out")
+    _positive(args.shard_size, "--shard-size")
+    existing_shards(out, force=args.force)  # damaged or mixed shards are refused before connecting
+    with _client(args) as client:
+        existing_shards(out, ShardFacts.of(client.facts, kind, args.embedding_type), force=args.force)
+        run = embed_parquet(
+            client,
+            items,
+            kind,
+            out,
+            shard_size=args.shard_size,
+            embedding_type=args.embedding_type,
+            force=args.force,
+            log=lambda line: print(line, file=sys.stderr),
+        )
+    if run.failure is not None:
+        print(f"error: {run.failure}", file=sys.stderr)
+    elif run.refused and not run.interrupted:
+        for item, reason in run.refused.items():
+            print(f"error: {item}: {reason}", file=sys.stderr)
+    index = run.index
+    missing = [f"{n} {what}" for n, what in ((len(run.unanswered), "unanswered"), (len(run.refused), "refused")) if n]
+    print(
+        f"wrote {len(run.written)} shards to {out}: {len(index)} rows of {index.embed_dim} dimensions as "
+        f"{args.embedding_type}" + (f"; items without a row: {', '.join(missing)} (status column)" if missing else "")
+    )
+    _stores(args, index, out)
+    return _embed_exit(args, run, len(index), len(dict.fromkeys(items)))
 
 
 def _suffix_counts(skipped: dict[str, str]) -> str:
@@ -198,9 +280,9 @@ def _suffix_counts(skipped: dict[str, str]) -> str:
 
 
 def _search(args) -> int:
-    from clip_triton.client.index import EmbeddingIndex  # noqa: PLC0415
+    from clip_triton.client.store import open_index  # noqa: PLC0415
 
-    index = EmbeddingIndex.load(args.index)
+    index = open_index(args.index, use_ann=not args.exact, log=lambda line: print(line, file=sys.stderr))
     _positive(args.k, "-k")
     if args.image is not None:
         _local_images([args.image], "--image")
@@ -264,7 +346,8 @@ def add_parsers(sub) -> None:
     p = add_command(
         sub,
         "embed",
-        "embed a folder of images or a text file (one text a line) into an index (.npy + .json); a rerun resumes",
+        "embed a folder of images or a text file (one text a line) into an index (.npy + .json, or Parquet "
+        "shards); a rerun resumes",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (recursive)")
@@ -273,6 +356,40 @@ def add_parsers(sub) -> None:
         "--out",
         required=True,
         help="index to write: NAME.npy and NAME.json (a rerun embeds only the items without a row)",
+    )
+    p.add_argument(
+        "--format",
+        choices=["npy", "parquet"],
+        default="npy",
+        help="npy: NAME.npy + NAME.json; parquet: a folder of part-NNNNN.parquet shards, one row per item "
+        "(id, source, embedding, status, reason), the model facts in each file's metadata",
+    )
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="--format parquet: items per shard (one shard's rows are in memory at a time; a rerun redoes at "
+        "most the shard a stop interrupted)",
+    )
+    p.add_argument(
+        "--embedding-type",
+        choices=list(EMBEDDING_TYPES),
+        default=DEFAULT_EMBEDDING_TYPE,
+        help="--format parquet: store each embedding as this encoding (docs/storage.md: definitions and recall)",
+    )
+    p.add_argument(
+        "--ann",
+        nargs="?",
+        const="auto",
+        choices=["auto", "flat", "hnsw", "ivf"],
+        default=None,
+        help="also build a FAISS index beside the output (auto: chosen by size), used by `clip-triton search`",
+    )
+    p.add_argument(
+        "--lancedb",
+        default=None,
+        metavar="DIR",
+        help="also write the rows into a LanceDB table in DIR (clip_image/clip_text)",
     )
     p.add_argument("--force", action="store_true", help="start over instead of resuming an existing --out")
     p.add_argument(
@@ -289,7 +406,13 @@ def add_parsers(sub) -> None:
     client_args(p)
     finish(p, _embed, rules=EMBED_RULES)
     p = add_command(sub, "search", "search an index written by `clip-triton embed` (or EmbeddingIndex.save)")
-    p.add_argument("--index", required=True, help="NAME.npy (or NAME) written by `clip-triton embed`")
+    p.add_argument(
+        "--index",
+        required=True,
+        help="NAME.npy (or NAME) or the Parquet folder written by `clip-triton embed`; its FAISS index is used "
+        "where `embed --ann` built one",
+    )
+    p.add_argument("--exact", action="store_true", help="search every row exactly, even where a FAISS index exists")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="query text")
     query.add_argument("--image", help="query image path or http(s) URL")

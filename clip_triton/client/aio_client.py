@@ -9,10 +9,28 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from clip_triton.contract import DEFAULT_URL, IMAGE_ENSEMBLE, IMAGE_INPUT, RETRY_SECONDS, TEXT_ENSEMBLE, TEXT_INPUT
+from clip_triton.contract import (
+    DEFAULT_EMBEDDING_TYPE,
+    DEFAULT_URL,
+    IMAGE_ENSEMBLE,
+    IMAGE_INPUT,
+    RETRY_SECONDS,
+    TEXT_ENSEMBLE,
+    TEXT_INPUT,
+)
+from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
 
-from .core import plan_batches, record_or_split, record_rows, retry_delay, should_retry, split_result
+from .core import (
+    encode_rows,
+    encoded_errors,
+    plan_batches,
+    record_or_split,
+    record_rows,
+    retry_delay,
+    should_retry,
+    split_result,
+)
 from .errors import ClipClientError, ItemErrors
 from .inputs import prepare_images, prepare_texts
 from .scoring import PromptCache, ensemble_templates, prompt_set_key, rank, template_texts
@@ -99,11 +117,22 @@ class AsyncClipClient:
             raise ItemErrors(errors, out)
         return out
 
-    async def embed_images(self, images: Iterable) -> np.ndarray:
-        return await self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, prepare_images(images, self.url_timeout))
+    async def _embed_as(self, embedding_type: str, model: str, input_name: str, prepare) -> np.ndarray:
+        name = check_type(embedding_type)  # before any item is read or sent
+        try:
+            return encode_rows(await self._embed(model, input_name, prepare()), name)
+        except ItemErrors as err:
+            raise encoded_errors(err, name) from None
 
-    async def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
-        return await self._embed(TEXT_ENSEMBLE, TEXT_INPUT, prepare_texts(texts))
+    async def embed_images(self, images: Iterable, *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+        """As :meth:`ClipClient.embed_images <clip_triton.client.ClipClient.embed_images>`."""
+        return await self._embed_as(
+            embedding_type, IMAGE_ENSEMBLE, IMAGE_INPUT, lambda: prepare_images(images, self.url_timeout)
+        )
+
+    async def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+        """As :meth:`ClipClient.embed_texts <clip_triton.client.ClipClient.embed_texts>`."""
+        return await self._embed_as(embedding_type, TEXT_ENSEMBLE, TEXT_INPUT, lambda: prepare_texts(texts))
 
     async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         key = prompt_set_key(prompts, templates)

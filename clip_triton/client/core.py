@@ -15,10 +15,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from clip_triton.contract import EMBEDDING_OUTPUT, STATUS_OUTPUT, STUB_NOT_HEALTHY
+from clip_triton.contract import DEFAULT_EMBEDDING_TYPE, EMBEDDING_OUTPUT, STATUS_OUTPUT, STUB_NOT_HEALTHY
+from clip_triton.encodings import encode
 from clip_triton.facts import ServerFacts
 
-from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ServerUnavailable
+from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ItemErrors, ServerUnavailable
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 # A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
@@ -207,3 +208,17 @@ class DeadlinePolicy:
     def answered(self, items: int) -> None:
         with self._lock:
             self._items_done += items
+
+
+# -- compact encodings -----------------------------------------------------------------------------
+def encode_rows(vectors: np.ndarray, embedding_type: str) -> np.ndarray:
+    """An embed call's float32 rows in ``embedding_type`` (:mod:`clip_triton.encodings`); a refused
+    item's NaN row encodes as zeros (its index is in the error either way)."""
+    if embedding_type == DEFAULT_EMBEDDING_TYPE:
+        return vectors
+    return encode(np.nan_to_num(vectors, nan=0.0), embedding_type)
+
+
+def encoded_errors(err: ItemErrors, embedding_type: str) -> ItemErrors:
+    """``err`` with its answered rows in ``embedding_type``."""
+    return ItemErrors(err.errors, encode_rows(err.embeddings, embedding_type))

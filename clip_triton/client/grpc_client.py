@@ -20,6 +20,7 @@ import numpy as np
 
 from clip_triton.contract import (
     CONNECT_SECONDS,
+    DEFAULT_EMBEDDING_TYPE,
     DEFAULT_URL,
     IMAGE_ENSEMBLE,
     IMAGE_INPUT,
@@ -27,11 +28,14 @@ from clip_triton.contract import (
     TEXT_ENSEMBLE,
     TEXT_INPUT,
 )
+from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
 
 from .core import (
     DeadlinePolicy,
     Readiness,
+    encode_rows,
+    encoded_errors,
     record_or_split,
     record_rows,
     retry_delay,
@@ -373,13 +377,27 @@ class ClipClient:
         return _Job(self, model, input_name, items, prepare).run()
 
     # -- public API --------------------------------------------------------------------------
-    def embed_images(self, images: Iterable) -> np.ndarray:
-        """``(N, D)`` float32 L2-normalised embeddings of paths, bytes, PIL images or http(s) URLs."""
-        return self._embed(IMAGE_ENSEMBLE, IMAGE_INPUT, list(images), lambda item: image_bytes(item, self.url_timeout))
+    def _embed_as(self, embedding_type: str, model: str, input_name: str, items: list, prepare) -> np.ndarray:
+        name = check_type(embedding_type)  # before any request
+        try:
+            return encode_rows(self._embed(model, input_name, items, prepare), name)
+        except ItemErrors as err:
+            raise encoded_errors(err, name) from None
 
-    def embed_texts(self, texts: Iterable[str]) -> np.ndarray:
-        """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server)."""
-        return self._embed(TEXT_ENSEMBLE, TEXT_INPUT, list(texts), text_bytes)
+    def embed_images(self, images: Iterable, *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+        """``(N, D)`` float32 L2-normalised embeddings of paths, bytes, PIL images or http(s) URLs.
+
+        ``embedding_type``: ``float16``, ``int8``, ``uint8``, ``binary`` or ``ubinary`` returns the rows
+        in that compact encoding (:mod:`clip_triton.encodings`; an :class:`ItemErrors` carries them so too).
+        """
+        return self._embed_as(
+            embedding_type, IMAGE_ENSEMBLE, IMAGE_INPUT, list(images), lambda item: image_bytes(item, self.url_timeout)
+        )
+
+    def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+        """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server);
+        ``embedding_type`` as for :meth:`embed_images`."""
+        return self._embed_as(embedding_type, TEXT_ENSEMBLE, TEXT_INPUT, list(texts), text_bytes)
 
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""

@@ -22,6 +22,7 @@ from clip_triton.contract import TEXT, TOWERS, VISION
 from clip_triton.errors import ClipTritonError
 from clip_triton.facts import ServerFacts
 
+from .ann import AnnIndex
 from .errors import ItemErrors
 from .scoring import top_k
 
@@ -114,6 +115,8 @@ class EmbeddingIndex:
     skipped: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
     client: Embedder | None = field(default=None, repr=False, compare=False)
+    embedding_type: str = "float"  # what the rows were stored as (a Parquet store's compact rows are decoded)
+    ann: AnnIndex | None = field(default=None, repr=False, compare=False)  # searched instead of all rows when set
 
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -193,10 +196,18 @@ class EmbeddingIndex:
             "interrupted": self.interrupted,
         }
         _atomic_write(meta, lambda handle: handle.write(json.dumps(document, indent=1, ensure_ascii=False).encode()))
+        if self.ann is not None:
+            self.ann.save(npy)
         return npy, meta
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, client: Embedder | None = None) -> EmbeddingIndex:
+        """The index ``NAME.npy`` + ``NAME.json`` (exact search; :func:`clip_triton.client.store.open_index`
+        also reads a Parquet folder and attaches the FAISS index built beside either)."""
+        if Path(path).is_dir():
+            raise ClipTritonError(
+                f"{path} is a folder", "a Parquet folder opens with clip_triton.client.store.open_index(path)"
+            )
         npy, meta = index_paths(path)
         for file in (npy, meta):
             if not file.is_file():
@@ -255,8 +266,15 @@ class EmbeddingIndex:
     def search_image(self, image, k: int = 5) -> list[Hit]:
         return self.search_embeddings(self._query_client().embed_images([image]), k)[0]
 
-    def search_embeddings(self, queries: np.ndarray, k: int = 5) -> list[list[Hit]]:
-        """Top-``k`` hits for each row of ``queries`` (``(D,)`` or ``(Q, D)``)."""
+    def build_ann(self, kind: str = "auto") -> AnnIndex:
+        """Build (and keep) a FAISS index over the rows, chosen by size (:mod:`clip_triton.client.ann`);
+        :meth:`save` writes it beside the index and searches use it until ``exact=True``."""
+        self.ann = AnnIndex.build(self.embeddings, self.items, kind)
+        return self.ann
+
+    def search_embeddings(self, queries: np.ndarray, k: int = 5, *, exact: bool = False) -> list[list[Hit]]:
+        """Top-``k`` hits for each row of ``queries`` (``(D,)`` or ``(Q, D)``): through the ANN index
+        where one is attached (unless ``exact``), else every row."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.embed_dim:
             raise ClipTritonError(
@@ -265,9 +283,12 @@ class EmbeddingIndex:
             )
         if not len(self.items):
             return [[] for _ in queries]
-        top, scores = top_k(queries, self.embeddings, k)
+        if self.ann is not None and not exact:
+            top, scores = self.ann.search(queries, min(k, len(self.items)))
+        else:
+            top, scores = top_k(queries, self.embeddings, k)
         return [
-            [Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores)]
+            [Hit(self.items[j], float(s), int(j)) for j, s in zip(row, row_scores) if j >= 0]
             for row, row_scores in zip(top, scores)
         ]
 

@@ -40,8 +40,33 @@ class EmbedRun:
         return not (self.refused or self.unanswered or self.interrupted)
 
 
-def _without_row(todo: list[str], answered: list[int], errors: dict[int, str]) -> list[str]:
-    return [todo[i] for i in sorted(set(range(len(todo))) - set(answered) - set(errors))]
+@dataclass
+class Attempt:
+    """One embed call of a job, whatever ended it: ``rows`` (NaN where not answered), ``refused``
+    (index -> the server's reason), ``unanswered`` (indices a failure or an interruption left)."""
+
+    rows: np.ndarray
+    refused: dict[int, str] = field(default_factory=dict)
+    unanswered: list[int] = field(default_factory=list)
+    failure: JobFailed | None = None
+    interrupted: bool = False
+
+
+def attempt(client: Embedder, kind: str, items: list[str]) -> Attempt:
+    """Embed ``items`` (images or texts by ``kind``) once; every way the call can end is an Attempt."""
+    embed = client.embed_images if kind == VISION.kind else client.embed_texts
+
+    def left(answered: list[int], errors: dict[int, str]) -> list[int]:
+        return sorted(set(range(len(items))) - set(answered) - set(errors))
+
+    try:
+        return Attempt(embed(items))
+    except JobInterrupted as err:
+        return Attempt(err.embeddings, err.errors, left(err.answered, err.errors), interrupted=True)
+    except JobFailed as err:  # retries did not outlast the failure: keep every row answered
+        return Attempt(err.embeddings, err.errors, left(err.answered, err.errors), failure=err)
+    except ItemErrors as err:
+        return Attempt(err.embeddings, err.errors)
 
 
 def existing_index(out: str | os.PathLike, kind: str, *, force: bool = False) -> EmbeddingIndex | None:
@@ -97,21 +122,12 @@ def embed_into(
     run = EmbedRun(index=None, resumed=len(unique) - len(todo), embedded=len(todo))  # type: ignore[arg-type]
     answered: dict[str, np.ndarray] = {}
     if todo:
-        embed = client.embed_images if kind == VISION.kind else client.embed_texts
-        refused: dict[int, str] = {}
-        try:
-            rows = embed(todo)
-        except JobInterrupted as err:
-            rows, refused, run.interrupted = err.embeddings, err.errors, True
-            run.unanswered = _without_row(todo, err.answered, err.errors)
-        except JobFailed as err:  # retries did not outlast the failure: keep every row answered
-            rows, refused, run.failure = err.embeddings, err.errors, err
-            run.unanswered = _without_row(todo, err.answered, err.errors)
-        except ItemErrors as err:
-            rows, refused = err.embeddings, err.errors
-        run.refused = {todo[i]: reason for i, reason in refused.items()}
+        result = attempt(client, kind, todo)
+        run.interrupted, run.failure = result.interrupted, result.failure
+        run.refused = {todo[i]: reason for i, reason in result.refused.items()}
+        run.unanswered = [todo[i] for i in result.unanswered]
         missing = set(run.refused) | set(run.unanswered)
-        answered = {item: rows[i] for i, item in enumerate(todo) if item not in missing}
+        answered = {item: result.rows[i] for i, item in enumerate(todo) if item not in missing}
     keep = [item for item in unique if item in done or item in answered]
     vectors = [previous.embeddings[done[item]] if item in done else answered[item] for item in keep]  # type: ignore[union-attr]
     run.index = EmbeddingIndex(

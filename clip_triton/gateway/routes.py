@@ -4,7 +4,6 @@ and fetch limit); ``create_app`` mounts them."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import logging
 
@@ -17,7 +16,8 @@ from tritonclient.utils import InferenceServerException
 from clip_triton.client import ClipClientError, ItemErrors, rank
 from clip_triton.client.scoring import template_texts
 
-from ..contract import TEXT, VISION, ModelContract, TokenizerSpec
+from ..contract import DEFAULT_EMBEDDING_TYPE, TEXT, VISION, ModelContract, TokenizerSpec
+from ..encodings import encode, to_base64, to_json
 from ..tokenizer import ClipTokenizer, HFTextTokenizer, TextError, text_tokenizer
 from .fetch import FetchError, fetch_image
 from .inputs import classify_item, decode_data_url, is_data_url, is_image_reference, utf8_error
@@ -254,22 +254,24 @@ class Routes:
         vectors[[i for i, _ in refs]] = image_vectors
         self.items_total.labels(TEXT.kind).inc(len(texts))
         self.items_total.labels(VISION.kind).inc(len(refs))
+        rows = encode(vectors, body.embedding_type)
         data = [
             {
                 "object": "embedding",
                 "index": i,
-                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
-                if body.encoding_format == "base64"
-                else v.tolist(),
+                "embedding": to_base64(row) if body.encoding_format == "base64" else to_json(row, body.embedding_type),
             }
-            for i, v in enumerate(vectors)
+            for i, row in enumerate(rows)
         ]
-        return {
+        answer = {
             "object": "list",
             "data": data,
             "model": self.public_id(served),
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+        if body.embedding_type != DEFAULT_EMBEDDING_TYPE:
+            answer["embedding_type"] = body.embedding_type
+        return answer
 
     async def classify(self, body: ClassifyRequest, request: Request):
         """Zero-shot scores: for each image, every prompt's cosine and probability, ranked."""

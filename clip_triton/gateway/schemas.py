@@ -7,6 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ..contract import DEFAULT_EMBEDDING_TYPE, EMBEDDING_TYPES
+
+EmbeddingType = Literal[tuple(EMBEDDING_TYPES)]  # type: ignore[valid-type]
+
 
 class ApiError(Exception):
     def __init__(
@@ -35,6 +39,10 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str | dict]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
+    # Not OpenAI's: a compact encoding of each embedding (clip_triton/encodings.py; Cohere's value names).
+    # The official `openai` package sends encoding_format="base64" unless told otherwise and decodes the
+    # answer as float32: with a compact type, pass encoding_format explicitly (docs/storage.md).
+    embedding_type: EmbeddingType = DEFAULT_EMBEDDING_TYPE
     dimensions: int | None = None
     user: str | None = None
 

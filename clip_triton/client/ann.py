@@ -1,0 +1,155 @@
+"""An approximate-nearest-neighbour index (FAISS) beside an :class:`~clip_triton.client.EmbeddingIndex`'s
+exact search. Needs the ``store`` extra (faiss-cpu).
+
+The structure is chosen by size (:func:`choose`), every parameter recorded next to the index file:
+
+==============  =============================================================================
+rows            structure
+==============  =============================================================================
+< 10,000        ``flat``: exact inner product (an ANN structure buys nothing at this size)
+< 2,000,000     ``hnsw``: HNSW graph, M=32, efConstruction=64, efSearch=128
+>= 2,000,000    ``ivf``: IVF-Flat, nlist = the power of two nearest sqrt(rows), nprobe = max(16, nlist / 32),
+                trained on at most 64 x nlist rows
+==============  =============================================================================
+
+Recall@10 against exact search, build time and memory at 100k and 1M rows: ``python bench/encodings.py
+--ann`` (docs/storage.md). Inner product on L2-normalised rows is cosine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clip_triton.errors import ClipTritonError
+
+KINDS = ("auto", "flat", "hnsw", "ivf")
+FLAT_BELOW = 10_000
+IVF_FROM = 2_000_000
+HNSW = {"M": 32, "efConstruction": 64, "efSearch": 128}
+
+
+def _faiss():
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError:
+        raise ClipTritonError(
+            "an ANN index needs faiss", "pip install 'clip-triton[store]' (or pip install faiss-cpu)"
+        ) from None
+    return faiss
+
+
+def choose(rows: int, kind: str = "auto") -> dict:
+    """The structure and parameters for ``rows`` vectors (``kind`` forces one)."""
+    if kind not in KINDS:
+        raise ClipTritonError(f"ANN kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "auto":
+        kind = "flat" if rows < FLAT_BELOW else "hnsw" if rows < IVF_FROM else "ivf"
+    if kind == "flat":
+        return {"type": "flat"}
+    if kind == "hnsw":
+        return {"type": "hnsw", **HNSW}
+    nlist = max(1, 2 ** round(math.log2(max(1.0, math.sqrt(rows)))))
+    return {
+        "type": "ivf",
+        "nlist": nlist,
+        "nprobe": min(nlist, max(16, nlist // 32)),
+        "train_rows": min(rows, 64 * nlist),
+    }
+
+
+def fingerprint(items: list[str]) -> str:
+    """Which rows an ANN index was built over: a stale one (the index changed since) is not used."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def ann_paths(index_path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(NAME.faiss, NAME.faiss.json)`` beside an index ``NAME`` (``.npy``/``.json``), or
+    ``(DIR/index.faiss, DIR/index.faiss.json)`` inside a Parquet folder."""
+    path = Path(index_path)
+    if path.is_dir():
+        return path / "index.faiss", path / "index.faiss.json"
+    base = path.with_suffix("") if path.suffix in (".npy", ".json") else path
+    return base.with_name(base.name + ".faiss"), base.with_name(base.name + ".faiss.json")
+
+
+@dataclass
+class AnnIndex:
+    """A FAISS index over an EmbeddingIndex's rows (row ``i`` is the index's row ``i``)."""
+
+    index: Any  # a faiss.Index
+    params: dict
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, items: list[str], kind: str = "auto", seed: int = 0) -> AnnIndex:
+        faiss = _faiss()
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        rows, dim = x.shape
+        params = choose(rows, kind)
+        if params["type"] == "flat":
+            index = faiss.IndexFlatIP(dim)
+        elif params["type"] == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = params["efConstruction"]
+            index.hnsw.efSearch = params["efSearch"]
+        else:
+            if rows < params["nlist"]:
+                raise ClipTritonError(f"an IVF index of {params['nlist']} lists needs at least that many rows")
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, params["nlist"], faiss.METRIC_INNER_PRODUCT)
+            sample = np.random.default_rng(seed).choice(rows, params["train_rows"], replace=False)
+            index.train(x[np.sort(sample)])
+            index.nprobe = params["nprobe"]
+        index.add(x)
+        return cls(index, {**params, "rows": rows, "dim": dim, "fingerprint": fingerprint(items)})
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(rows, scores)``, each ``(Q, k)``, best first; fewer rows than ``k`` pad with -1."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        scores, rows = self.index.search(q, k)
+        return rows, scores
+
+    def save(self, index_path: str | os.PathLike) -> Path:
+        faiss = _faiss()
+        file, meta = ann_paths(index_path)
+        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+        try:
+            faiss.write_index(self.index, str(tmp))
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta.write_text(json.dumps({**self.params, "file": file.name}, indent=1) + "\n")
+        return file
+
+    @classmethod
+    def load(cls, index_path: str | os.PathLike, items: list[str]) -> tuple[AnnIndex | None, str]:
+        """The ANN index beside ``index_path`` if there is one built over exactly ``items``;
+        else ``(None, why not)`` ("" where there is none)."""
+        file, meta = ann_paths(index_path)
+        if not file.is_file() or not meta.is_file():
+            return None, ""
+        try:
+            params = json.loads(meta.read_text())
+        except ValueError as exc:
+            return None, f"{meta} is damaged ({exc})"
+        if params.get("rows") != len(items) or params.get("fingerprint") != fingerprint(items):
+            return None, f"{file} was built over other rows than the index now holds (rebuild it: --ann)"
+        faiss = _faiss()
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:
+            return None, f"{file} could not be read ({str(exc).splitlines()[0][:160]})"
+        if params.get("type") == "hnsw":
+            index.hnsw.efSearch = params.get("efSearch", HNSW["efSearch"])
+        elif params.get("type") == "ivf":
+            index.nprobe = params.get("nprobe", 1)
+        return cls(index, params), ""
