@@ -44,7 +44,9 @@ from clip_triton.contract import EMBEDDING_TYPES
 K = 10
 
 
-def seed_embeddings(model_name: str, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def seed_embeddings(
+    model_name: str, count: int, seed: int = 0, pretrained: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     import open_clip
     import torch
     from PIL import Image, ImageEnhance
@@ -54,7 +56,7 @@ def seed_embeddings(model_name: str, count: int, seed: int = 0) -> tuple[np.ndar
 
     model_name = register_model_config(model_name)  # a config file's path, or an open_clip name as it is
     torch.manual_seed(seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
     tokenizer = open_clip.get_tokenizer(model_name)
     model.eval()
     rng = np.random.default_rng(seed)
@@ -165,12 +167,13 @@ def encoding_recalls(db: np.ndarray, queries: np.ndarray) -> dict[str, float]:
     wide = binary_top(bits_db, bits_q, 100)
     rescored = [row[np.argsort(-(E.decode(int8_db[row], "int8", dim) @ q))[:K]] for row, q in zip(wide, queries)]
     out["ubinary top 100, rescored with int8"] = recall(np.array(rescored), truth)
-    for factor in (8.0, 32.0):
+    for factor in ALTERNATIVE_RANGES:
         q8, d8 = int8_with(queries, factor).astype(np.float64), int8_with(db, factor).astype(np.float64)
         out[f"int8 with R = {factor:g}/sqrt(D)"] = recall(top_k_of(lambda q, d=d8: q @ d.T, q8), truth)
     return out
 
 
+ALTERNATIVE_RANGES = tuple(r for r in (4.0, 8.0, 16.0) if r != E.INT8_RANGE_RMS)  # int8 with other R, to compare
 TYPE_ROWS = (
     "float",
     "float16",
@@ -179,8 +182,7 @@ TYPE_ROWS = (
     "binary",
     "ubinary",
     "ubinary top 100, rescored with int8",
-    "int8 with R = 8/sqrt(D)",
-    "int8 with R = 32/sqrt(D)",
+    *(f"int8 with R = {r:g}/sqrt(D)" for r in ALTERNATIVE_RANGES),
 )
 
 
@@ -223,7 +225,24 @@ def ann_table(generators: dict, query_sets: dict, sizes: list[int], seed: int) -
         for corpus_name, gen in generators.items():
             db = gen.sample(n, np.random.default_rng(seed + n))
             queries = query_sets[corpus_name]
-            truths = {name: exact_top(db, q) for name, q in queries.items()}
+            truths, exact = (
+                {},
+                {
+                    "rows": n,
+                    "corpus": corpus_name,
+                    "structure": "exact (every row)",
+                    "search parameter": "",
+                    "build s": 0.0,
+                    "index MiB": round(db.nbytes / 2**20, 1),
+                    "peak RSS growth MiB": None,
+                },
+            )
+            for name, q in queries.items():
+                start = time.perf_counter()
+                truths[name] = exact_top(db, q)
+                exact[f"ms/query, {name}"] = round((time.perf_counter() - start) / len(q) * 1000, 3)
+                exact[f"recall@10, {name}"] = 1.0
+            rows.append(exact)
             items = [str(i) for i in range(n)]
             auto = choose(n)["type"]
             for kind in dict.fromkeys([auto, "hnsw", "ivf"]):
@@ -234,24 +253,29 @@ def ann_table(generators: dict, query_sets: dict, sizes: list[int], seed: int) -
                 grew = rss_mib() - before
                 size = len(faiss.serialize_index(ann.index)) / 2**20
                 knob = "efSearch" if kind == "hnsw" else "nprobe"
-                default = ann.params[knob]
-                for value in (default // 2, default, default * 2, default * 4):
-                    if kind == "hnsw":
-                        ann.index.hnsw.efSearch = value
-                    else:
-                        ann.index.nprobe = min(value, ann.params["nlist"])
+                same, cross = ann.params[knob], ann.params[f"{knob}_cross"]
+                limit = ann.params.get("nlist", 1 << 30)
+                for value in sorted({same // 2, same, same * 4, cross // 2, cross, min(cross * 2, limit)}):
+                    label = (
+                        " (default, same kind)" if value == same else " (default, other kind)" if value == cross else ""
+                    )
+                    params = (
+                        faiss.SearchParametersHNSW(efSearch=max(K, value))
+                        if kind == "hnsw"
+                        else faiss.SearchParametersIVF(nprobe=value)
+                    )
                     row = {
                         "rows": n,
                         "corpus": corpus_name,
                         "structure": kind + (" (auto)" if kind == auto else ""),
-                        "search parameter": f"{knob}={value}" + (" (default)" if value == default else ""),
+                        "search parameter": f"{knob}={value}{label}",
                         "build s": round(built, 1),
                         "index MiB": round(size, 1),
                         "peak RSS growth MiB": round(max(grew, 0.0), 1),
                     }
                     for query_name, q in queries.items():
                         start = time.perf_counter()
-                        found, _ = ann.search(q, K)
+                        found = ann.index.search(np.ascontiguousarray(q), K, params=params)[1]
                         row[f"ms/query, {query_name}"] = round((time.perf_counter() - start) / len(q) * 1000, 3)
                         row[f"recall@10, {query_name}"] = round(recall(found, truths[query_name]), 4)
                     rows.append(row)
@@ -271,6 +295,11 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-32", help="open_clip model name or a model config JSON")
+    parser.add_argument(
+        "--pretrained",
+        default=None,
+        help="weights: an open_clip tag (needs the hub) or a checkpoint file; default: random weights (offline)",
+    )
     parser.add_argument("--seed-items", type=int, default=512)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=1000)
@@ -281,8 +310,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    print(f"embedding {args.seed_items} images and texts with {args.model} (random weights)", file=sys.stderr)
-    image_seeds, text_seeds = seed_embeddings(args.model, args.seed_items, args.seed)
+    weights = args.pretrained or "random weights"
+    print(f"embedding {args.seed_items} images and texts with {args.model} ({weights})", file=sys.stderr)
+    image_seeds, text_seeds = seed_embeddings(args.model, args.seed_items, args.seed, args.pretrained)
     generators = {
         "gaussian": (Generator(image_seeds), Generator(text_seeds)),
         "clustered": (Generator(image_seeds, args.spread), Generator(text_seeds, args.spread)),
@@ -305,6 +335,7 @@ def main() -> None:
     dim = image_seeds.shape[1]
     report = {
         "model": args.model,
+        "weights": weights,
         "dim": int(dim),
         "rows": args.rows,
         "queries": args.queries,
@@ -312,7 +343,7 @@ def main() -> None:
         "corpus": corpus,
         "encodings": encodings_table(corpora, query_sets, dim),
     }
-    print(f"\n{args.model} (random weights), D={dim}; corpus statistics\n\n{markdown(corpus)}")
+    print(f"\n{args.model} ({weights}), D={dim}; corpus statistics\n\n{markdown(corpus)}")
     print(f"\nrecall@10 vs float32 exact search, {args.rows:,} rows, {args.queries} queries a set\n")
     print(markdown(report["encodings"]))
     if args.ann:

@@ -173,6 +173,41 @@ def load(make_sender, bodies: list, concurrency: int, seconds: float) -> dict:
     }
 
 
+def mixed_texts(count: int, seed: int = 0) -> list[str]:
+    """Zero-shot prompts and captions mixed as a search workload sends them: three in four are
+    ImageNet prompts ("a photo of a {class}.": 6-20 tokens), one in four a caption of 10-35 words (13-60
+    tokens), in a fixed shuffled order, so one request of 16 holds both."""
+    from importlib import resources
+
+    data = json.loads(resources.files("clip_triton").joinpath("assets", "imagenet_zeroshot.json").read_text())
+    rng = np.random.default_rng(seed)
+    classes, templates = data["classnames"], data["templates"]["openai"]
+    words = [w for name in classes for w in name.split()]
+    out = []
+    for i in range(count):
+        if i % 4 == 3:
+            n = int(rng.integers(10, 36))
+            out.append("a photograph of " + " ".join(words[int(j)] for j in rng.integers(0, len(words), size=n)))
+        else:
+            out.append(templates[int(rng.integers(len(templates)))].format(classes[int(rng.integers(len(classes)))]))
+    return out
+
+
+def describe_lengths(texts: list[str]) -> str:
+    """The texts' token counts (CLIP BPE, with start and end tokens) by the default buckets."""
+    from clip_triton.contract import TEXT_BUCKETS, TokenizerSpec
+    from clip_triton.tokenizer import ClipTokenizer
+
+    spec = TokenizerSpec(buckets=TEXT_BUCKETS)
+    tok = ClipTokenizer(spec)
+    needed = [min(len(tok.encode(t, limit=76)) + 2, 77) for t in texts]
+    counts = {length: sum(spec.bucket(n) == length for n in needed) for length in spec.lengths}
+    return (
+        f"{len(texts)} texts, {min(needed)}-{max(needed)} tokens (median {int(np.median(needed))}); by bucket "
+        + ", ".join(f"{length}: {n}" for length, n in counts.items())
+    )
+
+
 def probe_truncation(embed_texts) -> str:
     """'full' when a 50-token text differs from its first 18 words, 'cut at 20 tokens' when equal."""
     long, short = " ".join(PROBE_WORDS), " ".join(PROBE_WORDS[:18])
@@ -186,6 +221,11 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--batches", default="1,16", help="items per request")
+    parser.add_argument(
+        "--kinds",
+        default="image,text,mixed",
+        help="image (the bundled photos), text (short prompts), mixed (prompts and captions: see mixed_texts)",
+    )
     parser.add_argument("--seconds", type=float, default=8.0, help="per cell")
     parser.add_argument("--peers-venv", default=None, help="a virtualenv with infinity-emb (and transformers)")
     parser.add_argument("--skip", default="", help="comma-separated system names to leave out")
@@ -215,15 +255,18 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     photos = image_bytes()
     prompts = list(BENCH_PROMPTS)
+    mixed = mixed_texts(256)
+    kinds = [k for k in args.kinds.split(",") if k]
     skip = set(filter(None, args.skip.split(",")))
+    print(f"[peers] mixed texts: {describe_lengths(mixed)}", flush=True)
 
     def payloads(kind: str, batch: int) -> list[list]:
-        items = photos if kind == "image" else prompts
-        return [[items[(i * batch + k) % len(items)] for k in range(batch)] for i in range(8)]
+        items = {"image": photos, "text": prompts, "mixed": mixed}[kind]
+        return [[items[(i * batch + k) % len(items)] for k in range(batch)] for i in range(16)]
 
     rows: list[dict] = []
 
-    def measure(system: str, precision: str, version: str, settings: str, sender_for, embed_texts) -> None:
+    def measure(system: str, precision: str, version: str, settings: str, sender_for, embed_texts, only=None) -> None:
         try:
             truncation = probe_truncation(embed_texts)
         except Exception as exc:  # noqa: BLE001 (one system's failure must not lose the others' rows)
@@ -231,7 +274,7 @@ def main() -> None:
             rows.append({"system": system, "precision": precision, "error": f"probe failed: {exc}"})
             return
         print(f"[peers] {system} ({precision}): long texts {truncation}", flush=True)
-        for kind in ("image", "text"):
+        for kind in [k for k in kinds if only is None or k in only]:
             for batch in batches:
                 bodies = sender_for(kind, batch)
                 for concurrency in concurrencies:
@@ -284,9 +327,10 @@ def main() -> None:
             )
             if name not in skip:
 
-                def grpc_sender(kind: str, batch: int, url=server.grpc_url):
+                def grpc_sender(kind: str, batch: int, url=server.grpc_url, grouped=True):
                     def make():
-                        client = ClipClient(url, batch_size=batch, concurrency=1, prompt_cache_entries=0)
+                        # concurrency 4 (the default): a call's length groups go out together
+                        client = ClipClient(url, batch_size=batch, prompt_cache_entries=0, group_by_length=grouped)
                         embed = client.embed_images if kind == "image" else client.embed_texts
                         return lambda items: len(embed(items))
 
@@ -294,6 +338,17 @@ def main() -> None:
 
                 with ClipClient(server.grpc_url, prompt_cache_entries=0) as probe_client:
                     measure(name, precision, version, settings, grpc_sender, probe_client.embed_texts)
+                    if export_dir == onnx_dir and f"{name}, input order" not in skip:
+                        # the client before length grouping (issue 33): texts sent in input order
+                        measure(
+                            f"{name}, input order",
+                            precision,
+                            version,
+                            settings + "; group_by_length=False",
+                            lambda kind, batch: grpc_sender(kind, batch, grouped=False),
+                            probe_client.embed_texts,
+                            only=("text", "mixed"),
+                        )
             gateway_name = f"clip-triton gateway, {label}"
             if gateway_name not in skip and export_dir == onnx_dir:
                 port = free_port()
@@ -314,7 +369,7 @@ def main() -> None:
                     def gateway_sender(kind: str, batch: int, port=port, served=served):
                         bodies = [
                             json.dumps(
-                                {"model": served, "input": [data_url(x) if kind == "image" else x for x in items]}
+                                {"model": served, "input": [data_url(x) if kind == "image" else x for x in items]},
                             ).encode()
                             for items in payloads(kind, batch)
                         ]
@@ -421,7 +476,7 @@ def main() -> None:
                         {
                             "model": "clip",
                             "input": [data_url(x) if kind == "image" else x for x in items],
-                            "modality": kind,
+                            "modality": "image" if kind == "image" else "text",
                         }
                     ).encode()
                     for items in payloads(kind, batch)
@@ -462,6 +517,22 @@ def main() -> None:
             f"{r['system']:<36}{r['precision']:<6}{r['kind']:<6}{r['batch']:>6}{r['concurrency']:>6}{r['items_per_s']:>10.1f}"
             f"{ratio:>7.2f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}  {r['long_text']}"
         )
+    peers = [p for p in ("FastAPI + open_clip", "infinity-emb (torch)") if any(r["system"] == p for r in rows)]
+    if peers:
+        rate = {(r["system"], r["kind"], r["batch"], r["concurrency"]): r["items_per_s"] for r in rows}
+        print("\nclip-triton rows against every peer (items/s ratio, same cell)")
+        print(
+            f"{'system':<44}{'kind':<7}{'batch':>6}{'conc':>6}" + "".join(f"{'÷ ' + p.split()[0]:>14}" for p in peers)
+        )
+        for r in rows:
+            if not r["system"].startswith("clip-triton"):
+                continue
+            cell = (r["kind"], r["batch"], r["concurrency"])
+            ratios = [r["items_per_s"] / rate[(p, *cell)] if (p, *cell) in rate else float("nan") for p in peers]
+            print(
+                f"{r['system']:<44}{r['kind']:<7}{r['batch']:>6}{r['concurrency']:>6}"
+                + "".join(f"{x:>14.2f}" for x in ratios)
+            )
     print("\nversions and settings:")
     for system in dict.fromkeys(r["system"] for r in rows):
         first = next(r for r in rows if r["system"] == system)

@@ -4,20 +4,20 @@
 The names are Cohere's and sentence-transformers' (``float``, ``int8``, ``uint8``, ``binary``,
 ``ubinary``) plus ``float16``; each is defined here, once:
 
-========  ======================================================================  ==============
-type      element of the encoded row                                              bytes (D=1280)
-========  ======================================================================  ==============
-float     the float32 value                                                        5120
-float16   the value rounded to IEEE half precision                                 2560
-int8      ``clip(round(x * S), -127, 127)``, ``S = 127 * sqrt(D) / INT8_RANGE_RMS``  1280
-uint8     the int8 value + 128 (subtract 128 before a dot product)                  1280
-binary    8 signs per byte (bit 1 where ``x > 0``, first dimension in the high      160
-          bit, ``np.packbits``), the byte - 128 as int8 (Cohere's ``binary``)
-ubinary   the same bytes as uint8 (Cohere's ``ubinary``)                           160
-========  ======================================================================  ==============
+=========  ===============================================================  ==============
+type       element of the encoded row                                        bytes (D=1280)
+=========  ===============================================================  ==============
+float      the float32 value                                                 5120
+float16    the value rounded to IEEE half precision                          2560
+int8       ``clip(round(x * S), -127, 127)``, ``S = 127 * sqrt(D) / 8``      1280
+uint8      the int8 value + 128 (subtract 128 before a dot product)          1280
+binary     8 signs per byte (bit 1 where ``x > 0``, first dimension in the   160
+           high bit, ``np.packbits``), the byte - 128 as int8 (Cohere's)
+ubinary    the same bytes as uint8 (Cohere's ``ubinary``)                    160
+=========  ===============================================================  ==============
 
-int8 needs no calibration data: one fixed scale per dimension count, for every model, so every client
-of a deployment (and every shard of a job) encodes alike. Recall@10 of each type against float32 exact
+int8 needs no calibration data: one fixed scale per dimension count (8 is ``INT8_RANGE_RMS`` in the
+contract), for every model, so every client of a deployment (and every shard of a job) encodes alike. Recall@10 of each type against float32 exact
 search is measured by ``python bench/encodings.py`` (docs/storage.md).
 """
 

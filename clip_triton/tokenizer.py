@@ -59,7 +59,7 @@ def _byte_alphabet() -> dict[int, str]:
 def _load_vocab() -> tuple[dict[str, int], dict[tuple[str, str], int]]:
     raw = resources.files("clip_triton").joinpath("assets", VOCAB_FILE).read_bytes()
     lines = gzip.decompress(raw).decode("utf-8").split("\n")[1 : _N_MERGES + 1]
-    merges = [tuple(line.split()) for line in lines]
+    merges = [(first, second) for first, second in (line.split() for line in lines)]
     alphabet = list(_byte_alphabet().values())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + ["".join(pair) for pair in merges]
     tokens.extend(_SPECIAL)
@@ -305,7 +305,8 @@ class HFTextTokenizer:
         self.backend.no_padding()
         self.backend.enable_truncation(max_length=spec.context_length)
 
-    check = ClipTokenizer.check
+    def check(self, text: str) -> None:
+        ClipTokenizer.check(self, text)  # type: ignore[arg-type]  # the same limits: max_chars, blank text
 
     def ids(self, text: str) -> np.ndarray:
         self.check(text)

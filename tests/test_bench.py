@@ -265,8 +265,10 @@ def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tm
         "FastAPI + open_clip",
         "clip-triton gRPC, onnxruntime, buckets 8,12,16,24,32",  # the finer-bucket export's row
     }
-    assert systems == expected
-    assert len(report["rows"]) == len(expected) * 2 * 2  # kinds x batches (one concurrency)
+    ordered = "clip-triton gRPC, onnxruntime, input order"  # the client without length grouping: texts only
+    assert systems == expected | {ordered}
+    assert len(report["rows"]) == len(expected) * 3 * 2 + 2 * 2  # kinds x batches (one concurrency)
+    assert {r["kind"] for r in report["rows"] if r["system"] == ordered} == {"text", "mixed"}
     for row in report["rows"]:
         assert "error" not in row and row["items_per_s"] > 0, row
         assert row["long_text"] == "full"
@@ -328,6 +330,7 @@ def test_encodings_bench_measures_every_type_and_structure(tiny_config, tmp_path
     assert all(rows["float"][c] == 1.0 and rows["float16"][c] > 0.95 for c in columns)
     assert rows["int8"]["bytes/vector"] == 32 and rows["ubinary"]["bytes/vector"] == 4  # the tiny model: D = 32
     structures = {(row["corpus"], row["structure"]) for row in report["ann"]}
-    assert structures == {(c, s) for c in ("gaussian", "clustered") for s in ("hnsw (auto)", "ivf")}
+    kinds = ("exact (every row)", "ivf (auto)", "hnsw")
+    assert structures == {(c, s) for c in ("gaussian", "clustered") for s in kinds}
     assert all(0 <= row["recall@10, text->image"] <= 1 for row in report["ann"])
     assert "recall@10 vs float32 exact search" in result.stdout

@@ -477,3 +477,37 @@ def test_embed_parquet_then_search_a_folder_of_generated_images(triton, tmp_path
     small = open_index(tmp_path / "int8")
     assert small.embedding_type == "int8" and len(small) == 3000
     assert np.array_equal(E.encode(index.embeddings, "int8"), E.encode(small.embeddings, "int8"))
+
+
+def test_grouped_texts_match_open_clip_in_input_order(triton, open_clip_reference):
+    """Issue 33: texts of every length bucket, shuffled, through ClipClient and AsyncClipClient with
+    length grouping (the default): each row is open_clip's encode_text of its own input text (fp32
+    tolerance), a refused text keeps its index, and the requests never mixed buckets."""
+    import asyncio
+
+    from clip_triton.client import AsyncClipClient
+    from clip_triton.contract import TOLERANCES
+
+    from .test_serving import BUCKETED_TEXTS
+
+    rng = np.random.default_rng(7)
+    texts = [f"{text} {i}" for i, text in enumerate(list(BUCKETED_TEXTS.values()) * 5)]
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    expected = open_clip_reference.texts(texts)
+    tolerance = TOLERANCES["fp32"]
+    with ClipClient(triton.grpc_url, batch_size=8) as client:
+        rows = client.embed_texts(texts)
+        lengths = client._text_lengths()
+        assert lengths is not None and lengths.groups
+        with pytest.raises(ItemErrors) as err:
+            client.embed_texts([texts[0], "   ", texts[1]])
+
+    async def run():
+        async with AsyncClipClient(triton.grpc_url, batch_size=8) as aclient:
+            return await aclient.embed_texts(texts)
+
+    for got in (rows, asyncio.run(run())):
+        assert cos(got, expected).min() >= tolerance["min_cosine"]
+        assert np.abs(got - expected).max() <= tolerance["max_abs_diff"]
+    assert list(err.value.errors) == [1] and cos(err.value.embeddings[[0, 2]], expected[:2]).min() >= 0.99999
+    assert len({lengths.key(t)[0] for t in texts}) == 4  # the shuffled list spans every bucket

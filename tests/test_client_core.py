@@ -177,3 +177,79 @@ def test_classify_ranks_with_the_servers_scoring(fake_triton):
     image = fake_embedding(b"img", 8)
     assert scores["a"]["cosine"] == pytest.approx(float(image @ fake_embedding(b"a", 8)), abs=1e-6)
     assert sum(row["probability"] for row in ranked[0]) == pytest.approx(1.0)
+
+
+# -- length-aware batching (issue 33) ----------------------------------------------------------------
+SHORT = [f"a photo of a {w}" for w in ("cat", "dog", "car", "boat", "tree", "bird")]  # <= 8 tokens with SOT/EOT
+LONG = [
+    "a long caption about " + " ".join(f"word{i}" for i in range(n)) for n in (12, 30)
+]  # past 16 and past 32 tokens
+
+
+@pytest.fixture()
+def bucketed_triton(monkeypatch) -> FakeTriton:
+    """A scripted Triton whose served contract has text buckets 8/16/32 of 77 (the tiny model's)."""
+    from .fakes import tiny_facts
+
+    triton = FakeTriton(embed_dim=8, max_batch_size=16)
+    triton.facts = triton.facts.with_(contract=tiny_facts().contract)
+    return triton.install(monkeypatch)
+
+
+def buckets_of(texts) -> set[int]:
+    from clip_triton.contract import ModelContract
+    from clip_triton.tokenizer import ClipTokenizer
+
+    from .fakes import tiny_facts
+
+    spec = ModelContract.from_json(tiny_facts().contract).tokenizer
+    tok = ClipTokenizer(spec)
+    return {spec.bucket(min(len(tok.encode(t, limit=76)) + 2, 77)) for t in texts}
+
+
+def test_texts_go_in_requests_of_one_length_bucket_and_come_back_in_order(bucketed_triton):
+    texts = [SHORT[0], LONG[1], SHORT[1], SHORT[2], LONG[0], SHORT[3], SHORT[4], SHORT[5]]
+    with ClipClient("fake:1") as client:
+        rows = client.embed_texts(texts)
+    assert np.array_equal(rows, expected(texts))
+    sent = [[item.decode() for item in request] for request in bucketed_triton.requests]
+    assert all(len(buckets_of(request)) == 1 for request in sent), sent
+    assert sorted(len(r) for r in sent) == [1, 1, 6] and len(buckets_of(texts)) == 3
+
+    async def run():
+        async with AsyncClipClient("fake:1") as aclient:
+            return await aclient.embed_texts(texts)
+
+    before = len(bucketed_triton.requests)
+    assert np.array_equal(asyncio.run(run()), rows)
+    assert all(len(buckets_of([i.decode() for i in r])) == 1 for r in bucketed_triton.requests[before:])
+
+
+def test_refused_items_keep_their_input_index_through_the_reordering(bucketed_triton):
+    bucketed_triton.bad = {b"a photo of a dog": "refused for the test"}
+    texts = [LONG[1], SHORT[1], SHORT[0], 42, LONG[0]]
+    with ClipClient("fake:1") as client, pytest.raises(ItemErrors) as err:
+        client.embed_texts(texts)
+    assert set(err.value.errors) == {1, 3} and "refused for the test" in err.value.errors[1]
+    good = [0, 2, 4]
+    assert np.array_equal(err.value.embeddings[good], expected([texts[i] for i in good]))
+
+
+def test_grouping_can_be_turned_off_and_a_static_graph_is_not_grouped(bucketed_triton):
+    texts = [LONG[1], SHORT[0], LONG[0], SHORT[1]]
+    with ClipClient("fake:1", group_by_length=False) as client:
+        client.embed_texts(texts)
+    assert [[i.decode() for i in r] for r in bucketed_triton.requests] == [texts]
+    bucketed_triton.requests.clear()
+    bucketed_triton.facts = bucketed_triton.facts.with_(contract="")  # no buckets: every text takes 77
+    with ClipClient("fake:1") as client:
+        client.embed_texts(texts)
+    assert [[i.decode() for i in r] for r in bucketed_triton.requests] == [texts]
+
+
+def test_a_batch_never_mixes_buckets_even_when_full(bucketed_triton):
+    from clip_triton.client.core import length_batches
+
+    keys = [(8, 5), (16, 12), (8, 6), (8, 7), (32, 20), (8, 5)]
+    assert length_batches(keys, list(range(6)), 2) == [[0, 5], [2, 3], [1], [4]]
+    assert length_batches(keys, [1, 2, 4], 8) == [[2], [1], [4]]

@@ -46,7 +46,7 @@ def test_each_type_is_what_the_docs_define():
     assert np.array_equal(E.encode(x, "binary").astype(int), ubinary.astype(int) - 128)
     assert np.array_equal(E.encode(x, "float"), x) and E.encode(x, "float").dtype == np.float32
     # clipping: a component past the range saturates instead of wrapping
-    spike = np.zeros((1, 1024), np.float32)  # R = 16 / 32 = 0.5
+    spike = np.zeros((1, 1024), np.float32)  # R = 8 / 32 = 0.25
     spike[0, 0], spike[0, 1] = 0.8, -0.8
     assert E.encode(spike, "int8")[0, :2].tolist() == [127, -127]
 

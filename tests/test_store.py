@@ -39,8 +39,10 @@ class ScriptedEmbedder:
     def embed_texts(self, texts):
         texts = list(texts)
         self.calls.append(texts)
-        rows = np.stack([fake_embedding(t.encode(), self.facts.embed_dim) for t in texts])
-        errors = {i: "refused: bad text" for i, t in enumerate(texts) if "bad" in t}
+        rows = np.stack(
+            [fake_embedding(t if isinstance(t, bytes) else t.encode(), self.facts.embed_dim) for t in texts]
+        )
+        errors = {i: "refused: bad text" for i, t in enumerate(texts) if "bad" in str(t)}
         rows[list(errors)] = np.nan
         if self.stop_after is not None and len(self.calls) > self.stop_after:
             answered = [i for i in range(len(texts) // 2) if i not in errors]
@@ -226,10 +228,17 @@ def clustered(n: int, dim: int = 32, seed: int = 0) -> np.ndarray:
 
 
 def test_the_structure_is_chosen_by_size():
-    assert A.choose(9_999)["type"] == "flat" and A.choose(10_000)["type"] == "hnsw"
-    assert A.choose(1_999_999)["type"] == "hnsw"
+    assert A.choose(9_999)["type"] == "flat" and A.choose(10_000)["type"] == "ivf"
+    assert A.choose(100_000)["nlist"] == 256 and A.choose(1_000_000)["nlist"] == 1024
+    assert A.choose(10, "hnsw") == {
+        "type": "hnsw",
+        "M": 32,
+        "efConstruction": 64,
+        "efSearch": 128,
+        "efSearch_cross": 1024,
+    }
     ivf = A.choose(4_000_000)
-    assert ivf == {"type": "ivf", "nlist": 2048, "nprobe": 64, "train_rows": 131072}
+    assert ivf == {"type": "ivf", "nlist": 2048, "nprobe": 64, "nprobe_cross": 512, "train_rows": 131072}
     assert A.choose(500, "ivf")["nlist"] == 16
     with pytest.raises(ClipTritonError, match="auto, flat, hnsw, ivf"):
         A.choose(10, "lsh")
@@ -288,3 +297,27 @@ def test_lancedb_table_with_a_metadata_filter(tmp_path):
     filtered = table.search(x[7]).where("source LIKE '%/dogs/%'").limit(3).to_list()
     assert len(filtered) == 3 and all("/dogs/" in h["source"] for h in filtered)
     assert json.loads(table.schema.metadata[b"clip_triton"])["model"] == "fake-clip"
+
+
+def test_queries_of_the_other_kind_get_the_larger_search_effort(monkeypatch):
+    """Text over an image index (CLIP's main use) lies outside the indexed distribution: it is searched
+    with efSearch_cross / nprobe_cross; an image query with the index's own effort."""
+    x = clustered(12_000)
+    index = EmbeddingIndex([f"i{i}" for i in range(len(x))], x, kind="image")
+    index.client = ScriptedEmbedder(dim=32)
+    seen: list = []
+    for kind, knob in (("hnsw", "efSearch"), ("ivf", "nprobe")):
+        ann = index.build_ann(kind)
+        real = ann.index.search
+
+        def spy(q, k, params=None, real=real, knob=knob):
+            seen.append(getattr(params, knob))
+            return real(q, k, params=params)
+
+        monkeypatch.setattr(ann, "index", type("Spy", (), {"search": staticmethod(spy)})())
+        index.search_text("a text query", 5)
+        index.search_image(b"an image query", 5)
+        index.search_embeddings(x[:1], 5)  # kind unknown: searched as the other kind
+        params = ann.params
+        assert seen[-3:] == [params[f"{knob}_cross"], params[knob], params[f"{knob}_cross"]]
+        assert params[f"{knob}_cross"] > params[knob]

@@ -22,6 +22,7 @@ from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
 
 from .core import (
+    TextLengths,
     encode_rows,
     encoded_errors,
     plan_batches,
@@ -56,7 +57,9 @@ class AsyncClipClient:
         url_timeout: float = 10.0,
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
+        group_by_length: bool = True,
     ):
+        """As :class:`ClipClient <clip_triton.client.ClipClient>` (``group_by_length`` included)."""
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
@@ -68,6 +71,8 @@ class AsyncClipClient:
         self._batch_size = batch_size
         self._facts: ServerFacts | None = None
         self._text_cache = PromptCache(prompt_cache_entries)
+        self.group_by_length = group_by_length
+        self._lengths: TextLengths | None = None
 
     async def _call(self, fn):
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
@@ -101,7 +106,12 @@ class AsyncClipClient:
 
         facts = await self.get_facts()
         size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
-        out, errors, chunks = plan_batches(items, facts.embed_dim, size)
+        lengths = None
+        if model == TEXT_ENSEMBLE and self.group_by_length:
+            if self._lengths is None:
+                self._lengths = TextLengths(facts.contract)
+            lengths = self._lengths
+        out, errors, chunks = plan_batches(items, facts.embed_dim, size, lengths)
         gate = asyncio.Semaphore(self.concurrency)
 
         async def run(chunk: list[int]) -> None:

@@ -120,12 +120,18 @@ def item_error(exc) -> str:
     return item_reason(message or str(exc))
 
 
-def plan_batches(items: list, embed_dim: int, batch_size: int) -> tuple[np.ndarray, dict[int, str], list[list[int]]]:
+def plan_batches(
+    items: list, embed_dim: int, batch_size: int, lengths: TextLengths | None = None
+) -> tuple[np.ndarray, dict[int, str], list[list[int]]]:
     """NaN-filled output rows, the items that already failed on the client (index -> reason), and
-    the other indices split into batches of ``batch_size``."""
+    the other indices split into batches of ``batch_size`` (texts: one length bucket a batch, where
+    ``lengths`` says the server's text graph has buckets)."""
     out = np.full((len(items), embed_dim), np.nan, dtype=np.float32)
     errors = {i: str(x) for i, x in enumerate(items) if isinstance(x, Exception)}
     good = [i for i in range(len(items)) if i not in errors]
+    if lengths is not None and lengths.groups:
+        keys = [lengths.key(item) if i not in errors else (0, 0) for i, item in enumerate(items)]
+        return out, errors, length_batches(keys, good, batch_size)
     return out, errors, [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
 
 
@@ -222,3 +228,60 @@ def encode_rows(vectors: np.ndarray, embedding_type: str) -> np.ndarray:
 def encoded_errors(err: ItemErrors, embedding_type: str) -> ItemErrors:
     """``err`` with its answered rows in ``embedding_type``."""
     return ItemErrors(err.errors, encode_rows(err.embeddings, embedding_type))
+
+
+# -- length-aware batching (issue 33) --------------------------------------------------------------
+class TextLengths:
+    """The sequence-length bucket each text will be served at, so that a request never pads short texts
+    to a long neighbour's bucket (the server cuts each request to the bucket of its longest text).
+
+    CLIP's BPE ships with the package (no torch): its counts are exact. A Hugging Face tokenizer's
+    ``tokenizer.json`` lives on the server, not here: texts are then ordered by their UTF-8 length, a
+    close proxy, in one group. A static text graph (no buckets) pads every text alike: nothing to group.
+    """
+
+    def __init__(self, contract_json: str):
+        from clip_triton.contract import ModelContract, TokenizerSpec  # noqa: PLC0415
+
+        self.spec = ModelContract.from_json(contract_json).tokenizer if contract_json else TokenizerSpec()
+        self._bpe = None
+        if self.spec.dynamic and self.spec.kind == "clip-bpe":
+            from clip_triton.tokenizer import ClipTokenizer  # noqa: PLC0415
+
+            self._bpe = ClipTokenizer(self.spec)
+
+    @property
+    def groups(self) -> bool:
+        """Whether grouping by length changes what the server computes."""
+        return self.spec.dynamic
+
+    def key(self, item) -> tuple[int, int]:
+        """``(bucket, length)``: sorted by it, texts of one bucket are adjacent, shortest first."""
+        if isinstance(item, (bytes, bytearray)):
+            size = len(item)
+            text = bytes(item).decode("utf-8", "replace") if self._bpe is not None else ""
+        elif isinstance(item, str):
+            size, text = len(item.encode("utf-8", "surrogatepass")), item
+        else:  # refused on the client before it is sent: its place in the order does not matter
+            return (0, 0)
+        if self._bpe is None:
+            return (0, size)
+        context = self.spec.context_length
+        # at most context_length - 1 ids matter: a longer text is truncated to the whole context
+        needed = min(len(self._bpe.encode(text, limit=context - 1)) + 2, context)
+        return (self.spec.bucket(needed), needed)
+
+
+def length_batches(keys: list[tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
+    """``indices`` in batches of at most ``batch_size`` whose texts share one bucket, in ascending
+    length: the answer rows are written back by index, so the caller's order is kept."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(indices, key=lambda i: keys[i]):
+        if current and (keys[index][0] != keys[current[0]][0] or len(current) == batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches

@@ -34,8 +34,10 @@ from clip_triton.facts import ServerFacts
 from .core import (
     DeadlinePolicy,
     Readiness,
+    TextLengths,
     encode_rows,
     encoded_errors,
+    length_batches,
     record_or_split,
     record_rows,
     retry_delay,
@@ -86,7 +88,11 @@ class _Job:
         from clip_triton.progress import bar  # noqa: PLC0415
 
         n = len(self.items)
-        chunks = [list(range(i, min(i + self.size, n))) for i in range(0, n, self.size)]
+        lengths = self.client._text_lengths() if self.model == TEXT_ENSEMBLE else None
+        if lengths is not None and lengths.groups:  # one length bucket a request (issue 33)
+            chunks = length_batches([lengths.key(item) for item in self.items], list(range(n)), self.size)
+        else:
+            chunks = [list(range(i, min(i + self.size, n))) for i in range(0, n, self.size)]
         kind = "images" if self.model == IMAGE_ENSEMBLE else "texts"
         self.bar = bar(n, f"embedding {kind}", unit=kind[:-1], enabled=self.client.progress if n else False)
         pool = ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="clip-triton")
@@ -249,10 +255,13 @@ class ClipClient:
         progress: bool | None = False,
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
+        group_by_length: bool = True,
     ):
         """``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
         and the server's measured speed (see :class:`DeadlinePolicy`). ``progress``: a bar on stderr
-        (None: only when stderr is a terminal)."""
+        (None: only when stderr is a terminal). ``group_by_length``: texts are sent in requests of one
+        sequence-length bucket each (their rows still come back in input order); False sends them in
+        input order, as before."""
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self._grpc = grpcclient
@@ -272,6 +281,16 @@ class ClipClient:
         self._batch_size = batch_size
         self._facts: ServerFacts | None = None
         self._text_cache = PromptCache(prompt_cache_entries)
+        self.group_by_length = group_by_length
+        self._lengths: TextLengths | None = None
+
+    def _text_lengths(self) -> TextLengths | None:
+        """How texts are grouped into requests (None: in input order)."""
+        if not self.group_by_length:
+            return None
+        if self._lengths is None:
+            self._lengths = TextLengths(self.facts.contract)
+        return self._lengths
 
     # -- server facts ------------------------------------------------------------------------
     def _client(self):

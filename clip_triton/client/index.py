@@ -261,10 +261,10 @@ class EmbeddingIndex:
         return self.search_image(query, k)
 
     def search_text(self, text: str, k: int = 5) -> list[Hit]:
-        return self.search_embeddings(self._query_client().embed_texts([text]), k)[0]
+        return self.search_embeddings(self._query_client().embed_texts([text]), k, query_kind=TEXT.kind)[0]
 
     def search_image(self, image, k: int = 5) -> list[Hit]:
-        return self.search_embeddings(self._query_client().embed_images([image]), k)[0]
+        return self.search_embeddings(self._query_client().embed_images([image]), k, query_kind=VISION.kind)[0]
 
     def build_ann(self, kind: str = "auto") -> AnnIndex:
         """Build (and keep) a FAISS index over the rows, chosen by size (:mod:`clip_triton.client.ann`);
@@ -272,9 +272,13 @@ class EmbeddingIndex:
         self.ann = AnnIndex.build(self.embeddings, self.items, kind)
         return self.ann
 
-    def search_embeddings(self, queries: np.ndarray, k: int = 5, *, exact: bool = False) -> list[list[Hit]]:
+    def search_embeddings(
+        self, queries: np.ndarray, k: int = 5, *, exact: bool = False, query_kind: str | None = None
+    ) -> list[list[Hit]]:
         """Top-``k`` hits for each row of ``queries`` (``(D,)`` or ``(Q, D)``): through the ANN index
-        where one is attached (unless ``exact``), else every row."""
+        where one is attached (unless ``exact``), else every row. ``query_kind`` (``image``/``text``):
+        a query of the index's own kind needs less ANN search effort; unknown (None) is searched as
+        one of the other kind, the larger effort."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.embed_dim:
             raise ClipTritonError(
@@ -284,7 +288,7 @@ class EmbeddingIndex:
         if not len(self.items):
             return [[] for _ in queries]
         if self.ann is not None and not exact:
-            top, scores = self.ann.search(queries, min(k, len(self.items)))
+            top, scores = self.ann.search(queries, min(k, len(self.items)), cross_modal=query_kind != self.kind)
         else:
             top, scores = top_k(queries, self.embeddings, k)
         return [
