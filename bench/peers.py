@@ -230,6 +230,12 @@ def main() -> None:
     parser.add_argument("--peers-venv", default=None, help="a virtualenv with infinity-emb (and transformers)")
     parser.add_argument("--skip", default="", help="comma-separated system names to leave out")
     parser.add_argument(
+        "--openvino",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the OpenVINO bf16 rows, where the CPU has bf16",
+    )
+    parser.add_argument(
         "--fine-buckets",
         default="8,12,16,24,32",
         help="text buckets of an extra clip-triton gRPC row on ONNX Runtime ('' for none)",
@@ -310,7 +316,7 @@ def main() -> None:
         fine_dir = work / f"onnx-{Path(args.model).stem}-buckets-{'-'.join(map(str, fine))}"
         export_model(args.model, "none", fine_dir, reuse=True, text_buckets=fine)
         setups.append((f"onnxruntime, buckets {','.join(map(str, fine))}", "onnxruntime", "fp32", fine_dir))
-    if cpu_supports_bf16():
+    if cpu_supports_bf16() and args.openvino:
         setups.append(("openvino", "openvino", "bf16", onnx_dir))
     for label, cpu_runtime, precision, export_dir in setups:
         name = f"clip-triton gRPC, {label}"
