@@ -344,7 +344,7 @@ def main() -> None:
 
                 with ClipClient(server.grpc_url, prompt_cache_entries=0) as probe_client:
                     measure(name, precision, version, settings, grpc_sender, probe_client.embed_texts)
-                    if export_dir == onnx_dir and f"{name}, input order" not in skip:
+                    if label == "onnxruntime" and f"{name}, input order" not in skip:
                         # the client before length grouping (issue 33): texts sent in input order
                         measure(
                             f"{name}, input order",

@@ -321,3 +321,21 @@ def test_queries_of_the_other_kind_get_the_larger_search_effort(monkeypatch):
         params = ann.params
         assert seen[-3:] == [params[f"{knob}_cross"], params[knob], params[f"{knob}_cross"]]
         assert params[f"{knob}_cross"] > params[knob]
+
+
+def test_an_index_named_like_the_folder_it_indexes_opens_as_the_index(tmp_path):
+    """`embed --images photos/ --out photos` writes photos.npy beside the folder photos/: `--index
+    photos` is that index (and its FAISS file photos.faiss), not a Parquet folder."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"not read")
+    x = clustered(300)
+    index = EmbeddingIndex([f"i{i}" for i in range(300)], x, kind="image")
+    index.save(tmp_path / "photos")
+    write_ann(index, tmp_path / "photos.npy")
+    opened = open_index(tmp_path / "photos")
+    assert len(opened) == 300 and opened.ann is not None and (tmp_path / "photos.faiss").is_file()
+    assert not (tmp_path / "photos" / "index.faiss").exists()
+    assert len(EmbeddingIndex.load(tmp_path / "photos")) == 300
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipTritonError, match="without Parquet shards"):
+        open_index(tmp_path / "empty")

@@ -189,7 +189,7 @@ def _embed(args) -> int:
         f"wrote {npy} ({len(index)} x {index.embed_dim} float32) and {meta}"
         + (f"; items without a row: {', '.join(missing)} (listed there)" if missing else "")
     )
-    _stores(args, index, args.out)
+    _stores(args, index, npy)
     return _embed_exit(args, run, len(index), len(dict.fromkeys(items)))
 
 

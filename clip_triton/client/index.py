@@ -204,11 +204,12 @@ class EmbeddingIndex:
     def load(cls, path: str | os.PathLike, *, client: Embedder | None = None) -> EmbeddingIndex:
         """The index ``NAME.npy`` + ``NAME.json`` (exact search; :func:`clip_triton.client.store.open_index`
         also reads a Parquet folder and attaches the FAISS index built beside either)."""
-        if Path(path).is_dir():
-            raise ClipTritonError(
-                f"{path} is a folder", "a Parquet folder opens with clip_triton.client.store.open_index(path)"
-            )
         npy, meta = index_paths(path)
+        if Path(path).is_dir() and not npy.is_file():
+            raise ClipTritonError(
+                f"{path} is a folder and {npy} does not exist",
+                "a Parquet folder opens with clip_triton.client.store.open_index(path)",
+            )
         for file in (npy, meta):
             if not file.is_file():
                 raise ClipTritonError(

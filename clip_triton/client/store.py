@@ -14,7 +14,7 @@ from pathlib import Path
 from clip_triton.errors import ClipTritonError
 
 from .ann import AnnIndex, ann_paths
-from .index import Embedder, EmbeddingIndex
+from .index import Embedder, EmbeddingIndex, index_paths
 from .parquet import is_parquet_store, read_shards
 
 
@@ -29,16 +29,18 @@ def open_index(
     attached where one was built over exactly these rows (``use_ann=False``: exact search only).
     ``log`` hears why an ANN index beside it is not used (stale, damaged, or faiss missing)."""
     say = log or (lambda line: None)
+    npy, _ = index_paths(path)
     if is_parquet_store(path):
         index = read_shards(path).index()
         index.client = client
-    elif Path(path).is_dir():
+    elif npy.is_file() or not Path(path).is_dir():  # NAME may also name a folder (the images it indexes)
+        index = EmbeddingIndex.load(npy, client=client)
+        path = npy
+    else:
         raise ClipTritonError(
-            f"{path} is a folder without Parquet shards (part-NNNNN.parquet)",
+            f"{path} is a folder without Parquet shards (part-NNNNN.parquet), and {npy} does not exist",
             "pass the folder `clip-triton embed --format parquet --out` wrote, or NAME.npy",
         )
-    else:
-        index = EmbeddingIndex.load(path, client=client)
     file, _ = ann_paths(path)
     if use_ann and file.exists():
         try:
