@@ -11,7 +11,7 @@ extra ensemble layer). Two workloads through ``ClipClient`` (its own prompt cach
 reaches the server), ``--request-batch`` prompts per request at ``--concurrency``:
 
 * repeated prompts: zero-shot classification's pattern, the same prompt set (ImageNet templates x
-  class names) sent ``--rounds`` times: only the first round misses;
+  class names) sent ``--rounds`` times, one call each: only the first round misses;
 * unique prompts: every request new (all misses): what the cache costs when it never hits.
 
 Rows: texts/s of each layout, the ratios to the cache off, and the hit rate Triton reports
@@ -33,7 +33,9 @@ from common import prepared_export
 from clip_triton.contract import TEXT_CACHED, TEXT_ENSEMBLE
 
 
-def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
+def prompt_sets(count: int, rounds: int) -> dict[str, list[list[str]]]:
+    """Each workload's rounds: one ``embed_texts`` call each, as an application sends its prompt set
+    per request (within one call the client groups texts by length, which reorders repeats)."""
     from importlib import resources
 
     data = json.loads(resources.files("clip_triton").joinpath("assets", "imagenet_zeroshot.json").read_text())
@@ -43,7 +45,20 @@ def prompt_sets(count: int, rounds: int) -> dict[str, list[str]]:
         templates[i % len(templates)].format(classes[(i // len(templates)) % len(classes)]) + f" #{i}"
         for i in range(count * rounds)
     ]
-    return {"repeated prompts": prompts * rounds, "unique prompts": unique}
+    return {
+        "repeated prompts": [prompts] * rounds,
+        "unique prompts": [unique[r * count : (r + 1) * count] for r in range(rounds)],
+    }
+
+
+def planned_requests(client, texts: list[str], batch: int) -> int:
+    """How many requests ``client.embed_texts(texts)`` sends: one length bucket a request."""
+    from clip_triton.client.core import TextLengths, length_batches
+
+    lengths = TextLengths(client.facts.contract)
+    if not (client.group_by_length and lengths.groups):
+        return -(-len(texts) // batch)
+    return len(length_batches([lengths.key(t) for t in texts], list(range(len(texts))), batch))
 
 
 LAYOUTS = ("off", "nested", "public")  # "nested": what `clip-triton repo` writes
@@ -79,14 +94,17 @@ def run(onnx_dir: Path, work: Path, layout: str, sets, request_batch: int, concu
         ) as client,
     ):
         client.embed_texts([f"warm-up {i}" for i in range(request_batch * concurrency)])
-        for name, texts in sets.items():
+        for name, rounds in sets.items():
             before = _counts(server, hits_at)
             t0 = time.perf_counter()
-            client.embed_texts(texts)
+            for texts in rounds:
+                client.embed_texts(texts)
             seconds = time.perf_counter() - t0
-            after = _settled_counts(server, hits_at, before, -(-len(texts) // request_batch))
+            planned = sum(planned_requests(client, texts, request_batch) for texts in rounds)
+            after = _settled_counts(server, hits_at, before, planned)
             requests = after[0] - before[0]
-            rows[name] = {"texts_per_s": len(texts) / seconds, "hit_rate": (after[1] - before[1]) / max(requests, 1)}
+            total = sum(len(texts) for texts in rounds)
+            rows[name] = {"texts_per_s": total / seconds, "hit_rate": (after[1] - before[1]) / max(requests, 1)}
     return rows
 
 
@@ -144,10 +162,10 @@ def main() -> None:
     print(
         f"{'workload':<20}{'texts':>7}{'off':>9}{'nested':>9}{'ratio':>7}{'hits':>7}{'public':>9}{'ratio':>7}{'hits':>7}"
     )
-    for name, texts in sets.items():
+    for name, rounds in sets.items():
         base = off[name]["texts_per_s"]
         print(
-            f"{name:<20}{len(texts):>7}{base:>9.1f}"
+            f"{name:<20}{sum(len(t) for t in rounds):>7}{base:>9.1f}"
             + "".join(
                 f"{row[name]['texts_per_s']:>9.1f}{row[name]['texts_per_s'] / base:>7.2f}{row[name]['hit_rate']:>7.0%}"
                 for row in (nested, public)

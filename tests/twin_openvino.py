@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 
 from clip_triton.serving.encoder_model import TritonPythonModel as OnnxRuntimeEncoder
+from tests.twin_standin import said
 
 
 class TritonPythonModel(OnnxRuntimeEncoder):
@@ -50,6 +51,7 @@ class TritonPythonModel(OnnxRuntimeEncoder):
                     "avoided by setting 'ENABLE_BATCH_PADDING' parameter in model configuration to 'YES' at a "
                     "performance cost."
                 )
+                said(message)
                 return [
                     pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL))
                     for _ in requests

@@ -25,10 +25,19 @@ stand-in's output is always in host memory, so the twin's cache hits prove the l
 from __future__ import annotations
 
 import json
+import sys
 
 from clip_triton.serving.encoder_model import TritonPythonModel as OnnxRuntimeEncoder
 
 PROFILES_PARAMETER = "twin_tensorrt_profiles"
+
+
+def said(message: str) -> str:
+    """A stand-in's refusal, also written at once to the stub's stderr: the server's own output file.
+    tritonserver 2.51 can exit (-11) while a warm-up it refused is unwinding, before it logs the refusal
+    itself (seen in loaded CI runs, three starts in a row); the refusal is then still on record."""
+    print(f"[twin stand-in] {message}", file=sys.stderr, flush=True)
+    return message
 
 
 class TritonPythonModel(OnnxRuntimeEncoder):
@@ -53,7 +62,7 @@ class TritonPythonModel(OnnxRuntimeEncoder):
             for p in self.available
         ):
             ranges = "; ".join(f"{p['min']}..{p['max']}" for p in self.available)
-            return (
+            return said(
                 f"request specifies invalid shape for input '{self.spec_in.name}' for {self.instance_name}. "
                 f"Error details: model expected the shape {list(shape)} within an available optimization "
                 f"profile ({ranges})"

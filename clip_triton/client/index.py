@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,7 +22,7 @@ from clip_triton.contract import TEXT, TOWERS, VISION
 from clip_triton.errors import ClipTritonError
 from clip_triton.facts import ServerFacts
 
-from .ann import AnnIndex
+from .ann import AnnIndex, ann_paths
 from .errors import ItemErrors
 from .scoring import top_k
 
@@ -201,9 +201,17 @@ class EmbeddingIndex:
         return npy, meta
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, client: Embedder | None = None) -> EmbeddingIndex:
-        """The index ``NAME.npy`` + ``NAME.json`` (exact search; :func:`clip_triton.client.store.open_index`
-        also reads a Parquet folder and attaches the FAISS index built beside either)."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        client: Embedder | None = None,
+        use_ann: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> EmbeddingIndex:
+        """The index ``NAME.npy`` + ``NAME.json``, with the FAISS index ``NAME.faiss`` attached where one
+        was built over exactly these rows (``use_ann=False``: exact search only; ``log`` hears why one
+        beside it is not used). :func:`clip_triton.client.store.open_index` also reads a Parquet folder."""
         npy, meta = index_paths(path)
         if Path(path).is_dir() and not npy.is_file():
             raise ClipTritonError(
@@ -228,7 +236,7 @@ class EmbeddingIndex:
                 f"{npy} has {embeddings.shape[0] if embeddings.ndim else 0} rows but {meta} lists {len(items)} items",
                 "the pair was not written together: write the index again",
             )
-        return cls(
+        index = cls(
             items,
             embeddings,
             kind=document.get("kind", VISION.kind),
@@ -240,6 +248,22 @@ class EmbeddingIndex:
             interrupted=bool(document.get("interrupted", False)),
             client=client,
         )
+        if use_ann:
+            index.attach_ann(npy, log)
+        return index
+
+    def attach_ann(self, path: str | os.PathLike, log: Callable[[str], None] | None = None) -> None:
+        """Attach the FAISS index saved beside ``path`` if it was built over exactly these rows; else
+        search stays exact and ``log`` hears why (stale, damaged, or faiss not installed)."""
+        file, _ = ann_paths(path)
+        if not file.exists():
+            return
+        try:
+            self.ann, why = AnnIndex.load(path, self.items)
+        except ClipTritonError as exc:  # faiss is not installed: exact search still answers
+            self.ann, why = None, f"{file} is not used: {exc.message} ({exc.hint})"
+        if why and log is not None:
+            log(f"note: {why}; searching every row exactly")
 
     # -- searching -------------------------------------------------------------------------
     def __len__(self) -> int:

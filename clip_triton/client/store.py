@@ -13,7 +13,6 @@ from pathlib import Path
 
 from clip_triton.errors import ClipTritonError
 
-from .ann import AnnIndex, ann_paths
 from .index import Embedder, EmbeddingIndex, index_paths
 from .parquet import is_parquet_store, read_shards
 
@@ -28,28 +27,19 @@ def open_index(
     """The index at ``path`` (``NAME.npy``/``NAME`` or a Parquet folder or file), with its ANN index
     attached where one was built over exactly these rows (``use_ann=False``: exact search only).
     ``log`` hears why an ANN index beside it is not used (stale, damaged, or faiss missing)."""
-    say = log or (lambda line: None)
     npy, _ = index_paths(path)
     if is_parquet_store(path):
         index = read_shards(path).index()
         index.client = client
-    elif npy.is_file() or not Path(path).is_dir():  # NAME may also name a folder (the images it indexes)
-        index = EmbeddingIndex.load(npy, client=client)
-        path = npy
-    else:
-        raise ClipTritonError(
-            f"{path} is a folder without Parquet shards (part-NNNNN.parquet), and {npy} does not exist",
-            "pass the folder `clip-triton embed --format parquet --out` wrote, or NAME.npy",
-        )
-    file, _ = ann_paths(path)
-    if use_ann and file.exists():
-        try:
-            index.ann, why = AnnIndex.load(path, index.items)
-        except ClipTritonError as exc:  # faiss is not installed: exact search still answers
-            index.ann, why = None, f"{file} is not used: {exc.message} ({exc.hint})"
-        if why:
-            say(f"note: {why}; searching every row exactly")
-    return index
+        if use_ann:
+            index.attach_ann(path, log)
+        return index
+    if npy.is_file() or not Path(path).is_dir():  # NAME may also name a folder (the images it indexes)
+        return EmbeddingIndex.load(npy, client=client, use_ann=use_ann, log=log)
+    raise ClipTritonError(
+        f"{path} is a folder without Parquet shards (part-NNNNN.parquet), and {npy} does not exist",
+        "pass the folder `clip-triton embed --format parquet --out` wrote, or NAME.npy",
+    )
 
 
 def write_ann(index: EmbeddingIndex, path: str | os.PathLike, kind: str = "auto") -> Path:
