@@ -225,6 +225,16 @@ def test_texts_go_in_requests_of_one_length_bucket_and_come_back_in_order(bucket
     assert all(len(buckets_of([i.decode() for i in r])) == 1 for r in bucketed_triton.requests[before:])
 
 
+def test_a_list_of_one_bucket_goes_out_exactly_as_a_raw_client_sends_it(bucketed_triton):
+    """Inside a bucket the input order is kept: a request is then the raw client's own request (the
+    same response-cache entry for every client kind), whatever the texts' lengths within the bucket."""
+    texts = ["a photo of a small red car on a street", "a photo of a dog at the beach", "a bird in a tree on a hill"]
+    assert len(buckets_of(texts)) == 1
+    with ClipClient("fake:1") as client:
+        client.embed_texts(texts)
+    assert [[i.decode() for i in r] for r in bucketed_triton.requests] == [texts]
+
+
 def test_refused_items_keep_their_input_index_through_the_reordering(bucketed_triton):
     bucketed_triton.bad = {b"a photo of a dog": "refused for the test"}
     texts = [LONG[1], SHORT[1], SHORT[0], 42, LONG[0]]

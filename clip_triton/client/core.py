@@ -256,7 +256,10 @@ class TextLengths:
         return self.spec.dynamic
 
     def key(self, item) -> tuple[int, int]:
-        """``(bucket, length)``: sorted by it, texts of one bucket are adjacent, shortest first."""
+        """The sort key that makes texts of one bucket adjacent: ``(bucket, 0)`` with CLIP's BPE, so a
+        stable sort keeps the input order inside a bucket (a list of one bucket is sent exactly as a raw
+        client sends it, and hits the same response-cache entries); ``(0, UTF-8 length)`` where only the
+        proxy is known."""
         if isinstance(item, (bytes, bytearray)):
             size = len(item)
             text = bytes(item).decode("utf-8", "replace") if self._bpe is not None else ""
@@ -266,15 +269,20 @@ class TextLengths:
             return (0, 0)
         if self._bpe is None:
             return (0, size)
+        return (self.bucket(text), 0)
+
+    def bucket(self, text: str) -> int:
+        """The served length of ``text`` alone (CLIP's BPE): the shortest bucket holding it and its
+        start and end tokens; at most context_length - 1 ids matter (a longer text is truncated)."""
+        assert self._bpe is not None
         context = self.spec.context_length
-        # at most context_length - 1 ids matter: a longer text is truncated to the whole context
-        needed = min(len(self._bpe.encode(text, limit=context - 1)) + 2, context)
-        return (self.spec.bucket(needed), needed)
+        return self.spec.bucket(min(len(self._bpe.encode(text, limit=context - 1)) + 2, context))
 
 
 def length_batches(keys: list[tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
-    """``indices`` in batches of at most ``batch_size`` whose texts share one bucket, in ascending
-    length: the answer rows are written back by index, so the caller's order is kept."""
+    """``indices`` in batches of at most ``batch_size`` whose texts share one bucket, buckets in
+    ascending order, the input order kept inside each (a stable sort by ``keys``): the answer rows
+    are written back by index, so the caller's order is kept."""
     batches: list[list[int]] = []
     current: list[int] = []
     for index in sorted(indices, key=lambda i: keys[i]):
