@@ -76,10 +76,15 @@ REFUSED_PIXEL = 1.0e4
 # re-exported (export's reuse check) or refused (repo), never served beside fronts that mark rows.
 EXPORT_FORMAT = 2
 REFUSED_PIXEL_FLOOR = REFUSED_PIXEL / 2  # the graph's test: first value >= this marks a refused row
+# Text ensembles only, per item: how many tokens the model encodes for it (start and end tokens
+# included, padding not; 0 for a refused item), counted by the server's own tokenizer, so that the
+# gateway's `usage` needs no tokenizer files of its own (issue 30). Clients ask for it when they count.
+TOKENS_OUTPUT = "TOKENS"
 OUTPUT_DESCRIPTIONS = {
     EMBEDDING_OUTPUT: "L2-normalised float32 embedding per item; a refused item's row is all NaN (read STATUS "
     "for why, or drop rows where isnan)",
     STATUS_OUTPUT: 'per item: empty when embedded, else why it was refused ("item 3: empty text")',
+    TOKENS_OUTPUT: "text only, per item: tokens the model encodes (start/end included, padding not; 0 if refused)",
 }
 
 PIXELS = "pixel_values"  # [B, 3, H, W], the vision graph's input
@@ -116,6 +121,79 @@ class Tower:
 VISION = Tower("vision", VISION_MODEL, VISION_ONNX, VISION_IR, IMAGE_ENSEMBLE, PREPROCESS_MODEL, "image", IMAGE_CACHED)
 TEXT = Tower("text", TEXT_MODEL, TEXT_ONNX, TEXT_IR, TEXT_ENSEMBLE, TOKENIZER_MODEL, "text", TEXT_CACHED)
 TOWERS = (VISION, TEXT)
+
+
+# Several served models in one repository (issue 30). A single-model repository keeps the names above
+# (existing clients, perf_analyzer commands and dashboards go on working); in a repository of several,
+# every model of every served model is named ``<name>__<slug>``: ``clip_image__ViT-B-32``,
+# ``tokenizer__siglip2-b16``, where the slug is the served model name with each character outside
+# ``[A-Za-z0-9_-]`` replaced by ``-`` (``laion/ViT-B-32:v2`` -> ``laion-ViT-B-32-v2``). Two served names
+# with one slug are refused when the repository is written. Clients never rebuild the names: they
+# list the ready models (an unnamed statistics request: the repository index is an admin API) and read
+# each image ensemble's ``served_model_name`` (clip_triton/facts.py, clip_triton/client/core.py).
+MODEL_SEPARATOR = "__"
+
+
+def served_slug(served_model_name: str) -> str:
+    """The suffix a served model's Triton models carry in a repository of several models."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", served_model_name)
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The Triton model names of one served model: the contract's own names (``slug`` empty: a
+    single-model repository) or each of them ``<name>__<slug>``."""
+
+    slug: str = ""
+
+    def of(self, base: str) -> str:
+        return f"{base}{MODEL_SEPARATOR}{self.slug}" if self.slug else base
+
+    def ensemble(self, tower: Tower) -> str:
+        return self.of(tower.ensemble)
+
+    def cached(self, tower: Tower) -> str:
+        return self.of(tower.cached)
+
+    def front(self, tower: Tower) -> str:
+        return self.of(tower.front)
+
+    def encoder(self, tower: Tower) -> str:
+        return self.of(tower.model)
+
+    @property
+    def image(self) -> str:
+        return self.of(IMAGE_ENSEMBLE)
+
+    @property
+    def text(self) -> str:
+        return self.of(TEXT_ENSEMBLE)
+
+    @classmethod
+    def for_served(cls, served_model_name: str | None) -> ModelNames:
+        """The names in a repository of several models (None: the single-model names)."""
+        return cls(served_slug(served_model_name) if served_model_name else "")
+
+    @classmethod
+    def of_ensemble(cls, name: str) -> ModelNames | None:
+        """The names of the served model whose public image or text ensemble is ``name``, else None."""
+        for base in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE):
+            if name == base:
+                return cls()
+            if name.startswith(base + MODEL_SEPARATOR) and len(name) > len(base) + len(MODEL_SEPARATOR):
+                return cls(name[len(base) + len(MODEL_SEPARATOR) :])
+        return None
+
+
+SINGLE = ModelNames()
+
+
+def ensemble_tower(name: str) -> Tower | None:
+    """The tower whose public ensemble is ``name`` (any served model's), else None."""
+    names = ModelNames.of_ensemble(name)
+    if names is None:
+        return None
+    return next((t for t in TOWERS if names.ensemble(t) == name), None)
 
 
 def tower(name: str) -> Tower:

@@ -20,7 +20,11 @@ def run_demo(
     prompts: list[str] | None = None,
     cpu_runtime: str = "onnxruntime",
     cpu_precision: str = "fp32",
+    compare: str | None = None,
+    compare_pretrained: str = "none",
 ) -> int:
+    """``compare``: a second model, served beside the first from one repository and one tritonserver
+    (issue 30), and the sample photos classified by both, side by side."""
     from clip_triton.client import ClipClient  # noqa: PLC0415
     from clip_triton.export import export_model  # noqa: PLC0415
 
@@ -32,6 +36,8 @@ def run_demo(
     onnx_dir, repo = work / "onnx", work / "model_repository"
     export_model(model, pretrained, onnx_dir, precision="fp32", log=log, reuse=True)
     options = RepoOptions(runtime="python", cpu_runtime=cpu_runtime, cpu_precision=cpu_precision)
+    if compare is not None:
+        return _compare(work, onnx_dir, compare, compare_pretrained, options, images, prompts, log)
     write_repository(repo, onnx_dir=onnx_dir, force=True, options=options)
     log(f"wrote the Triton model repository {repo} (encoders: {options.encoder_runtime})")
     if "requested" in options.encoder_runtime:
@@ -61,6 +67,60 @@ def run_demo(
         for row in ranked:
             print(f"  {row['prompt']:<32}{row['cosine']:>10.4f}{row['probability']:>14.4f}")
     print(next_steps(work))
+    return 0
+
+
+def _compare(work: Path, onnx_dir: Path, model: str, pretrained: str, options, images, prompts, log) -> int:
+    """Two served models from one repository and one tritonserver, the photos classified by each."""
+    from clip_triton.client import ClipClient  # noqa: PLC0415
+    from clip_triton.export import export_model  # noqa: PLC0415
+
+    from .repository import read_export_facts, write_repository  # noqa: PLC0415
+    from .server import TritonServer  # noqa: PLC0415
+
+    second = work / "compare" / "onnx"
+    export_model(model, pretrained, second, precision="fp32", log=log, reuse=True)
+    first_name = read_export_facts(onnx_dir).contract.model
+    second_name = read_export_facts(second).contract.model
+    if second_name == first_name:
+        second_name = f"{second_name}-compare"
+    repo = work / "compare" / "model_repository"
+    write_repository(repo, options=options, force=True, exports=[(onnx_dir, first_name), (second, second_name)])
+    log(f"wrote one Triton model repository of two served models: {repo}")
+    write_sample_dataset(work / "samples")
+    items = [Path(p) for p in images] if images else image_paths()
+    prompts = list(prompts or DEMO_PROMPTS)
+    log("starting tritonserver (CPU, python backend)")
+    results, facts = {}, {}
+    with TritonServer(repo, log_file=work / "compare" / "tritonserver.log") as server:
+        log(f"tritonserver ready: gRPC {server.grpc_url}")
+        for name in (first_name, second_name):
+            with ClipClient(server.grpc_url, model=name) as client:
+                facts[name] = client.facts
+                results[name] = client.classify(items, prompts)
+    print()
+    for name, served in facts.items():
+        scoring = "softmax over the prompts" if served.scoring == "softmax" else "a sigmoid per prompt"
+        weights = " RANDOM weights" if served.random_weights else ""
+        print(f"{name}: {served.embed_dim}-d, {scoring}, logit_scale {served.logit_scale:.4f}{weights}")
+    width = max(12, *(len(name) + 2 for name in facts))
+    for index, path in enumerate(items):
+        print(f"\n{path.name}")
+        print(f"  {'prompt':<32}" + "".join(f"{name:>{width}}" for name in facts))
+        for prompt in prompts:
+            cells = []
+            for name in facts:
+                row = next(r for r in results[name][index] if r["prompt"] == prompt)
+                cells.append(f"{row['probability']:>{width}.4f}")
+            print(f"  {prompt:<32}" + "".join(cells))
+    activate = activation()
+    print("\nNext, in a new shell:")
+    if activate is not None:
+        print(f"  {activate}")
+    print(f"  clip-triton serve --repo {repo}")
+    sample = work / "samples" / "cat" / "cat.jpg"
+    for name in facts:
+        print(f'  clip-triton classify {sample} --prompts "a cat" "a dog" --served-model {name}')
     return 0
 
 

@@ -24,6 +24,7 @@ KEYS = {
     "contract": "contract",  # the served ModelContract as JSON: tokenizer, preprocessing, tensor specs
     "served_model_name": "served_model_name",
     "encoder_runtime": "encoder_runtime",
+    "token_counts": "token_counts",  # "true": the text ensemble answers TOKENS per item (issue 30)
 }
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
@@ -45,6 +46,7 @@ class ServerFacts:
     encoder_runtime: str = ""  # what computes the embeddings, in words (e.g. "onnxruntime (python backend), fp32")
     precision: str = ""
     logit_scale_source: str = ""
+    token_counts: bool = False  # the text ensemble counts each item's tokens (contract TOKENS_OUTPUT)
 
     @property
     def scoring(self) -> str:
@@ -83,6 +85,7 @@ class ServerFacts:
             "contract": self.contract,
             "served_model_name": self.served_model_name,
             "encoder_runtime": self.encoder_runtime,
+            "token_counts": "true" if self.token_counts else "false",
         }
         return {KEYS[name]: value for name, value in values.items()}
 
@@ -104,6 +107,7 @@ class ServerFacts:
             encoder_runtime=get["encoder_runtime"],
             precision=get["precision"],
             logit_scale_source=get["logit_scale_source"],
+            token_counts=get["token_counts"] == "true",
         )
 
     @classmethod

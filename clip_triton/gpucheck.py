@@ -8,18 +8,20 @@ import argparse
 import json
 from pathlib import Path
 
-from .contract import GRPC_PORT, IMAGE_ENSEMBLE, TEXT_ENSEMBLE, TEXT_MODEL, VISION_MODEL
+from .contract import GRPC_PORT, TOWERS
+from .footprint import served_names
 from .perf import run_perf_analyzer
 
 
 def engine_cosines(repo: Path) -> list[str]:
+    """Each engine's validation, for every served model of the repository."""
     lines = []
-    for model in (VISION_MODEL, TEXT_MODEL):
+    for model in (names.encoder(tower) for names in served_names(repo) for tower in TOWERS):
         manifest = json.loads((repo / model / "1" / "engine.json").read_text())
         checks = manifest["validation"]["checks"]
         platform = manifest["platform"]
         lines.append(
-            f"{model:<16} TensorRT {platform['tensorrt']} on {platform['gpu']}: min cosine vs open_clip "
+            f"{model:<{max(16, len(model) + 1)}} TensorRT {platform['tensorrt']} on {platform['gpu']}: min cosine vs open_clip "
             f"PyTorch fp32 {min(c['min_cosine'] for c in checks):.6f} over {len(checks)} batches"
         )
     return lines
@@ -35,15 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for line in engine_cosines(Path(args.repo)):
         print(line)
-    print(f"\n{'ensemble':<12}{'batch':>6}{'concurrency':>13}{'items/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
-    for model in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE):
+    ensembles = [name for names in served_names(Path(args.repo)) for name in (names.image, names.text)]
+    width = max(12, *(len(name) + 1 for name in ensembles))
+    print(f"\n{'ensemble':<{width}}{'batch':>6}{'concurrency':>13}{'items/s':>10}{'p50 ms':>9}{'p99 ms':>9}")
+    for model in ensembles:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for concurrency in (int(c) for c in args.concurrency.split(",")):
                 r = run_perf_analyzer(
                     args.url, model, batch_size=batch, concurrency=concurrency, measurement_ms=args.measurement_ms
                 )
                 print(
-                    f"{model:<12}{batch:>6}{concurrency:>13}{r.items_per_sec:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}",
+                    f"{model:<{width}}{batch:>6}{concurrency:>13}{r.items_per_sec:>10.1f}{r.p50_ms:>9.1f}{r.p99_ms:>9.1f}",
                     flush=True,
                 )
     return 0

@@ -21,12 +21,11 @@ import numpy as np
 
 from .contract import (
     EMBEDDING_OUTPUT,
-    IMAGE_ENSEMBLE,
     IMAGE_INPUT,
     METRICS_PORT,
     STUB_NOT_HEALTHY,
-    TEXT_ENSEMBLE,
     TEXT_INPUT,
+    ModelNames,
 )
 
 STUB_DEAD = STUB_NOT_HEALTHY
@@ -50,9 +49,20 @@ def canary_items() -> tuple[bytes, bytes]:
     return f"a photo of a cat, canary {nonce:06x}".encode(), canary_image(nonce)
 
 
+def served_names(client) -> list[ModelNames]:
+    """Every served model's names on a server, from its ready models (an unnamed statistics request:
+    open where the repository index is an admin API)."""
+    from .client.core import clip_ensembles, index_names  # noqa: PLC0415
+
+    found = [
+        ModelNames.of_ensemble(e) for e in clip_ensembles(index_names(client.get_inference_statistics(as_json=True)))
+    ]
+    return [names for names in found if names is not None]
+
+
 def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
-    """(healthy, reason): both ensembles answer a real request with a finite, normalised embedding,
-    both within ``timeout`` seconds together."""
+    """(healthy, reason): both ensembles of every served model answer a real request with a finite,
+    normalised embedding, all within ``timeout`` seconds together."""
     import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
     text, image = canary_items()
@@ -60,7 +70,13 @@ def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:
     try:
         client = grpcclient.InferenceServerClient(url)
         try:
-            for model, name, item in ((TEXT_ENSEMBLE, TEXT_INPUT, text), (IMAGE_ENSEMBLE, IMAGE_INPUT, image)):
+            served = served_names(client)
+            if not served:
+                return False, "no clip_image ensemble is ready"
+            pairs = [(names.text, TEXT_INPUT, text) for names in served] + [
+                (names.image, IMAGE_INPUT, image) for names in served
+            ]
+            for model, name, item in pairs:
                 tensor = grpcclient.InferInput(name, [1, 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[item]], dtype=object))
                 left = max(deadline - time.monotonic(), 0.01)

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import IMAGE_ENSEMBLE, IMAGE_INPUT, TEXT_ENSEMBLE, TEXT_INPUT
+from .contract import IMAGE_INPUT, TEXT_INPUT, VISION, ensemble_tower
 from .errors import ClipTritonError
 from .samples import PERF_PROMPTS, image_bytes
 
@@ -77,11 +77,12 @@ def input_data(
 ) -> dict:
     """perf_analyzer's --input-data JSON: one entry per real item, cycled through by perf_analyzer.
     ``unique``: that many distinct texts (the prompts, each with a suffix of this run's own)."""
-    if model == IMAGE_ENSEMBLE:
+    tower = ensemble_tower(model)  # any served model's clip_image / clip_text
+    if tower is VISION:
         if images is None:
             images = image_bytes()
         name, items = IMAGE_INPUT, images
-    elif model == TEXT_ENSEMBLE:
+    elif tower is not None:
         texts = list(prompts)
         if unique:
             texts = distinct_prompts(prompts, unique)
@@ -208,9 +209,11 @@ def response_cached(url: str, model: str, protocol: str = "grpc") -> bool:
             )
     except Exception as exc:  # noqa: BLE001 (perf_analyzer would fail the same way, less clearly)
         raise ClipTritonError(
-            f"cannot read {model}'s config at {url}: {exc}", "is the server up at that URL?"
+            f"cannot read {model}'s config at {url}: {exc}",
+            "is the server up at that URL? A repository of several served models names its ensembles "
+            "clip_image__<name>: pass --served-model NAME",
         ) from None
-    if cached and model == IMAGE_ENSEMBLE:
+    if cached and ensemble_tower(model) is VISION:
         raise ClipTritonError(
             f"{model} answers repeated requests from Triton's response cache (repo --response-cache all): "
             "perf_analyzer cycles through a few photos and would time cache hits",
@@ -230,7 +233,7 @@ def perf_command(
     csv_file: str | Path | None = None,
 ) -> list[str]:
     """The perf_analyzer command line for one measurement (real inputs from ``data_file``)."""
-    name = IMAGE_INPUT if model == IMAGE_ENSEMBLE else TEXT_INPUT
+    name = IMAGE_INPUT if ensemble_tower(model) is VISION else TEXT_INPUT
     command = [
         str(perf_analyzer_binary()),
         "-m",
@@ -265,7 +268,8 @@ def perf_table(
     import shlex  # noqa: PLC0415
 
     env = perf_environment()
-    rows = [f"{'ensemble':<12}{'batch':>6}{'concurrency':>13}{'items/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
+    width = max(12, *(len(model) + 2 for model in models))
+    rows = [f"{'ensemble':<{width}}{'batch':>6}{'concurrency':>13}{'items/s':>10}{'p50 ms':>9}{'p99 ms':>9}"]
     for model in models:
         for batch in batch_sizes:
             for concurrency in concurrencies:
@@ -292,7 +296,7 @@ def perf_table(
                     url, model, batch_size=batch, concurrency=concurrency, measurement_ms=measurement_ms, data=data
                 )
                 rows.append(
-                    f"{model:<12}{batch:>6}{concurrency:>13}{result.items_per_sec:>10.1f}"
+                    f"{model:<{width}}{batch:>6}{concurrency:>13}{result.items_per_sec:>10.1f}"
                     f"{result.p50_ms:>9.1f}{result.p99_ms:>9.1f}"
                 )
     return "\n".join(rows)

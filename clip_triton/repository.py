@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -36,14 +36,17 @@ from .contract import (
     PREPROCESS_MODEL,
     RESPONSE_CACHE_CHOICES,
     RUNTIMES,
+    SINGLE,
     TEXT,
     TEXT_ENSEMBLE,
     TEXT_MODEL,
     TOKENIZER_MODEL,
+    TOKENS_OUTPUT,
     TOWERS,
     VISION,
     VISION_MODEL,
     ModelContract,
+    ModelNames,
     TensorSpec,
     Tower,
     check_served_model_name,
@@ -95,9 +98,12 @@ def cached_towers(setting: str) -> tuple[Tower, ...]:
     return {"none": (), "text": (TEXT,), "all": TOWERS}[setting]
 
 
-def served_models(options: RepoOptions) -> tuple[str, ...]:
-    """Every model a repository written with ``options`` holds."""
-    return (*MODELS, *(tower.cached for tower in cached_towers(options.response_cache)))
+def served_models(options: RepoOptions, names: ModelNames = SINGLE) -> tuple[str, ...]:
+    """Every Triton model a repository written with ``options`` holds for one served model."""
+    return (
+        *(names.of(model) for model in MODELS),
+        *(names.cached(tower) for tower in cached_towers(options.response_cache)),
+    )
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,7 @@ class ExportFacts:
             encoder_runtime=options.encoder_runtime,
             precision=c.precision,
             logit_scale_source=self.logit_scale_source,
+            token_counts=True,
         )
 
 
@@ -280,8 +287,9 @@ def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = ()
             data.zero_data = True
 
 
-def build_configs(facts: ExportFacts, options: RepoOptions) -> dict:
-    """All six ModelConfig messages, keyed by model name."""
+def build_configs(facts: ExportFacts, options: RepoOptions, names: ModelNames = SINGLE) -> dict:
+    """Every ModelConfig message of one served model, keyed by model name (``names``: the contract's
+    own, or each ``<name>__<slug>`` in a repository of several models)."""
     c = facts.contract
     max_batch = options.max_batch_size or c.batch.max
     if max_batch > c.batch.max and options.runtime == "tensorrt":
@@ -314,19 +322,19 @@ def build_configs(facts: ExportFacts, options: RepoOptions) -> dict:
     for tower in TOWERS:
         encoder = c.encoder(tower.name)
         front = _base(
-            tower.front,
+            names.front(tower),
             max_batch,
             [encoder.client_input],
-            [encoder.input, c.status],
+            [encoder.input, c.status, *_counts(tower)],
             {"contract": contract_json, **limits[tower.name]},
         )
         front.backend = "python"
         _batching(front, preferred, delay)
         _instances(front, instances[tower.name], "KIND_CPU")
-        configs[tower.front] = front
+        configs[names.front(tower)] = front
 
     for tower in TOWERS:
-        name, encoder = tower.model, c.encoder(tower.name)
+        name, encoder = names.encoder(tower), c.encoder(tower.name)
         spec_in, spec_out = encoder.input, encoder.output
         # The tower is written down, never guessed from the name; the contract goes only where it is
         # read (the python-backend encoder checks token ids against the vocabulary).
@@ -393,32 +401,41 @@ def build_configs(facts: ExportFacts, options: RepoOptions) -> dict:
     for tower in TOWERS:
         encoder = c.encoder(tower.name)
         spec_in, spec_mid = encoder.client_input, encoder.input
-        # The pipeline: front (per-item status) -> encoder. A cached tower runs it in the inner ensemble
-        # the cache keys on, reached through the public one's single step (contract TEXT_CACHED: why).
-        pipeline = tower.cached if tower in cached else tower.ensemble
-        ens = _base(pipeline, max_batch, [spec_in], [c.embedding, c.status], described)
+        outputs = [c.embedding, c.status, *_counts(tower)]
+        params = {key: value for key, value in described.items() if key != f"output_{TOKENS_OUTPUT}" or tower is TEXT}
+        # The pipeline: front (per-item status, token counts) -> encoder. A cached tower runs it in the
+        # inner ensemble the cache keys on, reached through the public one's single step (contract
+        # TEXT_CACHED: why).
+        pipeline = names.cached(tower) if tower in cached else names.ensemble(tower)
+        ens = _base(pipeline, max_batch, [spec_in], outputs, params)
         ens.platform = "ensemble"
         step = ens.ensemble_scheduling.step.add()
-        step.model_name, step.model_version = tower.front, -1
+        step.model_name, step.model_version = names.front(tower), -1
         step.input_map[spec_in.name] = spec_in.name
         step.output_map[spec_mid.name] = spec_mid.name
-        step.output_map[c.status.name] = c.status.name  # per-item status, straight to the ensemble's output
+        for output in outputs[1:]:  # per-item status (and token count), straight to the ensemble's output
+            step.output_map[output.name] = output.name
         step = ens.ensemble_scheduling.step.add()
-        step.model_name, step.model_version = tower.model, -1
+        step.model_name, step.model_version = names.encoder(tower), -1
         step.input_map[spec_mid.name] = spec_mid.name
         step.output_map[encoder.output.name] = c.embedding.name
         configs[pipeline] = ens
         if tower in cached:
             ens.response_cache.enable = True  # keyed on its inputs; its steps run on a miss
-            public = _base(tower.ensemble, max_batch, [spec_in], [c.embedding, c.status], described)
+            public = _base(names.ensemble(tower), max_batch, [spec_in], outputs, params)
             public.platform = "ensemble"
             step = public.ensemble_scheduling.step.add()
-            step.model_name, step.model_version = tower.cached, -1
+            step.model_name, step.model_version = names.cached(tower), -1
             step.input_map[spec_in.name] = spec_in.name
-            for output in (c.embedding.name, c.status.name):  # a step request names all of these
-                step.output_map[output] = output
-            configs[tower.ensemble] = public
+            for output in outputs:  # a step request names all of these
+                step.output_map[output.name] = output.name
+            configs[names.ensemble(tower)] = public
     return configs
+
+
+def _counts(tower: Tower) -> list[TensorSpec]:
+    """The per-item token count a text pipeline answers besides STATUS (contract TOKENS_OUTPUT)."""
+    return [TensorSpec(TOKENS_OUTPUT, "int32", (1,))] if tower is TEXT else []
 
 
 def render(config) -> str:
@@ -449,20 +466,20 @@ def python_entry_point(module: str) -> str:
     )
 
 
-def repository_files(facts: ExportFacts, options: RepoOptions) -> dict[str, str]:
-    """Every text file of the repository, keyed by relative path (graphs and engines excluded)."""
+def repository_files(facts: ExportFacts, options: RepoOptions, names: ModelNames = SINGLE) -> dict[str, str]:
+    """Every text file of one served model's models, keyed by relative path (graphs and engines excluded)."""
     files = {}
-    configs = build_configs(facts, options)
+    configs = build_configs(facts, options, names)
+    modules = {names.front(VISION): PYTHON_MODELS[PREPROCESS_MODEL], names.front(TEXT): PYTHON_MODELS[TOKENIZER_MODEL]}
     for name, config in configs.items():
         files[f"{name}/config.pbtxt"] = render(config)
         if config.backend == "python":
-            module = PYTHON_MODELS.get(name, PYTHON_MODELS["encoder"])
-            files[f"{name}/1/model.py"] = python_entry_point(module)
+            files[f"{name}/1/model.py"] = python_entry_point(modules.get(name, PYTHON_MODELS["encoder"]))
         elif config.platform == "ensemble":
             files[f"{name}/1/.gitkeep"] = ""  # ensembles need a version folder
     if options.runtime == "tensorrt":
         for tower in TOWERS:
-            files[f"{tower.model}/1/.gitkeep"] = ""  # the plan is written by `clip-triton build-engines`
+            files[f"{names.encoder(tower)}/1/.gitkeep"] = ""  # the plan is written by `clip-triton build-engines`
     return files
 
 
@@ -493,38 +510,104 @@ def _place_graph(onnx_dir: Path, graph: str, version_dir: Path) -> None:
             shutil.copy2(source, target)
 
 
+@dataclass(frozen=True)
+class ServedExport:
+    """One served model of a repository: its export, its public name and its Triton model names."""
+
+    onnx_dir: Path | None  # None: the committed default (ViT-bigG-14 facts, no graphs)
+    facts: ExportFacts
+    served_model_name: str
+    names: ModelNames
+
+    @property
+    def manifest_file(self) -> str:
+        """Its export manifest's copy in the repository (``manifest.json``; ``manifest__<slug>.json``)."""
+        return self.names.of(Path(MANIFEST).stem) + Path(MANIFEST).suffix
+
+
+def read_export_facts(onnx_dir: Path) -> ExportFacts:
+    manifest_path = onnx_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --onnx-dir DIR` first")
+    return ExportFacts.from_manifest(json.loads(manifest_path.read_text()))
+
+
+def served_exports(
+    exports: list[tuple[str | Path | None, str | None]], runtime: str = "tensorrt"
+) -> list[ServedExport]:
+    """The served models of a repository: ``(export folder, served name or None)`` each. One export keeps
+    the contract's own model names; several are each named ``<name>__<slug>`` (contract ``ModelNames``),
+    and their served names (given, else each export's architecture) must differ, slugs included."""
+    if not exports:
+        raise ClipTritonError("no export given", "pass --onnx-dir DIR (once per served model)")
+    several = len(exports) > 1
+    served: list[ServedExport] = []
+    for onnx_dir, name in exports:
+        if name:
+            check_served_model_name(name)
+        if onnx_dir is None:
+            if runtime != "tensorrt" or several:
+                raise ClipTritonError(f"--runtime {runtime} needs --onnx-dir", "export first, then pass its folder")
+            facts = ExportFacts.default()
+        else:
+            facts = read_export_facts(Path(onnx_dir))
+        public = name or facts.contract.model
+        names = ModelNames.for_served(public) if several else SINGLE
+        for other in served:
+            if public == other.served_model_name or names == other.names:
+                raise ClipTritonError(
+                    f"two served models would be named {public!r} (from {other.onnx_dir} and {onnx_dir})"
+                    if public == other.served_model_name
+                    else f"served names {other.served_model_name!r} and {public!r} give the same Triton model names "
+                    f"(*{names.of('')})",
+                    "give each --onnx-dir its own --served-model-name (in the same order)",
+                )
+        served.append(ServedExport(Path(onnx_dir) if onnx_dir else None, facts, public, names))
+    return served
+
+
 def write_repository(
-    out: str | Path, *, onnx_dir: str | Path | None = None, options: RepoOptions = RepoOptions(), force: bool = False
+    out: str | Path,
+    *,
+    onnx_dir: str | Path | None = None,
+    options: RepoOptions = RepoOptions(),
+    force: bool = False,
+    exports: list[tuple[str | Path | None, str | None]] | None = None,
 ) -> Path:
-    """Write a repository. With ``onnx_dir``, facts come from its manifest and graphs are placed."""
+    """Write a repository. With ``onnx_dir``, facts come from its manifest and graphs are placed.
+
+    ``exports``: several served models in one repository, ``(export folder, served name or None)``
+    each (``options.served_model_name`` then stays None); see :func:`served_exports` for the names."""
     out = Path(out)
-    if onnx_dir is not None:
-        onnx_dir = Path(onnx_dir)
-        manifest_path = onnx_dir / MANIFEST
-        if not manifest_path.is_file():
-            raise ClipTritonError(f"{manifest_path} not found", "run `clip-triton export --onnx-dir DIR` first")
-        facts = ExportFacts.from_manifest(json.loads(manifest_path.read_text()))
-    else:
-        if options.runtime != "tensorrt":
-            raise ClipTritonError(f"--runtime {options.runtime} needs --onnx-dir", "export first, then pass its folder")
-        facts = ExportFacts.default()
+    if exports is not None and (onnx_dir is not None or options.served_model_name is not None):
+        raise ClipTritonError("give the exports either as onnx_dir or as exports, not both")
+    models = served_exports(
+        exports if exports is not None else [(onnx_dir, options.served_model_name)], options.runtime
+    )
     if out.exists():
         if not force and any(out.iterdir()):
             raise ClipTritonError(f"{out} exists and is not empty", "pass --force to replace it")
         for child in out.iterdir():  # empty it in place: the folder may be a mounted volume
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    for rel, text in repository_files(facts, options).items():
+    for model in models:
+        _write_model(out, model, replace(options, served_model_name=model.served_model_name))
+    return out
+
+
+def _write_model(out: Path, model: ServedExport, options: RepoOptions) -> None:
+    """One served model's Triton models, graphs, manifest copy and tokenizer file."""
+    facts, names, onnx_dir = model.facts, model.names, model.onnx_dir
+    for rel, text in repository_files(facts, options, names).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     if onnx_dir is not None and options.runtime in ("onnxruntime", "openvino", "python"):
         for tower in TOWERS:
-            (out / tower.model / "1").mkdir(parents=True, exist_ok=True)  # native backends have no other file there
-            _place_graph(
-                onnx_dir, tower.ir_file if facts.serves_ir(options) else tower.onnx_file, out / tower.model / "1"
-            )
+            folder = out / names.encoder(tower) / "1"
+            folder.mkdir(parents=True, exist_ok=True)  # native backends have no other file there
+            _place_graph(onnx_dir, tower.ir_file if facts.serves_ir(options) else tower.onnx_file, folder)
     if onnx_dir is not None:
-        shutil.copy2(onnx_dir / MANIFEST, out / MANIFEST)  # provenance beside the configs
+        shutil.copy2(onnx_dir / MANIFEST, out / model.manifest_file)  # provenance beside the configs
     if facts.contract.tokenizer.kind == "hf":  # the tokenizer model runs the export's copy of it
         source = (onnx_dir or Path(".")) / HF_TOKENIZER_DIR / HF_TOKENIZER_FILE
         if not source.is_file():
@@ -532,5 +615,4 @@ def write_repository(
                 f"{source} not found: {facts.contract.model} tokenizes with a Hugging Face tokenizer",
                 "re-run `clip-triton export` (it saves the tokenizer beside the graphs)",
             )
-        shutil.copy2(source, out / TEXT.front / "1" / HF_TOKENIZER_FILE)
-    return out
+        shutil.copy2(source, out / names.front(TEXT) / "1" / HF_TOKENIZER_FILE)

@@ -57,19 +57,53 @@ def fake_embedding(item: bytes, dim: int) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-class FakeClipClient:
+class ClientSeam:
+    """The gateway's client seam (:class:`~clip_triton.client.AsyncClipClient`'s coroutines), its
+    model-catalogue and counting parts derived from ``get_facts``, ``embed_texts`` and
+    ``prompt_embeddings``: a fake of one served model defines those (and what else its test needs)."""
+
+    async def served_models(self) -> dict:
+        facts = await self.get_facts()
+        return {facts.public_id: facts}
+
+    def for_model(self, model: str):
+        return self
+
+    async def embed_texts_counted(self, texts):
+        return await self.embed_texts(texts), None
+
+    async def prompt_embeddings_counted(self, prompts, templates=None):
+        return await self.prompt_embeddings(prompts, templates), None
+
+    async def is_ready(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+class FakeClipClient(ClientSeam):
     """AsyncClipClient's coroutines, answered in-process (see the module's docstring)."""
 
-    def __init__(self, facts: ServerFacts, models: dict, *, ready: bool = True):
+    def __init__(self, facts: ServerFacts, models: dict, *, ready: bool = True, others: dict | None = None):
+        """``others``: further served models, {public id: FakeClipClient} (a multi-model server)."""
         self.facts, self.models, self.ready = facts, models, ready
+        self.others = others or {}
+        self.closed = False
 
     async def get_facts(self) -> ServerFacts:
         return self.facts
 
+    async def served_models(self) -> dict:
+        return {self.facts.public_id: self.facts, **{name: other.facts for name, other in self.others.items()}}
+
+    def for_model(self, model: str):
+        return self if model == self.facts.public_id else self.others[model]
+
     async def is_ready(self) -> bool:
         return self.ready
 
-    def _embed(self, ensemble: str, items: list[bytes]) -> np.ndarray:
+    def _embed(self, ensemble: str, items: list[bytes], counts: np.ndarray | None = None) -> np.ndarray:
         out = np.full((len(items), self.facts.embed_dim), np.nan, dtype=np.float32)
         errors = {}
         for index, item in enumerate(items):
@@ -78,6 +112,8 @@ class FakeClipClient:
                 errors[index] = item_reason(answer.error)
             else:
                 out[index] = fake_embedding(item, self.facts.embed_dim)
+                if counts is not None:  # the tokenizer model's own count (its TOKENS output)
+                    counts[index] = int(answer.extras[C.TOKENS_OUTPUT].sum())
         if errors:
             raise ItemErrors(errors, out)
         return out
@@ -89,14 +125,25 @@ class FakeClipClient:
     async def embed_texts(self, texts) -> np.ndarray:
         return await asyncio.to_thread(self._embed, C.TEXT_ENSEMBLE, [text.encode("utf-8") for text in texts])
 
+    async def embed_texts_counted(self, texts):
+        if not self.facts.token_counts:
+            return await self.embed_texts(texts), None
+        counts = np.zeros(len(texts), dtype=np.int64)
+        encoded = [text.encode("utf-8") for text in texts]
+        vectors = await asyncio.to_thread(self._embed, C.TEXT_ENSEMBLE, encoded, counts)
+        return vectors, counts
+
+    async def prompt_embeddings_counted(self, prompts, templates=None):
+        texts = template_texts(prompts, templates) if templates else list(prompts)
+        vectors, counts = await self.embed_texts_counted(texts)
+        emb = ensemble_templates(vectors, len(prompts), len(templates)) if templates else vectors
+        return emb, None if counts is None else int(counts.sum())
+
     async def prompt_embeddings(self, prompts, templates=None) -> np.ndarray:
-        if templates:
-            texts = template_texts(prompts, templates)
-            return ensemble_templates(await self.embed_texts(texts), len(prompts), len(templates))
-        return await self.embed_texts(list(prompts))
+        return (await self.prompt_embeddings_counted(prompts, templates))[0]
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def tiny_facts() -> ServerFacts:
@@ -172,39 +219,70 @@ class FakeTriton:
         self.listening = True  # False: nothing answers at the address (connection refused)
         self.loading_polls = 0  # readiness polls answered "not ready" before the models are
         self.connections = 0
+        self.index = [C.IMAGE_ENSEMBLE, C.TEXT_ENSEMBLE, C.PREPROCESS_MODEL, C.TOKENIZER_MODEL]
+        self.served: dict[str, ServerFacts] = {}  # ensemble -> facts (serve_models)
+        self.called: list[str] = []  # the model each request went to
 
-    def config(self) -> dict:
-        outputs = [{"name": C.EMBEDDING_OUTPUT}] + ([{"name": C.STATUS_OUTPUT}] if self.facts.item_status else [])
-        params = {key: {"string_value": value} for key, value in self.facts.parameters().items()}
-        return {"config": {"max_batch_size": self.facts.max_batch_size, "parameters": params, "output": outputs}}
+    def statistics(self) -> dict:
+        """An unnamed statistics request: every ready model (as Triton answers it)."""
+        if not self.listening:
+            raise status_error("UNAVAILABLE", "failed to connect to all addresses; Connection refused")
+        return {"model_stats": [{"name": name, "version": "1"} for name in self.index]}
+
+    @staticmethod
+    def repository_index():
+        """Restricted on every clip-triton deployment (clip_triton/server.py ADMIN_APIS), as here."""
+        raise status_error(
+            "UNAVAILABLE", "This protocol is restricted, expecting header 'triton-grpc-protocol-clip-triton-admin'"
+        )
+
+    def config(self, name: str = C.IMAGE_ENSEMBLE) -> dict:
+        """An ensemble's config: ``self.facts``, or ``served[name]``'s facts on a multi-model fake."""
+        facts = self.served.get(name, self.facts)
+        outputs = [{"name": C.EMBEDDING_OUTPUT}] + ([{"name": C.STATUS_OUTPUT}] if facts.item_status else [])
+        params = {key: {"string_value": value} for key, value in facts.parameters().items()}
+        return {"config": {"max_batch_size": facts.max_batch_size, "parameters": params, "output": outputs}}
+
+    def serve_models(self, *facts: ServerFacts) -> FakeTriton:
+        """Serve several models, each under its multi-model names (contract ModelNames)."""
+        self.index = []
+        for one in facts:
+            names = C.ModelNames.for_served(one.public_id)
+            self.served[names.image] = self.served[names.text] = one
+            self.index += [names.image, names.text, names.front(C.VISION), names.front(C.TEXT)]
+        return self
 
     def infer(self, model: str, inputs, outputs=None):
         from tritonclient.utils import deserialize_bytes_tensor
 
         items = [bytes(x) for x in deserialize_bytes_tensor(inputs[0]._raw_content)]  # what went on the wire
         self.requests.append(items)
+        self.called.append(model)
+        facts = self.served.get(model, self.facts)
+        if self.served and model not in self.served:
+            raise status_error("NOT_FOUND", f"Request for unknown model: '{model}' is not found")
         if self.failures:
             failure = self.failures[0] if (self.forever and len(self.failures) == 1) else self.failures.pop(0)
             raise failure
-        if len(items) > self.facts.max_batch_size:
+        if len(items) > facts.max_batch_size:
             raise status_error("INVALID_ARGUMENT", f"batch of {len(items)} over max_batch_size")
         bad = {i: self.bad[item] for i, item in enumerate(items) if item in self.bad}
-        if bad and (len(items) == 1 or not self.facts.item_status):
+        if bad and (len(items) == 1 or not facts.item_status):
             index, reason = next(iter(bad.items()))
             raise status_error("INVALID_ARGUMENT", f"[request id: <id_unknown>] item {index}: {reason}")
         rows = np.stack(
             [
-                np.full(self.facts.embed_dim, np.nan, np.float32)
-                if i in bad
-                else fake_embedding(item, self.facts.embed_dim)
+                np.full(facts.embed_dim, np.nan, np.float32) if i in bad else fake_embedding(item, facts.embed_dim)
                 for i, item in enumerate(items)
             ]
         )
         names = [o.name() for o in outputs] if outputs else [C.EMBEDDING_OUTPUT, C.STATUS_OUTPUT]
         result = {C.EMBEDDING_OUTPUT: rows}
-        if self.facts.item_status and C.STATUS_OUTPUT in names:
+        if facts.item_status and C.STATUS_OUTPUT in names:
             statuses = [f"item {i}: {bad[i]}".encode() if i in bad else b"" for i in range(len(items))]
             result[C.STATUS_OUTPUT] = np.array(statuses, dtype=object).reshape(-1, 1)
+        if facts.token_counts and C.TOKENS_OUTPUT in names:  # a stand-in count: one per UTF-8 byte
+            result[C.TOKENS_OUTPUT] = np.array([[0 if i in bad else len(x)] for i, x in enumerate(items)], np.int32)
         return FakeResult({k: v for k, v in result.items() if k in names})
 
     def install(self, monkeypatch) -> FakeTriton:
@@ -231,7 +309,13 @@ class FakeTriton:
                 return triton.live
 
             def get_model_config(self, name, as_json=False):
-                return triton.config()
+                return triton.config(name)
+
+            def get_model_repository_index(self, as_json=False):
+                return triton.repository_index()
+
+            def get_inference_statistics(self, model_name="", as_json=False):
+                return triton.statistics()
 
             def async_infer(self, model, inputs, callback, outputs=None, client_timeout=None):
                 call = FakeCall()
@@ -252,7 +336,13 @@ class FakeTriton:
                 return triton.live
 
             async def get_model_config(self, name, as_json=False):
-                return triton.config()
+                return triton.config(name)
+
+            async def get_model_repository_index(self, as_json=False):
+                return triton.repository_index()
+
+            async def get_inference_statistics(self, model_name="", as_json=False):
+                return triton.statistics()
 
             async def infer(self, model, inputs, outputs=None, client_timeout=None):
                 return triton.infer(model, inputs, outputs)

@@ -28,6 +28,7 @@ from clip_triton.gateway.fetch import FetchError, vet
 from clip_triton.preprocess import ImageError, ImageLimits, Preprocessor
 from clip_triton.tokenizer import ClipTokenizer, TextError
 
+from .fakes import ClientSeam
 from .test_gateway import KEY, StubResolver
 
 FUZZ = settings(
@@ -146,7 +147,7 @@ def test_urls_are_vetted_or_refused_within_budget(url):
 
 
 # -- gateway JSON ----------------------------------------------------------------------------------
-class _ZerosClient:
+class _ZerosClient(ClientSeam):
     """The gateway's Triton client seam: facts, and zero vectors for whatever is valid enough to embed."""
 
     async def get_facts(self):

@@ -12,6 +12,7 @@ import pytest
 from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
 from clip_triton.gateway.fetch import FetchError, fetch_image, forbidden, vet
 
+from .fakes import ClientSeam
 from .helpers import local_http_server
 from .test_gateway import KEY, StubResolver
 
@@ -130,7 +131,7 @@ def test_row_12_a_503_names_no_internal_address():
 
     from clip_triton.facts import ServerFacts
 
-    class DownClient:  # the seam: app.state.client (AsyncClipClient's interface)
+    class DownClient(ClientSeam):  # the seam: app.state.client (AsyncClipClient's interface)
         async def get_facts(self):
             return ServerFacts(
                 model="clip-triton-tiny", pretrained="none", embed_dim=4, logit_scale=1.0, served_model_name="tiny"
@@ -185,7 +186,7 @@ def test_row_9_data_urls_are_parsed_in_linear_time():
 def _facts_only_client():
     from clip_triton.facts import ServerFacts
 
-    class FactsOnly:  # the seam: app.state.client; these requests must be refused before any encoding
+    class FactsOnly(ClientSeam):  # the seam: app.state.client; these requests must be refused before any encoding
         async def get_facts(self):
             return ServerFacts(
                 model="clip-triton-tiny", pretrained="none", embed_dim=4, logit_scale=1.0, served_model_name="tiny"

@@ -649,8 +649,12 @@ def test_compose_up_twice_keeps_and_reuses_the_engines(fp16_export, tmp_path, mo
     served = (root / "current").resolve()
     command = COMPOSE["services"]["engines"]["command"]
     assert command[:2] == ["sh", "-c"]
-    script = command[2].replace("/exports/current", str(fp16_export)).replace("--root /models", f"--root {root}")
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "current").symlink_to(fp16_export)  # the export service's folder for one model
+    script = command[2].replace("$$", "$")  # as compose hands it to the container
+    script = script.replace("/exports/", f"{tmp_path}/exports/").replace("--root /models", f"--root {root}")
     script = script.replace("/trt-cache/", f"{tmp_path}/")
+    env = {k: v for k, v in env.items() if k != "CLIP_MODELS"}
     result = run_in(stage_env("engines"), ["sh", "-c", script], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "reusing" in result.stdout + result.stderr

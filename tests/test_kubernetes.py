@@ -385,26 +385,30 @@ a successful build leaves behind. Every other subcommand is the real CLI."""
 import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
+from clip_triton.cli import build_parser, check_combinations, main
 if args[:1] != ["build-engines"]:
-    from clip_triton.cli import main
     sys.exit(main(args))
+parser = build_parser()
+check_combinations(parser, parser.parse_args(args))  # the Job's build-engines line, as the shell expanded it
 if os.environ.get("SHIM_BUILD_FAILS"):
     print("engine validation failed", file=sys.stderr)
     sys.exit(3)
-opts = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+values = lambda flag: [a.split("=", 1)[1] for a in args[1:] if a.startswith(flag + "=")]
 from clip_triton import contract as C
 from clip_triton.export import engines as E
+from clip_triton.repository import served_exports
 platform = E.Platform(os.environ["TRT_VERSION"], "NVIDIA H200", "9.0")
-for tower, model in ((t.name, t.model) for t in C.TOWERS):
-    folder = Path(opts["--repo"]) / model / "1"
+dirs, names = values("--onnx-dir"), values("--served-model-name")
+for served in served_exports(list(zip(dirs, names or [None] * len(dirs)))):
+  for tower in C.TOWERS:
+    folder = Path(values("--repo")[0]) / served.names.encoder(tower) / "1"
     (folder / C.PLAN_FILE).write_bytes(b"engine")
     (folder / E.ENGINE_MANIFEST).write_text(json.dumps({{
         "platform": {{"tensorrt": platform.tensorrt, "gpu": platform.gpu, "compute_capability": "9.0"}},
-        "onnx": E.graph_identity(Path(opts["--onnx-dir"]), tower),
-        "profiles": E.recorded_profiles(C.ModelContract.from_dict(
-            json.loads((Path(opts["--onnx-dir"]) / C.MANIFEST).read_text())["contract"]), tower),
+        "onnx": E.graph_identity(served.onnx_dir, tower.name),
+        "profiles": E.recorded_profiles(served.facts.contract, tower.name),
         "validation": {{"passed": True, "checks": [{{"min_cosine": 0.9999, "passed": True}}]}}}}))
-print("built", opts["--repo"])
+print("built", values("--repo")[0])
 '''
 
 
@@ -451,6 +455,41 @@ def test_build_job_is_idempotent_and_swaps_in_only_validated_engines(tiny_export
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [tag]  # no staging or previous left
     manifest = json.loads((live / "vision_encoder" / "1" / "engine.json").read_text())
     assert manifest["platform"]["tensorrt"] == "10.14.1.48"
+
+
+def test_build_job_builds_one_repository_of_several_models(tiny_export, tmp_path):
+    """CLIP_MODELS set: the export Job's folders /exports/TAG/NAME become one repository of several
+    served models (each model's Triton models named <name>__<served name>), checked as current on the
+    next run; a missing export of any of them waits (exit 75)."""
+    from .gpu_twin import fake_gpu_env
+
+    docs = by_kind_and_name("base")
+    script, tag = _job_script(docs, tmp_path)
+    assert docs[("ConfigMap", "clip-triton-engine")]["data"]["CLIP_MODELS"] == ""  # one model by default
+    for name in ("small", "other"):
+        shutil.copytree(tiny_export, tmp_path / "exports" / tag / name)
+    (tmp_path / "models").mkdir()
+    env = fake_gpu_env(tmp_path / "bin")
+    shim = tmp_path / "bin" / "clip-triton"
+    shim.write_text(BUILD_SHIM.format(python=sys.executable))
+    shim.chmod(0o755)
+    env["CLIP_MODELS"] = "small=clip-triton-tiny@none other=clip-triton-tiny@none"
+
+    def run():
+        return subprocess.run(["sh", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    live = tmp_path / "models" / tag
+    for name in ("small", "other"):
+        assert (live / f"vision_encoder__{name}" / "1" / "model.plan").is_file()
+        assert f'string_value: "{name}"' in (live / f"clip_image__{name}" / "config.pbtxt").read_text()
+    assert not (live / "clip_image").exists()
+    second = run()
+    assert second.returncode == 0 and "are current: nothing to rebuild" in second.stdout, second.stderr
+    shutil.rmtree(tmp_path / "exports" / tag / "other")
+    waiting = run()
+    assert waiting.returncode == 75 and "no export for" in waiting.stderr
 
 
 def test_the_replica_count_has_one_owner(docs):

@@ -83,17 +83,23 @@ def test_ensemble_wiring_matches_the_contract():
     ):
         # A cached tower's pipeline is the inner ensemble, the public one's single step (naming both outputs).
         pipeline = ensemble + "_cached" if ensemble + "_cached" in configs else ensemble
+        # the text pipeline also answers each item's token count (TOKENS), from its tokenizer
+        counts = {C.TOKENS_OUTPUT: C.TOKENS_OUTPUT} if ensemble == C.TEXT_ENSEMBLE else {}
         if pipeline != ensemble:
             (only,) = configs[ensemble].ensemble_scheduling.step
             assert only.model_name == pipeline and dict(only.input_map) == {source.name: source.name}
-            assert dict(only.output_map) == {C.EMBEDDING_OUTPUT: C.EMBEDDING_OUTPUT, C.STATUS_OUTPUT: C.STATUS_OUTPUT}
+            assert dict(only.output_map) == {
+                C.EMBEDDING_OUTPUT: C.EMBEDDING_OUTPUT,
+                C.STATUS_OUTPUT: C.STATUS_OUTPUT,
+                **counts,
+            }
             assert io(pipeline, "input") == io(ensemble, "input") and io(pipeline, "output") == io(ensemble, "output")
             assert configs[pipeline].response_cache.enable and not configs[ensemble].response_cache.enable
         steps = configs[pipeline].ensemble_scheduling.step
         assert [s.model_name for s in steps] == [first, second]
         assert dict(steps[0].input_map) == {source.name: source.name}
         # the first step's per-item STATUS goes straight to the ensemble's output of the same name
-        assert dict(steps[0].output_map) == {middle.name: middle.name, C.STATUS_OUTPUT: C.STATUS_OUTPUT}
+        assert dict(steps[0].output_map) == {middle.name: middle.name, C.STATUS_OUTPUT: C.STATUS_OUTPUT, **counts}
         assert dict(steps[1].input_map) == {middle.name: middle.name}
         assert dict(steps[1].output_map) == {encoder_out.name: C.EMBEDDING_OUTPUT}
         # Each hand-over has one name, dtype and shape on both sides.
@@ -103,6 +109,7 @@ def test_ensemble_wiring_matches_the_contract():
         assert io(ensemble, "output") == {
             C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,)),
             C.STATUS_OUTPUT: (pb.TYPE_STRING, (1,)),
+            **({C.TOKENS_OUTPUT: (pb.TYPE_INT32, (1,))} if counts else {}),
         }
         assert io(first, "output")[C.STATUS_OUTPUT] == (pb.TYPE_STRING, (1,))
         assert io(second, "output") == {encoder_out.name: (pb.TYPE_FP32, (contract.embed_dim,))}

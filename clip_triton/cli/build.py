@@ -109,25 +109,47 @@ def _build_engines(args) -> int:
         timing_cache=args.timing_cache,
         strongly_typed=None if args.typing == "auto" else args.typing == "strong",
     )
+    from ..repository import served_exports  # noqa: PLC0415
+
+    exports = exports_of(args.onnx_dir, args.served_model_name)
     if args.root is not None:
-        deploy_engines(args.onnx_dir, args.root, options)
+        deploy_engines(None, args.root, options, exports=exports)
     else:
-        build_engines(args.onnx_dir, args.repo, options)
+        for model in served_exports(exports):
+            build_engines(model.onnx_dir, args.repo, options, names=model.names)
     return 0
 
 
 def _check_engines(args) -> int:
     from clip_triton.export.engines import check_repository_engines  # noqa: PLC0415
 
-    for model in check_repository_engines(args.repo, onnx_dir=args.onnx_dir):
-        built_from = f", built from {args.onnx_dir}" if args.onnx_dir else ""
-        print(f"{model}: engine passed validation and matches this TensorRT and GPU{built_from}")
+    if not args.onnx_dir:
+        for model in check_repository_engines(args.repo):
+            print(f"{model}: engine passed validation and matches this TensorRT and GPU")
+        return 0
+    from ..repository import served_exports  # noqa: PLC0415
+
+    for served in served_exports(exports_of(args.onnx_dir, args.served_model_name)):  # the names `repo` gave them
+        for model in check_repository_engines(args.repo, onnx_dir=served.onnx_dir, names=served.names):
+            print(f"{model}: engine passed validation and matches this TensorRT and GPU, built from {served.onnx_dir}")
     return 0
 
 
-def _repo(args) -> int:
-    from ..repository import RepoOptions, write_repository  # noqa: PLC0415
+def exports_of(onnx_dirs: list[str] | None, names: list[str] | None) -> list[tuple[str | None, str | None]]:
+    """(export folder, served name) pairs of repeated --onnx-dir / --served-model-name, in order."""
+    dirs: list[str | None] = list(onnx_dirs or [None])
+    if names and len(names) != len(dirs):
+        raise ClipTritonError(
+            f"{len(names)} --served-model-name for {len(dirs)} --onnx-dir",
+            "give one --served-model-name per --onnx-dir, in the same order, or none (each export's architecture name)",
+        )
+    return list(zip(dirs, names or [None] * len(dirs)))
 
+
+def _repo(args) -> int:
+    from ..repository import RepoOptions, served_exports, write_repository  # noqa: PLC0415
+
+    exports = exports_of(args.onnx_dir, args.served_model_name)
     options = RepoOptions(
         runtime=args.runtime,
         max_batch_size=args.max_batch_size,
@@ -139,12 +161,18 @@ def _repo(args) -> int:
         cpu_precision=args.cpu_precision,
         encoder_threads=args.encoder_threads,
         max_image_pixels=args.max_image_pixels,
-        served_model_name=args.served_model_name,
         response_cache=args.response_cache,
         openvino_ir=not args.no_openvino_ir,
     )
-    path = write_repository(args.repo, onnx_dir=args.onnx_dir, options=options, force=args.force)
+    path = write_repository(args.repo, options=options, force=args.force, exports=exports)
     print(f"wrote Triton model repository {path} ({options.encoder_runtime})")
+    if len(exports) > 1:
+        from ..footprint import estimate, table  # noqa: PLC0415
+
+        for model in served_exports(exports, options.runtime):
+            print(f"  {model.served_model_name}: {model.names.image}, {model.names.text}")
+        print("estimated memory, each served model on its own (docs/serving.md, 'Several models'):")
+        print(table(estimate(path)))
     _warn_precision(options)
     return 0
 
@@ -225,7 +253,13 @@ def add_parsers(sub) -> None:
     finish(p, _verify, rules=[BF16_NEEDS_OPENVINO], check=_check_verify)
     p = add_command(sub, "repo", "write a Triton model repository (ensemble) for an export")
     p.add_argument("--runtime", choices=RUNTIMES, default="tensorrt", help="what runs the encoders")
-    p.add_argument("--onnx-dir", default=None, help="export folder (default: none; ViT-bigG-14 defaults, no graphs)")
+    p.add_argument(
+        "--onnx-dir",
+        action="append",
+        default=None,
+        help="export folder; repeat it to serve several models from one repository, each model's Triton "
+        "models then named <name>__<served name> (default: none; ViT-bigG-14 defaults, no graphs)",
+    )
     p.add_argument(
         "--repo", "--out", dest="repo", required=True, help="repository folder to write (--out: old spelling)"
     )
@@ -245,9 +279,10 @@ def add_parsers(sub) -> None:
     )
     p.add_argument(
         "--served-model-name",
+        action="append",
         default=None,
         help="public model id that clients and the gateway see (default: the architecture name; never "
-        "a checkpoint path)",
+        "a checkpoint path); with several --onnx-dir, once per export in the same order, or not at all",
     )
     p.add_argument(
         "--max-batch-size",
@@ -285,7 +320,19 @@ def add_parsers(sub) -> None:
     )
     finish(p, _repo, rules=REPO_RULES)
     p = add_command(sub, "build-engines", "build and validate TensorRT engines (GPU host, TensorRT container)")
-    p.add_argument("--onnx-dir", required=True, help="export folder (graphs, manifest.json, references.npz)")
+    p.add_argument(
+        "--onnx-dir",
+        action="append",
+        required=True,
+        help="export folder (graphs, manifest.json, references.npz); repeat it for a repository of several "
+        "served models (as `repo` takes them)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        help="with several --onnx-dir: each one's served name, in the same order (as given to `repo`)",
+    )
     p.add_argument(
         "--repo", default=None, help="build into this repository, written by `clip-triton repo --runtime tensorrt`"
     )
@@ -314,8 +361,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--repo", required=True, help="TensorRT repository (each encoder's plan with its engine.json)")
     p.add_argument(
         "--onnx-dir",
+        action="append",
         default=None,
         help="also require the engines to be built from exactly these graphs (sha256): "
-        "exit 0 means they are current and need no rebuild",
+        "exit 0 means they are current and need no rebuild; repeat it (with --served-model-name) for a "
+        "repository of several served models",
+    )
+    p.add_argument(
+        "--served-model-name",
+        action="append",
+        default=None,
+        help="with several --onnx-dir: each one's served name, in the same order (as given to `repo`)",
     )
     finish(p, _check_engines)

@@ -48,8 +48,41 @@ EXAMPLE_CONTEXT = {
 }
 
 
+def _given_once(action: argparse.Action, namespace: argparse.Namespace, option_string: str | None) -> None:
+    """Refuse a flag given twice (under any of its spellings): argparse keeps the last value silently,
+    and `repo --onnx-dir A --onnx-dir B` once served B alone. Flags that mean several take ``append``."""
+    if option_string is None:
+        return
+    seen = namespace.__dict__.setdefault("_given", {})
+    if action.dest in seen:
+        raise argparse.ArgumentError(
+            action,
+            f"given twice ({seen[action.dest]} and {option_string}); it takes one value: pass it once",
+        )
+    seen[action.dest] = option_string
+
+
+class StoreOnce(argparse._StoreAction):
+    """argparse's ``store``, refusing a second value (:func:`_given_once`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(self, namespace, option_string)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class BooleanOnce(argparse.BooleanOptionalAction):
+    """``--x`` / ``--no-x``, refusing both or either twice (:func:`_given_once`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _given_once(self, namespace, option_string)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def add_command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+    p.register("action", None, StoreOnce)  # every flag declared without an action: one value
+    p.register("action", "store", StoreOnce)
+    return p
 
 
 def finish(
@@ -92,7 +125,7 @@ def url_arg(p: argparse.ArgumentParser, several: bool = True) -> None:
 def progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--progress",
-        action=argparse.BooleanOptionalAction,
+        action=BooleanOnce,
         default=None,
         help="progress bar with rate and ETA on stderr (default: on when stderr is a terminal)",
     )
@@ -116,8 +149,23 @@ def cpu_args(p: argparse.ArgumentParser, applies: str) -> None:
     )
 
 
+MODEL_ENV = "CLIP_TRITON_MODEL"
+
+
+def served_model_arg(p: argparse.ArgumentParser) -> None:
+    """--served-model: which of a server's models to use (``--model`` names an architecture in export)."""
+    p.add_argument(
+        "--served-model",
+        default=os.environ.get(MODEL_ENV) or None,
+        metavar="NAME",
+        help=f"the served model to use, by its public name, where the server serves several (${MODEL_ENV}; "
+        "without it such a server is refused with the list of its models)",
+    )
+
+
 def client_args(p: argparse.ArgumentParser) -> None:
     url_arg(p)
+    served_model_arg(p)
     p.add_argument(
         "--timeout",
         type=float,

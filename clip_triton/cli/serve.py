@@ -7,7 +7,17 @@ import os
 import sys
 
 from ..contract import GATEWAY_PORT, GRPC_PORT, HTTP_PORT, METRICS_PORT, TOWERS
-from .common import BF16_NEEDS_OPENVINO, Rule, add_command, cpu_args, finish, int_list, read_text, url_arg
+from .common import (
+    BF16_NEEDS_OPENVINO,
+    Rule,
+    add_command,
+    cpu_args,
+    finish,
+    int_list,
+    read_text,
+    served_model_arg,
+    url_arg,
+)
 
 SERVE_RULES: list[Rule] = [
     (
@@ -58,6 +68,8 @@ def _demo(args) -> int:
         prompts=args.prompts,
         cpu_runtime=args.cpu_runtime,
         cpu_precision=args.cpu_precision,
+        compare=args.compare,
+        compare_pretrained=args.compare_pretrained,
     )
 
 
@@ -91,10 +103,17 @@ def _gateway(args) -> int:
 def _perf(args) -> int:
     from ..perf import perf_table  # noqa: PLC0415
 
+    ensembles = list(args.ensembles)
+    if args.served_model:  # that served model's ensembles (a repository of several: clip_image__<slug>)
+        from clip_triton.client import ClipClient  # noqa: PLC0415
+
+        with ClipClient(args.url, model=args.served_model) as client:
+            names = client.names
+        ensembles = [names.of(name) for name in ensembles]
     print(
         perf_table(
             args.url,
-            args.ensembles,
+            ensembles,
             batch_sizes=int_list(args.batch_size, "--batch-size"),
             concurrencies=int_list(args.concurrency, "--concurrency"),
             measurement_ms=args.measurement_ms,
@@ -166,8 +185,25 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--images", nargs="*", default=None, help="image files (default: the bundled photographs)")
     p.add_argument("--prompts", nargs="*", default=None, help="prompts (default: five about the bundled photographs)")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="MODEL",
+        help="a second model (architecture name or model-config JSON) served beside --model from one "
+        "repository and one tritonserver; the photos are classified by both, side by side",
+    )
+    p.add_argument(
+        "--compare-pretrained", default="none", help="the second model's weights (as --pretrained; needs --compare)"
+    )
     cpu_args(p, "")
-    finish(p, _demo, rules=[BF16_NEEDS_OPENVINO])
+    finish(
+        p,
+        _demo,
+        rules=[
+            BF16_NEEDS_OPENVINO,
+            ("compare_pretrained", lambda a: a.compare is not None, "--compare-pretrained needs --compare MODEL"),
+        ],
+    )
     p = add_command(sub, "gateway", "OpenAI-compatible HTTP API in front of Triton (needs the gateway extra)")
     url_arg(p, several=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -175,15 +211,16 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--served-model-name",
         default=None,
-        help="the model id clients send and /v1/models lists (default: the repository's "
-        "served_model_name, else the architecture name)",
+        help="the model id clients send and /v1/models lists, for a server of one model (default: the "
+        "repository's served_model_name, else the architecture name); a server of several lists each "
+        "by its own served name",
     )
     p.add_argument(
         "--tokenizer-dir",
         default=os.environ.get("CLIP_TRITON_TOKENIZER_DIR"),
-        help="folder with the served model's tokenizer.json, for models with a Hugging Face tokenizer "
-        "(SigLIP, MetaCLIP 2): usage tokens are counted with it; the repository's tokenizer/1 "
-        "($CLIP_TRITON_TOKENIZER_DIR)",
+        help="only for repositories written before the server counted tokens (no TOKENS output): folder "
+        "with the served model's tokenizer.json (SigLIP, MetaCLIP 2), to count usage here; current "
+        "repositories count on the server and need nothing ($CLIP_TRITON_TOKENIZER_DIR)",
     )
     p.add_argument("--api-key-file", default=None, help="file with one API key per line (also: $CLIP_TRITON_API_KEYS)")
     p.add_argument("--no-auth", action="store_true", help="accept requests without an API key (local use only)")
@@ -205,6 +242,7 @@ def add_parsers(sub) -> None:
     finish(p, _gateway, rules=GATEWAY_RULES)
     p = add_command(sub, "perf", "run perf_analyzer against the ensembles with real inputs (bundled JPEGs, prompts)")
     url_arg(p, several=False)
+    served_model_arg(p)
     p.add_argument(
         "--ensembles",
         nargs="+",

@@ -35,6 +35,7 @@ def _client(args):
         batch_size=args.batch_size,
         progress=args.progress,
         retry_seconds=args.retry_seconds,
+        model=args.served_model,
     )
     terminal, said = sys.stderr.isatty(), set()
 

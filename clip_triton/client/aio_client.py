@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import time
 from collections.abc import Iterable, Sequence
@@ -12,25 +13,30 @@ import numpy as np
 from clip_triton.contract import (
     DEFAULT_EMBEDDING_TYPE,
     DEFAULT_URL,
-    IMAGE_ENSEMBLE,
     IMAGE_INPUT,
     RETRY_SECONDS,
-    TEXT_ENSEMBLE,
     TEXT_INPUT,
 )
 from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
 
 from .core import (
+    ServedModel,
     TextLengths,
+    catalog,
+    choose_model,
+    clip_ensembles,
     encode_rows,
     encoded_errors,
+    index_names,
     plan_batches,
+    readiness_candidates,
     record_or_split,
     record_rows,
     retry_delay,
     should_retry,
     split_result,
+    token_counts,
 )
 from .errors import ClipClientError, ItemErrors
 from .inputs import prepare_images, prepare_texts
@@ -58,8 +64,9 @@ class AsyncClipClient:
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
         group_by_length: bool = True,
+        model: str | None = None,
     ):
-        """As :class:`ClipClient <clip_triton.client.ClipClient>` (``group_by_length`` included)."""
+        """As :class:`ClipClient <clip_triton.client.ClipClient>` (``group_by_length`` and ``model`` included)."""
         import tritonclient.grpc.aio as aioclient  # noqa: PLC0415
 
         self._grpc = aioclient
@@ -69,10 +76,23 @@ class AsyncClipClient:
         self.concurrency = max(1, concurrency)
         self.url_timeout = url_timeout
         self._batch_size = batch_size
-        self._facts: ServerFacts | None = None
         self._text_cache = PromptCache(prompt_cache_entries)
+        self._prompt_cache_entries = prompt_cache_entries
         self.group_by_length = group_by_length
         self._lengths: TextLengths | None = None
+        self.model = model
+        self._served: ServedModel | None = None
+        self._owns_connections = True
+        self.target = ",".join(urls_of(url, "AsyncClipClient"))
+
+    def for_model(self, model: str) -> AsyncClipClient:
+        """A client of another served model on the same connections (its own facts and prompt cache);
+        closing it leaves the connections to this one."""
+        other = copy.copy(self)
+        other.model, other._served, other._lengths = model, None, None
+        other._text_cache = PromptCache(self._prompt_cache_entries)
+        other._owns_connections = False
+        return other
 
     async def _call(self, fn):
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
@@ -87,27 +107,49 @@ class AsyncClipClient:
                 await asyncio.sleep(retry_delay(attempt, self.backoff))
                 attempt += 1
 
-    async def get_facts(self) -> ServerFacts:
-        if self._facts is None:
-            self._facts = ServerFacts.from_config(
-                await self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
-            )
-        return self._facts
+    async def served_models(self) -> dict[str, ServerFacts]:
+        """Every model the server serves, by public name (``model=`` and :meth:`for_model` take these)."""
+        return {name: served.facts for name, served in (await self._catalog()).items()}
 
-    async def _infer(self, model: str, input_name: str, items: list[bytes]) -> tuple[np.ndarray, dict[int, str]]:
+    async def _catalog(self) -> dict[str, ServedModel]:
+        index = index_names(await self._call(lambda c: c.get_inference_statistics(as_json=True)))
+        facts = {}
+        for ensemble in clip_ensembles(index):  # read here (awaited); catalog() arranges them
+            facts[ensemble] = ServerFacts.from_config(
+                await self._call(lambda c, e=ensemble: c.get_model_config(e, as_json=True))
+            )
+        return catalog(index, facts.__getitem__)
+
+    async def served(self) -> ServedModel:
+        """The served model this client uses: its Triton model names and facts (read once)."""
+        if self._served is None:
+            self._served = choose_model(await self._catalog(), self.model, self.target)
+        return self._served
+
+    async def get_facts(self) -> ServerFacts:
+        return (await self.served()).facts
+
+    async def _infer(
+        self, model: str, input_name: str, items: list[bytes], tokens: bool = False
+    ) -> tuple[np.ndarray, dict[int, str], np.ndarray | None]:
         facts = await self.get_facts()
         tensor = bytes_input(self._grpc, input_name, items)
-        outputs = requested_outputs(self._grpc, facts)
+        outputs = requested_outputs(self._grpc, facts, tokens)
         result = await self._call(lambda c: c.infer(model, [tensor], outputs=outputs, client_timeout=self.timeout))
-        return split_result(result, facts)
+        counts = token_counts(result, len(items)) if tokens and facts.token_counts else None
+        return (*split_result(result, facts), counts)
 
-    async def _embed(self, model: str, input_name: str, items: list) -> np.ndarray:
+    async def _embed(self, input_name: str, items: list, counts: np.ndarray | None = None) -> np.ndarray:
+        """Embed ``items``; ``counts`` (texts, where the server counts tokens): each item's token count
+        is written there."""
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-        facts = await self.get_facts()
+        served = await self.served()
+        facts, text = served.facts, input_name == TEXT_INPUT
+        model = served.names.text if text else served.names.image
         size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
         lengths = None
-        if model == TEXT_ENSEMBLE and self.group_by_length:
+        if text and self.group_by_length:
             if self._lengths is None:
                 self._lengths = TextLengths(facts.contract)
             lengths = self._lengths
@@ -117,7 +159,12 @@ class AsyncClipClient:
         async def run(chunk: list[int]) -> None:
             try:
                 async with gate:
-                    record_rows(out, chunk, await self._infer(model, input_name, [items[i] for i in chunk]), errors, [])
+                    embeddings, failed, tokens = await self._infer(
+                        model, input_name, [items[i] for i in chunk], counts is not None
+                    )
+                record_rows(out, chunk, (embeddings, failed), errors, [])
+                if tokens is not None and counts is not None:
+                    counts[chunk] = tokens
             except InferenceServerException as exc:
                 if record_or_split(exc, model, chunk, errors):
                     await asyncio.gather(*(run([i]) for i in chunk))
@@ -127,35 +174,49 @@ class AsyncClipClient:
             raise ItemErrors(errors, out)
         return out
 
-    async def _embed_as(self, embedding_type: str, model: str, input_name: str, prepare) -> np.ndarray:
+    async def _embed_as(self, embedding_type: str, input_name: str, prepare) -> np.ndarray:
         name = check_type(embedding_type)  # before any item is read or sent
         try:
-            return encode_rows(await self._embed(model, input_name, prepare()), name)
+            return encode_rows(await self._embed(input_name, prepare()), name)
         except ItemErrors as err:
             raise encoded_errors(err, name) from None
 
     async def embed_images(self, images: Iterable, *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
         """As :meth:`ClipClient.embed_images <clip_triton.client.ClipClient.embed_images>`."""
-        return await self._embed_as(
-            embedding_type, IMAGE_ENSEMBLE, IMAGE_INPUT, lambda: prepare_images(images, self.url_timeout)
-        )
+        return await self._embed_as(embedding_type, IMAGE_INPUT, lambda: prepare_images(images, self.url_timeout))
 
     async def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
         """As :meth:`ClipClient.embed_texts <clip_triton.client.ClipClient.embed_texts>`."""
-        return await self._embed_as(embedding_type, TEXT_ENSEMBLE, TEXT_INPUT, lambda: prepare_texts(texts))
+        return await self._embed_as(embedding_type, TEXT_INPUT, lambda: prepare_texts(texts))
+
+    async def embed_texts_counted(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(embeddings, tokens)``: float32 embeddings as :meth:`embed_texts`, and each text's token
+        count as the server's tokenizer counts it (start/end tokens included, padding not), or None where
+        the server does not count (a repository from before issue 30). The gateway's ``usage``."""
+        items = prepare_texts(texts)
+        counts = np.zeros(len(items), dtype=np.int64)
+        facts = await self.get_facts()
+        vectors = await self._embed(TEXT_INPUT, items, counts if facts.token_counts else None)
+        return vectors, counts if facts.token_counts else None
+
+    async def prompt_embeddings_counted(
+        self, prompts: Sequence[str], templates: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, int | None]:
+        """One embedding per prompt (the normalised mean over templates), cached per prompt set, and
+        the tokens of every text encoded for it (None where the server does not count)."""
+        key = prompt_set_key(prompts, templates)
+        cached = self._text_cache.get(key)
+        if cached is None:
+            texts = template_texts(prompts, templates) if templates else list(prompts)
+            vectors, counts = await self.embed_texts_counted(texts)
+            emb = ensemble_templates(vectors, len(prompts), len(templates)) if templates else vectors
+            cached = (emb, None if counts is None else np.array(int(counts.sum())))
+            self._text_cache.put(key, cached)
+        emb, total = cached
+        return emb, None if total is None else int(total)
 
     async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        key = prompt_set_key(prompts, templates)
-        emb = self._text_cache.get(key)
-        if emb is None:
-            if templates:
-                emb = ensemble_templates(
-                    await self.embed_texts(template_texts(prompts, templates)), len(prompts), len(templates)
-                )
-            else:
-                emb = await self.embed_texts(list(prompts))
-            self._text_cache.put(key, emb)
-        return emb
+        return (await self.prompt_embeddings_counted(prompts, templates))[0]
 
     async def classify(
         self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
@@ -168,11 +229,21 @@ class AsyncClipClient:
         return rank(image @ text.T, prompts, facts.logit_scale, facts.logit_bias)
 
     async def is_ready(self) -> bool:
-        """Both ensembles ready on every server."""
+        """Both ensembles of the served model (every served model, before one is chosen) ready on every
+        server."""
         try:
             for client in self.clients:
-                if not (await client.is_model_ready(IMAGE_ENSEMBLE) and await client.is_model_ready(TEXT_ENSEMBLE)):
+                if self._served is not None:
+                    candidates = [self._served.names]
+                else:
+                    candidates = readiness_candidates(
+                        index_names(await client.get_inference_statistics(as_json=True)), self.model
+                    )
+                if not candidates:
                     return False
+                for names in candidates:
+                    if not (await client.is_model_ready(names.image) and await client.is_model_ready(names.text)):
+                        return False
             return True
         except Exception:  # noqa: BLE001 (unreachable counts as not ready)
             return False
@@ -186,8 +257,9 @@ class AsyncClipClient:
         raise ClipClientError(f"clip-triton not ready after {timeout:.0f}s")
 
     async def close(self) -> None:
-        for client in self.clients:
-            await client.close()
+        if self._owns_connections:
+            for client in self.clients:
+                await client.close()
 
     async def __aenter__(self) -> AsyncClipClient:
         return self

@@ -37,6 +37,8 @@ import numpy as np
 
 from clip_triton.errors import ClipTritonError
 
+from .files import atomic_write
+
 KINDS = ("auto", "flat", "hnsw", "ivf")
 FLAT_BELOW = 10_000
 # Search effort by query: a query of the index's own kind (image -> image) finds its neighbours with
@@ -143,13 +145,9 @@ class AnnIndex:
     def save(self, index_path: str | os.PathLike) -> Path:
         faiss = _faiss()
         file, meta = ann_paths(index_path)
-        tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-        try:
-            faiss.write_index(self.index, str(tmp))
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
-        meta.write_text(json.dumps({**self.params, "file": file.name}, indent=1) + "\n")
+        atomic_write(file, lambda handle: handle.write(faiss.serialize_index(self.index).tobytes()))
+        document = json.dumps({**self.params, "file": file.name}, indent=1) + "\n"
+        atomic_write(meta, lambda handle: handle.write(document.encode()))
         return file
 
     @classmethod

@@ -11,11 +11,20 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
 
-from clip_triton.contract import DEFAULT_EMBEDDING_TYPE, EMBEDDING_OUTPUT, STATUS_OUTPUT, STUB_NOT_HEALTHY
+from clip_triton.contract import (
+    DEFAULT_EMBEDDING_TYPE,
+    EMBEDDING_OUTPUT,
+    STATUS_OUTPUT,
+    STUB_NOT_HEALTHY,
+    TOKENS_OUTPUT,
+    ModelNames,
+    served_slug,
+)
 from clip_triton.encodings import encode
 from clip_triton.facts import ServerFacts
 
@@ -54,9 +63,94 @@ def should_retry(exc, attempt: int, retries: int, deadline: float) -> bool:
     return retryable(exc) and attempt < retries and time.monotonic() < deadline
 
 
-def output_names(facts: ServerFacts) -> list[str]:
-    """The outputs every request asks for: EMBEDDING, and STATUS where the server has it."""
-    return [EMBEDDING_OUTPUT, STATUS_OUTPUT] if facts.item_status else [EMBEDDING_OUTPUT]
+def output_names(facts: ServerFacts, tokens: bool = False) -> list[str]:
+    """The outputs every request asks for: EMBEDDING, and STATUS where the server has it; ``tokens``:
+    each text's token count too, where the server counts them (``facts.token_counts``)."""
+    names = [EMBEDDING_OUTPUT, STATUS_OUTPUT] if facts.item_status else [EMBEDDING_OUTPUT]
+    return [*names, TOKENS_OUTPUT] if tokens and facts.token_counts else names
+
+
+def token_counts(result, rows: int) -> np.ndarray:
+    """The TOKENS output of an answer this client asked it of, one count per row."""
+    counts = result.as_numpy(TOKENS_OUTPUT)
+    if counts is None or counts.size != rows:
+        raise ClipClientError(
+            f"the server answered {'no' if counts is None else counts.size} TOKENS rows for {rows} texts",
+            "check that the repository was written by this version's `clip-triton repo`",
+        )
+    return counts.reshape(-1).astype(np.int64)
+
+
+# -- which served model (issue 30) ------------------------------------------------------------------
+class ServedModel(NamedTuple):
+    """One model a server serves: its Triton names and its facts."""
+
+    names: ModelNames
+    facts: ServerFacts
+
+
+def clip_ensembles(index: Iterable[str]) -> list[str]:
+    """The public image ensembles among a repository index's model names: one per served model."""
+    return sorted(name for name in set(index) if (names := ModelNames.of_ensemble(name)) and names.image == name)
+
+
+def index_names(response) -> list[str]:
+    """The ready models' names in a ``get_inference_statistics(as_json=True)`` answer (all models: no
+    name asked). Statistics, not the repository index: deployments restrict Triton's model-repository
+    API (it also loads and unloads) to an admin header, and keep statistics open (clip_triton/server.py
+    ADMIN_APIS); Triton answers an unnamed statistics request with every ready model (core
+    tritonserver.cc ``TRITONSERVER_ServerModelStatistics``)."""
+    models = response.get("model_stats", []) if isinstance(response, dict) else getattr(response, "model_stats", [])
+    return [m["name"] if isinstance(m, dict) else m.name for m in models]
+
+
+def catalog(index: Iterable[str], read_facts: Callable[[str], ServerFacts]) -> dict[str, ServedModel]:
+    """Every served model, by public id, from the ready models' names and each image ensemble's facts."""
+    models: dict[str, ServedModel] = {}
+    for ensemble in clip_ensembles(index):
+        names = ModelNames.of_ensemble(ensemble)
+        assert names is not None
+        facts = read_facts(ensemble)
+        models[facts.public_id] = ServedModel(names, facts)
+    return models
+
+
+def choose_model(models: dict[str, ServedModel], wanted: str | None, target: str) -> ServedModel:
+    """The served model a client asked for (``wanted``; None: the only one). Never a silent default:
+    a server of several models refuses a client that names none, and an unknown name lists the others."""
+    listed = ", ".join(repr(name) for name in sorted(models))
+    if not models:
+        raise ClipClientError(
+            f"the server at {target} serves no clip-triton model (no clip_image ensemble is ready there)",
+            "point the client at a clip-triton server (`clip-triton serve --repo REPO`)",
+        )
+    if wanted is None:
+        if len(models) == 1:
+            return next(iter(models.values()))
+        raise ClipClientError(
+            f"the server at {target} serves {len(models)} models ({listed}): say which one",
+            "ClipClient(url, model=NAME), or --served-model NAME on the command line",
+        )
+    if wanted in models:
+        return models[wanted]
+    aliases = [m for m in models.values() if wanted == f"{m.facts.model}/{m.facts.public_pretrained}"]
+    if len(aliases) == 1 and aliases[0].facts.public_id == aliases[0].facts.model:  # "ARCH/TAG", no served name
+        return aliases[0]
+    raise ClipClientError(
+        f"model {wanted!r} is not served at {target}; it serves {listed}", "pass one of those names as the model"
+    )
+
+
+def readiness_candidates(index: Iterable[str], wanted: str | None) -> list[ModelNames]:
+    """The served models whose ensembles a readiness check waits for, before their facts are read:
+    the wanted one (its multi-model names, or the single-model names), else every one in the index."""
+    ensembles = clip_ensembles(index)
+    found = [ModelNames.of_ensemble(name) for name in ensembles]
+    if wanted is not None:
+        own = [names for names in found if names is not None and names.slug in (served_slug(wanted), "")]
+        if own:
+            return own
+    return [names for names in found if names is not None]  # an unknown name is refused once they load
 
 
 def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:

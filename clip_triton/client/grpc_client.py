@@ -22,11 +22,10 @@ from clip_triton.contract import (
     CONNECT_SECONDS,
     DEFAULT_EMBEDDING_TYPE,
     DEFAULT_URL,
-    IMAGE_ENSEMBLE,
     IMAGE_INPUT,
     RETRY_SECONDS,
-    TEXT_ENSEMBLE,
     TEXT_INPUT,
+    ModelNames,
 )
 from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
@@ -34,10 +33,15 @@ from clip_triton.facts import ServerFacts
 from .core import (
     DeadlinePolicy,
     Readiness,
+    ServedModel,
     TextLengths,
+    catalog,
+    choose_model,
     encode_rows,
     encoded_errors,
+    index_names,
     length_batches,
+    readiness_candidates,
     record_or_split,
     record_rows,
     retry_delay,
@@ -88,12 +92,13 @@ class _Job:
         from clip_triton.progress import bar  # noqa: PLC0415
 
         n = len(self.items)
-        lengths = self.client._text_lengths() if self.model == TEXT_ENSEMBLE else None
+        text = self.input_name == TEXT_INPUT
+        lengths = self.client._text_lengths() if text else None
         if lengths is not None and lengths.groups:  # one length bucket a request (issue 33)
             chunks = length_batches([lengths.key(item) for item in self.items], list(range(n)), self.size)
         else:
             chunks = [list(range(i, min(i + self.size, n))) for i in range(0, n, self.size)]
-        kind = "images" if self.model == IMAGE_ENSEMBLE else "texts"
+        kind = "texts" if text else "images"
         self.bar = bar(n, f"embedding {kind}", unit=kind[:-1], enabled=self.client.progress if n else False)
         pool = ThreadPoolExecutor(self.client.concurrency, thread_name_prefix="clip-triton")
         try:
@@ -256,8 +261,10 @@ class ClipClient:
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
         group_by_length: bool = True,
+        model: str | None = None,
     ):
-        """``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
+        """``model``: the served model to use, by its public name (``facts.public_id``); needed where the
+        server serves several (without it such a client refuses, listing them). ``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
         and the server's measured speed (see :class:`DeadlinePolicy`). ``progress``: a bar on stderr
         (None: only when stderr is a terminal). ``group_by_length``: texts are sent in requests of one
         sequence-length bucket each (their rows still come back in input order); False sends them in
@@ -279,10 +286,11 @@ class ClipClient:
         self.url_timeout = url_timeout
         self.progress = progress
         self._batch_size = batch_size
-        self._facts: ServerFacts | None = None
         self._text_cache = PromptCache(prompt_cache_entries)
         self.group_by_length = group_by_length
         self._lengths: TextLengths | None = None
+        self.model = model
+        self._served: ServedModel | None = None
 
     def _text_lengths(self) -> TextLengths | None:
         """How texts are grouped into requests (None: in input order)."""
@@ -305,7 +313,16 @@ class ClipClient:
             try:
                 if not client.is_server_live():
                     return Readiness("loading", f"the server at {target} is not live")
-                missing = [m for m in (IMAGE_ENSEMBLE, TEXT_ENSEMBLE) if not client.is_model_ready(m)]
+                if self._served is not None:
+                    candidates = [self._served.names]
+                else:
+                    candidates = readiness_candidates(
+                        index_names(client.get_inference_statistics(as_json=True)), self.model
+                    )
+                if not candidates:
+                    return Readiness("loading", f"the server at {target} is up but lists no clip_image ensemble yet")
+                wanted = [name for names in candidates for name in (names.image, names.text)]
+                missing = [m for m in wanted if not client.is_model_ready(m)]
             except Exception as exc:  # noqa: BLE001 (connection refused, DNS, TLS: all mean unreachable)
                 message = getattr(exc, "message", None)
                 text = message() if callable(message) else str(exc)
@@ -358,17 +375,40 @@ class ClipClient:
                 on_wait(state, deadline - now)
             time.sleep(0.25)
 
-    @property
-    def facts(self) -> ServerFacts:
+    def served_models(self) -> dict[str, ServerFacts]:
+        """Every model the server serves, by public name (``model=`` takes these), with its facts."""
+        return {name: served.facts for name, served in self._catalog().items()}
+
+    def _catalog(self) -> dict[str, ServedModel]:
         from tritonclient.utils import InferenceServerException  # noqa: PLC0415
 
-        if self._facts is None:
-            try:
-                config = self._call(lambda c: c.get_model_config(IMAGE_ENSEMBLE, as_json=True))
-            except InferenceServerException as exc:
-                raise transport_error(exc, IMAGE_ENSEMBLE, self.target) from None
-            self._facts = ServerFacts.from_config(config)
-        return self._facts
+        where = "the ready models (statistics)"
+        try:
+            index = index_names(self._call(lambda c: c.get_inference_statistics(as_json=True)))
+
+            def read(ensemble: str) -> ServerFacts:
+                nonlocal where
+                where = ensemble
+                return ServerFacts.from_config(self._call(lambda c: c.get_model_config(ensemble, as_json=True)))
+
+            return catalog(index, read)
+        except InferenceServerException as exc:
+            raise transport_error(exc, where, self.target) from None
+
+    @property
+    def served(self) -> ServedModel:
+        """The served model this client uses: its Triton model names and facts (read once)."""
+        if self._served is None:
+            self._served = choose_model(self._catalog(), self.model, self.target)
+        return self._served
+
+    @property
+    def names(self) -> ModelNames:
+        return self.served.names
+
+    @property
+    def facts(self) -> ServerFacts:
+        return self.served.facts
 
     @property
     def batch_size(self) -> int:
@@ -410,13 +450,17 @@ class ClipClient:
         in that compact encoding (:mod:`clip_triton.encodings`; an :class:`ItemErrors` carries them so too).
         """
         return self._embed_as(
-            embedding_type, IMAGE_ENSEMBLE, IMAGE_INPUT, list(images), lambda item: image_bytes(item, self.url_timeout)
+            embedding_type,
+            self.names.image,
+            IMAGE_INPUT,
+            list(images),
+            lambda item: image_bytes(item, self.url_timeout),
         )
 
     def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server);
         ``embedding_type`` as for :meth:`embed_images`."""
-        return self._embed_as(embedding_type, TEXT_ENSEMBLE, TEXT_INPUT, list(texts), text_bytes)
+        return self._embed_as(embedding_type, self.names.text, TEXT_INPUT, list(texts), text_bytes)
 
     def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""

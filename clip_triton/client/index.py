@@ -24,6 +24,7 @@ from clip_triton.facts import ServerFacts
 
 from .ann import AnnIndex, ann_paths
 from .errors import ItemErrors
+from .files import atomic_write
 from .scoring import top_k
 
 
@@ -83,20 +84,6 @@ def image_files(
     return keep, skipped
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a reader (or a rerun after a kill)
-    sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass
 class EmbeddingIndex:
     """Items and their L2-normalised embeddings (row ``i`` belongs to ``items[i]``).
@@ -110,6 +97,7 @@ class EmbeddingIndex:
     kind: str = VISION.kind
     model: str = ""
     pretrained: str = ""
+    served_model: str = ""  # the served model's public name that embedded it (a server may serve several)
     failed: dict[str, str] = field(default_factory=dict)
     unanswered: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -172,6 +160,7 @@ class EmbeddingIndex:
             kind=kind,
             model=facts.model,
             pretrained=facts.pretrained,
+            served_model=facts.public_id,
             failed=failed,
             client=client,
         )
@@ -181,13 +170,14 @@ class EmbeddingIndex:
         """Write ``NAME.npy`` and ``NAME.json`` (each atomically); returns both paths."""
         npy, meta = index_paths(path)
         npy.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npy, lambda handle: np.save(handle, self.embeddings))
+        atomic_write(npy, lambda handle: np.save(handle, self.embeddings))
         document = {
             "format": FORMAT,
             "kind": self.kind,
             "rows": len(self.items),
             "model": self.model,
             "pretrained": self.pretrained,
+            "served_model": self.served_model,
             "embed_dim": int(self.embeddings.shape[1]),
             "items": self.items,
             "failed": self.failed,
@@ -195,7 +185,7 @@ class EmbeddingIndex:
             "skipped": self.skipped,
             "interrupted": self.interrupted,
         }
-        _atomic_write(meta, lambda handle: handle.write(json.dumps(document, indent=1, ensure_ascii=False).encode()))
+        atomic_write(meta, lambda handle: handle.write(json.dumps(document, indent=1, ensure_ascii=False).encode()))
         if self.ann is not None:
             self.ann.save(npy)
         return npy, meta
@@ -241,6 +231,7 @@ class EmbeddingIndex:
             embeddings,
             kind=document.get("kind", VISION.kind),
             model=document.get("model", ""),
+            served_model=document.get("served_model", ""),
             pretrained=document.get("pretrained", ""),
             failed=document.get("failed", {}),
             unanswered=document.get("unanswered", []),
@@ -329,9 +320,13 @@ class EmbeddingIndex:
             )
         facts = self.client.facts
         if self.model and (facts.model, facts.pretrained) != (self.model, self.pretrained):
+            served = f" (served as {self.served_model!r})" if self.served_model else ""
             raise ClipTritonError(
-                f"the index was embedded by {self.model} ({self.pretrained}); the server serves "
-                f"{facts.model} ({facts.pretrained})",
-                "query the deployment that built the index, or rebuild the index",
+                f"the index was embedded by {self.model} ({self.pretrained}){served}; the client uses "
+                f"{facts.public_id!r}: {facts.model} ({facts.pretrained})",
+                f"query the served model that built the index (--served-model {self.served_model}, "
+                f"ClipClient(url, model={self.served_model!r})), or rebuild the index"
+                if self.served_model
+                else "query the deployment that built the index, or rebuild the index",
             )
         return self.client

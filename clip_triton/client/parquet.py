@@ -37,6 +37,7 @@ from clip_triton.encodings import check_type, decode, dtype, encode, width
 from clip_triton.errors import ClipTritonError
 
 from .errors import JobFailed
+from .files import atomic_write
 from .index import Embedder, EmbeddingIndex
 from .resume import attempt
 
@@ -254,14 +255,7 @@ def write_shard(folder: Path, number: int, facts: ShardFacts, records: list[tupl
         schema=schema,
     )
     target = folder / f"part-{number:05d}.parquet"
-    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(target, lambda handle: pq.write_table(table, handle))
     return target
 
 

@@ -136,6 +136,7 @@ def embed_into(
         kind=kind,
         model=facts.model,
         pretrained=facts.pretrained,
+        served_model=facts.public_id,
         failed=run.refused,
         unanswered=run.unanswered,
         skipped=dict(skipped or {}),

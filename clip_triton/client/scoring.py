@@ -49,7 +49,8 @@ class PromptCache:
 
     @staticmethod
     def _size(key, value) -> int:
-        return int(getattr(value, "nbytes", 0)) + len(key)
+        parts = value if isinstance(value, tuple) else (value,)
+        return sum(int(getattr(part, "nbytes", 0)) for part in parts) + len(key)
 
     def put(self, key, value) -> None:
         size = self._size(key, value)

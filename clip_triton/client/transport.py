@@ -41,5 +41,5 @@ def bytes_input(grpc, name: str, payload: list[bytes]):
     return tensor
 
 
-def requested_outputs(grpc, facts: ServerFacts) -> list:
-    return [grpc.InferRequestedOutput(name) for name in output_names(facts)]
+def requested_outputs(grpc, facts: ServerFacts, tokens: bool = False) -> list:
+    return [grpc.InferRequestedOutput(name) for name in output_names(facts, tokens)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clip_triton.contract import MANIFEST, PLAN_FILE, TOLERANCES, TOWERS, ModelContract
+from clip_triton.contract import MANIFEST, PLAN_FILE, SINGLE, TOLERANCES, TOWERS, ModelContract, ModelNames
 from clip_triton.contract import tower as tower_spec
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.profiles import Profile, profile_index, profiles_for
@@ -157,18 +157,29 @@ def check_engine_manifest(manifest: dict, platform: Platform, where: str = "engi
 
 
 def check_repository_engines(
-    repo: str | Path, platform: Platform | None = None, onnx_dir: str | Path | None = None
+    repo: str | Path,
+    platform: Platform | None = None,
+    onnx_dir: str | Path | None = None,
+    names: ModelNames | None = None,
 ) -> list[str]:
     """Check every engine in a repository against this host before Triton loads them.
 
     Each encoder's plan needs its ``engine.json`` saying it passed validation on this TensorRT and GPU.
     With ``onnx_dir``, the engines must also have been built from exactly those graphs (sha256 of
-    each graph and its external data): then they are current and need no rebuild.
+    each graph and its external data): then they are current and need no rebuild. ``names``: one
+    served model's (None: every served model in the repository, found by its manifest copies).
     """
     platform = platform or current_platform()
+    if names is None:
+        if onnx_dir is not None:
+            names = SINGLE
+        else:
+            return [
+                m for n in repository_model_names(Path(repo)) for m in check_repository_engines(repo, platform, None, n)
+            ]
     checked = []
     for spec in TOWERS:
-        tower, model = spec.name, spec.model
+        tower, model = spec.name, names.encoder(spec)
         folder = Path(repo) / model / "1"
         plan, manifest_path = folder / PLAN_FILE, folder / ENGINE_MANIFEST
         if not plan.is_file():
@@ -181,7 +192,7 @@ def check_repository_engines(
         manifest = json.loads(manifest_path.read_text())
         check_engine_manifest(manifest, platform, where=str(plan))
         check_engine_profiles(
-            manifest, Path(repo) / model / "config.pbtxt", Path(repo) / spec.front / "config.pbtxt", str(plan)
+            manifest, Path(repo) / model / "config.pbtxt", Path(repo) / names.front(spec) / "config.pbtxt", str(plan)
         )
         if onnx_dir is not None:
             built_from, now = manifest.get("onnx", {}), graph_identity(Path(onnx_dir), tower)
@@ -193,6 +204,17 @@ def check_repository_engines(
                 )
         checked.append(model)
     return checked
+
+
+def repository_model_names(repo: Path) -> list[ModelNames]:
+    """The served models of a repository, from its encoders' folders: the single-model names, or each
+    ``vision_encoder__<slug>``."""
+    found = []
+    for folder in sorted(repo.iterdir()) if repo.is_dir() else []:
+        base, _, slug = folder.name.partition("__")
+        if base == TOWERS[0].model and folder.is_dir():
+            found.append(ModelNames(slug))
+    return found or [SINGLE]
 
 
 def recorded_profiles(contract: ModelContract, tower: str) -> list[dict]:
@@ -350,7 +372,16 @@ def build_engine(
         raise ClipTritonError(f"TensorRT failed to build {plan_path}", "see the TensorRT log above")
     plan_path.write_bytes(bytes(serialized))
     write_timing_cache(cache_path, bytes(config.get_timing_cache().serialize()), platform)
-    return {"strongly_typed": strongly, "build_seconds": round(time.monotonic() - started, 1)}
+    # The activation memory one execution context needs (TensorRT >= 10.1 names it _v2), beside the
+    # plan's own bytes: what each instance of this engine costs on the GPU (clip_triton/footprint.py).
+    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
+    device = getattr(engine, "device_memory_size_v2", None) or getattr(engine, "device_memory_size", 0)
+    return {
+        "strongly_typed": strongly,
+        "build_seconds": round(time.monotonic() - started, 1),
+        "device_memory_bytes": int(device),
+        "plan_bytes": plan_path.stat().st_size,
+    }
 
 
 def _progress_monitor(trt, log: Progress, enabled: bool | None = None):
@@ -437,9 +468,14 @@ def validate_plan(
 
 
 def build_engines(
-    onnx_dir: str | Path, repo: str | Path, options: BuildOptions = BuildOptions(), log: Progress | None = None
+    onnx_dir: str | Path,
+    repo: str | Path,
+    options: BuildOptions = BuildOptions(),
+    log: Progress | None = None,
+    names: ModelNames = SINGLE,
 ) -> dict:  # pragma: no cover - needs a GPU and TensorRT
-    """Build, place and validate each encoder's TensorRT plan (``<encoder>/1/``, name from the contract)."""
+    """Build, place and validate each encoder's TensorRT plan (``<encoder>/1/``, name from the contract;
+    ``names``: the served model's, in a repository of several)."""
     from .pipeline import REFERENCES, load_references, read_manifest  # noqa: PLC0415
 
     log = log or Progress("engines")
@@ -456,7 +492,7 @@ def build_engines(
     cache_path = Path(options.timing_cache) if options.timing_cache else repo / TIMING_CACHE
     report = {}
     for spec in TOWERS:
-        tower, model = spec.name, spec.model
+        tower, model = spec.name, names.encoder(spec)
         folder = repo / model / "1"
         if not (repo / model / "config.pbtxt").is_file():
             raise ClipTritonError(
@@ -486,6 +522,7 @@ def build_engines(
             },
             "model": manifest["model"],
             "pretrained": manifest["pretrained"],
+            "device_memory_bytes": built.get("device_memory_bytes"),  # activations, per instance
         }
         (folder / ENGINE_MANIFEST).write_text(json.dumps(engine_manifest, indent=2) + "\n")
         for row in checks:
@@ -499,7 +536,7 @@ def build_engines(
                 "do not serve it; try --optimization-level 5 or an fp32 export",
             )
         report[model] = engine_manifest
-    (repo / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (repo / (names.of(Path(MANIFEST).stem) + Path(MANIFEST).suffix)).write_text(json.dumps(manifest, indent=2) + "\n")
     return report
 
 
@@ -512,28 +549,41 @@ CURRENT = "current"  # ROOT/current: the served repository, a relative link to R
 BUILDS = "builds"
 
 
-def repository_is_current(repo: Path, onnx_dir: Path) -> str | None:
-    """Why ``repo`` is not what ``clip-triton repo --runtime tensorrt`` would write now for ``onnx_dir``
-    with engines built from it on this TensorRT and GPU, or None when it is (nothing to do)."""
-    from clip_triton.repository import ExportFacts, RepoOptions, repository_files  # noqa: PLC0415
+Exports = list[tuple[str | Path | None, str | None]]  # (export folder, served name): see repository.served_exports
 
-    try:
-        check_repository_engines(repo, onnx_dir=onnx_dir)
-    except ClipTritonError as exc:
-        return exc.message
-    facts = ExportFacts.from_manifest(json.loads((Path(onnx_dir) / MANIFEST).read_text()))
-    for path, text in repository_files(facts, RepoOptions(runtime="tensorrt")).items():
-        if not (repo / path).is_file() or (repo / path).read_text() != text:
-            return f"{path} differs from what this version writes"
+
+def repository_is_current(repo: Path, onnx_dir: Path | None = None, exports: Exports | None = None) -> str | None:
+    """Why ``repo`` is not what ``clip-triton repo --runtime tensorrt`` would write now for ``onnx_dir``
+    (or each of ``exports``) with engines built from it on this TensorRT and GPU, or None when it is
+    (nothing to do)."""
+    from clip_triton.repository import RepoOptions, repository_files, served_exports  # noqa: PLC0415
+
+    models = served_exports(exports if exports is not None else [(onnx_dir, None)])
+    expected = {entry.name for entry in repo.iterdir()} if repo.is_dir() else set()
+    written = set()
+    for model in models:
+        try:
+            check_repository_engines(repo, onnx_dir=model.onnx_dir, names=model.names)
+        except ClipTritonError as exc:
+            return exc.message
+        options = RepoOptions(runtime="tensorrt", served_model_name=model.served_model_name)
+        for path, text in repository_files(model.facts, options, model.names).items():
+            if not (repo / path).is_file() or (repo / path).read_text() != text:
+                return f"{path} differs from what this version writes"
+            written.add(path.split("/")[0])
+    others = {name for name in expected - written if (repo / name / "config.pbtxt").is_file()}
+    if others:
+        return f"{repo} also serves {', '.join(sorted(others))}, which the exports given do not"
     return None
 
 
 def deploy_engines(
-    onnx_dir: str | Path,
+    onnx_dir: str | Path | None,
     root: str | Path,
     options: BuildOptions = BuildOptions(),
     log: Progress | None = None,
     build=None,
+    exports: Exports | None = None,
 ) -> Path:
     """The engines service of docker-compose.yml: serve ``ROOT/current``, replaced only by a validated one.
 
@@ -545,27 +595,33 @@ def deploy_engines(
     Then ``ROOT/current`` is switched to the new folder in one atomic rename; until then (and when the
     build fails, whose folder is removed) the previous repository stays in place, whole. The previous
     build is kept for a manual rollback; older ones are removed. ``build`` (tests) stands for
-    :func:`build_engines`."""
+    :func:`build_engines`. ``exports``: several served models, ``(export folder, served name)`` each,
+    in one repository (their engines built, kept or relinked each on its own)."""
     import shutil  # noqa: PLC0415
 
-    from clip_triton.repository import RepoOptions, write_repository  # noqa: PLC0415
+    from clip_triton.repository import RepoOptions, served_exports, write_repository  # noqa: PLC0415
 
     log = log or Progress("engines")
-    onnx_dir, root = Path(onnx_dir), Path(root)
+    root = Path(root)
+    exports = exports if exports is not None else [(Path(onnx_dir) if onnx_dir is not None else None, None)]
+    models = served_exports(exports)
     current = root / CURRENT
-    reason = repository_is_current(current, onnx_dir) if current.exists() else f"{current} does not exist yet"
+    reason = repository_is_current(current, exports=exports) if current.exists() else f"{current} does not exist yet"
     if reason is None:
         log(f"reusing {current} -> {os.readlink(current)}: engines match the export, TensorRT and GPU")
         return current
     log(f"building a new repository: {reason}")
     staging = root / BUILDS / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
     try:
-        write_repository(staging, onnx_dir=onnx_dir, options=RepoOptions(runtime="tensorrt"))
-        if not (current.exists() and _relinked(current, staging, onnx_dir)):
-            (build or build_engines)(onnx_dir, staging, options, log)
-        else:
-            log("the engines still match: kept (linked), configs rewritten")
-        check_repository_engines(staging, onnx_dir=onnx_dir)
+        write_repository(staging, options=RepoOptions(runtime="tensorrt"), exports=exports)
+        for model in models:
+            assert model.onnx_dir is not None, "engines are built from an export"
+            if not (current.exists() and _relinked(current, staging, model.onnx_dir, model.names)):
+                extra = {"names": model.names} if model.names != SINGLE else {}
+                (build or build_engines)(model.onnx_dir, staging, options, log, **extra)
+            else:
+                log(f"{model.served_model_name}: the engines still match: kept (linked), configs rewritten")
+            check_repository_engines(staging, onnx_dir=model.onnx_dir, names=model.names)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         log(f"nothing replaced: {current} is left as it was")
@@ -582,7 +638,7 @@ def deploy_engines(
     return current
 
 
-def _relinked(current: Path, staging: Path, onnx_dir: Path) -> bool:
+def _relinked(current: Path, staging: Path, onnx_dir: Path, names: ModelNames = SINGLE) -> bool:
     """Hard-link ``current``'s plans and engine.json into ``staging`` (new configs) and keep them when
     :func:`check_repository_engines` passes them there (validated on this TensorRT and GPU, built from
     these graphs, profiles as the new configs and the contract list them). Otherwise the links are
@@ -590,10 +646,11 @@ def _relinked(current: Path, staging: Path, onnx_dir: Path) -> bool:
     linked = []
     try:
         for spec in TOWERS:
+            model = names.encoder(spec)
             for name in (PLAN_FILE, ENGINE_MANIFEST):
-                os.link(current / spec.model / "1" / name, staging / spec.model / "1" / name)
-                linked.append(staging / spec.model / "1" / name)
-        check_repository_engines(staging, onnx_dir=onnx_dir)
+                os.link(current / model / "1" / name, staging / model / "1" / name)
+                linked.append(staging / model / "1" / name)
+        check_repository_engines(staging, onnx_dir=onnx_dir, names=names)
         return True
     except (OSError, ValueError, ClipTritonError):
         for path in linked:

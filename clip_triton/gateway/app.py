@@ -58,8 +58,14 @@ def create_app(settings: GatewaySettings, client_factory: ClientFactory = triton
     @asynccontextmanager
     async def lifespan(app):
         app.state.client = client_factory(settings)
-        app.state.tokenizer = None
+        app.state.served = None  # {public id: facts}, read from the server (routes.served_models)
+        app.state.served_at = 0.0
+        app.state.clients = {}  # a client per served model (its own prompt cache), made on first use
+        app.state.tokenizers = {}  # the gateway's own, only for servers that do not count tokens
         yield
+        for client in app.state.clients.values():
+            if client is not app.state.client:
+                await client.close()
         await app.state.client.close()
 
     app = FastAPI(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 
 import numpy as np
 from fastapi import Request
@@ -24,6 +25,20 @@ from .inputs import classify_item, decode_data_url, is_data_url, is_image_refere
 from .schemas import ApiError, ClassifyRequest, EmbeddingRequest, item_error
 
 LOG = logging.getLogger("clip_triton.gateway")
+# How often a request naming an unknown model may make the gateway read the served models again.
+CATALOG_REFRESH_S = 5.0
+
+
+TRANSPORT_FAILURES = (ClipClientError, InferenceServerException, OSError, TimeoutError)
+
+
+def unavailable(exc: BaseException, what: str) -> ApiError:
+    """The 503 for a failed call to Triton. The cause goes to the gateway's log, not to the caller: it
+    names internal addresses ("ipv4:10.0.3.7:8001: Failed to connect ..."); only its kind is public."""
+    LOG.warning("%s failed: %s", what, exc)
+    return ApiError(
+        503, f"the model server is unavailable ({type(exc).__name__})", type_="server_error", code="triton_unavailable"
+    )
 
 
 async def owned(*coroutines) -> list:
@@ -44,8 +59,9 @@ class Routes:
     """Endpoints (``healthz``, ``readyz``, ``metrics``, ``models``, ``embeddings``, ``classify``) and
     the request checks they share."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, clock=time.monotonic):
         self.settings = settings
+        self.clock = clock  # the catalogue's age (a seam: tests pass their own)
         self.registry = CollectorRegistry()
         self.requests_total = Counter(
             "clip_gateway_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
@@ -60,7 +76,15 @@ class Routes:
             registry=self.registry,
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.items_total = Counter("clip_gateway_items", "embedded items", ["kind"], registry=self.registry)
+        # Labelled by served model: only names the server serves become labels (checked before counting).
+        self.items_total = Counter("clip_gateway_items", "embedded items", ["kind", "model"], registry=self.registry)
+        self.model_requests = Counter(
+            "clip_gateway_model_requests",
+            "requests answered, per served model",
+            ["endpoint", "model"],
+            registry=self.registry,
+        )
+        self.warned_alias = False
         self.fetch_gate = asyncio.Semaphore(settings.max_concurrent_fetches)
 
     # -- auth ------------------------------------------------------------------------------------
@@ -82,47 +106,83 @@ class Routes:
             raise problem
 
     # -- helpers ---------------------------------------------------------------------------------
-    async def facts(self, request: Request):
-        try:
-            return await request.app.state.client.get_facts()
-        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:
-            raise ApiError(
-                503,
-                f"the model server is unavailable ({type(exc).__name__})",
-                type_="server_error",
-                code="triton_unavailable",
-            ) from None
+    async def served_models(self, request: Request, refresh: bool = False) -> dict:
+        """{public id: facts} of every model the server serves: read once, and again (``refresh``) at
+        most every CATALOG_REFRESH_S when a request names a model not in it (a model that finished
+        loading after the first read, a repository rewritten and the server restarted)."""
+        state = request.app.state
+        if refresh and state.served is not None and self.clock() - state.served_at >= CATALOG_REFRESH_S:
+            state.served = None
+        if state.served is None:
+            try:
+                models = await state.client.served_models()
+            except TRANSPORT_FAILURES as exc:
+                raise unavailable(exc, "reading the served models") from None
+            if not models:
+                raise ApiError(
+                    503,
+                    "the model server serves no clip-triton model yet",
+                    type_="server_error",
+                    code="triton_not_ready",
+                )
+            alias = self.settings.served_model_name
+            if alias and len(models) == 1:  # --served-model-name renames a single served model
+                models = {alias: next(iter(models.values()))}
+            elif alias and not self.warned_alias:
+                self.warned_alias = True
+                LOG.warning(
+                    "--served-model-name %r ignored: the server serves %d models by their own names", alias, len(models)
+                )
+            state.served, state.served_at = models, self.clock()
+        return state.served
 
-    async def tokenizer(self, request: Request) -> ClipTokenizer | HFTextTokenizer:
-        if request.app.state.tokenizer is None:
-            served = await self.facts(request)
+    async def model(self, request: Request, model: str, endpoint: str):
+        """(public id, facts, client) of the served model a request names; 404 naming the served ones."""
+        models = await self.served_models(request)
+        if model not in models:
+            models = await self.served_models(request, refresh=True)
+        name = model
+        if name not in models:
+            aliases = [
+                public
+                for public, facts in models.items()
+                if public == facts.model and name == f"{facts.model}/{facts.public_pretrained}"  # "ARCH/TAG"
+            ]
+            if len(aliases) != 1:
+                listed = ", ".join(repr(public) for public in sorted(models))
+                raise ApiError(
+                    404,
+                    f"model {model!r} is not served here; this gateway serves {listed}",
+                    param="model",
+                    code="model_not_found",
+                )
+            name = aliases[0]
+        facts = models[name]
+        clients = request.app.state.clients
+        if facts.public_id not in clients:
+            root = request.app.state.client
+            clients[facts.public_id] = root if len(models) == 1 else root.for_model(facts.public_id)
+        self.model_requests.labels(endpoint, name).inc()
+        return name, facts, clients[facts.public_id]
+
+    async def tokenizer(self, request: Request, name: str, served) -> ClipTokenizer | HFTextTokenizer:
+        """The gateway's own tokenizer for a served model whose server does not count tokens (a
+        repository from before issue 30): CLIP's BPE ships here; a Hugging Face one needs its file."""
+        tokenizers = request.app.state.tokenizers
+        if name not in tokenizers:
             spec = ModelContract.from_json(served.contract).tokenizer if served.contract else TokenizerSpec()
             try:
-                request.app.state.tokenizer = text_tokenizer(spec, self.settings.tokenizer_dir)
+                tokenizers[name] = text_tokenizer(spec, self.settings.tokenizer_dir)
             except (FileNotFoundError, ValueError) as exc:
                 raise ApiError(
                     500,
-                    f"the gateway cannot tokenize for {served.model} ({exc}); set CLIP_TRITON_TOKENIZER_DIR "
-                    "(--tokenizer-dir) to a folder holding its tokenizer.json, e.g. the repository's tokenizer/1",
+                    f"the gateway cannot tokenize for {served.model} ({exc}) and the server does not count tokens "
+                    "(a repository written before clip-triton counted them): rewrite it with `clip-triton repo`, or "
+                    "set CLIP_TRITON_TOKENIZER_DIR (--tokenizer-dir) to a folder holding its tokenizer.json",
                     type_="server_error",
                     code="tokenizer_unavailable",
                 ) from None
-        return request.app.state.tokenizer
-
-    def public_id(self, served) -> str:
-        return self.settings.served_model_name or served.public_id
-
-    def check_model(self, model: str, served) -> None:
-        accepted = {self.public_id(served)}
-        if self.public_id(served) == served.model:  # no alias: "ARCH/TAG" is accepted too
-            accepted.add(f"{served.model}/{served.public_pretrained}")
-        if model not in accepted:
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; this gateway serves {self.public_id(served)!r}",
-                param="model",
-                code="model_not_found",
-            )
+        return tokenizers[name]
 
     def check_text(self, items: list[tuple[int, str]], name: str) -> None:
         limit = self.settings.max_text_chars
@@ -132,11 +192,11 @@ class Routes:
             if (problem := utf8_error(text)) is not None:
                 raise item_error(index, problem, name)
 
-    async def count_tokens(self, request: Request, texts: list[tuple[int, str]], name: str) -> int:
-        """Tokens of the texts as the server will encode them; in a worker thread, never on the event
-        loop (tokenizing is CPU work, bounded per text but not free)."""
-        tok = await self.tokenizer(request)
-        self.check_text(texts, name)
+    async def count_tokens(self, request: Request, model: tuple, texts: list[tuple[int, str]], name: str) -> int:
+        """Tokens of the texts as the server will encode them, counted here (a server that does not count
+        them); in a worker thread, never on the event loop (tokenizing is CPU work, bounded per text but
+        not free)."""
+        tok = await self.tokenizer(request, model[0], model[1])
 
         def count() -> int:
             total = 0
@@ -184,16 +244,8 @@ class Routes:
         except ItemErrors as exc:
             index, reason = next(iter(exc.errors.items()))
             raise item_error(positions[index], reason, name) from None
-        except (ClipClientError, InferenceServerException, OSError, TimeoutError) as exc:  # transport failures
-            # The cause goes to the gateway's log, not to the caller: it names internal addresses
-            # ("ipv4:10.0.3.7:8001: Failed to connect ..."). Only the kind of failure is public.
-            LOG.warning("model server call failed: %s", exc)
-            raise ApiError(
-                503,
-                f"the model server is unavailable ({type(exc).__name__})",
-                type_="server_error",
-                code="triton_unavailable",
-            ) from None
+        except TRANSPORT_FAILURES as exc:
+            raise unavailable(exc, "a model server call") from None
 
     # -- endpoints -----------------------------------------------------------------------------
     async def healthz(self):
@@ -208,18 +260,21 @@ class Routes:
         return PlainTextResponse(generate_latest(self.registry).decode(), media_type="text/plain; version=0.0.4")
 
     async def models(self, request: Request):
-        served = await self.facts(request)
+        models = await self.served_models(request)
         return {
             "object": "list",
             "data": [
                 {
-                    "id": self.public_id(served),
+                    "id": name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "clip-triton",
                     "pretrained": served.public_pretrained,
                     "embed_dim": served.embed_dim,
+                    "scoring": served.scoring,
+                    "precision": served.precision,
                 }
+                for name, served in sorted(models.items())
             ],
         }
 
@@ -231,29 +286,30 @@ class Routes:
             raise ApiError(
                 400, f"input has {len(items)} items, over the limit of {self.settings.max_items}", param="input"
             )
-        served = await self.facts(request)
-        self.check_model(body.model, served)
+        name, served, client = await self.model(request, body.model, "embeddings")
         if body.dimensions is not None and body.dimensions != served.embed_dim:
             raise ApiError(
                 400,
-                f"dimensions={body.dimensions} is not supported; {self.public_id(served)} returns {served.embed_dim}",
+                f"dimensions={body.dimensions} is not supported; {name} returns {served.embed_dim}",
                 param="dimensions",
             )
         kinds = [classify_item(x, i) for i, x in enumerate(items)]
         texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == TEXT.kind]
         refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == VISION.kind]
-        tokens = await self.count_tokens(request, texts, "input")
+        self.check_text(texts, "input")  # before any fetch or model work
+        tokens = None if served.token_counts else await self.count_tokens(request, (name, served), texts, "input")
         images = await self.load_images(refs, "input")
-        client = request.app.state.client
-        text_vectors, image_vectors = await owned(  # an empty side returns a (0, D) array
-            self.triton_call(client.embed_texts([t for _, t in texts]), [i for i, _ in texts], "input"),
+        (text_vectors, counts), image_vectors = await owned(  # an empty side returns a (0, D) array
+            self.triton_call(client.embed_texts_counted([t for _, t in texts]), [i for i, _ in texts], "input"),
             self.triton_call(client.embed_images(images), [i for i, _ in refs], "input"),
         )
+        if tokens is None:
+            tokens = int(counts.sum()) if counts is not None else 0
         vectors = np.empty((len(items), served.embed_dim), dtype=np.float32)
         vectors[[i for i, _ in texts]] = text_vectors
         vectors[[i for i, _ in refs]] = image_vectors
-        self.items_total.labels(TEXT.kind).inc(len(texts))
-        self.items_total.labels(VISION.kind).inc(len(refs))
+        self.items_total.labels(TEXT.kind, name).inc(len(texts))
+        self.items_total.labels(VISION.kind, name).inc(len(refs))
         rows = encode(vectors, body.embedding_type)
         data = [
             {
@@ -266,7 +322,7 @@ class Routes:
         answer = {
             "object": "list",
             "data": data,
-            "model": self.public_id(served),
+            "model": name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
         if body.embedding_type != DEFAULT_EMBEDDING_TYPE:
@@ -277,8 +333,7 @@ class Routes:
         """Zero-shot scores: for each image, every prompt's cosine and probability, ranked."""
         if len(body.images) > self.settings.max_items or len(body.prompts) > self.settings.max_items:
             raise ApiError(400, f"at most {self.settings.max_items} images and {self.settings.max_items} prompts")
-        served = await self.facts(request)
-        self.check_model(body.model, served)
+        name, served, client = await self.model(request, body.model, "classify")
         templates = body.templates or []
         if len(templates) > self.settings.max_templates:
             raise ApiError(
@@ -319,20 +374,23 @@ class Routes:
                 raise item_error(index, "not an image: pass a data:image/...;base64, URL or an http(s) URL", "images")
         texts = template_texts(body.prompts, templates) if templates else list(body.prompts)
         # usage counts what is encoded: every prompt in every template (checked there, named by prompt)
-        tokens = await self.count_tokens(
-            request, [(i // max(1, len(templates)), t) for i, t in enumerate(texts)], "prompts"
+        per_prompt = [(i // max(1, len(templates)), t) for i, t in enumerate(texts)]
+        self.check_text(per_prompt, "prompts")
+        tokens = (
+            None if served.token_counts else await self.count_tokens(request, (name, served), per_prompt, "prompts")
         )
         images = await self.load_images(list(enumerate(body.images)), "images")
-        client = request.app.state.client
-        prompt_vectors = await self.triton_call(
-            client.prompt_embeddings(body.prompts, templates or None), list(range(len(body.prompts))), "prompts"
-        )
+        prompt_vectors, counted = await self.triton_call(
+            client.prompt_embeddings_counted(body.prompts, templates or None), [i for i, _ in per_prompt], "prompts"
+        )  # a refused text is named by its prompt
+        if tokens is None:
+            tokens = counted or 0
         image_vectors = await self.triton_call(client.embed_images(images), list(range(len(images))), "images")
         ranked = rank(image_vectors @ prompt_vectors.T, body.prompts, served.logit_scale, served.logit_bias)
-        self.items_total.labels(VISION.kind).inc(len(images))
+        self.items_total.labels(VISION.kind, name).inc(len(images))
         return {
             "object": "list",
-            "model": self.public_id(served),
+            "model": name,
             "logit_scale": served.logit_scale,
             "logit_bias": served.logit_bias,
             "scoring": served.scoring,  # softmax over the prompts (CLIP) or a sigmoid per prompt (SigLIP)

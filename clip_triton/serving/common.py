@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,6 +68,7 @@ class Answer:
     rows: np.ndarray | None
     statuses: list[bytes]
     error: str | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # further per-item outputs (TOKENS)
 
 
 def answer_items(
@@ -123,6 +124,7 @@ def respond(requests: Sequence, input_name: str, output_name: str, status_name: 
                 output_tensors=[
                     pb_utils.Tensor(output_name, result.rows),
                     pb_utils.Tensor(status_name, np.array(result.statuses, dtype=object).reshape(-1, 1)),
+                    *(pb_utils.Tensor(name, values) for name, values in result.extras.items()),
                 ]
             )
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT
+from ..contract import INPUT_IDS, STATUS_OUTPUT, TEXT_INPUT, TOKENS_OUTPUT
 from ..tokenizer import TextError, cut_to_bucket, decode_utf8, is_refused, refused_row, text_tokenizer
 from .common import Answer, answer_items, contract_from, end_with_server, parameters, respond
 
@@ -32,7 +32,14 @@ class TritonPythonModel:
         return row
 
     def answer(self, values: list[bytes]) -> Answer:
-        return answer_items(values, self.ids, (TextError,), self.blank, lambda rows: cut_to_bucket(rows, self.spec))
+        answer = answer_items(values, self.ids, (TextError,), self.blank)
+        if answer.rows is not None:
+            # Counted before the cut, as the model encodes them: start/end tokens, no padding (a
+            # refused row is padding: 0). The gateway's `usage` reads these (contract TOKENS_OUTPUT).
+            counts = (answer.rows != self.spec.pad_token_id).sum(axis=1, dtype=np.int32).reshape(-1, 1)
+            answer.extras[TOKENS_OUTPUT] = counts
+            answer.rows = cut_to_bucket(answer.rows, self.spec)
+        return answer
 
     def execute(self, requests):
         return respond(requests, TEXT_INPUT, INPUT_IDS, STATUS_OUTPUT, self.answer)
