@@ -353,6 +353,12 @@ TEXT_BUCKETS = (8, 16, 32)
 # Pooling types for which a text cut after its EOT is exact (with a causal mask): the pooled position
 # lies inside the cut. ``last``/``first``-token pooling or a bidirectional tower would see the padding.
 BUCKETABLE_POOLING = ("argmax", "eos")
+# A Hugging Face text transformer (open_clip's HFTextEncoder: XLM-RoBERTa, RoBERTa, BERT, mT5, NLLB's
+# encoder) is bidirectional, but open_clip masks its padding itself (the mask is ``ids != pad`` inside
+# ``forward``, so the graph computes it from the ids: no input of its own), and these poolers read the
+# real tokens only: a text cut after its last real token embeds exactly as the whole padded context
+# (tests/test_hf_towers.py measures it per pooler). open_clip's ``max_pooler`` fails on its own mask.
+MASKED_POOLING = ("mean_pooler", "cls_pooler", "cls_last_hidden_state_pooler")
 
 
 # Tokenizer kinds: open_clip's SimpleTokenizer (CLIP's byte-level BPE, shipped in this package), or a

@@ -1,7 +1,9 @@
 """Model families beyond open_clip's own ViT: EVA (timm EVA02: RoPE, SwiGLU), PE-Core (timm PE: RoPE,
 attention-pool head, its own context length), MobileCLIP 2 (timm FastViT: convolutional, BatchNorm,
 reparameterised at export, bidirectional text), SigLIP 2 (timm SigLIP ViT, a Gemma-like Hugging Face
-tokenizer, last-token pooling, sigmoid scoring) and MetaCLIP 2 (an XLM-V-like tokenizer, EOS pooling). Tiny random configs of each (tests/configs) go through
+tokenizer, last-token pooling, sigmoid scoring), MetaCLIP 2 (an XLM-V-like tokenizer, EOS pooling) and
+XLM-RoBERTa (a Hugging Face text transformer, mean pooling over its mask: tests/test_hf_towers.py). Tiny
+random configs of each (tests/configs) go through
 the whole path as ViT-bigG does: export with verification against open_clip PyTorch, fp16 with its
 float32 islands, a repository served by the real tritonserver, and answers compared with open_clip's
 own transform, tokenizer and model."""
@@ -31,6 +33,8 @@ FAMILIES = {
     # Hugging Face tokenizers (tests/configs/tokenizers: trained locally, of the same kinds as the real ones)
     "siglip2": ("clip-triton-tiny-siglip2.json", 256, 64, (), False, False),
     "metaclip2": ("clip-triton-tiny-metaclip2.json", 32, 77, (8, 16, 32), False, False),
+    # a Hugging Face text transformer (XLM-RoBERTa, mean pooling over its mask): bucketed, exact
+    "xlmr": ("clip-triton-tiny-xlmr.json", 32, 77, (8, 16, 32), False, False),
 }
 PARITY = 0.9999  # served fp32 vs open_clip PyTorch (observed 1.0 to 1e-7, as for the CLIP ViT)
 
@@ -226,7 +230,7 @@ def test_gateway_scores_siglip_with_a_sigmoid_and_counts_its_tokens(family, requ
 
     from .test_gateway import KEY, LiveGateway
 
-    if family[0] not in ("siglip2", "metaclip2"):
+    if family[0] not in ("siglip2", "metaclip2", "xlmr"):
         pytest.skip("Hugging Face tokenizers only")
     name, server, reference = request.getfixturevalue("served")
     url = "data:image/jpeg;base64," + base64.b64encode(photos["rocket"]).decode()
@@ -324,6 +328,7 @@ def test_family_configs_are_open_clip_configs():
         "mobileclip2": "MobileCLIP2-S0",
         "siglip2": "ViT-B-32-SigLIP2-256",
         "metaclip2": "ViT-bigG-14-worldwide",
+        "xlmr": "xlm-roberta-base-ViT-B-32",
     }
     for name, (config, *_) in FAMILIES.items():
         ours = json.loads(Path(CONFIGS / config).read_text())
@@ -331,9 +336,10 @@ def test_family_configs_are_open_clip_configs():
         for key in ("custom_text", "init_logit_bias"):
             assert (key in ours) == (key in theirs), (name, key)
         assert ours["vision_cfg"].get("timm_pool") == theirs["vision_cfg"].get("timm_pool"), name
-        for key in ("no_causal_mask", "pool_type", "eos_id", "tokenizer_kwargs"):
+        for key in ("no_causal_mask", "pool_type", "eos_id", "tokenizer_kwargs", "hf_pooler_type"):
             assert ours["text_cfg"].get(key) == theirs["text_cfg"].get(key), (name, key)
-        assert ("hf_tokenizer_name" in ours["text_cfg"]) == ("hf_tokenizer_name" in theirs["text_cfg"]), name
+        for key in ("hf_tokenizer_name", "hf_model_name"):
+            assert (key in ours["text_cfg"]) == (key in theirs["text_cfg"]), (name, key)
 
 
 def test_each_family_validates_through_the_polygraphy_twin(family):

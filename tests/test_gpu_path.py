@@ -82,13 +82,18 @@ def test_compose_services_are_hardened():
 
 
 def test_export_and_engines_jobs():
+    # The scripts loop over CLIP_MODELS (default: the one model in /exports/current); what they run once
+    # the shell expands them is checked by tests/test_multi_model.py (test_compose_stages_loop_...).
     export = command_text("export")
-    assert "--precision=fp16" in export and "--onnx-dir=/exports/current --reuse" in export
-    assert "ViT-bigG-14" in export and "laion2b_s39b_b160k" in export
+    assert "--precision=fp16" in export and '--onnx-dir="/exports/$$name" --reuse' in export
+    assert "current=$$CLIP_MODEL@$$CLIP_PRETRAINED" in export
+    environment = COMPOSE["services"]["export"]["environment"]
+    assert "ViT-bigG-14" in environment["CLIP_MODEL"] and "laion2b_s39b_b160k" in environment["CLIP_PRETRAINED"]
     assert "hf-cache:/cache" in COMPOSE["services"]["export"]["volumes"]
     engines = command_text("engines")
     # one command: keeps matching engines, else builds a new repository and switches /models/current to it
-    assert "clip-triton build-engines --onnx-dir /exports/current --root /models" in engines
+    assert "exec clip-triton build-engines $$models --root /models" in engines
+    assert '--onnx-dir /exports/$$name"' in engines and "$${CLIP_MODELS:-current}" in engines
     assert "clip-triton repo" not in engines and "--force" not in engines  # nothing deletes working engines
     assert (
         "--timing-cache /trt-cache/timing.cache" in engines

@@ -12,6 +12,7 @@ from clip_triton.contract import (
     DEFAULT_MODEL,
     DEFAULT_PRECISION,
     DEFAULT_PRETRAINED,
+    MASKED_POOLING,
     TEXT_BUCKETS,
     BatchProfile,
     ModelContract,
@@ -51,11 +52,7 @@ def contract_from_open_clip(
             "pass a name from open_clip.list_models() or a path to a model-config JSON",
         )
     vision_cfg, text_cfg = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    if "hf_model_name" in text_cfg:
-        raise ClipTritonError(
-            f"{name} uses a Hugging Face text transformer (hf_model_name), which this exporter does not serve",
-            "choose a model whose text tower is open_clip's own (CLIP, SigLIP, MetaCLIP 2, EVA, PE-Core, MobileCLIP)",
-        )
+    hf_text = hf_text_pooler(name, text_cfg) if text_cfg.get("hf_model_name") else None
     if isinstance(vision_cfg.get("layers"), (list, tuple)):
         raise ClipTritonError(f"{name} is a ResNet (ModifiedResNet) model", "choose an open_clip ViT architecture")
 
@@ -85,8 +82,10 @@ def contract_from_open_clip(
             "SigLIP, SigLIP 2 and MetaCLIP 2 tokenizers are; these options are not implemented server-side",
         )
     context = int(text_cfg.get("context_length", 77))
-    pool_type = text_cfg.get("pool_type", "argmax")
-    exact_cut = pool_type in BUCKETABLE_POOLING and not text_cfg.get("no_causal_mask", False)
+    pool_type = hf_text or text_cfg.get("pool_type", "argmax")
+    exact_cut = pool_type in MASKED_POOLING or (
+        pool_type in BUCKETABLE_POOLING and not text_cfg.get("no_causal_mask", False)
+    )
     if text_buckets is None:
         text_buckets = tuple(b for b in TEXT_BUCKETS if b < context) if exact_cut else ()
     elif text_buckets and not exact_cut:
@@ -110,7 +109,8 @@ def contract_from_open_clip(
         ),
         tokenizer=TokenizerSpec(
             context_length=context,
-            vocab_size=int(text_cfg.get("vocab_size", 49408)),
+            # A Hugging Face transformer's vocabulary is in its config, read with the model at export.
+            vocab_size=int(text_cfg.get("vocab_size", 49408)) if not hf_text else -1,
             # open_clip's defaults: SimpleTokenizer lower-cases, HFTokenizer only collapses whitespace
             clean=text_kwargs.get("clean", "whitespace" if hf_name else "lower"),
             pool_type=pool_type,
@@ -128,6 +128,69 @@ def contract_from_open_clip(
     )
 
 
+def _hf_config(text_cfg: dict):
+    """The Hugging Face config of a text transformer: a local folder, the hub's cache, or the hub itself
+    where it answers (checked first: offline, transformers retries for half a minute)."""
+    try:
+        from huggingface_hub import constants  # noqa: PLC0415
+        from transformers import AutoConfig  # noqa: PLC0415
+    except ImportError as exc:
+        raise ClipTritonError(
+            "a Hugging Face text transformer needs transformers", "pip install 'clip-triton[export]'"
+        ) from exc
+    from .hub import reachable  # noqa: PLC0415
+
+    name = text_cfg["hf_model_name"]
+    hint = (
+        f"it comes from the hub on first use: run once with network access (or `hf download {name} "
+        "config.json`), or set text_cfg.hf_model_name of a model-config JSON to a local folder"
+    )
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = None if Path(name).is_dir() else reachable(constants.ENDPOINT)
+        if Path(name).is_dir() or why is not None:
+            where = f"; the hub cannot be reached ({why})" if why else ""
+            raise ClipTritonError(
+                f"could not read the Hugging Face config of the text transformer {name!r}: {first}{where}", hint
+            ) from None
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ClipTritonError(
+            f"could not read the Hugging Face config of the text transformer {name!r}: {first}", hint
+        ) from None
+
+
+def hf_text_pooler(name: str, text_cfg: dict) -> str:
+    """The pooler of a Hugging Face text tower (open_clip's HFTextEncoder), refused unless a cut after
+    the last real token is exact for it (contract ``MASKED_POOLING``)."""
+    from open_clip.hf_configs import arch_dict  # noqa: PLC0415 (export only)
+
+    names = f"{text_cfg.get('hf_model_name', '')} {text_cfg.get('hf_tokenizer_name', '')}".lower()
+    served = "XLM-RoBERTa (xlm-roberta-base-ViT-B-32, xlm-roberta-large-ViT-H-14) and RoBERTa towers are"
+    if "nllb" in names:
+        raise ClipTritonError(
+            f"{name}'s NLLB tokenizer needs a source-language code per text, which is not served yet", served
+        )
+    if "mt5" in names:  # an encoder-decoder's encoder, T5's relative positions: not yet tested here
+        raise ClipTritonError(f"{name}'s mT5 text tower is not served yet", served)
+    pooler = text_cfg.get("hf_pooler_type")
+    if pooler is None:
+        model_type = _hf_config(text_cfg).model_type
+        if model_type not in arch_dict:
+            raise ClipTritonError(f"{name}'s text transformer {model_type!r} is not one open_clip knows")
+        pooler = arch_dict[model_type]["pooler"]
+    if pooler not in MASKED_POOLING:
+        raise ClipTritonError(
+            f"{name}'s text transformer pools with {pooler!r}, which is not served",
+            f"served: {', '.join(MASKED_POOLING)} (open_clip's max_pooler fails on its own attention mask)",
+        )
+    return pooler
+
+
 def register_model_config(model: str) -> str:
     """Register a custom model-config JSON with open_clip; return the architecture name to use."""
     path = Path(model)
@@ -136,13 +199,18 @@ def register_model_config(model: str) -> str:
             raise ClipTritonError(f"model config {model} not found", "pass an existing JSON file or an open_clip name")
         open_clip = import_open_clip()
         cfg = json.loads(path.read_text())
-        tokenizer = (cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
-        if tokenizer and not Path(tokenizer).is_absolute() and (path.parent / tokenizer).is_dir():
-            # A tokenizer folder named relative to the config file (offline use): made absolute, so that
-            # every process (export child, verification) finds it wherever it runs.
+        text_cfg = cfg.get("text_cfg") or {}
+        local = {
+            key: str((path.parent / text_cfg[key]).resolve())
+            for key in ("hf_tokenizer_name", "hf_model_name")
+            if text_cfg.get(key) and not Path(text_cfg[key]).is_absolute() and (path.parent / text_cfg[key]).is_dir()
+        }
+        if local:
+            # A tokenizer or text-transformer folder named relative to the config file (offline use):
+            # made absolute, so that every process (export child, verification) finds it wherever it runs.
             import tempfile  # noqa: PLC0415
 
-            cfg["text_cfg"]["hf_tokenizer_name"] = str((path.parent / tokenizer).resolve())
+            cfg["text_cfg"].update(local)
             path = Path(tempfile.mkdtemp(prefix="clip-triton-cfg-")) / path.name
             path.write_text(json.dumps(cfg))
         open_clip.add_model_config(path)

@@ -39,6 +39,22 @@ def text_tower(model):
     return getattr(model, "text", model)
 
 
+def is_hf_text(model) -> bool:
+    """Whether the text tower is open_clip's HFTextEncoder (a Hugging Face transformer)."""
+    return type(getattr(model, "text", None)).__name__ == "HFTextEncoder"
+
+
+def text_context(model, contract: ModelContract | None = None) -> int:
+    """The number of tokens open_clip's ``encode_text`` is given: the positional table's length, or for
+    a Hugging Face tower the tokenizer's context length."""
+    table = getattr(text_tower(model), "positional_embedding", None)
+    if table is not None:
+        return int(table.shape[0])
+    if contract is None:
+        raise ClipTritonError("a Hugging Face text tower's context length comes from the contract")
+    return contract.context_length
+
+
 def refusable(encoder, contract: ModelContract, tower: str):
     """``encoder`` whose output row is all NaN where the input row carries the contract's refusal mark
     (clip_triton/contract.py ``REFUSED_PIXEL``: an image row whose first value is at least
@@ -84,7 +100,8 @@ def _encoder_module(model, contract: ModelContract, tower: str):
     import torch.nn.functional as F  # noqa: PLC0415
     from open_clip.transformer import text_global_pool  # noqa: PLC0415
 
-    if tower_spec(tower) is VISION or not contract.tokenizer.dynamic:
+    if tower_spec(tower) is VISION or not contract.tokenizer.dynamic or is_hf_text(model):
+        # A Hugging Face text tower takes any length as it is: its mask comes from the ids.
         return tower_module(model, tower)
     text = text_tower(model)
     if getattr(text, "attn_mask", None) is None or contract.tokenizer.pool_type not in BUCKETABLE_POOLING:

@@ -122,7 +122,7 @@ def _export_stage(job: dict) -> dict:
         for tower in EXPORT_ORDER:
             log(f"computing open_clip PyTorch fp32 reference outputs ({tower})")
             for i, ((label, x), ref) in enumerate(
-                zip(inputs[tower], V.torch_reference(net, tower, inputs[tower], pad))
+                zip(inputs[tower], V.torch_reference(net, tower, inputs[tower], pad, contract))
             ):
                 arrays[f"{tower}/{i}/{label}/input"], arrays[f"{tower}/{i}/{label}/reference"] = x, ref
             step(f"{tower} reference")
@@ -591,7 +591,9 @@ def verify_export(
     cases = {
         tower: [
             (label, x, ref)
-            for (label, x), ref in zip(inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower], pad))
+            for (label, x), ref in zip(
+                inputs[tower], V.torch_reference(loaded.model, tower, inputs[tower], pad, contract)
+            )
         ]
         for tower in EXPORT_ORDER
     }

@@ -104,15 +104,17 @@ def padded(ids: np.ndarray, context_length: int, pad_id: int = 0) -> np.ndarray:
     return out
 
 
-def torch_reference(model, tower: str, batches: list[tuple[str, np.ndarray]], pad_id: int = 0) -> list[np.ndarray]:
+def torch_reference(
+    model, tower: str, batches: list[tuple[str, np.ndarray]], pad_id: int = 0, contract: ModelContract | None = None
+) -> list[np.ndarray]:
     """open_clip PyTorch fp32 embeddings (L2-normalised) for each input batch: its own ``encode_image``
     and ``encode_text``, text padded to the whole context whatever bucket it was cut to."""
     import torch  # noqa: PLC0415
 
-    from .graphs import text_tower, tower_module  # noqa: PLC0415
+    from .graphs import text_context, tower_module  # noqa: PLC0415
 
     module = tower_module(model, tower)
-    context = text_tower(model).positional_embedding.shape[0] if tower_spec(tower) is TEXT else None
+    context = text_context(model, contract) if tower_spec(tower) is TEXT else None
     with torch.no_grad():
         return [module(torch.from_numpy(padded(x, context, pad_id) if context else x)).numpy() for _, x in batches]
 

@@ -12,6 +12,7 @@ from clip_triton.errors import ClipTritonError
 from clip_triton.progress import Progress
 
 from .adapter import contract_from_open_clip, register_model_config
+from .hub import reachable
 
 
 @dataclass
@@ -58,24 +59,6 @@ def _cached(cfg: dict, cache_dir: str | None) -> str | None:
     return None
 
 
-def _reachable(url: str, timeout: float = 5.0) -> str | None:
-    """None when a TCP connection to ``url``'s host opens within ``timeout``, else why not. Behind a proxy
-    (``HTTPS_PROXY``) the download goes through it, so the direct check is skipped."""
-    import socket  # noqa: PLC0415
-    from urllib.parse import urlsplit  # noqa: PLC0415
-
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    parts = urlsplit(url)
-    try:
-        socket.create_connection(
-            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout
-        ).close()
-    except OSError as exc:
-        return f"{parts.hostname}: {exc.strerror or exc}"
-    return None
-
-
 OFFLINE_HINT = (
     "offline: pass a checkpoint file with --pretrained /path/to/open_clip_pytorch_model.bin, set "
     "HF_HUB_OFFLINE=1 to use only the local Hugging Face cache, or use --pretrained none for random "
@@ -106,7 +89,7 @@ def _download(name: str, tag: str, cache_dir: str | None, log: Progress) -> str:
         endpoint = constants.ENDPOINT
     else:
         endpoint = cfg.get("url", "")
-    why = _reachable(endpoint) if endpoint else None
+    why = reachable(endpoint) if endpoint else None
     if why:
         raise ClipTritonError(f"cannot reach {endpoint} to download the weights for {name}/{tag} ({why})", OFFLINE_HINT)
     log(f"downloading weights {name}/{tag} from {source}")
@@ -171,6 +154,10 @@ def load_model(
 
     log(f"building {name} (fp32) on the CPU")
     try:
+        if contract.model_cfg.get("text_cfg", {}).get("hf_model_name"):
+            # A Hugging Face text tower is built from its config, never from the hub's weights: random
+            # means random, and a checkpoint holds the text weights too.
+            create_kwargs["pretrained_hf"] = False
         net = open_clip.create_model(name, precision="fp32", device="cpu", **create_kwargs)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ClipTritonError(
@@ -178,6 +165,11 @@ def load_model(
             "check that the checkpoint belongs to this architecture",
         ) from None
     net.eval().requires_grad_(False)
+    text = getattr(net, "text", None)
+    if type(text).__name__ == "HFTextEncoder":  # its vocabulary is in the transformer's config
+        from dataclasses import replace  # noqa: PLC0415
+
+        contract = contract.with_(tokenizer=replace(contract.tokenizer, vocab_size=int(text.vocab_size)))
     if tag == "none":
         calibrated = calibrate_batch_norm(net, contract, seed)
         if calibrated:
