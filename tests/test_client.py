@@ -497,8 +497,10 @@ def test_grouped_texts_match_open_clip_in_input_order(triton, open_clip_referenc
     tolerance = TOLERANCES["fp32"]
     with ClipClient(triton.grpc_url, batch_size=8) as client:
         rows = client.embed_texts(texts)
-        lengths = client._text_lengths()
-        assert lengths is not None and lengths.groups
+        from clip_triton.client.core import text_lengths
+
+        lengths = text_lengths(client.facts.contract)
+        assert lengths.groups
         with pytest.raises(ItemErrors) as err:
             client.embed_texts([texts[0], "   ", texts[1]])
 

@@ -2,7 +2,7 @@
 attention-pool head, its own context length), MobileCLIP 2 (timm FastViT: convolutional, BatchNorm,
 reparameterised at export, bidirectional text), SigLIP 2 (timm SigLIP ViT, a Gemma-like Hugging Face
 tokenizer, last-token pooling, sigmoid scoring), MetaCLIP 2 (an XLM-V-like tokenizer, EOS pooling) and
-XLM-RoBERTa (a Hugging Face text transformer, mean pooling over its mask: tests/test_hf_towers.py). Tiny
+XLM-RoBERTa and mT5 (Hugging Face text transformers, mean pooling over their mask: tests/test_hf_towers.py). Tiny
 random configs of each (tests/configs) go through
 the whole path as ViT-bigG does: export with verification against open_clip PyTorch, fp16 with its
 float32 islands, a repository served by the real tritonserver, and answers compared with open_clip's
@@ -35,6 +35,8 @@ FAMILIES = {
     "metaclip2": ("clip-triton-tiny-metaclip2.json", 32, 77, (8, 16, 32), False, False),
     # a Hugging Face text transformer (XLM-RoBERTa, mean pooling over its mask): bucketed, exact
     "xlmr": ("clip-triton-tiny-xlmr.json", 32, 77, (8, 16, 32), False, False),
+    # mT5's encoder (an encoder-decoder's, T5 relative positions), mean pooling, a T5-like tokenizer
+    "mt5": ("clip-triton-tiny-mt5.json", 32, 77, (8, 16, 32), False, False),
 }
 PARITY = 0.9999  # served fp32 vs open_clip PyTorch (observed 1.0 to 1e-7, as for the CLIP ViT)
 
@@ -230,7 +232,7 @@ def test_gateway_scores_siglip_with_a_sigmoid_and_counts_its_tokens(family, requ
 
     from .test_gateway import KEY, LiveGateway
 
-    if family[0] not in ("siglip2", "metaclip2", "xlmr"):
+    if family[0] not in ("siglip2", "metaclip2", "xlmr", "mt5"):
         pytest.skip("Hugging Face tokenizers only")
     name, server, reference = request.getfixturevalue("served")
     url = "data:image/jpeg;base64," + base64.b64encode(photos["rocket"]).decode()
@@ -329,6 +331,7 @@ def test_family_configs_are_open_clip_configs():
         "siglip2": "ViT-B-32-SigLIP2-256",
         "metaclip2": "ViT-bigG-14-worldwide",
         "xlmr": "xlm-roberta-base-ViT-B-32",
+        "mt5": "mt5-base-ViT-B-32",
     }
     for name, (config, *_) in FAMILIES.items():
         ours = json.loads(Path(CONFIGS / config).read_text())

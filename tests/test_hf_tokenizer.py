@@ -1,7 +1,8 @@
 """The server's Hugging Face tokenizer (torch-free: open_clip's cleaning + the `tokenizers` library on
 the saved tokenizer.json) equals open_clip's HFTokenizer (transformers), token for token, for each
 tokenizer kind: SentencePiece-style BPE with byte fallback and an appended EOS (SigLIP 2's Gemma,
-SigLIP's T5) and SentencePiece Unigram wrapped in <s> ... </s> with pad id 1 (MetaCLIP 2's XLM-V).
+SigLIP's T5), SentencePiece Unigram wrapped in <s> ... </s> with pad id 1 (MetaCLIP 2's XLM-V,
+XLM-RoBERTa's) and SentencePiece Unigram with </s> appended and pad id 0 (mT5's).
 
 The real files live on the Hugging Face hub, which this machine cannot reach: the tokenizers here
 (tests/configs/tokenizers, `make.py`) are trained locally, of the same kinds, and loaded by both sides
@@ -18,7 +19,11 @@ from .helpers import ROOT
 from .test_tokenizer import corpus
 
 CONFIGS = ROOT / "tests" / "configs"
-KINDS = {"gemma-like": "clip-triton-tiny-siglip2.json", "xlmv-like": "clip-triton-tiny-metaclip2.json"}
+KINDS = {
+    "gemma-like": "clip-triton-tiny-siglip2.json",
+    "xlmv-like": "clip-triton-tiny-metaclip2.json",  # XLM-RoBERTa's kind too (clip-triton-tiny-xlmr.json)
+    "t5-like": "clip-triton-tiny-mt5.json",  # mT5's: Unigram, no start token, </s> appended, pad 0
+}
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))
@@ -58,9 +63,9 @@ def test_corpus_parity_with_open_clip(pair):
 def test_special_ids_are_read_from_the_tokenizer(pair):
     _, ours, contract = pair
     spec = contract.tokenizer
-    if spec.hf_name.endswith("gemma-like"):  # Gemma/T5: no start token, EOS appended, pad 0
+    if spec.hf_name.endswith(("gemma-like", "t5-like")):  # Gemma/T5: no start token, EOS appended, pad 0
         assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (-1, 1, 0)
-    else:  # XLM-V: <s> text </s>, pad 1
+    else:  # XLM-V, XLM-R: <s> text </s>, pad 1
         assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (0, 2, 1)
     row = ours.ids("a photo of a cat")
     if spec.sot_token_id >= 0:

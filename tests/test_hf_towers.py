@@ -1,5 +1,5 @@
-"""open_clip's Hugging Face text towers (HFTextEncoder: XLM-RoBERTa here, as in
-xlm-roberta-base-ViT-B-32 and xlm-roberta-large-ViT-H-14), issue 31.
+"""open_clip's Hugging Face text towers (HFTextEncoder: XLM-RoBERTa, as in xlm-roberta-base-ViT-B-32
+and xlm-roberta-large-ViT-H-14, and mT5's encoder, as in mt5-base-ViT-B-32), issue 31.
 
 The tower is bidirectional; open_clip masks its padding itself (``attn_mask = ids != pad`` inside
 ``forward``), so the exported graph computes the mask from the ids it is given and needs no input of its
@@ -23,22 +23,25 @@ from clip_triton.errors import ClipTritonError
 from .helpers import ROOT, SEED
 
 CONFIG = ROOT / "tests" / "configs" / "clip-triton-tiny-xlmr.json"
+MT5 = ROOT / "tests" / "configs" / "clip-triton-tiny-mt5.json"
 TEXTS = ["a photo of a cat", "x", "Ünïcödé 🐱 日本語 and Ελληνικά", "a long caption of a horse in the city " * 2]
 
 
-def _variant(tmp_path, pooler: str):
-    cfg = json.loads(CONFIG.read_text())
+def _variant(tmp_path, pooler: str, config=CONFIG):
+    cfg = json.loads(config.read_text())
     cfg["text_cfg"]["hf_pooler_type"] = pooler
     for key in ("hf_model_name", "hf_tokenizer_name"):
-        cfg["text_cfg"][key] = str((CONFIG.parent / cfg["text_cfg"][key]).resolve())
-    path = tmp_path / f"clip-triton-tiny-xlmr-{pooler.replace('_', '-')}.json"
+        cfg["text_cfg"][key] = str((config.parent / cfg["text_cfg"][key]).resolve())
+    path = tmp_path / f"{config.stem}-{pooler.replace('_', '-')}.json"
     path.write_text(json.dumps(cfg))
     return path
 
 
 @pytest.mark.integration  # builds open_clip models
-@pytest.mark.parametrize("pooler", MASKED_POOLING)
-def test_a_cut_after_the_last_real_token_is_exact_for_each_served_pooler(tmp_path, pooler):
+@pytest.mark.parametrize(
+    "pooler, config", [*((pooler, CONFIG) for pooler in MASKED_POOLING), ("mean_pooler", MT5)], ids=str
+)
+def test_a_cut_after_the_last_real_token_is_exact_for_each_served_pooler(tmp_path, pooler, config):
     """For each pooler: open_clip's own encode_text of the ids cut to every bucket that holds the
     longest text equals encode_text of the whole padded context (to float rounding); a cut inside the
     real tokens does not (so the check can fail)."""
@@ -47,7 +50,7 @@ def test_a_cut_after_the_last_real_token_is_exact_for_each_served_pooler(tmp_pat
 
     from clip_triton.export.weights import load_model
 
-    loaded = load_model(str(_variant(tmp_path, pooler)), "none", seed=SEED)
+    loaded = load_model(str(_variant(tmp_path, pooler, config)), "none", seed=SEED)
     spec = loaded.contract.tokenizer
     assert spec.pool_type == pooler and spec.buckets == (8, 16, 32) and spec.kind == "hf"
     tokenizer = open_clip.get_tokenizer(loaded.contract.model)

@@ -405,6 +405,15 @@ def test_two_families_from_one_server_are_each_exact_through_every_client(two_mo
             raw.close()
         assert scoring == ("sigmoid" if name == SIGLIP else "softmax")
     assert dims[TINY] != dims[SIGLIP]
+    # the liveness canary (clip-triton health, the compose healthcheck) goes through every served model
+    from clip_triton.health import canary, served_names
+
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert sorted(n.slug for n in served_names(raw)) == sorted(ModelNames.for_served(n).slug for n in references)
+    finally:
+        raw.close()
+    assert canary(server.grpc_url) == (True, "ok")
 
 
 @pytest.mark.integration

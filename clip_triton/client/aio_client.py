@@ -22,7 +22,6 @@ from clip_triton.facts import ServerFacts
 
 from .core import (
     ServedModel,
-    TextLengths,
     catalog,
     choose_model,
     clip_ensembles,
@@ -36,6 +35,7 @@ from .core import (
     retry_delay,
     should_retry,
     split_result,
+    text_lengths,
     token_counts,
 )
 from .errors import ClipClientError, ItemErrors
@@ -79,7 +79,6 @@ class AsyncClipClient:
         self._text_cache = PromptCache(prompt_cache_entries)
         self._prompt_cache_entries = prompt_cache_entries
         self.group_by_length = group_by_length
-        self._lengths: TextLengths | None = None
         self.model = model
         self._served: ServedModel | None = None
         self._owns_connections = True
@@ -89,7 +88,7 @@ class AsyncClipClient:
         """A client of another served model on the same connections (its own facts and prompt cache);
         closing it leaves the connections to this one."""
         other = copy.copy(self)
-        other.model, other._served, other._lengths = model, None, None
+        other.model, other._served = model, None
         other._text_cache = PromptCache(self._prompt_cache_entries)
         other._owns_connections = False
         return other
@@ -150,9 +149,7 @@ class AsyncClipClient:
         size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
         lengths = None
         if text and self.group_by_length:
-            if self._lengths is None:
-                self._lengths = TextLengths(facts.contract)
-            lengths = self._lengths
+            lengths = text_lengths(facts.contract)
         out, errors, chunks = plan_batches(items, facts.embed_dim, size, lengths)
         gate = asyncio.Semaphore(self.concurrency)
 

@@ -7,6 +7,7 @@ arguments (an exception, an answer, a clock) and does no I/O, so the fast tests 
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import threading
@@ -371,6 +372,12 @@ class TextLengths:
         assert self._bpe is not None
         context = self.spec.context_length
         return self.spec.bucket(min(len(self._bpe.encode(text, limit=context - 1)) + 2, context))
+
+
+@functools.lru_cache(maxsize=8)
+def text_lengths(contract_json: str) -> TextLengths:
+    """The :class:`TextLengths` of a served contract, made once per contract (both clients share it)."""
+    return TextLengths(contract_json)
 
 
 def length_batches(keys: list[tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:

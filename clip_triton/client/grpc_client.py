@@ -34,7 +34,6 @@ from .core import (
     DeadlinePolicy,
     Readiness,
     ServedModel,
-    TextLengths,
     catalog,
     choose_model,
     encode_rows,
@@ -48,6 +47,7 @@ from .core import (
     should_retry,
     split_result,
     status_of,
+    text_lengths,
     transport_error,
 )
 from .errors import (
@@ -93,7 +93,7 @@ class _Job:
 
         n = len(self.items)
         text = self.input_name == TEXT_INPUT
-        lengths = self.client._text_lengths() if text else None
+        lengths = text_lengths(self.facts.contract) if text and self.client.group_by_length else None
         if lengths is not None and lengths.groups:  # one length bucket a request (issue 33)
             chunks = length_batches([lengths.key(item) for item in self.items], list(range(n)), self.size)
         else:
@@ -288,17 +288,8 @@ class ClipClient:
         self._batch_size = batch_size
         self._text_cache = PromptCache(prompt_cache_entries)
         self.group_by_length = group_by_length
-        self._lengths: TextLengths | None = None
         self.model = model
         self._served: ServedModel | None = None
-
-    def _text_lengths(self) -> TextLengths | None:
-        """How texts are grouped into requests (None: in input order)."""
-        if not self.group_by_length:
-            return None
-        if self._lengths is None:
-            self._lengths = TextLengths(self.facts.contract)
-        return self._lengths
 
     # -- server facts ------------------------------------------------------------------------
     def _client(self):

@@ -170,13 +170,11 @@ def hf_text_pooler(name: str, text_cfg: dict) -> str:
     from open_clip.hf_configs import arch_dict  # noqa: PLC0415 (export only)
 
     names = f"{text_cfg.get('hf_model_name', '')} {text_cfg.get('hf_tokenizer_name', '')}".lower()
-    served = "XLM-RoBERTa (xlm-roberta-base-ViT-B-32, xlm-roberta-large-ViT-H-14) and RoBERTa towers are"
+    served = "XLM-RoBERTa (xlm-roberta-base-ViT-B-32, xlm-roberta-large-ViT-H-14), RoBERTa and mT5 towers are"
     if "nllb" in names:
         raise ClipTritonError(
             f"{name}'s NLLB tokenizer needs a source-language code per text, which is not served yet", served
         )
-    if "mt5" in names:  # an encoder-decoder's encoder, T5's relative positions: not yet tested here
-        raise ClipTritonError(f"{name}'s mT5 text tower is not served yet", served)
     pooler = text_cfg.get("hf_pooler_type")
     if pooler is None:
         model_type = _hf_config(text_cfg).model_type

@@ -6,7 +6,9 @@
   <bos>=2 <unk>=3, EOS appended (as SigLIP 2's Gemma tokenizer; SigLIP 1's T5 tokenizer appends
   EOS the same way);
 - ``xlmv-like``: SentencePiece Unigram with Metaspace, <s>=0 <pad>=1 </s>=2 <unk>=3, wrapped as
-  ``<s> text </s>`` (as MetaCLIP 2's XLM-V tokenizer).
+  ``<s> text </s>`` (as MetaCLIP 2's XLM-V tokenizer, and XLM-RoBERTa's);
+- ``t5-like``: SentencePiece Unigram with Metaspace, <pad>=0 </s>=1 <unk>=2, no start token, EOS
+  appended (as mT5's tokenizer).
 
 Run: python tests/configs/tokenizers/make.py (writes the two folders beside this file).
 """
@@ -67,16 +69,23 @@ def gemma_like(out: Path) -> None:
     ).save_pretrained(out)
 
 
-def xlmv_like(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def _unigram(special: list[str]):
+    """A SentencePiece-style Unigram tokenizer (Metaspace for spaces) trained on the corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    special = ["<s>", "<pad>", "</s>", "<unk>"]
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=400, special_tokens=special, unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(corpus(), trainer)
+    return tok
+
+
+def xlmv_like(out: Path) -> None:
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _unigram(["<s>", "<pad>", "</s>", "<unk>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",
         pair="<s> $A </s> </s> $B </s>",
@@ -87,8 +96,22 @@ def xlmv_like(out: Path) -> None:
     ).save_pretrained(out)
 
 
+def t5_like(out: Path) -> None:
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _unigram(["<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(out)
+
+
 if __name__ == "__main__":
     gemma_like(HERE / "gemma-like")
     xlmv_like(HERE / "xlmv-like")
-    for name in ("gemma-like", "xlmv-like"):
+    t5_like(HERE / "t5-like")
+    for name in ("gemma-like", "xlmv-like", "t5-like"):
         print(name, sorted(p.name for p in (HERE / name).iterdir()))
