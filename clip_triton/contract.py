@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any
@@ -173,6 +174,17 @@ class ModelNames:
     def for_served(cls, served_model_name: str | None) -> ModelNames:
         """The names in a repository of several models (None: the single-model names)."""
         return cls(served_slug(served_model_name) if served_model_name else "")
+
+    @classmethod
+    def served_in(cls, model_names: Iterable[str]) -> list[ModelNames]:
+        """The served models among Triton model names (a server's ready models, a repository's folders):
+        one per public image ensemble, in the order of their names."""
+        found = {}
+        for name in model_names:
+            names = cls.of_ensemble(name)
+            if names is not None and names.image == name:
+                found[name] = names
+        return [found[name] for name in sorted(found)]
 
     @classmethod
     def of_ensemble(cls, name: str) -> ModelNames | None:

@@ -57,12 +57,7 @@ def _instances(text: str) -> int:
 
 def served_names(repo: Path) -> list[ModelNames]:
     """Every served model of a repository, from its image ensembles' folders."""
-    found = []
-    for folder in sorted(Path(repo).iterdir()):
-        names = ModelNames.of_ensemble(folder.name)
-        if names is not None and names.image == folder.name and (folder / "config.pbtxt").is_file():
-            found.append(names)
-    return found
+    return ModelNames.served_in(p.name for p in Path(repo).iterdir() if (p / "config.pbtxt").is_file())
 
 
 def estimate(repo: str | Path) -> list[ModelCost]:

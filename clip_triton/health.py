@@ -52,12 +52,9 @@ def canary_items() -> tuple[bytes, bytes]:
 def served_names(client) -> list[ModelNames]:
     """Every served model's names on a server, from its ready models (an unnamed statistics request:
     open where the repository index is an admin API)."""
-    from .client.core import clip_ensembles, index_names  # noqa: PLC0415
+    from .client.core import index_names  # noqa: PLC0415
 
-    found = [
-        ModelNames.of_ensemble(e) for e in clip_ensembles(index_names(client.get_inference_statistics(as_json=True)))
-    ]
-    return [names for names in found if names is not None]
+    return ModelNames.served_in(index_names(client.get_inference_statistics(as_json=True)))
 
 
 def canary(url: str, timeout: float = 10.0) -> tuple[bool, str]:

@@ -16,6 +16,7 @@ from clip_triton.contract import (
     IMAGE_INPUT,
     RETRY_SECONDS,
     TEXT_INPUT,
+    ModelNames,
 )
 from clip_triton.encodings import check_type
 from clip_triton.facts import ServerFacts
@@ -24,7 +25,6 @@ from .core import (
     ServedModel,
     catalog,
     choose_model,
-    clip_ensembles,
     encode_rows,
     encoded_errors,
     index_names,
@@ -113,9 +113,9 @@ class AsyncClipClient:
     async def _catalog(self) -> dict[str, ServedModel]:
         index = index_names(await self._call(lambda c: c.get_inference_statistics(as_json=True)))
         facts = {}
-        for ensemble in clip_ensembles(index):  # read here (awaited); catalog() arranges them
-            facts[ensemble] = ServerFacts.from_config(
-                await self._call(lambda c, e=ensemble: c.get_model_config(e, as_json=True))
+        for names in ModelNames.served_in(index):  # read here (awaited); catalog() arranges them
+            facts[names.image] = ServerFacts.from_config(
+                await self._call(lambda c, e=names.image: c.get_model_config(e, as_json=True))
             )
         return catalog(index, facts.__getitem__)
 
@@ -191,10 +191,8 @@ class AsyncClipClient:
         count as the server's tokenizer counts it (start/end tokens included, padding not), or None where
         the server does not count (a repository from before issue 30). The gateway's ``usage``."""
         items = prepare_texts(texts)
-        counts = np.zeros(len(items), dtype=np.int64)
-        facts = await self.get_facts()
-        vectors = await self._embed(TEXT_INPUT, items, counts if facts.token_counts else None)
-        return vectors, counts if facts.token_counts else None
+        counts = np.zeros(len(items), dtype=np.int64) if (await self.get_facts()).token_counts else None
+        return await self._embed(TEXT_INPUT, items, counts), counts
 
     async def prompt_embeddings_counted(
         self, prompts: Sequence[str], templates: Sequence[str] | None = None

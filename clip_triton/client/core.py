@@ -90,11 +90,6 @@ class ServedModel(NamedTuple):
     facts: ServerFacts
 
 
-def clip_ensembles(index: Iterable[str]) -> list[str]:
-    """The public image ensembles among a repository index's model names: one per served model."""
-    return sorted(name for name in set(index) if (names := ModelNames.of_ensemble(name)) and names.image == name)
-
-
 def index_names(response) -> list[str]:
     """The ready models' names in a ``get_inference_statistics(as_json=True)`` answer (all models: no
     name asked). Statistics, not the repository index: deployments restrict Triton's model-repository
@@ -108,10 +103,8 @@ def index_names(response) -> list[str]:
 def catalog(index: Iterable[str], read_facts: Callable[[str], ServerFacts]) -> dict[str, ServedModel]:
     """Every served model, by public id, from the ready models' names and each image ensemble's facts."""
     models: dict[str, ServedModel] = {}
-    for ensemble in clip_ensembles(index):
-        names = ModelNames.of_ensemble(ensemble)
-        assert names is not None
-        facts = read_facts(ensemble)
+    for names in ModelNames.served_in(index):
+        facts = read_facts(names.image)
         models[facts.public_id] = ServedModel(names, facts)
     return models
 
@@ -145,13 +138,12 @@ def choose_model(models: dict[str, ServedModel], wanted: str | None, target: str
 def readiness_candidates(index: Iterable[str], wanted: str | None) -> list[ModelNames]:
     """The served models whose ensembles a readiness check waits for, before their facts are read:
     the wanted one (its multi-model names, or the single-model names), else every one in the index."""
-    ensembles = clip_ensembles(index)
-    found = [ModelNames.of_ensemble(name) for name in ensembles]
+    found = ModelNames.served_in(index)
     if wanted is not None:
-        own = [names for names in found if names is not None and names.slug in (served_slug(wanted), "")]
+        own = [names for names in found if names.slug in (served_slug(wanted), "")]
         if own:
             return own
-    return [names for names in found if names is not None]  # an unknown name is refused once they load
+    return found  # an unknown name is refused once they load
 
 
 def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:

@@ -207,14 +207,11 @@ def check_repository_engines(
 
 
 def repository_model_names(repo: Path) -> list[ModelNames]:
-    """The served models of a repository, from its encoders' folders: the single-model names, or each
-    ``vision_encoder__<slug>``."""
-    found = []
-    for folder in sorted(repo.iterdir()) if repo.is_dir() else []:
-        base, _, slug = folder.name.partition("__")
-        if base == TOWERS[0].model and folder.is_dir():
-            found.append(ModelNames(slug))
-    return found or [SINGLE]
+    """The served models of a repository (the single-model names where it holds none: the checks then
+    say what is missing)."""
+    from clip_triton.footprint import served_names  # noqa: PLC0415
+
+    return (served_names(repo) if repo.is_dir() else []) or [SINGLE]
 
 
 def recorded_profiles(contract: ModelContract, tower: str) -> list[dict]:
