@@ -380,6 +380,24 @@ TOKENIZER_KINDS = ("clip-bpe", "hf")
 HF_TOKENIZER_DIR = "tokenizer"  # in an export folder: the Hugging Face tokenizer as open_clip loaded it
 HF_TOKENIZER_FILE = "tokenizer.json"  # the file the server's tokenizer model reads (next to its model.py)
 
+# NLLB's tokenizer starts every text with a source-language code (``[fra_Latn] pieces </s>``). A request
+# names it as a prefix of the text itself, ``>>fra_Latn<< un chat``: Triton's response cache keys on the
+# input tensors only (request parameters are not in the key, core cache_manager.cc), every client (raw
+# tritonclient, perf_analyzer, curl, the gateway) can send it, and a batch may mix languages. A text
+# without the prefix takes the tokenizer's own default (``eng_Latn``, as open_clip tokenizes every text).
+LANGUAGE_PREFIX = re.compile(r">>(\S*?)<<\s*")
+
+
+def with_language(text: str, code: str | None) -> str:
+    """``text`` marked with a source-language code (NLLB models; see :data:`LANGUAGE_PREFIX`)."""
+    return f">>{code}<< {text}" if code else text
+
+
+def split_language(text: str) -> tuple[str | None, str]:
+    """(language code or None, the text without its prefix)."""
+    match = LANGUAGE_PREFIX.match(text)
+    return (match.group(1), text[match.end() :]) if match else (None, text)
+
 
 @dataclass(frozen=True)
 class TokenizerSpec:
@@ -400,8 +418,13 @@ class TokenizerSpec:
     kind: str = "clip-bpe"  # one of TOKENIZER_KINDS
     hf_name: str = ""  # open_clip's hf_tokenizer_name: a hub id or a local folder
     pad_token_id: int = 0
+    # Source-language codes the tokenizer starts a text with (NLLB: the 202 FLORES-200 codes; empty: none)
+    # and the one it uses when a text names none (read from the tokenizer at export).
+    languages: tuple[str, ...] = ()
+    default_language: str = ""
 
     def __post_init__(self):
+        object.__setattr__(self, "languages", tuple(self.languages))
         if self.kind not in TOKENIZER_KINDS:
             raise ClipTritonError(f"unknown tokenizer kind {self.kind!r}", f"one of {TOKENIZER_KINDS}")
         object.__setattr__(self, "buckets", tuple(sorted({int(b) for b in self.buckets} - {self.context_length})))

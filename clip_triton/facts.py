@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 from .contract import STATUS_OUTPUT
 
@@ -47,6 +48,24 @@ class ServerFacts:
     precision: str = ""
     logit_scale_source: str = ""
     token_counts: bool = False  # the text ensemble counts each item's tokens (contract TOKENS_OUTPUT)
+
+    @cached_property
+    def languages(self) -> tuple[str, ...]:
+        """The source-language codes a text may name (``>>code<< text``: NLLB models; empty otherwise)."""
+        if not self.contract:
+            return ()
+        from .contract import ModelContract  # noqa: PLC0415
+
+        return ModelContract.from_json(self.contract).tokenizer.languages
+
+    def language_problem(self, language: str | None) -> str | None:
+        """Why ``language`` cannot be asked of this model (not one of its codes), or None where it can
+        (or none is asked). A model without languages would read a ``>>code<<`` mark as text."""
+        if language is None or language in self.languages:
+            return None
+        known = self.languages
+        what = f"knows {len(known)}: {', '.join(sorted(known))}" if known else "has no language codes (NLLB models do)"
+        return f"unknown language {language!r}: {self.public_id} {what}"
 
     @property
     def scoring(self) -> str:

@@ -20,7 +20,7 @@ import ftfy
 import numpy as np
 import regex
 
-from .contract import TokenizerSpec
+from .contract import TokenizerSpec, split_language
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _N_MERGES = 49152 - 256 - 2
@@ -304,11 +304,35 @@ class HFTextTokenizer:
         self.backend = Tokenizer.from_file(str(path))
         self.backend.no_padding()
         self.backend.enable_truncation(max_length=spec.context_length)
+        # NLLB: the saved template is ``[default code] $A </s>`` (checked at export); a text naming another
+        # language gets that code's id in the first place, all else equal (tests/test_hf_tokenizer.py).
+        self.language_ids = {code: self.backend.token_to_id(code) for code in spec.languages}
+        missing = sorted(code for code, i in self.language_ids.items() if i is None)
+        if missing:
+            raise ValueError(f"{path} lacks the language tokens {missing[:5]} the contract names")
 
     def check(self, text: str) -> None:
         ClipTokenizer.check(self, text)  # type: ignore[arg-type]  # the same limits: max_chars, blank text
 
+    def language(self, text: str) -> tuple[int | None, str]:
+        """(the id of the language code a text names, or None for the default; the text without it).
+        An unknown code refuses the text with the codes there are."""
+        if not self.language_ids:
+            return None, text
+        code, rest = split_language(text)
+        if code is None:
+            return None, text
+        if code not in self.language_ids:
+            raise TextError(
+                f"unknown language code {code!r} (a text starts with >>code<< to name its language); "
+                f"this model knows {len(self.language_ids)}: {', '.join(sorted(self.language_ids))}"
+            )
+        return self.language_ids[code], rest
+
     def ids(self, text: str) -> np.ndarray:
+        if len(text) > self.max_chars:
+            self.check(text)
+        language, text = self.language(text)
         self.check(text)
         for cleaned, whole in cleaned_prefixes(self.spec.clean, text, self.spec.context_length):
             encoding = self.backend.encode(cleaned)
@@ -317,6 +341,8 @@ class HFTextTokenizer:
         tokens = encoding.ids
         row = np.full(self.spec.context_length, self.spec.pad_token_id, dtype=np.int32)
         row[: len(tokens)] = tokens
+        if language is not None:
+            row[0] = language
         return row
 
     __call__ = ClipTokenizer.__call__  # rows of self.ids, stacked

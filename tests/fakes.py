@@ -69,10 +69,14 @@ class ClientSeam:
     def for_model(self, model: str):
         return self
 
-    async def embed_texts_counted(self, texts):
-        return await self.embed_texts(texts), None
+    async def embed_texts_counted(self, texts, *, language=None):
+        return await self.embed_texts([C.with_language(t, language) for t in texts]), None
 
-    async def prompt_embeddings_counted(self, prompts, templates=None):
+    async def prompt_embeddings_counted(self, prompts, templates=None, *, language=None):
+        if language is not None:
+            texts = template_texts(prompts, templates) if templates else list(prompts)
+            vectors = await self.embed_texts([C.with_language(t, language) for t in texts])
+            return (ensemble_templates(vectors, len(prompts), len(templates)) if templates else vectors), None
         return await self.prompt_embeddings(prompts, templates), None
 
     async def is_ready(self) -> bool:
@@ -125,7 +129,8 @@ class FakeClipClient(ClientSeam):
     async def embed_texts(self, texts) -> np.ndarray:
         return await asyncio.to_thread(self._embed, C.TEXT_ENSEMBLE, [text.encode("utf-8") for text in texts])
 
-    async def embed_texts_counted(self, texts):
+    async def embed_texts_counted(self, texts, *, language=None):
+        texts = [C.with_language(t, language) for t in texts]
         if not self.facts.token_counts:
             return await self.embed_texts(texts), None
         counts = np.zeros(len(texts), dtype=np.int64)
@@ -133,9 +138,9 @@ class FakeClipClient(ClientSeam):
         vectors = await asyncio.to_thread(self._embed, C.TEXT_ENSEMBLE, encoded, counts)
         return vectors, counts
 
-    async def prompt_embeddings_counted(self, prompts, templates=None):
+    async def prompt_embeddings_counted(self, prompts, templates=None, *, language=None):
         texts = template_texts(prompts, templates) if templates else list(prompts)
-        vectors, counts = await self.embed_texts_counted(texts)
+        vectors, counts = await self.embed_texts_counted(texts, language=language)
         emb = ensemble_templates(vectors, len(prompts), len(templates)) if templates else vectors
         return emb, None if counts is None else int(counts.sum())
 

@@ -111,9 +111,19 @@ def open_clip_reference_for(config: Path, model):
             with torch.no_grad():
                 return model.encode_image(pixels, normalize=True).numpy()
 
-        def texts(self, texts: list[str]) -> np.ndarray:
-            with torch.no_grad():
-                return model.encode_text(tokenizer(texts), normalize=True).numpy()
+        def texts(self, texts: list[str], language: str | None = None) -> np.ndarray:
+            """open_clip's embeddings; ``language``: NLLB's tokenizer with that ``src_lang`` (what open_clip's
+            set_language means to do; tests/test_hf_tokenizer.py)."""
+            hf = getattr(tokenizer, "tokenizer", None)
+            default = getattr(hf, "src_lang", None)
+            if language is not None:
+                hf.src_lang = language
+            try:
+                with torch.no_grad():
+                    return model.encode_text(tokenizer(texts), normalize=True).numpy()
+            finally:
+                if language is not None:
+                    hf.src_lang = default
 
     return Reference()
 

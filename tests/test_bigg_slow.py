@@ -147,15 +147,19 @@ def test_largest_hugging_face_tokenizer_models_export_within_memory(tmp_path, mo
 
 
 # open_clip's Hugging Face text towers at full size (issue 31). The transformer's config.json and the
-# tokenizer come from the hub, out of reach here: tests/configs/hf holds XLM-RoBERTa's and mT5's
+# tokenizer come from the hub, out of reach here: tests/configs/hf holds XLM-RoBERTa's, mT5's and NLLB's
 # configs as published (XLM-R base 768 x 12 layers, large 1024 x 24, 250,002 tokens; mT5 base 768 x 12,
-# XL 2048 x 24, 250,112 tokens) and the tokenizers are stand-ins of the same kinds, so every layer and
+# XL 2048 x 24, 250,112 tokens; NLLB below) and the tokenizers are stand-ins of the same kinds, so every layer and
 # the whole embedding table are built, exported and verified at their real size.
 HF_TEXT_FULL_SIZE = {
-    "xlm-roberta-base-ViT-B-32": ("xlm-roberta-base", "xlmv-like", 512, 250002),
-    "xlm-roberta-large-ViT-H-14": ("xlm-roberta-large", "xlmv-like", 1024, 250002),
-    "mt5-base-ViT-B-32": ("mt5-base", "t5-like", 512, 250112),
-    "mt5-xl-ViT-H-14": ("mt5-xl", "t5-like", 1024, 250112),
+    "xlm-roberta-base-ViT-B-32": ("xlm-roberta-base", "xlmv-like", 512, 250002, "mean_pooler"),
+    "xlm-roberta-large-ViT-H-14": ("xlm-roberta-large", "xlmv-like", 1024, 250002, "mean_pooler"),
+    "mt5-base-ViT-B-32": ("mt5-base", "t5-like", 512, 250112, "mean_pooler"),
+    "mt5-xl-ViT-H-14": ("mt5-xl", "t5-like", 1024, 250112, "mean_pooler"),
+    # NLLB-200 distilled 600M (1024 x 12 encoder layers) and 1.3B (1024 x 24), 256,206 tokens, the
+    # NLLB-like stand-in tokenizer (its 202 language codes)
+    "nllb-clip-base": ("nllb-200-distilled-600M", "nllb-like", 512, 256206, "cls_pooler"),
+    "nllb-clip-large": ("nllb-200-distilled-1.3B", "nllb-like", 1024, 256206, "cls_pooler"),
 }
 # Peak RSS bounds: mT5-XL's encoder alone is 1.67 B parameters (measured 18.96 GiB on this 24 GiB machine).
 HF_TEXT_PEAK_GIB = {"mt5-xl-ViT-H-14": 20.0}
@@ -168,7 +172,7 @@ def test_hugging_face_text_towers_export_within_memory(tmp_path, model):
 
     import open_clip
 
-    transformer, tokenizer_kind, embed_dim, vocab = HF_TEXT_FULL_SIZE[model]
+    transformer, tokenizer_kind, embed_dim, vocab, pooler = HF_TEXT_FULL_SIZE[model]
     configs = Path(__file__).parent / "configs"
     cfg = open_clip.get_model_config(model)
     cfg["text_cfg"]["hf_model_name"] = str(configs / "hf" / transformer)
@@ -180,9 +184,10 @@ def test_hugging_face_text_towers_export_within_memory(tmp_path, model):
     tokenizer = manifest["contract"]["tokenizer"]
     assert (tokenizer["vocab_size"], tokenizer["pool_type"], tokenizer["buckets"]) == (
         vocab,
-        "mean_pooler",
+        pooler,
         [8, 16, 32],
     )
+    assert len(tokenizer["languages"]) == (202 if tokenizer_kind == "nllb-like" else 0)
     lengths = {c["inputs"].split("@")[1] for c in manifest["verification"]["checks"] if "@" in c["inputs"]}
     assert lengths == {"8", "16", "32", "77"}  # bucketed, each bucket checked against the whole context
     assert max(manifest["peak_rss_gib"].values()) <= HF_TEXT_PEAK_GIB.get(model, PEAK_RSS_LIMIT_IR_GIB)

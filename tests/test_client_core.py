@@ -263,3 +263,44 @@ def test_a_batch_never_mixes_buckets_even_when_full(bucketed_triton):
     keys = [(8, 5), (16, 12), (8, 6), (8, 7), (32, 20), (8, 5)]
     assert length_batches(keys, list(range(6)), 2) == [[0, 5], [2, 3], [1], [4]]
     assert length_batches(keys, [1, 2, 4], 8) == [[2], [1], [4]]
+
+
+def _nllb_facts(facts):
+    """``facts`` of a model whose tokenizer names 3 languages (as an NLLB export's contract does)."""
+    from dataclasses import replace
+
+    from clip_triton.contract import ModelContract
+
+    contract = ModelContract.default()
+    spec = replace(contract.tokenizer, languages=("eng_Latn", "fra_Latn", "deu_Latn"), default_language="eng_Latn")
+    return facts.with_(contract=contract.with_(tokenizer=spec).to_json())
+
+
+def test_language_marks_every_text_and_is_checked_before_any_request(fake_triton):
+    """``language=`` puts the ``>>code<<`` mark on every text the server sees (templates included, the
+    mark first), keys the prompt cache apart, and an unknown code or a model without languages is
+    refused before a request is sent (the mark would otherwise be read as text)."""
+    with ClipClient("fake:1") as client:
+        with pytest.raises(ValueError, match="has no language codes"):
+            client.embed_texts(["un chat"], language="fra_Latn")
+        assert fake_triton.requests == []
+    fake_triton.facts = _nllb_facts(fake_triton.facts)
+    with ClipClient("fake:1") as client:
+        got = client.embed_texts(["un chat", "un chien"], language="fra_Latn")
+        assert fake_triton.requests[-1] == [b">>fra_Latn<< un chat", b">>fra_Latn<< un chien"]
+        assert np.allclose(got, expected([">>fra_Latn<< un chat", ">>fra_Latn<< un chien"]))
+        with pytest.raises(ValueError, match=r"unknown language 'fr'.*knows 3: deu_Latn, eng_Latn, fra_Latn"):
+            client.embed_texts(["un chat"], language="fr")
+        sent = len(fake_triton.requests)
+        french = client.prompt_embeddings(["chat"], ["une photo d'un {}."], language="fra_Latn")
+        assert fake_triton.requests[-1] == [b">>fra_Latn<< une photo d'un chat."]
+        english = client.prompt_embeddings(["chat"], ["une photo d'un {}."])
+        assert len(fake_triton.requests) == sent + 2 and not np.allclose(french, english)
+
+    async def asynchronous():
+        async with AsyncClipClient("fake:1") as client:
+            with pytest.raises(ValueError, match="unknown language"):
+                await client.embed_texts(["x"], language="xx_Yyyy")
+            return await client.embed_texts(["un chat"], language="deu_Latn")
+
+    assert np.allclose(asyncio.run(asynchronous()), expected([">>deu_Latn<< un chat"]))

@@ -2,7 +2,7 @@
 attention-pool head, its own context length), MobileCLIP 2 (timm FastViT: convolutional, BatchNorm,
 reparameterised at export, bidirectional text), SigLIP 2 (timm SigLIP ViT, a Gemma-like Hugging Face
 tokenizer, last-token pooling, sigmoid scoring), MetaCLIP 2 (an XLM-V-like tokenizer, EOS pooling) and
-XLM-RoBERTa and mT5 (Hugging Face text transformers, mean pooling over their mask: tests/test_hf_towers.py). Tiny
+XLM-RoBERTa, mT5 and NLLB (Hugging Face text transformers pooled over their mask: tests/test_hf_towers.py). Tiny
 random configs of each (tests/configs) go through
 the whole path as ViT-bigG does: export with verification against open_clip PyTorch, fp16 with its
 float32 islands, a repository served by the real tritonserver, and answers compared with open_clip's
@@ -37,6 +37,8 @@ FAMILIES = {
     "xlmr": ("clip-triton-tiny-xlmr.json", 32, 77, (8, 16, 32), False, False),
     # mT5's encoder (an encoder-decoder's, T5 relative positions), mean pooling, a T5-like tokenizer
     "mt5": ("clip-triton-tiny-mt5.json", 32, 77, (8, 16, 32), False, False),
+    # NLLB's encoder (M2M100: sinusoidal positions from the ids), CLS pooling, [language code] text </s>
+    "nllb": ("clip-triton-tiny-nllb.json", 32, 77, (8, 16, 32), False, False),
 }
 PARITY = 0.9999  # served fp32 vs open_clip PyTorch (observed 1.0 to 1e-7, as for the CLIP ViT)
 
@@ -232,7 +234,7 @@ def test_gateway_scores_siglip_with_a_sigmoid_and_counts_its_tokens(family, requ
 
     from .test_gateway import KEY, LiveGateway
 
-    if family[0] not in ("siglip2", "metaclip2", "xlmr", "mt5"):
+    if family[0] not in ("siglip2", "metaclip2", "xlmr", "mt5", "nllb"):
         pytest.skip("Hugging Face tokenizers only")
     name, server, reference = request.getfixturevalue("served")
     url = "data:image/jpeg;base64," + base64.b64encode(photos["rocket"]).decode()
@@ -300,11 +302,22 @@ def test_a_hugging_face_tokenizer_that_cannot_be_had_stops_the_export_early(monk
     assert "hf download timm/ViT-B-16-SigLIP2" in info.value.hint and "local folder" in info.value.hint
 
 
-@pytest.mark.parametrize("model", ["ViT-L-14-CLIPA", "nllb-clip-base-siglip"])
-def test_tokenizer_options_not_served_are_refused(model):
-    """CLIPA strips the separator token; NLLB-CLIP uses an HF text transformer: refused up front."""
+def test_tokenizer_options_not_served_are_refused():
+    """CLIPA strips the separator token: refused up front."""
     with pytest.raises(ClipTritonError, match="not served|does not serve"):
-        contract_from_open_clip(model, None)
+        contract_from_open_clip("ViT-L-14-CLIPA", None)
+
+
+@pytest.mark.parametrize(
+    "model", ["nllb-clip-base", "nllb-clip-large", "nllb-clip-base-siglip", "nllb-clip-large-siglip"]
+)
+def test_nllb_clip_contracts(model):
+    """NLLB-CLIP (once refused): CLS-pooled NLLB encoder, bucketed; the SigLIP variants score with a sigmoid."""
+    contract = contract_from_open_clip(model, None)
+    spec = contract.tokenizer
+    assert (spec.kind, spec.pool_type, spec.context_length, spec.buckets) == ("hf", "cls_pooler", 77, (8, 16, 32))
+    assert spec.hf_name.startswith("facebook/nllb-200-distilled-")
+    assert contract.scoring == ("sigmoid" if model.endswith("siglip") else "softmax")
 
 
 def test_scoring_follows_the_config():
@@ -332,6 +345,7 @@ def test_family_configs_are_open_clip_configs():
         "metaclip2": "ViT-bigG-14-worldwide",
         "xlmr": "xlm-roberta-base-ViT-B-32",
         "mt5": "mt5-base-ViT-B-32",
+        "nllb": "nllb-clip-base",
     }
     for name, (config, *_) in FAMILIES.items():
         ours = json.loads(Path(CONFIGS / config).read_text())

@@ -724,3 +724,29 @@ def test_served_model_name_is_the_only_public_id(fake_world):
         live.stop()
     with pytest.raises(ClipTritonError, match="not a model id"):
         GatewaySettings(api_keys=(KEY,), served_model_name="../etc/passwd x")
+
+
+def test_a_language_the_model_does_not_have_is_refused_before_any_work(gateway, photos):
+    """``language`` (NLLB models' source language) is checked against the model's codes first: this tiny
+    CLIP has none, so the mark would be read as text; 400 naming the field, on both endpoints. The
+    served path with real codes: tests/test_hf_towers.py (NLLB on the real tritonserver)."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for path, body in (
+        ("/v1/embeddings", {"model": "clip-triton-tiny", "input": ["un chat"], "language": "fra_Latn"}),
+        (
+            "/v1/classify",
+            {
+                "model": "clip-triton-tiny",
+                "images": [data_url(photos["cat"])],
+                "prompts": ["chat"],
+                "language": "fra_Latn",
+            },
+        ),
+    ):
+        answer = httpx.post(f"{gateway.url}{path}", headers=headers, json=body, timeout=60)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert (error["param"], error["code"]) == ("language", "unknown_language")
+        assert "has no language codes" in error["message"]
+        no_language = {k: v for k, v in body.items() if k != "language"}
+        assert httpx.post(f"{gateway.url}{path}", headers=headers, json=no_language, timeout=60).status_code == 200

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from clip_triton.contract import with_language
 from clip_triton.tokenizer import HFTextTokenizer, TextError, cut_to_bucket, text_tokenizer
 
 from .helpers import ROOT
@@ -23,11 +24,16 @@ KINDS = {
     "gemma-like": "clip-triton-tiny-siglip2.json",
     "xlmv-like": "clip-triton-tiny-metaclip2.json",  # XLM-RoBERTa's kind too (clip-triton-tiny-xlmr.json)
     "t5-like": "clip-triton-tiny-mt5.json",  # mT5's: Unigram, no start token, </s> appended, pad 0
+    "nllb-like": "clip-triton-tiny-nllb.json",  # NLLB's: [language code] text </s>, pad 1
 }
+# One language per script of the corpus (tests/test_tokenizer.py corpus), and a few more.
+LANGUAGES = (
+    "fra_Latn", "deu_Latn", "rus_Cyrl", "ell_Grek", "arb_Arab", "heb_Hebr", "hin_Deva", "tha_Thai",
+    "zho_Hans", "zho_Hant", "kor_Hang", "jpn_Jpan", "amh_Ethi", "eng_Latn",
+)  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
-def pair(request, tmp_path_factory):
+def _build(kind: str, tmp_path_factory):
     """(open_clip's tokenizer, ours, contract) for one kind: ours runs the tokenizer.json that open_clip's
     tokenizer saves, as an export does."""
     import open_clip
@@ -36,12 +42,22 @@ def pair(request, tmp_path_factory):
     from clip_triton.export.weights import resolve_hf_tokenizer
     from clip_triton.progress import Progress
 
-    name = register_model_config(str(CONFIGS / KINDS[request.param]))
+    name = register_model_config(str(CONFIGS / KINDS[kind]))
     contract, reference = resolve_hf_tokenizer(contract_from_open_clip(name, None), None, Progress("t", enabled=False))
-    folder = tmp_path_factory.mktemp(request.param)
+    folder = tmp_path_factory.mktemp(kind)
     reference.save_pretrained(folder)
     assert reference is not None and isinstance(open_clip.get_tokenizer(name), type(reference))
     return reference, text_tokenizer(contract.tokenizer, folder), contract
+
+
+@pytest.fixture(scope="module", params=sorted(KINDS))
+def pair(request, tmp_path_factory):
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def nllb(tmp_path_factory):
+    return _build("nllb-like", tmp_path_factory)
 
 
 def test_corpus_parity_with_open_clip(pair):
@@ -65,11 +81,16 @@ def test_special_ids_are_read_from_the_tokenizer(pair):
     spec = contract.tokenizer
     if spec.hf_name.endswith(("gemma-like", "t5-like")):  # Gemma/T5: no start token, EOS appended, pad 0
         assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (-1, 1, 0)
+    elif spec.hf_name.endswith("nllb-like"):  # NLLB: the language code first (no fixed start token), pad 1
+        assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (-1, 2, 1)
+        assert len(spec.languages) == 202 and spec.default_language == "eng_Latn"
     else:  # XLM-V, XLM-R: <s> text </s>, pad 1
         assert (spec.sot_token_id, spec.eot_token_id, spec.pad_token_id) == (0, 2, 1)
     row = ours.ids("a photo of a cat")
     if spec.sot_token_id >= 0:
         assert row[0] == spec.sot_token_id
+    elif spec.languages:  # the default language's code
+        assert row[0] == ours.language_ids[spec.default_language]
     else:  # no start token: the text's first word (never a special id, so never the refusal mark)
         assert row[0] not in (spec.pad_token_id, spec.eot_token_id)
     assert spec.eot_token_id in row and row[-1] == spec.pad_token_id
@@ -101,3 +122,70 @@ def test_text_tokenizer_without_its_file_says_where_it_belongs(pair, tmp_path):
     _, _, contract = pair
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
         text_tokenizer(contract.tokenizer, tmp_path)
+
+
+def test_each_language_code_is_tokenized_as_nllb_does(nllb):
+    """A text names its language with a ``>>code<<`` prefix; the row equals transformers' NLLB tokenizer
+    with that ``src_lang`` (``[code] text </s>``, truncated with both kept), on the whole corpus for one
+    language per script and on a few texts for every one of the 202 codes."""
+    reference, ours, contract = nllb
+    hf = reference.tokenizer
+    texts = corpus(600, seed=5)
+    codes = {code: texts for code in LANGUAGES} | {
+        code: texts[:5] for code in contract.tokenizer.languages if code not in LANGUAGES
+    }
+    assert len(codes) == 202
+    try:
+        for code, batch in codes.items():
+            hf.src_lang = code
+            expected = reference(batch).numpy()
+            got = ours([with_language(text, code) for text in batch])
+            assert (got[:, 0] == hf.convert_tokens_to_ids(code)).all(), code
+            mismatched = [batch[i] for i in np.flatnonzero((expected != got).any(axis=1))]
+            assert not mismatched, f"{code}: {len(mismatched)} texts differ, e.g. {mismatched[:2]!r}"
+    finally:
+        hf.src_lang = contract.tokenizer.default_language
+    # No prefix: the default language, as open_clip tokenizes every text.
+    assert (ours(texts) == reference(texts).numpy()).all()
+
+
+def test_open_clip_loses_the_language_it_is_given(nllb):
+    """open_clip's ``HFTokenizer.set_language`` sets the NLLB tokenizer's special tokens, but the
+    tokenizer's own ``__call__`` switches back to ``src_lang`` first (transformers'
+    ``_switch_to_input_mode``): every text is tokenized as English whatever language is set. The server
+    does what set_language means to do (the test above). If open_clip fixes it, this fails: revisit."""
+    reference, ours, _ = nllb
+    texts = ["un chat", "eine Katze auf dem Sofa"]
+    english = reference(texts).numpy()
+    reference.set_language("fra_Latn")
+    try:
+        assert (reference(texts).numpy() == english).all()
+    finally:
+        reference.set_language("eng_Latn")
+    assert (ours([with_language(t, "fra_Latn") for t in texts])[:, 1:] == english[:, 1:]).all()
+    assert (ours([with_language(t, "fra_Latn") for t in texts])[:, 0] != english[:, 0]).all()
+
+
+def test_unknown_language_codes_are_refused_with_the_list(nllb):
+    _, ours, contract = nllb
+    for text in (">>fr<< un chat", ">>fra_latn<< un chat", ">><< un chat", ">>xx_Yyyy<<"):
+        with pytest.raises(TextError, match="unknown language code") as info:
+            ours.ids(text)
+        assert "eng_Latn" in str(info.value) and "zul_Latn" in str(info.value) and "202" in str(info.value)
+    with pytest.raises(TextError, match="empty text"):  # a code and no text
+        ours.ids(">>fra_Latn<<   ")
+    # spacing after the prefix does not matter; a prefix later in the text is text
+    assert (ours.ids(">>fra_Latn<<un chat") == ours.ids(">>fra_Latn<<   un chat")).all()
+    assert ours.ids("un >>fra_Latn<< chat")[0] == ours.language_ids[contract.tokenizer.default_language]
+
+
+def test_a_prefix_is_plain_text_for_a_model_without_languages(pair):
+    """Only a tokenizer with languages (NLLB's) reads the mark; for every other it is text, as open_clip
+    tokenizes it."""
+    reference, ours, contract = pair
+    text = ">>fra_Latn<< un chat"
+    if contract.tokenizer.languages:
+        assert ours.ids(text)[0] == ours.language_ids["fra_Latn"]
+        assert (ours.ids(text)[1:] == reference(["un chat"]).numpy()[0, 1:]).all()
+    else:
+        assert (ours([text]) == reference([text]).numpy()).all()

@@ -1,5 +1,6 @@
 """open_clip's Hugging Face text towers (HFTextEncoder: XLM-RoBERTa, as in xlm-roberta-base-ViT-B-32
-and xlm-roberta-large-ViT-H-14, and mT5's encoder, as in mt5-base-ViT-B-32), issue 31.
+and xlm-roberta-large-ViT-H-14, mT5's encoder, as in mt5-base-ViT-B-32, and NLLB's encoder, as in
+nllb-clip-base and nllb-clip-large, with a language code per text), issue 31.
 
 The tower is bidirectional; open_clip masks its padding itself (``attn_mask = ids != pad`` inside
 ``forward``), so the exported graph computes the mask from the ids it is given and needs no input of its
@@ -24,6 +25,7 @@ from .helpers import ROOT, SEED
 
 CONFIG = ROOT / "tests" / "configs" / "clip-triton-tiny-xlmr.json"
 MT5 = ROOT / "tests" / "configs" / "clip-triton-tiny-mt5.json"
+NLLB = ROOT / "tests" / "configs" / "clip-triton-tiny-nllb.json"
 TEXTS = ["a photo of a cat", "x", "Ünïcödé 🐱 日本語 and Ελληνικά", "a long caption of a horse in the city " * 2]
 
 
@@ -39,7 +41,9 @@ def _variant(tmp_path, pooler: str, config=CONFIG):
 
 @pytest.mark.integration  # builds open_clip models
 @pytest.mark.parametrize(
-    "pooler, config", [*((pooler, CONFIG) for pooler in MASKED_POOLING), ("mean_pooler", MT5)], ids=str
+    "pooler, config",
+    [*((pooler, CONFIG) for pooler in MASKED_POOLING), ("mean_pooler", MT5), ("cls_pooler", NLLB)],
+    ids=str,
 )
 def test_a_cut_after_the_last_real_token_is_exact_for_each_served_pooler(tmp_path, pooler, config):
     """For each pooler: open_clip's own encode_text of the ids cut to every bucket that holds the
@@ -127,3 +131,93 @@ def test_the_served_xlmr_tower_is_exact_and_counts_its_tokens(tmp_path_factory, 
     tokenizer = text_tokenizer(ModelContract.from_dict(manifest["contract"]).tokenizer, out / "tokenizer")
     assert counts is not None
     assert counts.tolist() == [int((tokenizer.ids(t) != tokenizer.spec.pad_token_id).sum()) for t in TEXTS]
+
+
+@pytest.mark.integration  # exports
+def test_the_served_nllb_tower_reads_each_texts_language(tmp_path_factory):
+    """NLLB: a text names its language with a ``>>code<<`` prefix (raw tritonclient), the clients'
+    ``language=`` or the gateway's ``language`` field; each embeds as open_clip's model does with NLLB's
+    tokenizer set to that language, one batch may mix languages, the default is open_clip's own
+    (eng_Latn), and an unknown code refuses that text alone with the list of codes."""
+    import asyncio
+
+    import httpx
+    import tritonclient.grpc as grpcclient
+
+    from clip_triton import contract as C
+    from clip_triton.client import AsyncClipClient, ClipClient
+    from clip_triton.export.weights import load_model
+    from clip_triton.gateway import FetchPolicy, GatewaySettings
+    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.server import TritonServer
+
+    from .helpers import cos, export_for_tests, open_clip_reference_for
+    from .test_gateway import KEY, LiveGateway
+
+    out = export_for_tests(tmp_path_factory, "family-nllb", config=NLLB, openvino_ir=True)
+    repo = write_repository(
+        tmp_path_factory.mktemp("nllb") / "repo", onnx_dir=out, options=RepoOptions(runtime="python")
+    )
+    reference = open_clip_reference_for(NLLB, load_model(str(NLLB), "none", seed=SEED).model)
+    texts = ["un chat sur le canapé", "a photo of a cat", "Ünïcödé 🐱 日本語", "x"]
+    french, default = reference.texts(texts, language="fra_Latn"), reference.texts(texts)
+    assert cos(french, default).max() < 0.9999  # the code matters: the check below can fail
+
+    def close(got, expected):
+        return cos(got, expected).min() >= 0.99999 and np.abs(got - expected).max() < 1e-4
+
+    with TritonServer(repo, log_file=tmp_path_factory.mktemp("nllb-log") / "triton.log") as server:
+        with ClipClient(server.grpc_url) as client:
+            assert len(client.facts.languages) == 202
+            assert close(client.embed_texts(texts, language="fra_Latn"), french)
+            assert close(client.embed_texts(texts), default)
+            with pytest.raises(ValueError, match="unknown language 'fr'.*knows 202"):
+                client.embed_texts(texts, language="fr")
+
+        async def asynchronous():
+            async with AsyncClipClient(server.grpc_url) as client:
+                return await client.embed_texts_counted(texts, language="fra_Latn")
+
+        got, counts = asyncio.run(asynchronous())
+        assert close(got, french) and counts is not None and counts.min() >= 3
+
+        # raw tritonclient: languages mixed in one request, a bad code refused for its item alone
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        try:
+            items = [">>fra_Latn<< " + texts[0], ">>deu_Latn<< " + texts[1], ">>fr<< " + texts[2], texts[3]]
+            tensor = grpcclient.InferInput(C.TEXT_INPUT, [len(items), 1], "BYTES")
+            tensor.set_data_from_numpy(np.array([t.encode() for t in items], dtype=object).reshape(-1, 1))
+            result = grpc.infer(C.TEXT_ENSEMBLE, [tensor])
+            rows = result.as_numpy(C.EMBEDDING_OUTPUT)
+            status = [s.decode() for s in result.as_numpy(C.STATUS_OUTPUT).reshape(-1)]
+        finally:
+            grpc.close()
+        assert status[0] == status[1] == status[3] == "" and "unknown language code 'fr'" in status[2]
+        assert "zul_Latn" in status[2]
+        assert close(rows[:1], french[:1]) and close(rows[1:2], reference.texts(texts[1:2], language="deu_Latn"))
+        assert close(rows[3:], default[3:])
+
+        live = LiveGateway(GatewaySettings(triton_url=server.grpc_url, api_keys=(KEY,), fetch=FetchPolicy()))
+        try:
+            headers = {"Authorization": f"Bearer {KEY}"}
+            model = httpx.get(f"{live.url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+            answer = httpx.post(
+                f"{live.url}/v1/embeddings",
+                headers=headers,
+                json={"model": model, "input": texts, "language": "fra_Latn"},
+                timeout=60,
+            )
+            refused = httpx.post(
+                f"{live.url}/v1/embeddings",
+                headers=headers,
+                json={"model": model, "input": texts, "language": "french"},
+                timeout=60,
+            )
+        finally:
+            live.stop()
+        assert answer.status_code == 200, answer.text
+        got = np.array([row["embedding"] for row in answer.json()["data"]], dtype=np.float32)
+        assert close(got, french)
+        assert answer.json()["usage"]["prompt_tokens"] == int(counts.sum())
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "language"
+        assert "unknown language 'french'" in refused.json()["error"]["message"]

@@ -113,7 +113,7 @@ def _classify(args) -> int:
     template_list = templates(args.templates) if args.templates else None
     with _client(args) as client:
         try:
-            results = client.classify(args.images, args.prompts, template_list)
+            results = client.classify(args.images, args.prompts, template_list, language=args.language)
         except ItemErrors as err:
             _report_item_errors(err.errors, args.images)
             return 1
@@ -342,6 +342,12 @@ def add_parsers(sub) -> None:
         help="ensemble each prompt over open_clip's templates (default: the prompts as written)",
     )
     p.add_argument("--top", type=int, default=5, help="rows shown per image")
+    p.add_argument(
+        "--language",
+        default=None,
+        help="the prompts' source language for NLLB models (a FLORES-200 code such as fra_Latn; "
+        "default: the model's, eng_Latn); `embed --texts` and `search --text` read a >>fra_Latn<< prefix per text",
+    )
     client_args(p)
     finish(p, _classify)
     p = add_command(

@@ -6,7 +6,15 @@ Needs the ``client`` extra (tritonclient[grpc]); never imports torch.
 from clip_triton.facts import ServerFacts
 
 from .aio_client import AsyncClipClient
-from .errors import ClipClientError, DeadlineExceeded, ItemErrors, JobFailed, JobInterrupted, ServerUnavailable
+from .errors import (
+    ClipClientError,
+    DeadlineExceeded,
+    ItemErrors,
+    JobFailed,
+    JobInterrupted,
+    ServerUnavailable,
+    UnknownLanguage,
+)
 from .grpc_client import ClipClient
 from .index import EmbeddingIndex, Hit
 from .scoring import rank
@@ -23,5 +31,6 @@ __all__ = [
     "JobInterrupted",
     "ServerFacts",
     "ServerUnavailable",
+    "UnknownLanguage",
     "rank",
 ]

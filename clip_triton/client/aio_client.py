@@ -27,6 +27,7 @@ from .core import (
     choose_model,
     encode_rows,
     encoded_errors,
+    in_language,
     index_names,
     plan_batches,
     readiness_candidates,
@@ -182,43 +183,58 @@ class AsyncClipClient:
         """As :meth:`ClipClient.embed_images <clip_triton.client.ClipClient.embed_images>`."""
         return await self._embed_as(embedding_type, IMAGE_INPUT, lambda: prepare_images(images, self.url_timeout))
 
-    async def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+    async def embed_texts(
+        self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE, language: str | None = None
+    ) -> np.ndarray:
         """As :meth:`ClipClient.embed_texts <clip_triton.client.ClipClient.embed_texts>`."""
+        texts = await self._in_language(texts, language)
         return await self._embed_as(embedding_type, TEXT_INPUT, lambda: prepare_texts(texts))
 
-    async def embed_texts_counted(self, texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    async def _in_language(self, texts: Iterable[str], language: str | None) -> Iterable[str]:
+        return texts if language is None else in_language(list(texts), language, await self.get_facts())
+
+    async def embed_texts_counted(
+        self, texts: Iterable[str], *, language: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """``(embeddings, tokens)``: float32 embeddings as :meth:`embed_texts`, and each text's token
         count as the server's tokenizer counts it (start/end tokens included, padding not), or None where
         the server does not count (a repository from before issue 30). The gateway's ``usage``."""
-        items = prepare_texts(texts)
+        items = prepare_texts(await self._in_language(texts, language))
         counts = np.zeros(len(items), dtype=np.int64) if (await self.get_facts()).token_counts else None
         return await self._embed(TEXT_INPUT, items, counts), counts
 
     async def prompt_embeddings_counted(
-        self, prompts: Sequence[str], templates: Sequence[str] | None = None
+        self, prompts: Sequence[str], templates: Sequence[str] | None = None, *, language: str | None = None
     ) -> tuple[np.ndarray, int | None]:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set, and
         the tokens of every text encoded for it (None where the server does not count)."""
-        key = prompt_set_key(prompts, templates)
+        key = prompt_set_key(prompts, templates, language)
         cached = self._text_cache.get(key)
         if cached is None:
             texts = template_texts(prompts, templates) if templates else list(prompts)
-            vectors, counts = await self.embed_texts_counted(texts)
+            vectors, counts = await self.embed_texts_counted(texts, language=language)
             emb = ensemble_templates(vectors, len(prompts), len(templates)) if templates else vectors
             cached = (emb, None if counts is None else np.array(int(counts.sum())))
             self._text_cache.put(key, cached)
         emb, total = cached
         return emb, None if total is None else int(total)
 
-    async def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        return (await self.prompt_embeddings_counted(prompts, templates))[0]
+    async def prompt_embeddings(
+        self, prompts: Sequence[str], templates: Sequence[str] | None = None, *, language: str | None = None
+    ) -> np.ndarray:
+        return (await self.prompt_embeddings_counted(prompts, templates, language=language))[0]
 
     async def classify(
-        self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        templates: Sequence[str] | None = None,
+        *,
+        language: str | None = None,
     ) -> list[list[dict]]:
         if not prompts:
             raise ValueError("classify needs at least one prompt")
-        text = await self.prompt_embeddings(list(prompts), templates)
+        text = await self.prompt_embeddings(list(prompts), templates, language=language)
         image = await self.embed_images(images)
         facts = await self.get_facts()
         return rank(image @ text.T, prompts, facts.logit_scale, facts.logit_bias)

@@ -25,11 +25,12 @@ from clip_triton.contract import (
     TOKENS_OUTPUT,
     ModelNames,
     served_slug,
+    with_language,
 )
 from clip_triton.encodings import encode
 from clip_triton.facts import ServerFacts
 
-from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ItemErrors, ServerUnavailable
+from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ItemErrors, ServerUnavailable, UnknownLanguage
 
 RETRYABLE = ("StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED")
 # A (re)starting server accepts gRPC before its models are loaded and answers NOT_FOUND with this.
@@ -144,6 +145,15 @@ def readiness_candidates(index: Iterable[str], wanted: str | None) -> list[Model
         if own:
             return own
     return found  # an unknown name is refused once they load
+
+
+def in_language(texts: list[str], language: str | None, facts: ServerFacts) -> list[str]:
+    """``texts`` marked with a source-language code (``>>code<< text``, contract ``with_language``), checked
+    against the model's codes before any request: a model without languages would read the mark as text."""
+    problem = facts.language_problem(language)
+    if problem:
+        raise UnknownLanguage(problem, "pass one of client.facts.languages, or no language (the model's default)")
+    return [with_language(text, language) for text in texts]
 
 
 def split_result(result, facts: ServerFacts) -> tuple[np.ndarray, dict[int, str]]:

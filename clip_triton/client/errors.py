@@ -34,6 +34,11 @@ class DeadlineExceeded(ClipClientError):
     """A request missed its deadline: the server is slower than the deadline allowed, not down."""
 
 
+class UnknownLanguage(ClipClientError, ValueError):
+    """A ``language=`` the served model does not have (only NLLB models name languages), refused before
+    any request."""
+
+
 class ItemErrors(ClipClientError):
     """Some items were refused. ``errors`` maps input index -> reason; ``embeddings`` holds the
     other rows (rows of failed items are NaN), so good results are never lost."""

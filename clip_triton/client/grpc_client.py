@@ -38,6 +38,7 @@ from .core import (
     choose_model,
     encode_rows,
     encoded_errors,
+    in_language,
     index_names,
     length_batches,
     readiness_candidates,
@@ -448,26 +449,37 @@ class ClipClient:
             lambda item: image_bytes(item, self.url_timeout),
         )
 
-    def embed_texts(self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE) -> np.ndarray:
+    def embed_texts(
+        self, texts: Iterable[str], *, embedding_type: str = DEFAULT_EMBEDDING_TYPE, language: str | None = None
+    ) -> np.ndarray:
         """``(N, D)`` float32 L2-normalised embeddings of strings (tokenized on the server);
-        ``embedding_type`` as for :meth:`embed_images`."""
-        return self._embed_as(embedding_type, self.names.text, TEXT_INPUT, list(texts), text_bytes)
+        ``embedding_type`` as for :meth:`embed_images`. ``language``: the source-language code of every
+        text for NLLB models (``fra_Latn``; a text may also start with ``>>fra_Latn<<``), checked first."""
+        items = list(texts) if language is None else in_language(list(texts), language, self.facts)
+        return self._embed_as(embedding_type, self.names.text, TEXT_INPUT, items, text_bytes)
 
-    def prompt_embeddings(self, prompts: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+    def prompt_embeddings(
+        self, prompts: Sequence[str], templates: Sequence[str] | None = None, *, language: str | None = None
+    ) -> np.ndarray:
         """One embedding per prompt (the normalised mean over templates), cached per prompt set."""
-        key = prompt_set_key(prompts, templates)
+        key = prompt_set_key(prompts, templates, language)
         emb = self._text_cache.get(key)
         if emb is None:
             if templates:
                 texts = template_texts(prompts, templates)
-                emb = ensemble_templates(self.embed_texts(texts), len(prompts), len(templates))
+                emb = ensemble_templates(self.embed_texts(texts, language=language), len(prompts), len(templates))
             else:
-                emb = self.embed_texts(list(prompts))
+                emb = self.embed_texts(list(prompts), language=language)
             self._text_cache.put(key, emb)
         return emb
 
     def classify(
-        self, images: Sequence, prompts: Sequence[str], templates: Sequence[str] | None = None
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        templates: Sequence[str] | None = None,
+        *,
+        language: str | None = None,
     ) -> list[list[dict]]:
         """Zero-shot scores: per image, every prompt's cosine and probability, ranked.
 
@@ -476,7 +488,7 @@ class ClipClient:
         """
         if not prompts:
             raise ValueError("classify needs at least one prompt")
-        text = self.prompt_embeddings(list(prompts), templates)
+        text = self.prompt_embeddings(list(prompts), templates, language=language)
         image = self.embed_images(images)
         return rank(image @ text.T, prompts, self.facts.logit_scale, self.facts.logit_bias)
 

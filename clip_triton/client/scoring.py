@@ -18,12 +18,12 @@ def template_texts(prompts: Sequence[str], templates: Sequence[str]) -> list[str
 DEFAULT_PROMPT_CACHE_BYTES = 64 * 1024 * 1024
 
 
-def prompt_set_key(prompts: Sequence[str], templates: Sequence[str] | None) -> bytes:
-    """A prompt set's cache key: the SHA-256 of its prompts and templates, each length-prefixed (so no two
-    sets share a key by concatenation). 32 bytes, whatever the set holds: keys holding the strings made
-    each cached set of 256 long prompts cost +64 MB."""
+def prompt_set_key(prompts: Sequence[str], templates: Sequence[str] | None, language: str | None = None) -> bytes:
+    """A prompt set's cache key: the SHA-256 of its prompts, templates and language, each length-prefixed
+    (so no two sets share a key by concatenation). 32 bytes, whatever the set holds: keys holding the
+    strings made each cached set of 256 long prompts cost +64 MB."""
     digest = hashlib.sha256()
-    for group in (prompts, templates or ()):
+    for group in (prompts, templates or (), (language,) if language else ()):
         digest.update(len(group).to_bytes(8, "little"))
         for text in group:
             data = text.encode("utf-8", "surrogatepass")

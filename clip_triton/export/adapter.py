@@ -76,7 +76,9 @@ def contract_from_open_clip(
         raise ClipTritonError(f"{name} uses a tokenizer reduction mask", "only truncation is served")
     hf_name = text_cfg.get("hf_tokenizer_name") or ""
     unserved = sorted(set(text_kwargs) - {"clean"}) if hf_name else []
-    if unserved:  # CLIPA's strip_sep_token, NLLB's language, 'clips' mode
+    # CLIPA's strip_sep_token, 'clips' mode; a fixed `language` (open_clip's set_language is lost in the
+    # tokenizer's own call: texts name their language, docs/export.md)
+    if unserved:
         raise ClipTritonError(
             f"{name}'s tokenizer options {unserved} are not served",
             "SigLIP, SigLIP 2 and MetaCLIP 2 tokenizers are; these options are not implemented server-side",
@@ -169,12 +171,6 @@ def hf_text_pooler(name: str, text_cfg: dict) -> str:
     the last real token is exact for it (contract ``MASKED_POOLING``)."""
     from open_clip.hf_configs import arch_dict  # noqa: PLC0415 (export only)
 
-    names = f"{text_cfg.get('hf_model_name', '')} {text_cfg.get('hf_tokenizer_name', '')}".lower()
-    served = "XLM-RoBERTa (xlm-roberta-base-ViT-B-32, xlm-roberta-large-ViT-H-14), RoBERTa and mT5 towers are"
-    if "nllb" in names:
-        raise ClipTritonError(
-            f"{name}'s NLLB tokenizer needs a source-language code per text, which is not served yet", served
-        )
     pooler = text_cfg.get("hf_pooler_type")
     if pooler is None:
         model_type = _hf_config(text_cfg).model_type

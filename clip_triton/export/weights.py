@@ -237,10 +237,44 @@ def resolve_hf_tokenizer(contract: ModelContract, cache_dir: str | None, log: Pr
             f"{contract.model} pools at token {eos_id} but its tokenizer ends texts with {hf.eos_token_id}",
             "the model config and the tokenizer disagree: check text_cfg.eos_id",
         )
+    languages, default = _source_languages(tokenizer, contract.model)
     resolved = replace(
-        spec, sot_token_id=int(sot), eot_token_id=int(hf.eos_token_id), pad_token_id=int(hf.pad_token_id)
+        spec,
+        sot_token_id=int(sot),
+        eot_token_id=int(hf.eos_token_id),
+        pad_token_id=int(hf.pad_token_id),
+        languages=languages,
+        default_language=default,
     )
     return contract.with_(tokenizer=resolved), tokenizer
+
+
+def _source_languages(tokenizer, model: str) -> tuple[tuple[str, ...], str]:
+    """(language codes, default) of a tokenizer that starts a text with its source-language code (NLLB's,
+    ``src_lang``); ``((), "")`` for any other. Each code is checked to change the first id only (the
+    ``[code] $A </s>`` template the server's tokenizer relies on); a legacy template is refused."""
+    hf = tokenizer.tokenizer
+    default = getattr(hf, "src_lang", None)
+    if not default or not callable(getattr(hf, "set_src_lang_special_tokens", None)):
+        return (), ""
+    listed = getattr(hf, "additional_special_tokens", None) or getattr(hf, "extra_special_tokens", None) or []
+    codes = tuple(str(code) for code in listed)
+    base = tokenizer(["a photo of a cat"])[0].tolist()
+    try:
+        for code in codes:
+            hf.src_lang = code  # what open_clip's set_language means to do (its __call__ resets it: docs/export.md)
+            row = tokenizer(["a photo of a cat"])[0].tolist()
+            if row[0] != hf.convert_tokens_to_ids(code) or row[1:] != base[1:]:
+                raise ClipTritonError(
+                    f"{model}'s tokenizer does not start a text with its language code {code!r} "
+                    f"(got {row[:3]}...; legacy_behaviour puts it after </s>)",
+                    "only the [code] text </s> template is served (transformers' default for NLLB)",
+                )
+    finally:
+        hf.src_lang = default
+    if default not in codes:
+        raise ClipTritonError(f"{model}'s tokenizer defaults to {default!r}, not one of its language codes")
+    return codes, str(default)
 
 
 def calibrate_batch_norm(model, contract: ModelContract, seed: int, batches: int = 2, batch: int = 8) -> int:

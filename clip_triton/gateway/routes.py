@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from clip_triton.client import ClipClientError, ItemErrors, rank
 from clip_triton.client.scoring import template_texts
 
-from ..contract import DEFAULT_EMBEDDING_TYPE, TEXT, VISION, ModelContract, TokenizerSpec
+from ..contract import DEFAULT_EMBEDDING_TYPE, TEXT, VISION, ModelContract, TokenizerSpec, with_language
 from ..encodings import encode, to_base64, to_json
 from ..tokenizer import ClipTokenizer, HFTextTokenizer, TextError, text_tokenizer
 from .fetch import FetchError, fetch_image
@@ -293,8 +293,9 @@ class Routes:
                 f"dimensions={body.dimensions} is not supported; {name} returns {served.embed_dim}",
                 param="dimensions",
             )
+        self.check_language(body.language, served)
         kinds = [classify_item(x, i) for i, x in enumerate(items)]
-        texts = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == TEXT.kind]
+        texts = [(i, with_language(value, body.language)) for i, (kind, value) in enumerate(kinds) if kind == TEXT.kind]
         refs = [(i, value) for i, (kind, value) in enumerate(kinds) if kind == VISION.kind]
         self.check_text(texts, "input")  # before any fetch or model work
         tokens = None if served.token_counts else await self.count_tokens(request, (name, served), texts, "input")
@@ -329,11 +330,20 @@ class Routes:
             answer["embedding_type"] = body.embedding_type
         return answer
 
+    @staticmethod
+    def check_language(language: str | None, served) -> None:
+        """A request's ``language`` is one of the model's codes (NLLB), before any work; a model without
+        languages would read the mark as text."""
+        problem = served.language_problem(language)
+        if problem:
+            raise ApiError(400, problem, param="language", code="unknown_language")
+
     async def classify(self, body: ClassifyRequest, request: Request):
         """Zero-shot scores: for each image, every prompt's cosine and probability, ranked."""
         if len(body.images) > self.settings.max_items or len(body.prompts) > self.settings.max_items:
             raise ApiError(400, f"at most {self.settings.max_items} images and {self.settings.max_items} prompts")
         name, served, client = await self.model(request, body.model, "classify")
+        self.check_language(body.language, served)
         templates = body.templates or []
         if len(templates) > self.settings.max_templates:
             raise ApiError(
@@ -374,14 +384,16 @@ class Routes:
                 raise item_error(index, "not an image: pass a data:image/...;base64, URL or an http(s) URL", "images")
         texts = template_texts(body.prompts, templates) if templates else list(body.prompts)
         # usage counts what is encoded: every prompt in every template (checked there, named by prompt)
-        per_prompt = [(i // max(1, len(templates)), t) for i, t in enumerate(texts)]
+        per_prompt = [(i // max(1, len(templates)), with_language(t, body.language)) for i, t in enumerate(texts)]
         self.check_text(per_prompt, "prompts")
         tokens = (
             None if served.token_counts else await self.count_tokens(request, (name, served), per_prompt, "prompts")
         )
         images = await self.load_images(list(enumerate(body.images)), "images")
         prompt_vectors, counted = await self.triton_call(
-            client.prompt_embeddings_counted(body.prompts, templates or None), [i for i, _ in per_prompt], "prompts"
+            client.prompt_embeddings_counted(body.prompts, templates or None, language=body.language),
+            [i for i, _ in per_prompt],
+            "prompts",
         )  # a refused text is named by its prompt
         if tokens is None:
             tokens = counted or 0

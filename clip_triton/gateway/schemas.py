@@ -45,6 +45,9 @@ class EmbeddingRequest(BaseModel):
     embedding_type: EmbeddingType = DEFAULT_EMBEDDING_TYPE
     dimensions: int | None = None
     user: str | None = None
+    # Not OpenAI's: the source language of every text for NLLB models (a FLORES-200 code, ``fra_Latn``); a
+    # text may name its own with a ``>>fra_Latn<<`` prefix instead (docs/multilingual.md).
+    language: str | None = None
 
 
 class ClassifyRequest(BaseModel):
@@ -54,3 +57,4 @@ class ClassifyRequest(BaseModel):
     images: list[str] = Field(min_length=1)
     prompts: list[str] = Field(min_length=1)
     templates: list[str] | None = None
+    language: str | None = None  # as EmbeddingRequest.language: the prompts' source language (NLLB models)

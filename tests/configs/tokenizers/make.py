@@ -8,9 +8,12 @@
 - ``xlmv-like``: SentencePiece Unigram with Metaspace, <s>=0 <pad>=1 </s>=2 <unk>=3, wrapped as
   ``<s> text </s>`` (as MetaCLIP 2's XLM-V tokenizer, and XLM-RoBERTa's);
 - ``t5-like``: SentencePiece Unigram with Metaspace, <pad>=0 </s>=1 <unk>=2, no start token, EOS
-  appended (as mT5's tokenizer).
+  appended (as mT5's tokenizer);
+- ``nllb-like``: transformers' own ``NllbTokenizer`` over a SentencePiece-style BPE trained here (<s>=0
+  <pad>=1 </s>=2 <unk>=3, the 202 FLORES-200 language codes and <mask> after the pieces), so open_clip
+  loads it as it loads NLLB-CLIP's: ``[eng_Latn] text </s>``, another code through ``src_lang``.
 
-Run: python tests/configs/tokenizers/make.py (writes the two folders beside this file).
+Run: python tests/configs/tokenizers/make.py (writes the folders beside this file).
 """
 
 from __future__ import annotations
@@ -109,9 +112,25 @@ def t5_like(out: Path) -> None:
     ).save_pretrained(out)
 
 
+def nllb_like(out: Path) -> None:
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import NllbTokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    NllbTokenizer(vocab=model["vocab"], merges=merges).save_pretrained(out)
+
+
 if __name__ == "__main__":
     gemma_like(HERE / "gemma-like")
     xlmv_like(HERE / "xlmv-like")
     t5_like(HERE / "t5-like")
-    for name in ("gemma-like", "xlmv-like", "t5-like"):
+    nllb_like(HERE / "nllb-like")
+    for name in ("gemma-like", "xlmv-like", "t5-like", "nllb-like"):
         print(name, sorted(p.name for p in (HERE / name).iterdir()))
