@@ -139,3 +139,15 @@ class ServerFacts:
             max_batch_size=int(config.get("max_batch_size", 1)),
             item_status=any(output.get("name") == STATUS_OUTPUT for output in config.get("output", [])),
         )
+
+
+def resolve_alias(wanted: str, facts_by_name: dict[str, ServerFacts]) -> str | None:
+    """The name of the one served model that ``wanted`` spells as ``ARCH/TAG`` (``ViT-B-32/laion2b_s34b_b79k``),
+    among those served without a name of their own; None where no model, or more than one, answers to it.
+    The clients and the gateway resolve a model they do not know by name with this one rule."""
+    matches = [
+        name
+        for name, facts in facts_by_name.items()
+        if facts.public_id == facts.model and wanted == f"{facts.model}/{facts.public_pretrained}"
+    ]
+    return matches[0] if len(matches) == 1 else None

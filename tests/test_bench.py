@@ -201,17 +201,21 @@ def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config
 
 
 def _bench(script: str, tiny_config, tmp_path, *args: str, timeout: int = 900) -> dict:
+    return _run_bench(script, tiny_config, tmp_path, "--workdir", str(tmp_path), *args, timeout=timeout)[0]
+
+
+def _run_bench(script: str, tiny_config, tmp_path, *args: str, timeout: int = 900) -> tuple[dict, str]:
+    """``python bench/SCRIPT --model TINY ARGS --json OUT``: (its JSON report, its stdout)."""
     out = tmp_path / f"{script}.json"
     result = children.run(
-        [sys.executable, str(ROOT / "bench" / script), "--model", str(tiny_config), "--workdir", str(tmp_path)]
-        + [*args, "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), "--model", str(tiny_config), *args, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), result.stdout
 
 
 def test_text_lengths_bench_measures_every_workload_static_and_bucketed_with_parity(
@@ -297,32 +301,13 @@ def test_the_infinity_peer_builds_its_tokenizer_from_our_vocabulary(tmp_path):
 def test_encodings_bench_measures_every_type_and_structure(tiny_config, tmp_path):
     """bench/encodings.py (docs/storage.md's tables) on the tiny model, small sizes: every type and
     every FAISS structure gets a row; float is exact by definition and int8 must stay close to it."""
-    out = tmp_path / "encodings.json"
-    result = children.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "encodings.py"),
-            "--model",
-            str(tiny_config),
-            "--seed-items",
-            "64",
-            "--rows",
-            "3000",
-            "--queries",
-            "40",
-            "--ann",
-            "--ann-rows",
-            "12000",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    report, stdout = _run_bench(
+        "encodings.py",
+        tiny_config,
+        tmp_path,
+        *("--seed-items", "64", "--rows", "3000", "--queries", "40", "--ann", "--ann-rows", "12000"),
         timeout=600,
-        cwd=ROOT,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(out.read_text())
     rows = {row["type"]: row for row in report["encodings"]}
     assert set(rows) >= {"float", "float16", "int8", "uint8", "binary", "ubinary"}
     columns = [c for c in rows["float"] if c not in ("type", "bytes/vector")]
@@ -333,4 +318,27 @@ def test_encodings_bench_measures_every_type_and_structure(tiny_config, tmp_path
     kinds = ("exact (every row)", "ivf (auto)", "hnsw")
     assert structures == {(c, s) for c in ("gaussian", "clustered") for s in kinds}
     assert all(0 <= row["recall@10, text->image"] <= 1 for row in report["ann"])
-    assert "recall@10 vs float32 exact search" in result.stdout
+    assert "recall@10 vs float32 exact search" in stdout
+
+
+def test_image_path_bench_splits_a_request_by_stage(tiny_config, tmp_path, seeded_bench):
+    """bench/image_path.py (issue 33's profile of 16-image requests) on the tiny model: every set-up
+    gets a row, Triton's own statistics split each request into preprocess, encoder and hop, and the
+    parts never exceed the whole."""
+    report = _bench("image_path.py", tiny_config, tmp_path, "--seconds", "1", "--concurrency", "2")
+    assert report["floor"]["preprocess_s"] > 0 and report["floor"]["forward_s"] > 0
+    setups = [row["setup"] for row in report["rows"]]
+    assert setups[0].startswith("default") and "2 encoders x 1 thread" in setups and len(set(setups)) == len(setups)
+    for row in report["rows"]:
+        assert row["images_per_s"] > 0 and row["preprocess_ms"] > 0 and row["encoder_ms"] > 0
+        assert row["preprocess_ms"] + row["encoder_ms"] <= row["request_ms"]
+        assert 1 <= row["images_per_execution"] <= 32  # the batcher may merge two requests of 16
+
+
+def test_raw_split_bench_measures_the_server_side_split_exactly(tiny_config, tmp_path, seeded_bench):
+    """bench/raw_split.py (issue 33's question for raw clients) on the tiny model: its bench-only BLS
+    model answers every mixed-length request exactly as the ensemble does, and every row is measured."""
+    report = _bench("raw_split.py", tiny_config, tmp_path, "--seconds", "0.5", "--concurrency", "2")
+    assert report["max_abs_diff"] <= 1e-6
+    assert {row["workload"] for row in report["rows"]} == {"16 mixed", "16 prompts", "1 mixed"}
+    assert all(row[name] > 0 for row in report["rows"] for name in ("ensemble", "split (BLS)", "ClipClient"))

@@ -750,3 +750,16 @@ def test_a_language_the_model_does_not_have_is_refused_before_any_work(gateway, 
         assert "has no language codes" in error["message"]
         no_language = {k: v for k, v in body.items() if k != "language"}
         assert httpx.post(f"{gateway.url}{path}", headers=headers, json=no_language, timeout=60).status_code == 200
+
+
+def test_a_model_is_named_by_arch_and_tag_too(gateway):
+    """The gateway routes ``ARCH/TAG`` to the one model served without a name of its own (the rule of
+    facts.resolve_alias, which the clients use too) and answers with its public id."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    listed = httpx.get(f"{gateway.url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+    alias = f"{listed['id']}/{listed['pretrained']}"
+    answer = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": alias, "input": "a cat"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == listed["id"]
+    wrong = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": alias + "x", "input": "a cat"})
+    assert wrong.status_code == 404 and repr(listed["id"]) in wrong.json()["error"]["message"]

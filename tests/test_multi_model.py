@@ -691,3 +691,27 @@ def test_each_served_model_has_its_own_instance_groups(tmp_path):
             for model in (names.encoder(C.VISION), names.encoder(C.TEXT), names.front(C.VISION), names.front(C.TEXT))
         }
         assert list(counts.values()) == [2, 2, 3, 1], counts
+
+
+def test_arch_tag_aliases_follow_one_rule_for_clients_and_gateway():
+    """``ARCH/TAG`` names a model served without a name of its own, when exactly one answers to it: the
+    clients (choose_model) and the gateway resolve it with the same function (facts.resolve_alias)."""
+    from clip_triton.client import core as K
+    from clip_triton.facts import resolve_alias
+
+    def facts(model, pretrained="laion2b", name=""):
+        return ServerFacts(model=model, pretrained=pretrained, embed_dim=8, logit_scale=100.0, served_model_name=name)
+
+    unnamed, named = facts("ViT-B-32"), facts("ViT-L-14", name="search")
+    served = {"ViT-B-32": unnamed, "search": named}
+    assert resolve_alias("ViT-B-32/laion2b", served) == "ViT-B-32"
+    assert resolve_alias("ViT-L-14/laion2b", served) is None  # served under its own name only
+    assert resolve_alias("ViT-B-32/other", served) is None
+    private = facts("ViT-B-32", pretrained="/models/ckpt.pt")
+    assert resolve_alias("ViT-B-32/local checkpoint", {"ViT-B-32": private}) == "ViT-B-32"  # never the path
+    twins = {"a": unnamed, "b": facts("ViT-B-32")}
+    assert resolve_alias("ViT-B-32/laion2b", twins) is None  # ambiguous: refused, never a silent pick
+    models = {name: K.ServedModel(C.ModelNames.for_served(name), f) for name, f in served.items()}
+    assert K.choose_model(models, "ViT-B-32/laion2b", "t").facts is unnamed
+    with pytest.raises(ClipTritonError, match="is not served"):
+        K.choose_model(models, "ViT-L-14/laion2b", "t")

@@ -244,12 +244,8 @@ class AsyncClipClient:
         server."""
         try:
             for client in self.clients:
-                if self._served is not None:
-                    candidates = [self._served.names]
-                else:
-                    candidates = readiness_candidates(
-                        index_names(await client.get_inference_statistics(as_json=True)), self.model
-                    )
+                index = None if self._served else index_names(await client.get_inference_statistics(as_json=True))
+                candidates = readiness_candidates(index, self.model, self._served)
                 if not candidates:
                     return False
                 for names in candidates:

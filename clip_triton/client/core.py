@@ -28,7 +28,7 @@ from clip_triton.contract import (
     with_language,
 )
 from clip_triton.encodings import encode
-from clip_triton.facts import ServerFacts
+from clip_triton.facts import ServerFacts, resolve_alias
 
 from .errors import DEADLINE_HINT, ClipClientError, DeadlineExceeded, ItemErrors, ServerUnavailable, UnknownLanguage
 
@@ -128,18 +128,23 @@ def choose_model(models: dict[str, ServedModel], wanted: str | None, target: str
         )
     if wanted in models:
         return models[wanted]
-    aliases = [m for m in models.values() if wanted == f"{m.facts.model}/{m.facts.public_pretrained}"]
-    if len(aliases) == 1 and aliases[0].facts.public_id == aliases[0].facts.model:  # "ARCH/TAG", no served name
-        return aliases[0]
+    alias = resolve_alias(wanted, {name: m.facts for name, m in models.items()})  # "ARCH/TAG"
+    if alias is not None:
+        return models[alias]
     raise ClipClientError(
         f"model {wanted!r} is not served at {target}; it serves {listed}", "pass one of those names as the model"
     )
 
 
-def readiness_candidates(index: Iterable[str], wanted: str | None) -> list[ModelNames]:
-    """The served models whose ensembles a readiness check waits for, before their facts are read:
-    the wanted one (its multi-model names, or the single-model names), else every one in the index."""
-    found = ModelNames.served_in(index)
+def readiness_candidates(
+    index: Iterable[str] | None, wanted: str | None, served: ServedModel | None = None
+) -> list[ModelNames]:
+    """The served models whose ensembles a readiness check waits for: the one a client already resolved
+    (``served``; no ``index`` needed), else, before their facts are read, the wanted one in ``index``
+    (its multi-model names, or the single-model names), else every one there."""
+    if served is not None:
+        return [served.names]
+    found = ModelNames.served_in(index or ())
     if wanted is not None:
         own = [names for names in found if names.slug in (served_slug(wanted), "")]
         if own:

@@ -305,12 +305,8 @@ class ClipClient:
             try:
                 if not client.is_server_live():
                     return Readiness("loading", f"the server at {target} is not live")
-                if self._served is not None:
-                    candidates = [self._served.names]
-                else:
-                    candidates = readiness_candidates(
-                        index_names(client.get_inference_statistics(as_json=True)), self.model
-                    )
+                index = None if self._served else index_names(client.get_inference_statistics(as_json=True))
+                candidates = readiness_candidates(index, self.model, self._served)
                 if not candidates:
                     return Readiness("loading", f"the server at {target} is up but lists no clip_image ensemble yet")
                 wanted = [name for names in candidates for name in (names.image, names.text)]

@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from clip_triton.client import ClipClientError, ItemErrors, rank
 from clip_triton.client.scoring import template_texts
+from clip_triton.facts import resolve_alias
 
 from ..contract import DEFAULT_EMBEDDING_TYPE, TEXT, VISION, ModelContract, TokenizerSpec, with_language
 from ..encodings import encode, to_base64, to_json
@@ -141,22 +142,15 @@ class Routes:
         models = await self.served_models(request)
         if model not in models:
             models = await self.served_models(request, refresh=True)
-        name = model
-        if name not in models:
-            aliases = [
-                public
-                for public, facts in models.items()
-                if public == facts.model and name == f"{facts.model}/{facts.public_pretrained}"  # "ARCH/TAG"
-            ]
-            if len(aliases) != 1:
-                listed = ", ".join(repr(public) for public in sorted(models))
-                raise ApiError(
-                    404,
-                    f"model {model!r} is not served here; this gateway serves {listed}",
-                    param="model",
-                    code="model_not_found",
-                )
-            name = aliases[0]
+        name = model if model in models else resolve_alias(model, models)  # "ARCH/TAG"
+        if name is None:
+            listed = ", ".join(repr(public) for public in sorted(models))
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; this gateway serves {listed}",
+                param="model",
+                code="model_not_found",
+            )
         facts = models[name]
         clients = request.app.state.clients
         if facts.public_id not in clients:
