@@ -28,6 +28,7 @@ import argparse
 import base64
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -233,7 +234,7 @@ def main() -> None:
         "--openvino",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="the OpenVINO bf16 rows, where the CPU has bf16",
+        help="the OpenVINO rows: fp32 where OpenVINO is installed, bf16 where the CPU has it too",
     )
     parser.add_argument(
         "--fine-buckets",
@@ -316,6 +317,9 @@ def main() -> None:
         fine_dir = work / f"onnx-{Path(args.model).stem}-buckets-{'-'.join(map(str, fine))}"
         export_model(args.model, "none", fine_dir, reuse=True, text_buckets=fine)
         setups.append((f"onnxruntime, buckets {','.join(map(str, fine))}", "onnxruntime", "fp32", fine_dir))
+    if args.openvino and importlib.util.find_spec("openvino") and (onnx_dir / "vision.xml").is_file():
+        # fp32 too, equal precision with the peers: the IR converted from the module (issue 33's images)
+        setups.append(("openvino fp32", "openvino", "fp32", onnx_dir))
     if cpu_supports_bf16() and args.openvino:
         setups.append(("openvino", "openvino", "bf16", onnx_dir))
     for label, cpu_runtime, precision, export_dir in setups:
