@@ -1,23 +1,21 @@
-"""Should the server split a raw client's mixed-length text request by bucket? Measured, not assumed.
+"""The server splits a raw client's mixed-length text request by bucket: what it gains, measured.
 
     python bench/raw_split.py [--model ViT-B-32] [--concurrency 1,4,16] [--seconds 8]
 
-A raw ``tritonclient`` request of texts of mixed lengths is cut to the bucket of its longest text, so
-fifteen short prompts pay for one caption's 77 positions. ``ClipClient`` groups texts by bucket on the
-client (issue 33); a raw client cannot. This bench adds to the served repository a python model,
-``clip_text_split`` (written here, not shipped), that does the grouping on the server through BLS: the
-tokenizer model is asked for the ids and each text's token count, the rows are grouped by the bucket
-each text needs, and every group goes to ``text_encoder`` at its own length, all groups in flight at
-once (``async_exec``), rows back in request order; queued requests reach it together (its own dynamic
-batcher) and their groups go out together, so the encoder's batcher can merge them. Same load generator, one run, no response cache:
+A raw ``tritonclient`` request of texts of mixed lengths used to be cut to the bucket of its longest
+text, so fifteen short prompts paid for one caption's 77 positions. The tokenizer model now calls the
+text encoder itself, once per bucket the request's texts need (BLS, clip_triton/serving/tokenizer_model.py).
+For the comparison in one run, this bench adds a python model, ``clip_text_unsplit`` (written here, not
+shipped), that does what the served path did before: tokenize (the same code), cut the request to its
+longest text's bucket, one call to ``text_encoder``. Same load generator, one run, no response cache:
 
-- ``ensemble``: ``clip_text`` as raw clients call it today (the request cut to its longest text);
-- ``split (BLS)``: the same requests to ``clip_text_split``;
+- ``one length per request``: ``clip_text_unsplit``, the design before;
+- ``clip_text``: the served ensemble, split by the tokenizer model;
 - ``ClipClient``: the client's own grouping (several requests per call), for reference.
 
 Rows: 16 mixed texts per request (bench/peers.py ``mixed_texts``: prompts and captions), 16 short
-prompts, and single mixed texts (what the split costs where there is nothing to split). Parity: the
-split's embeddings against the ensemble's, every text.
+prompts, and single mixed texts (what the split costs where there is nothing to split). Parity: every
+text's embedding from both, compared.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from pathlib import Path
 from common import prepared_export  # bench/common.py
 from peers import load, mixed_texts  # the load generator and texts of bench/peers.py
 
-SPLIT_MODEL = "clip_text_split"
+UNSPLIT_MODEL = "clip_text_unsplit"
 MODEL_PY = """
 import asyncio
 import json
@@ -49,45 +47,30 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.lengths = [int(n) for n in params["lengths"]["string_value"].split(",")]
+        from clip_triton.contract import ModelContract
+        from clip_triton.tokenizer import text_tokenizer
 
-    def bucket(self, needed):
-        return next((n for n in self.lengths if needed <= n), self.lengths[-1])
+        params = json.loads(args["model_config"])["parameters"]
+        self.spec = ModelContract.from_json(params["contract"]["string_value"]).tokenizer
+        self.tokenizer = text_tokenizer(self.spec, params["tokenizer_dir"]["string_value"])
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self.one(request) for request in requests)))
 
     async def one(self, request):
-        text = pb_utils.get_input_tensor_by_name(request, "TEXT")
-        tokenized = await pb_utils.InferenceRequest(
-            model_name="tokenizer", requested_output_names=["input_ids", "STATUS", "TOKENS"], inputs=[text]
+        from clip_triton.tokenizer import cut_to_bucket
+
+        texts = pb_utils.get_input_tensor_by_name(request, "TEXT").as_numpy().reshape(-1)
+        ids = cut_to_bucket(self.tokenizer([bytes(t).decode() for t in texts]), self.spec)
+        answer = await pb_utils.InferenceRequest(
+            model_name="text_encoder",
+            requested_output_names=["text_embeds"],
+            inputs=[pb_utils.Tensor("input_ids", ids)],
         ).async_exec()
-        if tokenized.has_error():
-            return pb_utils.InferenceResponse(error=tokenized.error())
-        ids = pb_utils.get_output_tensor_by_name(tokenized, "input_ids").as_numpy()
-        status = pb_utils.get_output_tensor_by_name(tokenized, "STATUS").as_numpy()
-        tokens = pb_utils.get_output_tensor_by_name(tokenized, "TOKENS").as_numpy().reshape(-1)
-        groups = {}
-        for row, count in enumerate(tokens):
-            groups.setdefault(min(self.bucket(int(count)), ids.shape[1]), []).append(row)
-        calls = [
-            pb_utils.InferenceRequest(
-                model_name="text_encoder",
-                requested_output_names=["text_embeds"],
-                inputs=[pb_utils.Tensor("input_ids", np.ascontiguousarray(ids[rows, :length]))],
-            ).async_exec()
-            for length, rows in groups.items()
-        ]
-        answers = await asyncio.gather(*calls)
-        out = None
-        for (length, rows), answer in zip(groups.items(), answers):
-            if answer.has_error():
-                return pb_utils.InferenceResponse(error=answer.error())
-            part = pb_utils.get_output_tensor_by_name(answer, "text_embeds").as_numpy()
-            if out is None:
-                out = np.empty((len(tokens), part.shape[1]), dtype=np.float32)
-            out[rows] = part
+        if answer.has_error():
+            return pb_utils.InferenceResponse(error=answer.error())
+        out = pb_utils.get_output_tensor_by_name(answer, "text_embeds").as_numpy()
+        status = np.array([b""] * len(texts), dtype=object).reshape(-1, 1)
         return pb_utils.InferenceResponse(
             output_tensors=[pb_utils.Tensor("EMBEDDING", out), pb_utils.Tensor("STATUS", status)]
         )
@@ -100,20 +83,22 @@ output {{ name: "EMBEDDING" data_type: TYPE_FP32 dims: [ {dim} ] }}
 output {{ name: "STATUS" data_type: TYPE_STRING dims: [ 1 ] }}
 instance_group {{ count: 2 kind: KIND_CPU }}
 dynamic_batching {{ max_queue_delay_microseconds: 500 }}
-parameters {{ key: "lengths" value {{ string_value: "{lengths}" }} }}
+parameters {{ key: "contract" value {{ string_value: {contract} }} }}
+parameters {{ key: "tokenizer_dir" value {{ string_value: "{tokenizer_dir}" }} }}
 """
 
 
-def add_split_model(repo: Path, contract) -> None:
-    folder = repo / SPLIT_MODEL
+def add_unsplit_model(repo: Path, contract) -> None:
+    folder = repo / UNSPLIT_MODEL
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "1" / "model.py").write_text(MODEL_PY)
     (folder / "config.pbtxt").write_text(
         CONFIG.format(
-            name=SPLIT_MODEL,
+            name=UNSPLIT_MODEL,
             max_batch=contract.batch.max,
             dim=contract.embed_dim,
-            lengths=",".join(map(str, contract.tokenizer.lengths)),
+            contract=json.dumps(contract.to_json()),
+            tokenizer_dir=repo / "tokenizer" / "1",
         )
     )
 
@@ -147,7 +132,7 @@ def main() -> None:
         options=RepoOptions(runtime="python", response_cache="none"),
         force=True,
     )
-    add_split_model(repo, contract)
+    add_unsplit_model(repo, contract)
     mixed, prompts = mixed_texts(256), list(BENCH_PROMPTS)
     workloads = {
         "16 mixed": [[mixed[(i * 16 + k) % len(mixed)] for k in range(16)] for i in range(16)],
@@ -179,15 +164,15 @@ def main() -> None:
         for texts in workloads["16 mixed"]:
             tensor = grpcclient.InferInput(TEXT_INPUT, [len(texts), 1], "BYTES")
             tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1))
-            ensemble = grpc.infer(TEXT_ENSEMBLE, [tensor])
-            split = grpc.infer(SPLIT_MODEL, [tensor])
-            assert (split.as_numpy(STATUS_OUTPUT) == ensemble.as_numpy(STATUS_OUTPUT)).all()
+            split = grpc.infer(TEXT_ENSEMBLE, [tensor])
+            unsplit = grpc.infer(UNSPLIT_MODEL, [tensor])
+            assert (split.as_numpy(STATUS_OUTPUT) == b"").all()
             worst = max(
-                worst, float(np.abs(split.as_numpy(EMBEDDING_OUTPUT) - ensemble.as_numpy(EMBEDDING_OUTPUT)).max())
+                worst, float(np.abs(split.as_numpy(EMBEDDING_OUTPUT) - unsplit.as_numpy(EMBEDDING_OUTPUT)).max())
             )
         grpc.close()
-        print(f"[raw_split] split vs ensemble, 256 mixed texts: max |diff| {worst:.2e}", flush=True)
-        senders = {"ensemble": raw(TEXT_ENSEMBLE), "split (BLS)": raw(SPLIT_MODEL), "ClipClient": grouped}
+        print(f"[raw_split] split vs one length per request, 256 mixed texts: max |diff| {worst:.2e}", flush=True)
+        senders = {"unsplit": raw(UNSPLIT_MODEL), "clip_text": raw(TEXT_ENSEMBLE), "ClipClient": grouped}
         for workload, bodies in workloads.items():
             for concurrency in [int(c) for c in args.concurrency.split(",")]:
                 row = {"workload": workload, "concurrency": concurrency}
@@ -199,12 +184,15 @@ def main() -> None:
                     + "  ".join(f"{name} {row[name]:.1f}/s" for name in senders),
                     flush=True,
                 )
-    print("\n| request | concurrency | ensemble (raw today) | split (BLS) | ClipClient grouping | split ÷ ensemble |")
+    print(
+        "\n| request | concurrency | one length per request (before) | clip_text (split by the tokenizer model) "
+        "| ClipClient grouping | split ÷ before |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['workload']} | {r['concurrency']} | {r['ensemble']:.1f} | {r['split (BLS)']:.1f} | "
-            f"{r['ClipClient']:.1f} | {r['split (BLS)'] / r['ensemble']:.2f} |"
+            f"| {r['workload']} | {r['concurrency']} | {r['unsplit']:.1f} | {r['clip_text']:.1f} | "
+            f"{r['ClipClient']:.1f} | {r['clip_text'] / r['unsplit']:.2f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"max_abs_diff": worst, "rows": rows}, indent=2))

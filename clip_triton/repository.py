@@ -321,12 +321,19 @@ def build_configs(facts: ExportFacts, options: RepoOptions, names: ModelNames = 
     }
     for tower in TOWERS:
         encoder = c.encoder(tower.name)
+        # The tokenizer calls the text encoder itself, one call per length bucket (BLS, text_split): it
+        # answers the embeddings; its ids stay an output (what the encoder was given, for diagnosis).
+        splits = tower is TEXT
         front = _base(
             names.front(tower),
             max_batch,
             [encoder.client_input],
-            [encoder.input, c.status, *_counts(tower)],
-            {"contract": contract_json, **limits[tower.name]},
+            [encoder.input, *([c.embedding] if splits else []), c.status, *_counts(tower)],
+            {
+                "contract": contract_json,
+                **limits[tower.name],
+                **({"encoder": names.encoder(tower)} if splits else {}),
+            },
         )
         front.backend = "python"
         _batching(front, preferred, delay)
@@ -412,14 +419,19 @@ def build_configs(facts: ExportFacts, options: RepoOptions, names: ModelNames = 
         step = ens.ensemble_scheduling.step.add()
         step.model_name, step.model_version = names.front(tower), -1
         step.input_map[spec_in.name] = spec_in.name
-        step.output_map[spec_mid.name] = spec_mid.name
-        for output in outputs[1:]:  # per-item status (and token count), straight to the ensemble's output
-            step.output_map[output.name] = output.name
-        step = ens.ensemble_scheduling.step.add()
-        step.model_name, step.model_version = names.encoder(tower), -1
-        step.input_map[spec_mid.name] = spec_mid.name
-        step.output_map[encoder.output.name] = c.embedding.name
-        configs[pipeline] = ens
+        if tower is TEXT:  # the tokenizer answers the embeddings itself (it calls the encoder per bucket)
+            for output in outputs:
+                step.output_map[output.name] = output.name
+            configs[pipeline] = ens
+        else:
+            step.output_map[spec_mid.name] = spec_mid.name
+            for output in outputs[1:]:  # per-item status, straight to the ensemble's output
+                step.output_map[output.name] = output.name
+            step = ens.ensemble_scheduling.step.add()
+            step.model_name, step.model_version = names.encoder(tower), -1
+            step.input_map[spec_mid.name] = spec_mid.name
+            step.output_map[encoder.output.name] = c.embedding.name
+            configs[pipeline] = ens
         if tower in cached:
             ens.response_cache.enable = True  # keyed on its inputs; its steps run on a miss
             public = _base(names.ensemble(tower), max_batch, [spec_in], outputs, params)

@@ -386,6 +386,17 @@ def needed_length(ids: np.ndarray, eot: int) -> int:
     return int(np.where(hits.any(axis=1), last + 1, ids.shape[1]).max())
 
 
+def row_lengths(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
+    """Tokens each row of ``[N, L]`` ids needs on its own: up to and including its last EOT (all ``L``
+    for a row without one), 0 for a refused row (:func:`refused_row`), which needs no encoder at all."""
+    if not ids.size:
+        return np.zeros(len(ids), dtype=np.int64)
+    hits = ids == spec.eot_token_id
+    last = ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+    needed = np.where(hits.any(axis=1), last + 1, ids.shape[1])
+    return np.where(is_refused(ids, spec), 0, needed)
+
+
 def cut_to_bucket(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
     """``[N, context_length]`` ids cut to ``[N, L]``, L the shortest of the contract's lengths that
     holds every row's EOT: the causal, EOT-pooled text tower then embeds them exactly as whole rows.

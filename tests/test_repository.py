@@ -96,15 +96,29 @@ def test_ensemble_wiring_matches_the_contract():
             assert io(pipeline, "input") == io(ensemble, "input") and io(pipeline, "output") == io(ensemble, "output")
             assert configs[pipeline].response_cache.enable and not configs[ensemble].response_cache.enable
         steps = configs[pipeline].ensemble_scheduling.step
-        assert [s.model_name for s in steps] == [first, second]
         assert dict(steps[0].input_map) == {source.name: source.name}
-        # the first step's per-item STATUS goes straight to the ensemble's output of the same name
-        assert dict(steps[0].output_map) == {middle.name: middle.name, C.STATUS_OUTPUT: C.STATUS_OUTPUT, **counts}
-        assert dict(steps[1].input_map) == {middle.name: middle.name}
-        assert dict(steps[1].output_map) == {encoder_out.name: C.EMBEDDING_OUTPUT}
-        # Each hand-over has one name, dtype and shape on both sides.
-        dtype = pb.DataType.Value(middle.config_type)
-        assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
+        if ensemble == C.TEXT_ENSEMBLE:
+            # The tokenizer calls the encoder itself, once per length bucket (BLS: split_by_bucket) and
+            # answers the embeddings; what it sends has the encoder's input name, dtype and shape.
+            assert [s.model_name for s in steps] == [first]
+            assert dict(steps[0].output_map) == {
+                C.EMBEDDING_OUTPUT: C.EMBEDDING_OUTPUT,
+                C.STATUS_OUTPUT: C.STATUS_OUTPUT,
+                **counts,
+            }
+            assert configs[first].parameters["encoder"].string_value == second
+            dtype = pb.DataType.Value(middle.config_type)
+            assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
+            assert io(first, "output")[C.EMBEDDING_OUTPUT] == (pb.TYPE_FP32, (contract.embed_dim,))
+        else:
+            assert [s.model_name for s in steps] == [first, second]
+            # the first step's per-item STATUS goes straight to the ensemble's output of the same name
+            assert dict(steps[0].output_map) == {middle.name: middle.name, C.STATUS_OUTPUT: C.STATUS_OUTPUT}
+            assert dict(steps[1].input_map) == {middle.name: middle.name}
+            assert dict(steps[1].output_map) == {encoder_out.name: C.EMBEDDING_OUTPUT}
+            # Each hand-over has one name, dtype and shape on both sides.
+            dtype = pb.DataType.Value(middle.config_type)
+            assert io(first, "output")[middle.name] == io(second, "input")[middle.name] == (dtype, middle.shape)
         assert io(ensemble, "input") == {source.name: (pb.TYPE_STRING, (1,))}
         assert io(ensemble, "output") == {
             C.EMBEDDING_OUTPUT: (pb.TYPE_FP32, (contract.embed_dim,)),

@@ -208,6 +208,22 @@ def test_each_request_is_cut_to_the_bucket_of_its_longest_text(grpc):
     assert mixed.as_numpy(C.INPUT_IDS).shape == (2, 32)  # the longest text decides for its request
 
 
+def test_a_raw_request_of_mixed_lengths_runs_each_text_at_its_own_bucket(grpc, triton, open_clip_reference):
+    """Issue 33, raw clients: one tritonclient request of three short prompts and one long caption. The
+    text encoder runs the prompts at 8 positions and the caption at 77, in two executions of 3 and 1
+    texts (its batch statistics), where it once ran all four at 77 in one execution of 4; every
+    embedding is open_clip's, in request order."""
+    texts = ["a cat", BUCKETED_TEXTS[77], "a dog", "a red car"]
+    settled(lambda: sum(_batch_sizes(grpc, C.TEXT_MODEL, triton.grpc_admin_headers).values()))
+    before = _batch_sizes(grpc, C.TEXT_MODEL, triton.grpc_admin_headers)
+    served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [t.encode() for t in texts])
+    expected = open_clip_reference.texts(texts)
+    assert status == [""] * 4 and cos(served, expected).min() >= PARITY and np.abs(served - expected).max() < 1e-4
+    after = settled(lambda: _batch_sizes(grpc, C.TEXT_MODEL, triton.grpc_admin_headers))
+    ran = {size: count - before.get(size, 0) for size, count in after.items() if count != before.get(size, 0)}
+    assert ran == {3: 1, 1: 1}, ran
+
+
 def test_concurrent_texts_of_every_bucket_match_open_clip(triton, open_clip_reference):
     """Single-text requests of all four lengths at once: the batcher groups equal shapes, each
     answer is the embedding of open_clip's encode_text over the whole 77-token context."""

@@ -2,6 +2,7 @@
 
 import html
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,3 +284,32 @@ def test_a_text_whose_tokens_lie_past_the_line_cap_is_refused_cheaply(tokenizers
         mine.ids("\x00\n" * 30_000 + "a cat")  # lines ftfy empties: no token until the end
     assert time.process_time() - started < 0.5
     assert mine.ids("\x00\n" * 1_000 + "a cat")[1] != mine.spec.eot_token_id  # under the cap: served
+
+
+def test_the_tokenizer_model_sends_each_text_at_its_own_bucket():
+    """The server-side split (issue 33): the rows of every request the batcher hands the tokenizer
+    model are grouped by the bucket each needs on its own (its EOT inside), each group cut to it; a
+    refused row goes nowhere; the places lead every embedding back to its request and row."""
+    from clip_triton.serving.tokenizer_model import split_by_bucket
+    from clip_triton.tokenizer import ClipTokenizer, cut_to_bucket, refused_row, row_lengths
+
+    spec = ModelContract.default().tokenizer
+    tokenizer = ClipTokenizer(spec)
+    short, mid, long = "a cat", "a photo of a cat sitting on a red sofa in the sun", "a long caption " * 20
+    first = cut_to_bucket(np.stack([tokenizer.ids(short), tokenizer.ids(long), refused_row(spec)]), spec)
+    second = cut_to_bucket(np.stack([tokenizer.ids(mid), tokenizer.ids(short)]), spec)
+    assert first.shape[1] == 77 and second.shape[1] == 16
+    assert row_lengths(first, spec).tolist() == [4, 62, 0]
+    groups = split_by_bucket([first, None, second], spec)
+    assert [(ids.shape, places) for ids, places in groups] == [
+        ((2, 8), [(0, 0), (2, 1)]),
+        ((1, 16), [(2, 0)]),
+        ((1, 77), [(0, 1)]),
+    ]
+    for ids, places in groups:
+        for got, (request, row) in zip(ids, places):
+            source = (first, None, second)[request][row]
+            assert (got == source[: len(got)]).all() and spec.eot_token_id in got
+    static = ModelContract.default().with_(tokenizer=replace(spec, buckets=()))
+    ((ids, places),) = split_by_bucket([cut_to_bucket(first, static.tokenizer)], static.tokenizer)
+    assert ids.shape == (2, 77) and places == [(0, 0), (0, 1)]
