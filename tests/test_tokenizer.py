@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from clip_triton import contract as C
 from clip_triton.contract import ModelContract
 from clip_triton.tokenizer import ClipTokenizer, TextError, decode_utf8
 
@@ -313,3 +314,19 @@ def test_the_tokenizer_model_sends_each_text_at_its_own_bucket():
     static = ModelContract.default().with_(tokenizer=replace(spec, buckets=()))
     ((ids, places),) = split_by_bucket([cut_to_bucket(first, static.tokenizer)], static.tokenizer)
     assert ids.shape == (2, 77) and places == [(0, 0), (0, 1)]
+
+
+def test_a_repository_written_before_the_split_keeps_its_ensemble_path(monkeypatch):
+    """A tokenizer config without the ``encoder`` parameter (a repository written before the tokenizer
+    called the encoder itself) answers ids, STATUS and TOKENS as before; its ensemble sends the ids on."""
+    import asyncio
+
+    from clip_triton.serving import tokenizer_model
+
+    seen = []
+    monkeypatch.setattr(tokenizer_model, "respond", lambda *args: seen.append(args) or ["answered"])
+    model = tokenizer_model.TritonPythonModel.__new__(tokenizer_model.TritonPythonModel)
+    model.encoder = ""
+    assert asyncio.run(model.execute(["request"])) == ["answered"]
+    (args,) = seen
+    assert args[:4] == (["request"], C.TEXT_INPUT, C.INPUT_IDS, C.STATUS_OUTPUT) and args[4] == model.answer
