@@ -377,13 +377,17 @@ def is_refused(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray | bool:
     return ids[..., 0] == spec.pad_token_id
 
 
+def _through_last_eot(ids: np.ndarray, eot: int) -> np.ndarray:
+    """Per row of ``[N, L]`` ids: tokens up to and including its last EOT (all ``L`` for a row without
+    one, truncated by hand)."""
+    hits = ids == eot
+    last = ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
+    return np.where(hits.any(axis=1), last + 1, ids.shape[1])
+
+
 def needed_length(ids: np.ndarray, eot: int) -> int:
     """Tokens the rows of ``ids`` need: up to and including each row's last EOT, the longest row's."""
-    if not ids.size:
-        return 0
-    hits = ids == eot
-    last = ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)  # a row without EOT (truncated by hand) needs all
-    return int(np.where(hits.any(axis=1), last + 1, ids.shape[1]).max())
+    return int(_through_last_eot(ids, eot).max()) if ids.size else 0
 
 
 def row_lengths(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
@@ -391,10 +395,7 @@ def row_lengths(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
     for a row without one), 0 for a refused row (:func:`refused_row`), which needs no encoder at all."""
     if not ids.size:
         return np.zeros(len(ids), dtype=np.int64)
-    hits = ids == spec.eot_token_id
-    last = ids.shape[1] - 1 - np.argmax(hits[:, ::-1], axis=1)
-    needed = np.where(hits.any(axis=1), last + 1, ids.shape[1])
-    return np.where(is_refused(ids, spec), 0, needed)
+    return np.where(is_refused(ids, spec), 0, _through_last_eot(ids, spec.eot_token_id))
 
 
 def cut_to_bucket(ids: np.ndarray, spec: TokenizerSpec) -> np.ndarray:

@@ -4,7 +4,7 @@ encoder, called by this model (BLS) once per sequence-length bucket that the req
 Every text is embedded at the shortest bucket that holds it, whatever its neighbours in the request
 (and in the other requests the dynamic batcher hands this model with it): a raw client's request of
 fifteen short prompts and one caption no longer puts the prompts through 77 positions (issue 33:
-2.3-2.8x the texts/s on mixed requests, measured with bench/raw_split.py). Exact: a causal, EOT-pooled
+2.7-3.2x the texts/s on mixed requests, measured with bench/raw_split.py). Exact: a causal, EOT-pooled
 tower, or a masked one, embeds a text cut after its end token as the whole padded context."""
 
 from __future__ import annotations
