@@ -763,3 +763,34 @@ def test_a_model_is_named_by_arch_and_tag_too(gateway):
     assert answer.json()["model"] == listed["id"]
     wrong = httpx.post(f"{gateway.url}/v1/embeddings", headers=headers, json={"model": alias + "x", "input": "a cat"})
     assert wrong.status_code == 404 and repr(listed["id"]) in wrong.json()["error"]["message"]
+
+
+def test_embeddings_are_serialized_once(gateway, engine, monkeypatch):
+    """/v1/embeddings answers the bytes FastAPI's JSONResponse would send, without the per-number walk
+    of ``jsonable_encoder`` over every embedding (6.4 of 10 ms for 16 x 512 floats, issue 33's gateway
+    rows): the answer is rendered once."""
+    import fastapi.routing
+    from fastapi.responses import JSONResponse
+
+    walked = []
+    original = fastapi.routing.jsonable_encoder
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, dict) and "data" in obj:
+            walked.append(obj)
+        return original(obj, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "jsonable_encoder", counting)
+    texts = [f"a photo of item {i} ünïcode" for i in range(16)]
+    response = httpx.post(
+        f"{gateway.url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+        json={"model": "clip-triton-tiny", "input": texts},
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == JSONResponse(response.json()).body
+    vectors = np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
+    assert cos(vectors, engine.embed_texts(texts)).min() > 0.99999
+    assert walked == []
