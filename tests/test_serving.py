@@ -209,11 +209,12 @@ def test_each_request_is_cut_to_the_bucket_of_its_longest_text(grpc):
 
 
 def test_a_raw_request_of_mixed_lengths_runs_each_text_at_its_own_bucket(grpc, triton, open_clip_reference):
-    """Issue 33, raw clients: one tritonclient request of three short prompts and one long caption. The
-    text encoder runs the prompts at 8 positions and the caption at 77, in two executions of 3 and 1
-    texts (its batch statistics), where it once ran all four at 77 in one execution of 4; every
-    embedding is open_clip's, in request order."""
-    texts = ["a cat", BUCKETED_TEXTS[77], "a dog", "a red car"]
+    """Issue 33, raw clients: one tritonclient request of three short prompts and one 44-token caption.
+    The text encoder runs the prompts at 8 positions and the caption in the 77 bucket at 48 (its own
+    length rounded up to LENGTH_STEP: tests/test_tokenizer.py checks the cut), in two executions of 3
+    and 1 texts (its batch statistics), where it once ran all four at 77 in one execution of 4; every
+    embedding is open_clip's (over the whole 77-token context), in request order."""
+    texts = ["a cat", "a long caption " * 14, "a dog", "a red car"]
     settled(lambda: sum(_batch_sizes(grpc, C.TEXT_MODEL, triton.grpc_admin_headers).values()))
     before = _batch_sizes(grpc, C.TEXT_MODEL, triton.grpc_admin_headers)
     served, status = embed_with_status(grpc, C.TEXT_ENSEMBLE, [t.encode() for t in texts])

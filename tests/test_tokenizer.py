@@ -289,8 +289,9 @@ def test_a_text_whose_tokens_lie_past_the_line_cap_is_refused_cheaply(tokenizers
 
 def test_the_tokenizer_model_sends_each_text_at_its_own_bucket():
     """The server-side split (issue 33): the rows of every request the batcher hands the tokenizer
-    model are grouped by the bucket each needs on its own (its EOT inside), each group cut to it; a
-    refused row goes nowhere; the places lead every embedding back to its request and row."""
+    model are grouped by the bucket each needs on its own (its EOT inside), each group cut to its
+    longest row rounded up to LENGTH_STEP, at most the bucket (a 62-token caption runs at 64, not 77);
+    a refused row goes nowhere; the places lead every embedding back to its request and row."""
     from clip_triton.serving.tokenizer_model import split_by_bucket
     from clip_triton.tokenizer import ClipTokenizer, cut_to_bucket, refused_row, row_lengths
 
@@ -305,8 +306,12 @@ def test_the_tokenizer_model_sends_each_text_at_its_own_bucket():
     assert [(ids.shape, places) for ids, places in groups] == [
         ((2, 8), [(0, 0), (2, 1)]),
         ((1, 16), [(2, 0)]),
-        ((1, 77), [(0, 1)]),
+        ((1, 64), [(0, 1)]),
     ]
+    caption = cut_to_bucket(np.stack([tokenizer.ids("a long caption " * 24), tokenizer.ids(long)]), spec)
+    assert row_lengths(caption, spec).tolist() == [74, 62]
+    ((ids, places),) = split_by_bucket([caption], spec)
+    assert ids.shape == (2, 77) and places == [(0, 0), (0, 1)]  # 74 rounds up to 80: the bucket caps it
     for ids, places in groups:
         for got, (request, row) in zip(ids, places):
             source = (first, None, second)[request][row]
