@@ -156,7 +156,7 @@ def main() -> None:
             return make
 
         def grouped():
-            client = ClipClient(server.grpc_url)
+            client = ClipClient(server.grpc_url, group_by_length=True)
             return lambda texts: len(client.embed_texts(texts))
 
         grpc = grpcclient.InferenceServerClient(server.grpc_url)

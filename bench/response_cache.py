@@ -53,10 +53,10 @@ def prompt_sets(count: int, rounds: int) -> dict[str, list[list[str]]]:
 
 def planned_requests(client, texts: list[str], batch: int) -> int:
     """How many requests ``client.embed_texts(texts)`` sends: one length bucket a request."""
-    from clip_triton.client.core import TextLengths, length_batches
+    from clip_triton.client.core import client_grouping, length_batches
 
-    lengths = TextLengths(client.facts.contract)
-    if not (client.group_by_length and lengths.groups):
+    lengths = client_grouping(client.group_by_length, client.facts)
+    if lengths is None or not lengths.groups:
         return -(-len(texts) // batch)
     return len(length_batches([lengths.key(t) for t in texts], list(range(len(texts))), batch))
 

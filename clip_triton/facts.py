@@ -26,6 +26,7 @@ KEYS = {
     "served_model_name": "served_model_name",
     "encoder_runtime": "encoder_runtime",
     "token_counts": "token_counts",  # "true": the text ensemble answers TOKENS per item (issue 30)
+    "text_split": "text_split",  # "true": the server runs each text at its own length bucket (issue 33)
 }
 CHECKPOINT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
 
@@ -48,6 +49,9 @@ class ServerFacts:
     precision: str = ""
     logit_scale_source: str = ""
     token_counts: bool = False  # the text ensemble counts each item's tokens (contract TOKENS_OUTPUT)
+    # The server's tokenizer runs each text of a request at its own length bucket (one encoder call per
+    # bucket): a client need not group texts by length itself. False on repositories written before.
+    text_split: bool = False
 
     @cached_property
     def languages(self) -> tuple[str, ...]:
@@ -105,6 +109,7 @@ class ServerFacts:
             "served_model_name": self.served_model_name,
             "encoder_runtime": self.encoder_runtime,
             "token_counts": "true" if self.token_counts else "false",
+            "text_split": "true" if self.text_split else "false",
         }
         return {KEYS[name]: value for name, value in values.items()}
 
@@ -127,6 +132,7 @@ class ServerFacts:
             precision=get["precision"],
             logit_scale_source=get["logit_scale_source"],
             token_counts=get["token_counts"] == "true",
+            text_split=get["text_split"] == "true",
         )
 
     @classmethod

@@ -230,6 +230,7 @@ class ExportFacts:
             precision=c.precision,
             logit_scale_source=self.logit_scale_source,
             token_counts=True,
+            text_split=True,  # the tokenizer model calls the text encoder per bucket (text_split below)
         )
 
 

@@ -272,7 +272,7 @@ def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tm
         "FastAPI + open_clip",
         "clip-triton gRPC, onnxruntime, buckets 8,12,16,24,32",  # the finer-bucket export's row
     }
-    ordered = "clip-triton gRPC, onnxruntime, input order"  # the client without length grouping: texts only
+    ordered = "clip-triton gRPC, onnxruntime, client grouping"  # group_by_length=True: texts only
     assert systems == expected | {ordered}
     assert len(report["rows"]) == len(expected) * 3 * 2 + 2 * 2  # kinds x batches (one concurrency)
     assert {r["kind"] for r in report["rows"] if r["system"] == ordered} == {"text", "mixed"}

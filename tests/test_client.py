@@ -481,8 +481,9 @@ def test_embed_parquet_then_search_a_folder_of_generated_images(triton, tmp_path
 
 def test_grouped_texts_match_open_clip_in_input_order(triton, open_clip_reference):
     """Issue 33: texts of every length bucket, shuffled, through ClipClient and AsyncClipClient with
-    length grouping (the default): each row is open_clip's encode_text of its own input text (fp32
-    tolerance), a refused text keeps its index, and the requests never mixed buckets."""
+    length grouping (``group_by_length=True``) and without it (the default against a server that splits
+    requests by length itself): each row is open_clip's encode_text of its own input text (fp32
+    tolerance), a refused text keeps its index, and the grouped requests never mixed buckets."""
     import asyncio
 
     from clip_triton.client import AsyncClipClient
@@ -495,7 +496,10 @@ def test_grouped_texts_match_open_clip_in_input_order(triton, open_clip_referenc
     texts = [texts[i] for i in rng.permutation(len(texts))]
     expected = open_clip_reference.texts(texts)
     tolerance = TOLERANCES["fp32"]
-    with ClipClient(triton.grpc_url, batch_size=8) as client:
+    with ClipClient(triton.grpc_url, batch_size=8) as plain:
+        assert plain.facts.text_split  # the served tokenizer splits: the default client sends input order
+        in_order = plain.embed_texts(texts)
+    with ClipClient(triton.grpc_url, batch_size=8, group_by_length=True) as client:
         rows = client.embed_texts(texts)
         from clip_triton.client.core import text_lengths
 
@@ -505,10 +509,10 @@ def test_grouped_texts_match_open_clip_in_input_order(triton, open_clip_referenc
             client.embed_texts([texts[0], "   ", texts[1]])
 
     async def run():
-        async with AsyncClipClient(triton.grpc_url, batch_size=8) as aclient:
+        async with AsyncClipClient(triton.grpc_url, batch_size=8, group_by_length=True) as aclient:
             return await aclient.embed_texts(texts)
 
-    for got in (rows, asyncio.run(run())):
+    for got in (rows, in_order, asyncio.run(run())):
         assert cos(got, expected).min() >= tolerance["min_cosine"]
         assert np.abs(got - expected).max() <= tolerance["max_abs_diff"]
     assert list(err.value.errors) == [1] and cos(err.value.embeddings[[0, 2]], expected[:2]).min() >= 0.99999

@@ -257,6 +257,29 @@ def test_grouping_can_be_turned_off_and_a_static_graph_is_not_grouped(bucketed_t
     assert [[i.decode() for i in r] for r in bucketed_triton.requests] == [texts]
 
 
+def test_a_server_that_splits_by_length_gets_texts_in_input_order(bucketed_triton):
+    """Where the server's tokenizer runs each text at its own bucket (``facts.text_split``), the
+    clients send texts in input order by default: one request, no client-side tokenization; asked
+    (``group_by_length=True``) they still group."""
+    texts = [LONG[1], SHORT[0], LONG[0], SHORT[1]]
+    bucketed_triton.facts = bucketed_triton.facts.with_(text_split=True)
+    with ClipClient("fake:1") as client:
+        assert np.array_equal(client.embed_texts(texts), expected(texts))
+
+    async def run(**options):
+        async with AsyncClipClient("fake:1", **options) as aclient:
+            return await aclient.embed_texts(texts)
+
+    assert np.array_equal(asyncio.run(run()), expected(texts))
+    assert [[i.decode() for i in r] for r in bucketed_triton.requests] == [texts, texts]
+    bucketed_triton.requests.clear()
+    with ClipClient("fake:1", group_by_length=True) as client:
+        client.embed_texts(texts)
+    asyncio.run(run(group_by_length=True))
+    grouped = [[i.decode() for i in r] for r in bucketed_triton.requests]
+    assert len(grouped) == 6 and all(len(buckets_of(r)) == 1 for r in grouped)
+
+
 def test_a_batch_never_mixes_buckets_even_when_full(bucketed_triton):
     from clip_triton.client.core import length_batches
 

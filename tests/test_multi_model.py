@@ -104,6 +104,7 @@ def test_a_repository_of_two_exports_names_each_models_own_pipeline(tmp_path):
         assert params["served_model_name"].string_value == served
         assert params["embed_dim"].string_value == str(contract.embed_dim)
         assert params["token_counts"].string_value == "true"
+        assert params["text_split"].string_value == "true"  # clients need not group texts by length
         assert (repo / f"manifest__{names.slug}.json").is_file()
     folders = {p.name for p in repo.iterdir() if p.is_dir()}
     assert folders == expected and not {"clip_image", "clip_text"} & folders  # no default among several

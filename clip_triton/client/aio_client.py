@@ -25,6 +25,7 @@ from .core import (
     ServedModel,
     catalog,
     choose_model,
+    client_grouping,
     encode_rows,
     encoded_errors,
     in_language,
@@ -36,7 +37,6 @@ from .core import (
     retry_delay,
     should_retry,
     split_result,
-    text_lengths,
     token_counts,
 )
 from .errors import ClipClientError, ItemErrors
@@ -64,7 +64,7 @@ class AsyncClipClient:
         url_timeout: float = 10.0,
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
-        group_by_length: bool = True,
+        group_by_length: bool | None = None,
         model: str | None = None,
     ):
         """As :class:`ClipClient <clip_triton.client.ClipClient>` (``group_by_length`` and ``model`` included)."""
@@ -148,9 +148,7 @@ class AsyncClipClient:
         facts, text = served.facts, input_name == TEXT_INPUT
         model = served.names.text if text else served.names.image
         size = min(self._batch_size or facts.max_batch_size, facts.max_batch_size)
-        lengths = None
-        if text and self.group_by_length:
-            lengths = text_lengths(facts.contract)
+        lengths = client_grouping(self.group_by_length, facts) if text else None
         out, errors, chunks = plan_batches(items, facts.embed_dim, size, lengths)
         gate = asyncio.Semaphore(self.concurrency)
 

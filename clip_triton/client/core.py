@@ -387,6 +387,17 @@ def text_lengths(contract_json: str) -> TextLengths:
     return TextLengths(contract_json)
 
 
+def client_grouping(group_by_length: bool | None, facts) -> TextLengths | None:
+    """How a client orders texts for ``facts``' server: the :class:`TextLengths` to group them by, or
+    None to send them in input order. ``group_by_length`` None (the default) groups only where the
+    server does not split a request by length itself (``facts.text_split``: a repository written before
+    the split); there the server's exact split already runs each text at its own bucket, and grouping
+    on the client would only add a tokenization per text and more requests."""
+    if group_by_length is False or (group_by_length is None and facts.text_split):
+        return None
+    return text_lengths(facts.contract)
+
+
 def length_batches(keys: list[tuple[int, int]], indices: list[int], batch_size: int) -> list[list[int]]:
     """``indices`` in batches of at most ``batch_size`` whose texts share one bucket, buckets in
     ascending order, the input order kept inside each (a stable sort by ``keys``): the answer rows

@@ -36,6 +36,7 @@ from .core import (
     ServedModel,
     catalog,
     choose_model,
+    client_grouping,
     encode_rows,
     encoded_errors,
     in_language,
@@ -48,7 +49,6 @@ from .core import (
     should_retry,
     split_result,
     status_of,
-    text_lengths,
     transport_error,
 )
 from .errors import (
@@ -94,7 +94,7 @@ class _Job:
 
         n = len(self.items)
         text = self.input_name == TEXT_INPUT
-        lengths = text_lengths(self.facts.contract) if text and self.client.group_by_length else None
+        lengths = client_grouping(self.client.group_by_length, self.facts) if text else None
         if lengths is not None and lengths.groups:  # one length bucket a request (issue 33)
             chunks = length_batches([lengths.key(item) for item in self.items], list(range(n)), self.size)
         else:
@@ -261,15 +261,16 @@ class ClipClient:
         progress: bool | None = False,
         retry_seconds: float = RETRY_SECONDS,
         prompt_cache_entries: int = 256,
-        group_by_length: bool = True,
+        group_by_length: bool | None = None,
         model: str | None = None,
     ):
         """``model``: the served model to use, by its public name (``facts.public_id``); needed where the
         server serves several (without it such a client refuses, listing them). ``timeout``: seconds per request, or None (default) for deadlines scaled to the items in flight
         and the server's measured speed (see :class:`DeadlinePolicy`). ``progress``: a bar on stderr
-        (None: only when stderr is a terminal). ``group_by_length``: texts are sent in requests of one
+        (None: only when stderr is a terminal). ``group_by_length``: True sends texts in requests of one
         sequence-length bucket each (their rows still come back in input order); False sends them in
-        input order, as before."""
+        input order; None (default) groups only where the server does not split requests by length
+        itself (``facts.text_split``, repositories written before the split)."""
         import tritonclient.grpc as grpcclient  # noqa: PLC0415
 
         self._grpc = grpcclient
