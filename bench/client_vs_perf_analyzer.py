@@ -36,7 +36,10 @@ def main() -> None:
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     repo = write_repository(
-        work / "repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python", response_cache="none"), force=True
+        work / "repo",
+        onnx_dir=onnx_dir,
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        force=True,
     )
     photos = image_bytes()
     images = [photos[i % len(photos)] for i in range(args.images)]

@@ -105,7 +105,10 @@ def main() -> int:
     work = Path(args.workdir)
     onnx_dir = prepared_export(args.model, work)
     repo = write_repository(
-        work / "dirty-repo", onnx_dir=onnx_dir, options=RepoOptions(runtime="python", response_cache="none"), force=True
+        work / "dirty-repo",
+        onnx_dir=onnx_dir,
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        force=True,
     )
     clean_dir, dirty_dir = make_folders(work, args.images, args.bad_images)
     clean_texts, dirty_texts = make_texts(args.texts, args.empty_texts)

@@ -56,7 +56,7 @@ def main() -> int:
     repo = write_repository(
         work / "folder-repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", response_cache="none"),
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
         force=True,
     )
     photos = make_photos(work / f"photos-{args.photos}-{args.size}", args.photos, size)

@@ -116,7 +116,9 @@ def main() -> None:
         if changes.get("cpu_runtime") == "openvino" and not (onnx_dir / "vision.xml").is_file():
             print(f"[image_path] {label}: skipped (no OpenVINO IR in the export: pip install openvino)", flush=True)
             continue
-        options = RepoOptions(runtime="python", response_cache="none", **changes)
+        options = RepoOptions(
+            **{"runtime": "python", "cpu_runtime": "onnxruntime", "response_cache": "none", **changes}
+        )
         tag = "".join(c if c.isalnum() else "-" for c in label)[:40]
         repo = write_repository(work / f"image-path-{tag}", onnx_dir=onnx_dir, options=options, force=True)
         with TritonServer(repo, log_file=work / f"image-path-{tag}.log", response_cache_mib=0) as server:

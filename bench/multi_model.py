@@ -36,7 +36,7 @@ def main() -> None:
     print(f"{'repository':<12}{'served model':<16}{'stubs':>6}{'estimated MiB':>15}{'measured MiB':>14}")
     for layout, served in layouts.items():
         repo = work / layout.replace(" ", "-")
-        options = RepoOptions(runtime="python", preprocess_instances=1)
+        options = RepoOptions(runtime="python", cpu_runtime="onnxruntime", preprocess_instances=1)
         write_repository(repo, options=options, exports=[(exports[name], name) for name in served])
         costs = {cost.name: cost for cost in estimate(repo)}
         with TritonServer(repo, log_file=work / f"{repo.name}.log") as server:

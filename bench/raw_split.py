@@ -129,7 +129,7 @@ def main() -> None:
     repo = write_repository(
         work / "raw-split-repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", response_cache="none"),
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
         force=True,
     )
     add_unsplit_model(repo, contract)

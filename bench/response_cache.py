@@ -80,7 +80,9 @@ def run(onnx_dir: Path, work: Path, layout: str, sets, request_batch: int, concu
     from clip_triton.server import DEFAULT_RESPONSE_CACHE_MIB, TritonServer
 
     label, cached = layout, layout != "off"
-    options = RepoOptions(runtime="python", response_cache="text" if layout == "nested" else "none")
+    options = RepoOptions(
+        runtime="python", cpu_runtime="onnxruntime", response_cache="text" if layout == "nested" else "none"
+    )
     repo = write_repository(work / f"cache-repo-{label}", onnx_dir=onnx_dir, options=options, force=True)
     if layout == "public":
         public_layout(repo)

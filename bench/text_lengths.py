@@ -91,7 +91,7 @@ def served_rates(dirs: dict[str, Path], work: Path, sets: dict[str, list[str]], 
         clients = {}
         for label, onnx_dir in dirs.items():
             # No response cache: repeated prompts would be answered from it, not by the encoder measured.
-            options = RepoOptions(runtime="python", response_cache="none")
+            options = RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none")
             repo = write_repository(work / f"repo-{label}", onnx_dir=onnx_dir, options=options, force=True)
             server = stack.enter_context(
                 TritonServer(repo, log_file=work / f"triton-{label}.log", response_cache_mib=0)

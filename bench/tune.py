@@ -53,7 +53,8 @@ def main() -> None:
             continue
         client = {k: change[k] for k in CLIENT_KNOBS if k in change}
         options = replace(
-            RepoOptions(runtime="python", response_cache="none"), **{k: v for k, v in change.items() if k not in client}
+            RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+            **{k: v for k, v in change.items() if k not in client},
         )
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
         try:

@@ -21,6 +21,20 @@ from .errors import ClipTritonError
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
+def resolve_cpu_runtime(choice: str, precision: str = "fp32", has_ir: bool = False) -> str:
+    """The CPU runtime ``choice`` means for an export: itself, or for ``auto`` OpenVINO where bf16 is asked
+    (only OpenVINO computes it) or where the export holds its IR (``export --openvino-ir``) and OpenVINO
+    is installed (fp32, exact at the fp32 tolerance, 1.15-1.28x ONNX Runtime on 16-image requests:
+    docs/benchmarks.md), else ONNX Runtime."""
+    if choice != "auto":
+        return choice
+    if precision == "bf16":
+        return "openvino"
+    import importlib.util  # noqa: PLC0415
+
+    return "openvino" if has_ir and importlib.util.find_spec("openvino") is not None else "onnxruntime"
+
+
 def check_cpu_runtime(runtime: str, precision: str | None = None) -> None:
     """Refuse a CPU runtime, or a runtime/compute-precision pair, that cannot run here (repository
     writer and graph loader alike)."""

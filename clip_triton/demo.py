@@ -18,7 +18,7 @@ def run_demo(
     workdir: str = DEMO_WORKDIR,
     images: list[str] | None = None,
     prompts: list[str] | None = None,
-    cpu_runtime: str = "onnxruntime",
+    cpu_runtime: str = "auto",
     cpu_precision: str = "fp32",
     compare: str | None = None,
     compare_pretrained: str = "none",

@@ -51,7 +51,7 @@ from .contract import (
     Tower,
     check_served_model_name,
 )
-from .cpuruntime import check_cpu_runtime
+from .cpuruntime import check_cpu_runtime, resolve_cpu_runtime
 from .errors import ClipTritonError
 from .facts import ServerFacts
 from .preprocess import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -114,7 +114,9 @@ class RepoOptions:
     encoder_instances: int = 1
     preprocess_instances: int | None = None  # default: 8 on GPU runtimes, one per core for --runtime python
     tokenizer_instances: int = 1
-    cpu_runtime: str = "onnxruntime"  # --runtime python: what runs the graphs (onnxruntime | openvino)
+    # --runtime python: what runs the graphs (onnxruntime | openvino | auto: OpenVINO where the export
+    # holds its IR and OpenVINO is installed, else ONNX Runtime; resolved per export by `resolved`)
+    cpu_runtime: str = "auto"
     cpu_precision: str = "fp32"  # CPU encoders: fp32, or bf16 (OpenVINO; AMX/AVX512-BF16 CPUs)
     encoder_threads: int = 0  # CPU encoders: threads per instance, 0 = all cores
     ort_spinning: bool = True  # ONNX Runtime encoders: let idle threads busy-wait (ORT's default)
@@ -135,9 +137,10 @@ class RepoOptions:
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ClipTritonError(f"unknown runtime {self.runtime!r}", f"choose one of {RUNTIMES}")
-        check_cpu_runtime(self.cpu_runtime)
+        runtime = resolve_cpu_runtime(self.cpu_runtime, self.cpu_precision)  # auto: checked as ONNX Runtime
+        check_cpu_runtime(runtime)
         # Triton's own OpenVINO backend is the engine for --runtime openvino, whatever --cpu-engine says.
-        check_cpu_runtime("openvino" if self.runtime == "openvino" else self.cpu_runtime, self.cpu_precision)
+        check_cpu_runtime("openvino" if self.runtime == "openvino" else runtime, self.cpu_precision)
         if self.served_model_name is not None:
             check_served_model_name(self.served_model_name)
         if self.response_cache not in RESPONSE_CACHE_CHOICES:
@@ -149,6 +152,11 @@ class RepoOptions:
                 "Triton's OpenVINO backend cannot force fp32: on bf16-capable CPUs OpenVINO computes in bf16",
                 "pass --cpu-precision bf16 to state it, or serve exact fp32 with --runtime python",
             )
+
+    def resolved(self, facts: ExportFacts) -> RepoOptions:
+        """These options with ``cpu_runtime`` ``auto`` made concrete for ``facts``' export."""
+        runtime = resolve_cpu_runtime(self.cpu_runtime, self.cpu_precision, facts.has_openvino_ir and self.openvino_ir)
+        return self if runtime == self.cpu_runtime else replace(self, cpu_runtime=runtime)
 
     @property
     def encoder_runtime(self) -> str:
@@ -181,6 +189,7 @@ class ExportFacts:
 
     def serves_ir(self, options: RepoOptions) -> bool:
         """Whether the encoders run the export's OpenVINO IR rather than its ONNX graphs."""
+        options = options.resolved(self)
         openvino = options.runtime == "openvino" or (options.runtime == "python" and options.cpu_runtime == "openvino")
         return self.has_openvino_ir and options.openvino_ir and openvino
 
@@ -216,6 +225,7 @@ class ExportFacts:
 
     def server_facts(self, options: RepoOptions) -> ServerFacts:
         """The facts the ensembles carry for clients (written as config parameters by facts.py)."""
+        options = options.resolved(self)
         c = self.contract
         return ServerFacts(
             model=c.model,
@@ -291,6 +301,7 @@ def _warmup(config, spec: TensorSpec, batch_sizes, lengths: tuple[int, ...] = ()
 def build_configs(facts: ExportFacts, options: RepoOptions, names: ModelNames = SINGLE) -> dict:
     """Every ModelConfig message of one served model, keyed by model name (``names``: the contract's
     own, or each ``<name>__<slug>`` in a repository of several models)."""
+    options = options.resolved(facts)
     c = facts.contract
     max_batch = options.max_batch_size or c.batch.max
     if max_batch > c.batch.max and options.runtime == "tensorrt":
@@ -610,6 +621,7 @@ def write_repository(
 def _write_model(out: Path, model: ServedExport, options: RepoOptions) -> None:
     """One served model's Triton models, graphs, manifest copy and tokenizer file."""
     facts, names, onnx_dir = model.facts, model.names, model.onnx_dir
+    options = options.resolved(facts)
     for rel, text in repository_files(facts, options, names).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)

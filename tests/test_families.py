@@ -155,7 +155,7 @@ def served(family, tmp_path_factory):
     repo = write_repository(
         tmp_path_factory.mktemp(f"repo-{name}") / "model_repository",
         onnx_dir=out,
-        options=RepoOptions(runtime="python"),
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime"),
     )
     server = TritonServer(repo, log_file=tmp_path_factory.mktemp(f"log-{name}") / "triton.log").start(timeout=180)
     try:

@@ -108,7 +108,9 @@ def test_the_served_xlmr_tower_is_exact_and_counts_its_tokens(tmp_path_factory, 
     assert manifest["verification"]["passed"]
     assert manifest["contract"]["tokenizer"]["vocab_size"] == 512  # from tests/configs/hf/xlmr-tiny
     repo = write_repository(
-        tmp_path_factory.mktemp("xlmr") / "repo", onnx_dir=out, options=RepoOptions(runtime="python")
+        tmp_path_factory.mktemp("xlmr") / "repo",
+        onnx_dir=out,
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime"),
     )
     reference = open_clip_reference_for(CONFIG, load_model(str(CONFIG), "none", seed=SEED).model)
     with TritonServer(repo, log_file=tmp_path_factory.mktemp("xlmr-log") / "triton.log") as server:
@@ -156,7 +158,9 @@ def test_the_served_nllb_tower_reads_each_texts_language(tmp_path_factory):
 
     out = export_for_tests(tmp_path_factory, "family-nllb", config=NLLB, openvino_ir=True)
     repo = write_repository(
-        tmp_path_factory.mktemp("nllb") / "repo", onnx_dir=out, options=RepoOptions(runtime="python")
+        tmp_path_factory.mktemp("nllb") / "repo",
+        onnx_dir=out,
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime"),
     )
     reference = open_clip_reference_for(NLLB, load_model(str(NLLB), "none", seed=SEED).model)
     texts = ["un chat sur le canapé", "a photo of a cat", "Ünïcödé 🐱 日本語", "x"]

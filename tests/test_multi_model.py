@@ -348,7 +348,7 @@ def two_model_server(tiny_export, tmp_path_factory):
     siglip = export_for_tests(tmp_path_factory, "family-siglip2", config=SIGLIP_CONFIG, openvino_ir=True)
     repo = write_repository(
         tmp_path_factory.mktemp("multi") / "model_repository",
-        options=RepoOptions(runtime="python", preprocess_instances=1),
+        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", preprocess_instances=1),
         exports=[(tiny_export, TINY), (siglip, SIGLIP)],
     )
     server = TritonServer(repo, log_file=tmp_path_factory.mktemp("multi-log") / "triton.log").start(timeout=240)

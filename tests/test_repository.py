@@ -165,7 +165,8 @@ def test_all_runtimes_share_one_signature(runtime):
     for config in configs.values():
         assert parse(render(config)) == config  # renders and parses back unchanged
     ensemble = configs[C.IMAGE_ENSEMBLE].parameters
-    assert ensemble["encoder_runtime"].string_value == options.encoder_runtime
+    # (the default --cpu-runtime auto is resolved per export: ONNX Runtime for an export without IR)
+    assert ensemble["encoder_runtime"].string_value == options.resolved(ExportFacts.default()).encoder_runtime
 
 
 def test_openvino_configs_carry_the_backends_own_keys():
@@ -198,7 +199,7 @@ def test_openvino_configs_carry_the_backends_own_keys():
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (dict(runtime="python", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
+        (dict(runtime="python", cpu_runtime="onnxruntime", cpu_precision="bf16"), "bf16 on the CPU needs OpenVINO"),
         (dict(runtime="openvino"), "cannot force fp32"),
         (dict(runtime="python", cpu_runtime="tvm"), "unknown CPU runtime"),
         (dict(runtime="python", cpu_precision="int8"), "unknown CPU precision"),
@@ -287,7 +288,7 @@ def test_facts_are_written_and_read_by_one_module():
             json_format.MessageToDict(configs[tower.ensemble], preserving_proto_field_name=True)
         )
         assert read == facts.with_(max_batch_size=configs[tower.ensemble].max_batch_size, item_status=True)
-        assert read.public_id == "clip-big" and read.encoder_runtime == options.encoder_runtime
+        assert read.public_id == "clip-big" and read.encoder_runtime == "onnxruntime (python backend), fp32"
 
 
 def test_encoder_configs_name_their_tower_and_carry_the_contract_only_where_read():

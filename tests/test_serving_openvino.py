@@ -59,17 +59,20 @@ def test_the_ir_is_verified_at_export_like_the_graphs(tiny_ir_export):
 def test_repository_serves_the_ir_only_with_openvino(tiny_ir_export, tmp_path):
     from clip_triton.repository import RepoOptions, parse, write_repository
 
-    for options, expected in (
-        (RepoOptions(runtime="python", cpu_runtime="openvino"), "model.xml"),
-        (RepoOptions(runtime="python", cpu_runtime="openvino", openvino_ir=False), "model.onnx"),
-        (RepoOptions(runtime="python"), "model.onnx"),  # ONNX Runtime runs the ONNX graphs
-        (RepoOptions(runtime="openvino", cpu_precision="bf16"), "model.xml"),  # Triton's OpenVINO backend
+    for options, expected, engine in (
+        (RepoOptions(runtime="python", cpu_runtime="openvino"), "model.xml", "openvino"),
+        (RepoOptions(runtime="python", cpu_runtime="openvino", openvino_ir=False), "model.onnx", "openvino"),
+        (RepoOptions(runtime="python", cpu_runtime="onnxruntime"), "model.onnx", "onnxruntime"),  # the ONNX graphs
+        (RepoOptions(runtime="python"), "model.xml", "openvino"),  # auto: the export holds the IR (fp32)
+        (RepoOptions(runtime="python", openvino_ir=False), "model.onnx", "onnxruntime"),  # auto, IR declined
+        (RepoOptions(runtime="openvino", cpu_precision="bf16"), "model.xml", ""),  # Triton's OpenVINO backend
     ):
         repo = write_repository(tmp_path / "repo", onnx_dir=tiny_ir_export, options=options, force=True)
         for tower in C.TOWERS:
             config = parse((repo / tower.model / "config.pbtxt").read_text())
             named = config.default_model_filename or config.parameters["graph_file"].string_value
             assert named == expected and (repo / tower.model / "1" / expected).is_file(), options
+            assert config.parameters["cpu_runtime"].string_value == engine, options
 
 
 def test_openvino_bf16_serves_open_clip_embeddings_within_tolerance(ov_grpc, photos, open_clip_reference):
@@ -116,3 +119,17 @@ def test_openvino_path_isolates_bad_items(ov_grpc, ov_triton, photos):
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "item 0:" in err.value.message()
     assert ov_triton.ready()
     assert embed(ov_grpc, C.IMAGE_ENSEMBLE, [photos["cat"]]).shape == (1, 32)
+
+
+def test_auto_picks_openvino_only_where_it_has_something_to_run():
+    """``--cpu-runtime auto`` (the default): OpenVINO where bf16 is asked or the export holds its IR and
+    OpenVINO is installed; ONNX Runtime otherwise; a named runtime is kept."""
+    import importlib.util
+
+    from clip_triton.cpuruntime import resolve_cpu_runtime
+
+    installed = importlib.util.find_spec("openvino") is not None
+    assert resolve_cpu_runtime("auto", "fp32", has_ir=False) == "onnxruntime"
+    assert resolve_cpu_runtime("auto", "fp32", has_ir=True) == ("openvino" if installed else "onnxruntime")
+    assert resolve_cpu_runtime("auto", "bf16", has_ir=False) == "openvino"
+    assert resolve_cpu_runtime("onnxruntime", "fp32", has_ir=True) == "onnxruntime"

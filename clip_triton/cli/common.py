@@ -12,6 +12,8 @@ from pathlib import Path
 from ..contract import CONNECT_SECONDS, CPU_PRECISIONS, CPU_RUNTIMES, DEFAULT_URL, RETRY_SECONDS
 from ..errors import ClipTritonError
 
+CPU_RUNTIME_CHOICES = ("auto", *CPU_RUNTIMES)  # "auto": resolved per export (cpuruntime.resolve_cpu_runtime)
+
 EXIT_USER_ERROR = 2
 EXIT_VERIFICATION_FAILED = 3
 EXIT_INTERRUPTED = 130
@@ -23,7 +25,7 @@ Rule = tuple[str, Callable[[argparse.Namespace], bool], str]
 # bf16 on the CPU is OpenVINO's (verify, demo).
 BF16_NEEDS_OPENVINO: Rule = (
     "cpu_precision",
-    lambda a: a.cpu_precision == "fp32" or a.cpu_runtime == "openvino",
+    lambda a: a.cpu_precision == "fp32" or a.cpu_runtime in ("openvino", "auto"),
     "--cpu-precision bf16 needs --cpu-runtime openvino",
 )
 
@@ -136,9 +138,11 @@ def cpu_args(p: argparse.ArgumentParser, applies: str) -> None:
         "--cpu-runtime",
         "--cpu-engine",
         dest="cpu_runtime",
-        choices=CPU_RUNTIMES,
-        default="onnxruntime",
-        help=f"what runs the graphs on the CPU{applies} (--cpu-engine: old spelling)",
+        choices=CPU_RUNTIME_CHOICES,
+        default="auto",
+        help=f"what runs the graphs on the CPU{applies}; auto: OpenVINO where the export holds its IR "
+        "(export --openvino-ir) and OpenVINO is installed, or bf16 is asked, else ONNX Runtime "
+        "(--cpu-engine: old spelling)",
     )
     p.add_argument(
         "--cpu-precision",
