@@ -621,7 +621,6 @@ def write_repository(
 def _write_model(out: Path, model: ServedExport, options: RepoOptions) -> None:
     """One served model's Triton models, graphs, manifest copy and tokenizer file."""
     facts, names, onnx_dir = model.facts, model.names, model.onnx_dir
-    options = options.resolved(facts)
     for rel, text in repository_files(facts, options, names).items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
