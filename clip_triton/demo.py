@@ -1,6 +1,7 @@
 """``clip-triton demo``: the whole shape on this machine, offline.
 
-export (open_clip -> verified ONNX) -> repository (python-backend ORT encoders) -> tritonserver ->
+export (open_clip -> verified ONNX, and OpenVINO IR where OpenVINO is installed) -> repository
+(python-backend encoders: OpenVINO fp32 on the IR, else ONNX Runtime) -> tritonserver ->
 ClipClient: image bytes and prompt strings in, zero-shot scores out.
 """
 

@@ -35,7 +35,7 @@ def test_bigG_exports_both_towers_within_memory(tmp_path, openvino_ir):
             "none",
             "--out",
             str(out),
-            *(["--openvino-ir"] if openvino_ir else []),
+            "--openvino-ir" if openvino_ir else "--no-openvino-ir",
         ],
         capture_output=True,
         text=True,

@@ -116,7 +116,14 @@ def test_external_data_path(tmp_path):
     """With a lowered threshold, weights go to one .data file beside each graph; the checker and
     ONNX Runtime load them by path, and verification still passes."""
     manifest = export_model(
-        str(TINY_CONFIG), "none", tmp_path, precision="fp32", seed=SEED, external_threshold=0, verify_batches=(1, 3)
+        str(TINY_CONFIG),
+        "none",
+        tmp_path,
+        precision="fp32",
+        seed=SEED,
+        external_threshold=0,
+        verify_batches=(1, 3),
+        openvino_ir=False,
     )
     for tower in ("vision", "text"):
         data = tmp_path / f"{tower}.onnx.data"
@@ -161,7 +168,9 @@ def test_local_checkpoint_is_reloaded_and_matched(tmp_path, tiny_export, referen
     checkpoint = tmp_path / "tiny.pt"
     torch.save(reference_model.state_dict(), checkpoint)
     out = tmp_path / "from-file"
-    manifest = export_model(str(TINY_CONFIG), str(checkpoint), out, precision="fp32", verify_batches=(1,))
+    manifest = export_model(
+        str(TINY_CONFIG), str(checkpoint), out, precision="fp32", verify_batches=(1,), openvino_ir=False
+    )
     assert manifest["random_weights"] is False and manifest["seed"] is None
     assert manifest["checkpoint"] == {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
     ids = np.zeros((2, 77), dtype=np.int32)
@@ -192,14 +201,134 @@ def test_cli_errors_are_one_line_with_next_step(tmp_path, args, fragment):
 
 
 def test_cli_export_writes_graphs_manifest_and_table(tmp_path):
-    result = cli("export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--out", str(tmp_path))
+    """The default fp32 export on a host with OpenVINO (the suite installs the cpu extra) also writes
+    the IR that --cpu-runtime auto serves, verified like the graphs; --no-openvino-ir leaves it out."""
+    result = cli("export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--out", str(tmp_path / "default"))
     assert result.returncode == 0, result.stderr
-    assert "RANDOM weights" in result.stderr
+    assert "RANDOM weights" in result.stderr and "converting the towers to OpenVINO IR too" in result.stderr
     table = result.stdout.splitlines()
     assert any(line.startswith("tower") for line in table)
-    # vision 3+1 and a refused row; text 4 lengths x (3+1) and a refused row
-    assert sum(line.rstrip().endswith("ok") for line in table) == 4 + 1 + 4 * 4 + 1
-    assert {p.name for p in tmp_path.iterdir()} == {"vision.onnx", "text.onnx", "manifest.json", "references.npz"}
+    # per runtime (ONNX Runtime on the graphs, OpenVINO on the IR): vision 3+1 and a refused row; text 4
+    # lengths x (3+1) and a refused row
+    assert sum(line.rstrip().endswith("ok") for line in table) == 2 * (4 + 1 + 4 * 4 + 1)
+    graphs = {"vision.onnx", "text.onnx", "manifest.json", "references.npz"}
+    assert {p.name for p in (tmp_path / "default").iterdir()} == graphs | {
+        "vision.xml",
+        "vision.bin",
+        "text.xml",
+        "text.bin",
+    }
+    manifest = json.loads((tmp_path / "default" / "manifest.json").read_text())
+    assert set(manifest["openvino_ir"]) == {"vision", "text"} and manifest["openvino_ir_skipped"] is None
+
+    result = cli(
+        "export", "--model", str(TINY_CONFIG), "--pretrained", "none", "--out", str(tmp_path / "no-ir"),
+        "--no-openvino-ir", "--verify-batches", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "OpenVINO IR" not in result.stderr
+    assert {p.name for p in (tmp_path / "no-ir").iterdir()} == graphs
+
+
+def _in_process_child(monkeypatch):
+    """Run the export's PyTorch stage in this process (a spawned child would not see monkeypatches)."""
+    import queue
+
+    from clip_triton.export import pipeline
+
+    def run_here(job, steps, write_line):
+        events = queue.Queue()
+        monkeypatch.setattr(pipeline, "_EVENTS", events, raising=False)
+        facts = pipeline._export_stage(job)
+        while not events.empty():  # the child's log lines, as _run_child relays them
+            kind, line = events.get()
+            if kind == "log":
+                child_lines.append(line)
+        return facts
+
+    child_lines: list[str] = []
+    monkeypatch.setattr(pipeline, "_run_child", run_here)
+    return pipeline, child_lines
+
+
+def test_an_ir_openvino_cannot_convert_is_left_out_by_default_and_fails_when_asked(tmp_path, monkeypatch):
+    """By default the IR is an extra: a tower OpenVINO's frontend cannot convert leaves the export
+    without IR (recorded, with a warning; the verified ONNX graphs serve, and --reuse keeps it);
+    --openvino-ir asked for it, so there it fails the export."""
+    from clip_triton.export.pipeline import current_export
+    from clip_triton.progress import Progress
+
+    pipeline, child_lines = _in_process_child(monkeypatch)
+    real = pipeline.export_openvino_ir
+
+    def convert(model, contract, tower, out_dir):
+        if tower == "vision":  # converted second: the text IR already written must go too
+            raise RuntimeError("Check 'is_conversion_supported' failed: aten::frobnicate")
+        return real(model, contract, tower, out_dir)
+
+    monkeypatch.setattr(pipeline, "export_openvino_ir", convert)
+    lines: list[str] = []
+    out = tmp_path / "default"
+    manifest = export_model(
+        str(TINY_CONFIG), "none", out, seed=SEED, verify_batches=(1,), log=Progress("export", sink=lines.append)
+    )
+    lines += child_lines
+    assert manifest["verification"]["passed"] and manifest["openvino_ir"] is None
+    assert "could not convert the vision tower" in manifest["openvino_ir_skipped"]
+    assert any("WARNING: OpenVINO could not convert the vision tower" in line for line in lines)
+    assert not list(out.glob("*.xml")) and not list(out.glob("*.bin"))
+    assert current_export(out, str(TINY_CONFIG), "none", seed=SEED, openvino_ir=None) is not None  # no retry loop
+    assert current_export(out, str(TINY_CONFIG), "none", seed=SEED, openvino_ir=True) is None
+
+    with pytest.raises(RuntimeError, match="frobnicate"):
+        export_model(str(TINY_CONFIG), "none", tmp_path / "asked", seed=SEED, verify_batches=(1,), openvino_ir=True)
+    assert not (tmp_path / "asked").exists()
+
+
+def test_an_ir_that_fails_verification_is_removed_by_default_and_fails_when_asked(tmp_path, monkeypatch):
+    """An IR whose outputs miss open_clip's is never served: by default it is deleted (the ONNX graphs,
+    which passed, serve); with --openvino-ir the export fails and says so."""
+    import dataclasses
+
+    from clip_triton.errors import VerificationError
+    from clip_triton.progress import Progress
+
+    pipeline, child_lines = _in_process_child(monkeypatch)
+    real = pipeline.check_graphs
+
+    def check(*args, graph="onnx", **kwargs):
+        checks = real(*args, graph=graph, **kwargs)
+        if graph != "ir":
+            return checks
+        return [dataclasses.replace(c, passed=False) if c.tower.startswith("text") else c for c in checks]
+
+    monkeypatch.setattr(pipeline, "check_graphs", check)
+    lines: list[str] = []
+    out = tmp_path / "default"
+    manifest = export_model(
+        str(TINY_CONFIG), "none", out, seed=SEED, verify_batches=(1,), log=Progress("export", sink=lines.append)
+    )
+    assert manifest["verification"]["passed"] and manifest["openvino_ir"] is None
+    assert manifest["openvino_ir_skipped"] == "the OpenVINO IR of text failed verification"
+    assert any("failed verification against open_clip; it is removed" in line for line in lines)
+    assert not list(out.glob("*.xml")) and not list(out.glob("*.bin"))
+
+    with pytest.raises(VerificationError):
+        export_model(str(TINY_CONFIG), "none", tmp_path / "asked", seed=SEED, verify_batches=(1,), openvino_ir=True)
+
+
+def test_the_ir_is_written_by_default_only_where_it_would_be_served(monkeypatch):
+    """fp32 with OpenVINO installed: yes; fp16 (TensorRT's export) or no OpenVINO: no; asked: as asked."""
+    import importlib.util
+
+    from clip_triton.export.pipeline import wants_openvino_ir
+
+    assert importlib.util.find_spec("openvino") is not None  # the suite installs the cpu extra
+    assert wants_openvino_ir(None, "fp32") and not wants_openvino_ir(None, "fp16")
+    assert wants_openvino_ir(True, "fp16") and not wants_openvino_ir(False, "fp32")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert not wants_openvino_ir(None, "fp32")
 
 
 def test_verify_fails_on_a_corrupted_graph(tmp_path, tiny_export):

@@ -3,6 +3,7 @@ repository), ``build-engines`` and ``check-engines`` (TensorRT). Each declares i
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ EXPORT_RULES: list[Rule] = [
     ("verify_batches", lambda a: not a.no_verify, "--verify-batches has no effect with --no-verify"),
     (
         "openvino_ir",
-        lambda a: a.precision == "fp32",
+        lambda a: a.precision == "fp32" or not a.openvino_ir,
         "--openvino-ir converts fp32 exports (OpenVINO picks fp32 or bf16 compute itself): drop --precision fp16",
     ),
     (
@@ -227,9 +228,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--verify-batches", default="1,3,8", help="comma-separated batch sizes to verify")
     p.add_argument(
         "--openvino-ir",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="also convert each tower to OpenVINO IR straight from the PyTorch module (verified like the "
-        "graphs); OpenVINO runtimes then serve it: faster than OpenVINO on the ONNX (docs/benchmarks.md)",
+        "graphs); --cpu-runtime auto then serves it with OpenVINO, the faster exact CPU path "
+        "(docs/benchmarks.md). Default: yes for fp32 exports where OpenVINO is installed (the cpu extra), "
+        "skipped with a warning if OpenVINO cannot convert or verify it; --openvino-ir makes that an error",
     )
     p.add_argument(
         "--text-buckets",

@@ -134,6 +134,7 @@ def _export_stage(job: dict) -> dict:
         log("converting weights to fp16 (normalisations kept in float32)")
         to_half(net)
     graphs, irs = {}, {}
+    ir_skipped: str | None = None
     for tower in EXPORT_ORDER:
         log(
             f"exporting {tower} tower to {out / tower_spec(tower).onnx_file} (torch.onnx dynamo, opset {job['opset']}, "
@@ -147,10 +148,19 @@ def _export_stage(job: dict) -> dict:
             f"wrote {graphs[tower]['file']} ({mib:.1f} MiB{', external data' if graphs[tower]['external_data'] else ''})"
         )
         step(f"{tower} graph")
-        if job["openvino_ir"]:
+        if job["openvino_ir"] and ir_skipped is None:
             log(f"converting {tower} tower to OpenVINO IR {out / tower_spec(tower).ir_file} (openvino.convert_model)")
-            irs[tower] = export_openvino_ir(net, contract, tower, out)
-            log(f"wrote {irs[tower]['file']} ({irs[tower]['bytes'] / 1024**2:.1f} MiB with its weights)")
+            try:
+                irs[tower] = export_openvino_ir(net, contract, tower, out)
+            except Exception as exc:  # OpenVINO's frontends raise their own types
+                if job["openvino_ir_required"]:
+                    raise
+                ir_skipped = f"OpenVINO could not convert the {tower} tower: {str(exc).splitlines()[0][:200]}"
+                log(f"WARNING: {ir_skipped}; the export carries no IR and serves on ONNX Runtime")
+                irs = remove_ir(out)
+            else:
+                log(f"wrote {irs[tower]['file']} ({irs[tower]['bytes'] / 1024**2:.1f} MiB with its weights)")
+        if job["openvino_ir"]:
             step(f"{tower} IR")
         if tower == TEXT.name:  # the vision export needs no text weights
             for name in TEXT_ATTRIBUTES:
@@ -161,6 +171,7 @@ def _export_stage(job: dict) -> dict:
         "contract": contract.to_dict(),
         "graphs": graphs,
         "openvino_ir": irs or None,
+        "openvino_ir_skipped": ir_skipped,
         "random_weights": loaded.random_weights,
         "seed": loaded.seed,
         "checkpoint": {"path": loaded.checkpoint_path, "sha256": loaded.checkpoint_sha256},
@@ -219,6 +230,27 @@ def check_graphs(
     return checks
 
 
+def wants_openvino_ir(openvino_ir: bool | None, precision: str) -> bool:
+    """Whether an export converts its towers to OpenVINO IR. ``None``, the default: wherever it would
+    be served, i.e. an fp32 export on a host with OpenVINO installed (the ``cpu`` extra), which
+    ``--cpu-runtime auto`` then serves with OpenVINO fp32, the faster exact CPU path
+    (docs/benchmarks.md). An fp16 export (TensorRT) or a host without OpenVINO gets none."""
+    if openvino_ir is not None:
+        return openvino_ir
+    import importlib.util  # noqa: PLC0415
+
+    return precision == "fp32" and importlib.util.find_spec("openvino") is not None
+
+
+def remove_ir(folder: Path) -> dict:
+    """Delete any OpenVINO IR files of the towers from an export folder; returns the (empty) IR facts."""
+    for spec in (TEXT, VISION):
+        xml = Path(folder) / spec.ir_file
+        for path in (xml, xml.with_suffix(".bin")):
+            path.unlink(missing_ok=True)
+    return {}
+
+
 def current_export(
     folder: str | Path,
     model: str,
@@ -227,12 +259,14 @@ def current_export(
     precision: str = DEFAULT_PRECISION,
     seed: int = 0,
     text_buckets: tuple[int, ...] | None = None,
-    openvino_ir: bool = False,
+    openvino_ir: bool | None = False,
 ) -> dict | None:
     """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
     seed, for random weights), else None. A checkpoint file must have the recorded sha256. An export
     from before text buckets (a static text graph) is not current unless ``text_buckets == ()``;
-    with ``text_buckets`` None, any bucketed export is. With ``openvino_ir``, it must hold the IR."""
+    with ``text_buckets`` None, any bucketed export is. With ``openvino_ir`` True, it must hold the IR;
+    None (export's default, ``wants_openvino_ir``): it must hold it, or record why OpenVINO could not
+    convert it, wherever an export made now would write it."""
     from clip_triton.contract import normalise_pretrained  # noqa: PLC0415
 
     path = Path(folder) / MANIFEST
@@ -248,7 +282,11 @@ def current_export(
         and manifest.get("precision") == precision
         and manifest.get("verification", {}).get("passed") is True
         and (bool(buckets) if text_buckets is None else buckets == tuple(sorted(text_buckets)))
-        and (bool(manifest.get("openvino_ir")) or not openvino_ir)
+        and (
+            not wants_openvino_ir(openvino_ir, precision)
+            or bool(manifest.get("openvino_ir"))
+            or (openvino_ir is None and bool(manifest.get("openvino_ir_skipped")))
+        )
     )
     if not same:
         return None
@@ -390,7 +428,7 @@ def export_model(
     reuse: bool = False,
     progress: bool | None = None,
     text_buckets: tuple[int, ...] | None = None,
-    openvino_ir: bool = False,
+    openvino_ir: bool | None = None,
 ) -> dict:
     """Export both towers of ``model`` into ``out_dir``; returns the manifest (also written).
 
@@ -401,7 +439,10 @@ def export_model(
     (None: when stderr is a terminal). ``text_buckets``: the text graph's shorter sequence lengths
     (None: the contract's default, ``()``: a static graph at the context length). ``openvino_ir``: also
     convert each tower to OpenVINO IR straight from the module, verified like the ONNX graphs (the
-    OpenVINO runtimes serve it instead of the ONNX: faster on the CPU, docs/benchmarks.md).
+    OpenVINO runtimes serve it instead of the ONNX: faster on the CPU, docs/benchmarks.md). None, the
+    default: where it would be served (``wants_openvino_ir``: fp32 with OpenVINO installed); there, an
+    IR that OpenVINO cannot convert or that fails verification is left out with a warning (the ONNX
+    graphs still serve), where True fails the export.
     """
     from clip_triton.progress import bar  # noqa: PLC0415
 
@@ -417,6 +458,12 @@ def export_model(
             return existing
     work = _prepare_folder(out, force or reuse)
     started = time.monotonic()
+    required, openvino_ir = openvino_ir is True, wants_openvino_ir(openvino_ir, precision)
+    if openvino_ir and not required:
+        log(
+            "converting the towers to OpenVINO IR too (fp32 with OpenVINO installed: the faster CPU path; "
+            "--no-openvino-ir skips it)"
+        )
     extra = (2 if openvino_ir else 0) * (2 if verify else 1)  # IR conversion (and its verification), per tower
     steps = bar(len(CHILD_STEPS) + (3 if verify else 1) + extra, "export", unit="step", enabled=progress)
     try:
@@ -436,6 +483,7 @@ def export_model(
             started=started,
             text_buckets=text_buckets,
             openvino_ir=openvino_ir,
+            openvino_ir_required=required,
         )
     except VerificationError:
         _publish(work, out)  # kept for inspection: its manifest says the verification failed, so nothing serves it
@@ -472,6 +520,7 @@ def _export_into(
     started: float,
     text_buckets: tuple[int, ...] | None = None,
     openvino_ir: bool = False,
+    openvino_ir_required: bool = True,
 ) -> dict:
     references = work / REFERENCES
     job = {
@@ -485,6 +534,7 @@ def _export_into(
         "verify_batches": list(verify_batches),
         "text_buckets": None if text_buckets is None else list(text_buckets),
         "openvino_ir": openvino_ir,
+        "openvino_ir_required": openvino_ir_required,
         "cache_dir": cache_dir,
         "external_threshold": external_threshold,
         "references": str(references),
@@ -498,7 +548,17 @@ def _export_into(
         cases = load_references(references)
         checks = check_graphs(work, contract, cases, log, steps=steps)
         if facts.get("openvino_ir"):  # OpenVINO fp32 on the IR: the same references, the same tolerance
-            checks += check_graphs(work, contract, cases, log, runtime="openvino", steps=steps, graph="ir")
+            ir_checks = check_graphs(work, contract, cases, log, runtime="openvino", steps=steps, graph="ir")
+            if openvino_ir_required or all(c.passed for c in ir_checks):
+                checks += ir_checks
+            else:  # asked for by default only: the verified ONNX graphs serve, nothing unverified does
+                failed = sorted({c.tower.split()[0] for c in ir_checks if not c.passed})  # "text ir" -> text
+                facts["openvino_ir_skipped"] = f"the OpenVINO IR of {', '.join(failed)} failed verification"
+                log(
+                    f"WARNING: {facts['openvino_ir_skipped']} against open_clip; it is removed and the export "
+                    "serves on ONNX Runtime (export --openvino-ir to fail instead)"
+                )
+                facts["openvino_ir"] = remove_ir(work) or None
     else:
         log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
 
@@ -519,6 +579,7 @@ def _export_into(
         "hf_tokenizer": _tokenizer_facts(work),
         "graphs": facts["graphs"],
         "openvino_ir": facts.get("openvino_ir"),
+        "openvino_ir_skipped": facts.get("openvino_ir_skipped"),
         "references": REFERENCES if verify else None,
         "verification": {
             "performed": verify,
