@@ -149,7 +149,10 @@ def _export_stage(job: dict) -> dict:
         )
         step(f"{tower} graph")
         if job["openvino_ir"] and ir_skipped is None:
-            log(f"converting {tower} tower to OpenVINO IR {out / tower_spec(tower).ir_file} (openvino.convert_model)")
+            why = "" if job["openvino_ir_required"] else "; fp32 with OpenVINO installed, --no-openvino-ir skips it"
+            log(
+                f"converting {tower} tower to OpenVINO IR {out / tower_spec(tower).ir_file} (openvino.convert_model{why})"
+            )
             try:
                 irs[tower] = export_openvino_ir(net, contract, tower, out)
             except Exception as exc:  # OpenVINO's frontends raise their own types
@@ -459,11 +462,6 @@ def export_model(
     work = _prepare_folder(out, force or reuse)
     started = time.monotonic()
     required, openvino_ir = openvino_ir is True, wants_openvino_ir(openvino_ir, precision)
-    if openvino_ir and not required:
-        log(
-            "converting the towers to OpenVINO IR too (fp32 with OpenVINO installed: the faster CPU path; "
-            "--no-openvino-ir skips it)"
-        )
     extra = (2 if openvino_ir else 0) * (2 if verify else 1)  # IR conversion (and its verification), per tower
     steps = bar(len(CHILD_STEPS) + (3 if verify else 1) + extra, "export", unit="step", enabled=progress)
     try:
