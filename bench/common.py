@@ -8,13 +8,12 @@ from pathlib import Path
 def prepared_export(model: str, workdir: str | Path) -> Path:
     """A verified random-weight export of ``model`` under ``workdir``, reused when already there; with
     OpenVINO IR where OpenVINO is installed (OpenVINO rows then run what it serves)."""
-    import importlib.util
-
+    from clip_triton.cpuruntime import openvino_installed
     from clip_triton.export import export_model
     from clip_triton.progress import configure_cli_logging
 
     configure_cli_logging()  # the export's step lines on stderr, as the CLI shows them
 
     onnx_dir = Path(workdir) / f"onnx-{Path(model).stem}"
-    export_model(model, "none", onnx_dir, reuse=True, openvino_ir=importlib.util.find_spec("openvino") is not None)
+    export_model(model, "none", onnx_dir, reuse=True, openvino_ir=openvino_installed())
     return onnx_dir

@@ -21,6 +21,13 @@ from .errors import ClipTritonError
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
 
+def openvino_installed() -> bool:
+    """Whether OpenVINO (the ``cpu`` extra) can be imported here, without importing it."""
+    import importlib.util  # noqa: PLC0415
+
+    return importlib.util.find_spec("openvino") is not None
+
+
 def resolve_cpu_runtime(choice: str, precision: str = "fp32", has_ir: bool = False) -> str:
     """The CPU runtime ``choice`` means for an export: itself, or for ``auto`` OpenVINO where bf16 is asked
     (only OpenVINO computes it) or where the export holds its IR (``export --openvino-ir``) and OpenVINO
@@ -30,9 +37,7 @@ def resolve_cpu_runtime(choice: str, precision: str = "fp32", has_ir: bool = Fal
         return choice
     if precision == "bf16":
         return "openvino"
-    import importlib.util  # noqa: PLC0415
-
-    return "openvino" if has_ir and importlib.util.find_spec("openvino") is not None else "onnxruntime"
+    return "openvino" if has_ir and openvino_installed() else "onnxruntime"
 
 
 def check_cpu_runtime(runtime: str, precision: str | None = None) -> None:

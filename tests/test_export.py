@@ -358,6 +358,18 @@ def test_verify_fails_against_a_wrong_reference(tiny_export):
     assert wrong.returncode == 3 and "verification checks failed" in wrong.stderr
 
 
+def test_verify_auto_checks_what_auto_serves(tiny_export, tiny_ir_export):
+    """`verify --cpu-runtime auto` (the default) resolves from the export's manifest, as the repository
+    does: an export with IR is checked on OpenVINO fp32, graphs and IR; one without, on ONNX Runtime."""
+    from clip_triton.export import verify_export
+
+    with_ir = verify_export(tiny_ir_export, runtime="auto")
+    assert {c.tower for c in with_ir} == {"text", "vision", "text ir", "vision ir"}
+    assert all(c.passed for c in with_ir)
+    without = verify_export(tiny_export, runtime="auto")
+    assert {c.tower for c in without} == {"text", "vision"} and all(c.passed for c in without)
+
+
 def test_openvino_runs_the_graphs_within_the_stated_tolerances(tiny_export):
     """The CPU's other engine, OpenVINO, on the same graphs against the same open_clip references:
     fp32 to fp32's tolerance, bf16 to bf16's, and bf16 really computes in bf16 where the CPU has it."""

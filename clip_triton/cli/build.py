@@ -89,19 +89,13 @@ def _export(args) -> int:
 
 
 def _verify(args) -> int:
-    import json  # noqa: PLC0415
-
-    from clip_triton.contract import MANIFEST  # noqa: PLC0415
-    from clip_triton.cpuruntime import resolve_cpu_runtime  # noqa: PLC0415
     from clip_triton.export import verify_export  # noqa: PLC0415
 
-    manifest = Path(args.onnx_dir) / MANIFEST
-    has_ir = manifest.is_file() and bool(json.loads(manifest.read_text()).get("openvino_ir"))
     verify_export(
         args.onnx_dir,
         seed=args.seed,
         checkpoint=args.checkpoint,
-        runtime=resolve_cpu_runtime(args.cpu_runtime, args.cpu_precision, has_ir),
+        runtime=args.cpu_runtime,  # auto: resolved from the export's manifest
         cpu_precision=args.cpu_precision,
     )
     return 0

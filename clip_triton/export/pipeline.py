@@ -30,6 +30,7 @@ from clip_triton.contract import (
     ModelContract,
 )
 from clip_triton.contract import tower as tower_spec
+from clip_triton.cpuruntime import openvino_installed, resolve_cpu_runtime
 from clip_triton.errors import ClipTritonError, VerificationError
 from clip_triton.progress import Progress, emit
 
@@ -160,7 +161,8 @@ def _export_stage(job: dict) -> dict:
                     raise
                 ir_skipped = f"OpenVINO could not convert the {tower} tower: {str(exc).splitlines()[0][:200]}"
                 log(f"WARNING: {ir_skipped}; the export carries no IR and serves on ONNX Runtime")
-                irs = remove_ir(out)
+                remove_ir(out)
+                irs = {}
             else:
                 log(f"wrote {irs[tower]['file']} ({irs[tower]['bytes'] / 1024**2:.1f} MiB with its weights)")
         if job["openvino_ir"]:
@@ -240,18 +242,15 @@ def wants_openvino_ir(openvino_ir: bool | None, precision: str) -> bool:
     (docs/benchmarks.md). An fp16 export (TensorRT) or a host without OpenVINO gets none."""
     if openvino_ir is not None:
         return openvino_ir
-    import importlib.util  # noqa: PLC0415
-
-    return precision == "fp32" and importlib.util.find_spec("openvino") is not None
+    return precision == "fp32" and openvino_installed()
 
 
-def remove_ir(folder: Path) -> dict:
-    """Delete any OpenVINO IR files of the towers from an export folder; returns the (empty) IR facts."""
+def remove_ir(folder: Path) -> None:
+    """Delete any OpenVINO IR files of the towers from an export folder."""
     for spec in (TEXT, VISION):
         xml = Path(folder) / spec.ir_file
         for path in (xml, xml.with_suffix(".bin")):
             path.unlink(missing_ok=True)
-    return {}
 
 
 def current_export(
@@ -556,7 +555,8 @@ def _export_into(
                     f"WARNING: {facts['openvino_ir_skipped']} against open_clip; it is removed and the export "
                     "serves on ONNX Runtime (export --openvino-ir to fail instead)"
                 )
-                facts["openvino_ir"] = remove_ir(work) or None
+                remove_ir(work)
+                facts["openvino_ir"] = None
     else:
         log("WARNING: verification skipped (--no-verify); the graphs are unchecked against open_clip")
 
@@ -630,13 +630,15 @@ def verify_export(
     cpu_precision: str = "fp32",
 ) -> list:
     """Re-check an existing export against open_clip rebuilt from its manifest (with OpenVINO, its
-    OpenVINO IR too, when it has one).
+    OpenVINO IR too, when it has one). ``runtime`` may be ``auto``: resolved for this export as the
+    repository resolves it (``cpuruntime.resolve_cpu_runtime``).
 
     Random-weight exports are rebuilt from their recorded seed (``seed`` overrides it); exports of
     real weights reload the recorded checkpoint (``checkpoint`` overrides its path).
     """
     log = log or Progress("verify")
     manifest = read_manifest(onnx_dir)
+    runtime = resolve_cpu_runtime(runtime, cpu_precision, bool(manifest.get("openvino_ir")))
     contract = ModelContract.from_dict(manifest["contract"])
     if manifest["random_weights"]:
         pretrained, use_seed = "none", manifest["seed"] if seed is None else seed
