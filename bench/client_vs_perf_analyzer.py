@@ -14,12 +14,12 @@ import argparse
 import time
 from pathlib import Path
 
-from common import prepared_export  # bench/common.py
+from common import bench_repo_options, prepared_export  # bench/common.py
 
 from clip_triton.client import ClipClient
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.perf import run_perf_analyzer
-from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.repository import write_repository
 from clip_triton.samples import PERF_PROMPTS, image_bytes
 from clip_triton.server import TritonServer
 
@@ -38,7 +38,7 @@ def main() -> None:
     repo = write_repository(
         work / "repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        options=bench_repo_options(),
         force=True,
     )
     photos = image_bytes()

@@ -17,3 +17,13 @@ def prepared_export(model: str, workdir: str | Path) -> Path:
     onnx_dir = Path(workdir) / f"onnx-{Path(model).stem}"
     export_model(model, "none", onnx_dir, reuse=True, openvino_ir=openvino_installed())
     return onnx_dir
+
+
+def bench_repo_options(**changes):
+    """The repository the benches serve: python-backend encoders on ONNX Runtime unless ``changes``
+    say otherwise, and no response cache (a bench repeats its bodies; a cache would answer them)."""
+    from dataclasses import replace
+
+    from clip_triton.repository import RepoOptions
+
+    return replace(RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"), **changes)

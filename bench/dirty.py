@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import prepared_export  # bench/common.py
+from common import bench_repo_options, prepared_export  # bench/common.py
 
 BAD_FILES = (b"", b"not an image at all", b"<!doctype html><p>404</p>", b"\xff\xd8\xff\xe0 truncated")
 
@@ -99,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from clip_triton.client import ClipClient, ItemErrors
-    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.repository import write_repository
     from clip_triton.server import TritonServer
 
     work = Path(args.workdir)
@@ -107,7 +107,7 @@ def main() -> int:
     repo = write_repository(
         work / "dirty-repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        options=bench_repo_options(),
         force=True,
     )
     clean_dir, dirty_dir = make_folders(work, args.images, args.bad_images)

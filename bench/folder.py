@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import prepared_export  # bench/common.py
+from common import bench_repo_options, prepared_export  # bench/common.py
 
 
 def make_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.repository import write_repository
     from clip_triton.server import TritonServer
 
     work = Path(args.workdir)
@@ -56,7 +56,7 @@ def main() -> int:
     repo = write_repository(
         work / "folder-repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        options=bench_repo_options(),
         force=True,
     )
     photos = make_photos(work / f"photos-{args.photos}-{args.size}", args.photos, size)

@@ -24,7 +24,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import prepared_export  # bench/common.py
+from common import bench_repo_options, prepared_export  # bench/common.py
 from peers import load, mixed_texts  # the load generator and texts of bench/peers.py
 
 UNSPLIT_MODEL = "clip_text_unsplit"
@@ -117,7 +117,7 @@ def main() -> None:
 
     from clip_triton.client import ClipClient
     from clip_triton.contract import EMBEDDING_OUTPUT, STATUS_OUTPUT, TEXT_ENSEMBLE, TEXT_INPUT, ModelContract
-    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.repository import write_repository
     from clip_triton.samples import BENCH_PROMPTS
     from clip_triton.server import TritonServer
 
@@ -129,7 +129,7 @@ def main() -> None:
     repo = write_repository(
         work / "raw-split-repo",
         onnx_dir=onnx_dir,
-        options=RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
+        options=bench_repo_options(),
         force=True,
     )
     add_unsplit_model(repo, contract)

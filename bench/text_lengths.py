@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import prepared_export
+from common import bench_repo_options, prepared_export
 
 from clip_triton.contract import TEXT, ModelContract
 from clip_triton.fidelity import cosine
@@ -83,7 +83,7 @@ def served_rates(dirs: dict[str, Path], work: Path, sets: dict[str, list[str]], 
     import statistics
 
     from clip_triton.client import ClipClient
-    from clip_triton.repository import RepoOptions, write_repository
+    from clip_triton.repository import write_repository
     from clip_triton.server import TritonServer
 
     samples: dict[str, dict[str, list[float]]] = {label: {name: [] for name in sets} for label in dirs}
@@ -91,7 +91,7 @@ def served_rates(dirs: dict[str, Path], work: Path, sets: dict[str, list[str]], 
         clients = {}
         for label, onnx_dir in dirs.items():
             # No response cache: repeated prompts would be answered from it, not by the encoder measured.
-            options = RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none")
+            options = bench_repo_options()
             repo = write_repository(work / f"repo-{label}", onnx_dir=onnx_dir, options=options, force=True)
             server = stack.enter_context(
                 TritonServer(repo, log_file=work / f"triton-{label}.log", response_cache_mib=0)

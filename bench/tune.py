@@ -9,15 +9,14 @@ both ensembles with perf_analyzer (real JPEGs / prompts, single-item requests) i
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
-from common import prepared_export  # bench/common.py
+from common import bench_repo_options, prepared_export  # bench/common.py
 
 from clip_triton.contract import IMAGE_ENSEMBLE, TEXT_ENSEMBLE
 from clip_triton.errors import ClipTritonError
 from clip_triton.perf import run_perf_analyzer
-from clip_triton.repository import RepoOptions, write_repository
+from clip_triton.repository import write_repository
 from clip_triton.server import ADMIN_APIS, TritonServer
 
 OV = {"cpu_runtime": "openvino", "cpu_precision": "bf16"}
@@ -52,10 +51,7 @@ def main() -> None:
         if not name.startswith(args.only):
             continue
         client = {k: change[k] for k in CLIENT_KNOBS if k in change}
-        options = replace(
-            RepoOptions(runtime="python", cpu_runtime="onnxruntime", response_cache="none"),
-            **{k: v for k, v in change.items() if k not in client},
-        )
+        options = bench_repo_options(**{k: v for k, v in change.items() if k not in client})
         repo = write_repository(work / "tune-repo", onnx_dir=onnx_dir, options=options, force=True)
         try:
             # perf_analyzer registers its shared memory over gRPC, where it cannot send the admin key.

@@ -258,15 +258,16 @@ def test_response_cache_bench_hits_on_repeats_only(tiny_config, tmp_path, seeded
 
 def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tmp_path, seeded_bench):
     """bench/peers.py on the tiny model without infinity-emb (its own virtualenv, not in CI): every
-    clip-triton row and the FastAPI + open_clip peer, every cell, and the long-text probe says that
-    no system truncated."""
-    from clip_triton.cpuruntime import cpu_supports_bf16
+    clip-triton row and the FastAPI + open_clip peer, every cell in each of two rounds with the idle
+    servers paused (a paused server that did not come back would fail its next cell), medians of the
+    rounds, paired ratios to the peer, and the long-text probe says that no system truncated."""
+    from clip_triton.cpuruntime import cpu_supports_bf16, openvino_installed
 
-    report = _bench("peers.py", tiny_config, tmp_path, "--concurrency", "2", "--batches", "1,2", "--seconds", "0.4")
+    report = _bench(
+        "peers.py", tiny_config, tmp_path, "--concurrency", "2", "--batches", "1,2", "--seconds", "0.4", "--rounds", "2"
+    )
     systems = {row["system"] for row in report["rows"]}
-    import importlib.util
-
-    openvino = importlib.util.find_spec("openvino") is not None  # the seeded export holds the IR
+    openvino = openvino_installed()  # the seeded export holds the IR
     runtimes = ["onnxruntime"] + (["openvino fp32"] if openvino else []) + (["openvino"] if cpu_supports_bf16() else [])
     expected = {f"clip-triton {kind}, {r}" for kind in ("gRPC", "gateway") for r in runtimes} | {
         "FastAPI + open_clip",
@@ -274,11 +275,22 @@ def test_peers_bench_measures_every_system_and_probes_truncation(tiny_config, tm
     }
     ordered = "clip-triton gRPC, onnxruntime, client grouping"  # group_by_length=True: texts only
     assert systems == expected | {ordered}
+    assert report["rounds"] == 2 and not report["failed"]
     assert len(report["rows"]) == len(expected) * 3 * 2 + 2 * 2  # kinds x batches (one concurrency)
     assert {r["kind"] for r in report["rows"] if r["system"] == ordered} == {"text", "mixed"}
     for row in report["rows"]:
         assert "error" not in row and row["items_per_s"] > 0, row
+        assert len(row["rounds"]) == 2 and min(row["rounds"]) <= row["items_per_s"] <= max(row["rounds"])
         assert row["long_text"] == "full"
+    # every clip-triton row has its paired ratio to the one peer here: the median of the rounds' ratios
+    rate = {(r["system"], r["kind"], r["batch"], r["concurrency"]): r["rounds"] for r in report["rows"]}
+    clip_rows = [k for k in rate if k[0].startswith("clip-triton")]
+    assert set(report["ratios"]) == {" | ".join(map(str, k)) for k in clip_rows}
+    for key in clip_rows:
+        ours, peer = rate[key], rate[("FastAPI + open_clip", *key[1:])]
+        paired = sorted(a / b for a, b in zip(ours, peer, strict=True))
+        got = report["ratios"][" | ".join(map(str, key))]
+        assert got["median"] == pytest.approx(sum(paired) / 2) and got["min"] == pytest.approx(paired[0])
 
 
 def test_the_infinity_peer_builds_its_tokenizer_from_our_vocabulary(tmp_path):
@@ -346,3 +358,39 @@ def test_raw_split_bench_measures_the_server_side_split_exactly(tiny_config, tmp
     assert report["max_abs_diff"] <= 1e-5
     assert {row["workload"] for row in report["rows"]} == {"16 mixed", "16 prompts", "1 mixed"}
     assert all(row[name] > 0 for row in report["rows"] for name in ("unsplit", "clip_text", "ClipClient"))
+
+
+def test_the_peers_pauser_stops_every_group_but_the_measured_one_and_resumes_all(tmp_path):
+    """bench/peers.py's Pauser: idle servers are stopped (state T) while another is measured, the
+    measured one runs, and resume_all leaves none stopped (a stopped server could not stop)."""
+    import importlib.util
+
+    from clip_triton.children import spawn
+
+    spec = importlib.util.spec_from_file_location("peers_bench", ROOT / "bench" / "peers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["peers_bench"] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["peers_bench"]
+
+    def stopped(pid: int) -> bool:  # state T; a resumed one is S or, for a moment, R
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+    procs = [spawn(["sleep", "60"], start_new_session=True) for _ in range(3)]
+    try:
+        groups = [p.pid for p in procs]
+        pauser = module.Pauser(groups, enabled=True)
+        pauser.only((groups[0],))
+        assert [stopped(g) for g in groups] == [False, True, True]
+        pauser.only((groups[1], groups[2]))
+        assert [stopped(g) for g in groups] == [True, False, False]
+        pauser.resume_all()
+        assert not any(stopped(g) for g in groups) and not pauser.stopped
+        module.Pauser(groups, enabled=False).only((groups[0],))  # --no-pause-idle: nobody stopped
+        assert not any(stopped(g) for g in groups)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
