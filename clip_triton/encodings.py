@@ -126,7 +126,8 @@ def from_base64(text: str, name: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=dtype(name))
 
 
-def to_json(row: np.ndarray, name: str) -> list:
-    """One encoded row as JSON numbers: integers for the integer types, floats otherwise (float16's are
-    the half-precision values, exactly representable as JSON numbers)."""
-    return np.asarray(row, dtype=dtype(name)).tolist()
+def to_json(row: np.ndarray, name: str) -> np.ndarray:
+    """One encoded row for the gateway's JSON renderer (orjson, NumPy arrays as JSON numbers):
+    integers for the integer types; floats as the shortest decimal that reads back as the same
+    float32 (float16) value, as OpenAI's API writes them. Read them as that type for the exact row."""
+    return np.ascontiguousarray(row, dtype=dtype(name))
