@@ -454,8 +454,10 @@ def start_systems(args, stack: contextlib.ExitStack, work: Path, onnx_dir: Path,
         name = f"clip-triton gRPC, {label}"
         gateway_name = f"clip-triton gateway, {label}"
         grouped_name = f"{name}, client grouping"
-        wanted = [n for n in (name, gateway_name, grouped_name) if n not in skip]
-        if not wanted:
+        # the rows this server would carry: a client-grouping row on ONNX Runtime only, a gateway in
+        # front of the default export only; none left after --skip, no server
+        rows_here = [name] + [grouped_name] * (label == "onnxruntime") + [gateway_name] * (export_dir == onnx_dir)
+        if all(n in skip for n in rows_here):
             continue
         tag = label.replace(", ", "-").replace(" ", "-").replace(",", "-")
         options = bench_repo_options(cpu_runtime=cpu_runtime, cpu_precision=precision)
