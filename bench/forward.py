@@ -9,6 +9,12 @@ for this one batch size, and OpenVINO fp32 and bf16 on the IR that ``export --op
 ``OpenVINOSession``): together they separate what the ONNX route costs OpenVINO from what dynamic
 shapes cost it. Each row also prints its cosine to PyTorch fp32, so a fast row that is wrong cannot
 hide. Text runs at all 77 tokens (the longest bucket).
+
+Each row also says how hard it works the CPU: GFLOP/s (the tower's multiply-adds per item, counted by
+``torch.utils.flop_counter`` on the PyTorch module, times items/s) and that rate as a share of the
+best fp32 matrix multiply this machine reaches (a 2048-square GEMM through PyTorch and NumPy,
+measured in the same run). An fp32 row near 100% has nothing left to gain from a faster runtime at
+equal work; only less arithmetic (bf16, int8) goes further.
 """
 
 from __future__ import annotations
@@ -28,6 +34,37 @@ def rate(fn, batch: int, seconds: float) -> float:
         fn()
         done += 1
     return done * batch / (time.perf_counter() - start)
+
+
+def flops_per_item(module, example) -> float:
+    """Floating-point operations of one forward of ``module`` per item of ``example``'s batch.
+
+    Counted with gradients on (the weights marked for a moment): without them ``nn.MultiheadAttention``
+    takes its fused fast path, which ``FlopCounterMode`` does not see (ViT-B/32 would read 5.9 GFLOP
+    per image, not 8.8: its attention left out)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            module(torch.from_numpy(example))
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    return counter.get_total_flops() / len(example)
+
+
+def gemm_peak(seconds: float = 3.0, size: int = 2048) -> float:
+    """The best fp32 GEMM rate (GFLOP/s) of this machine's cores: PyTorch's and NumPy's BLAS."""
+    import torch
+
+    a = np.random.default_rng(1).random((size, size), dtype=np.float32)
+    t = torch.from_numpy(a)
+    best = max(rate(lambda: a @ a, 1, seconds), rate(lambda: t @ t, 1, seconds))
+    return best * 2 * size**3 / 1e9
 
 
 def main() -> None:
@@ -59,6 +96,14 @@ def main() -> None:
     ids[:, 0], ids[:, -1] = tok.sot_token_id, tok.eot_token_id
     inputs = {VISION.name: (contract.pixels.name, pixels), TEXT.name: (contract.input_ids.name, ids)}
     rows, reference = [], {}
+    towers = {tower.name: tower_module(model, tower.name) for tower in TOWERS}
+    flops = {name: flops_per_item(towers[name], inputs[name][1][:2]) for name in towers}
+    peak = gemm_peak()
+    print(
+        f"[forward] {flops[VISION.name] / 1e9:.2f} GFLOP per image, {flops[TEXT.name] / 1e9:.2f} per text; "
+        f"best fp32 GEMM here: {peak:.0f} GFLOP/s",
+        flush=True,
+    )
 
     def measure(name: str, precision: str, run) -> None:
         cells = []
@@ -70,7 +115,6 @@ def main() -> None:
         rows.append((name, precision, *cells))
         print(f"[forward] {name} ({precision}): {cells[0]:.1f} images/s, {cells[2]:.1f} texts/s", flush=True)
 
-    towers = {tower.name: tower_module(model, tower.name) for tower in TOWERS}
     with torch.inference_mode():
         measure("PyTorch eager", "fp32", lambda t: towers[t](torch.from_numpy(inputs[t][1])).numpy())
 
@@ -117,13 +161,36 @@ def main() -> None:
         f"\n{args.model}, batch {args.batch}, random inputs; {__import__('os').cpu_count()} CPU cores, "
         f"native bf16: {'yes' if cpu_supports_bf16() else 'no'}; cosine: minimum over the batch vs PyTorch fp32"
     )
-    print(f"{'runtime':<36}{'prec':>5}{'images/s':>10}{'cosine':>10}{'texts/s':>10}{'cosine':>10}")
+    print(
+        f"GFLOP per item: image {flops[VISION.name] / 1e9:.2f}, text (77 tokens) {flops[TEXT.name] / 1e9:.2f}; "
+        f"best fp32 GEMM on this machine: {peak:.0f} GFLOP/s (% = the row's GFLOP/s as a share of it)"
+    )
+    print(
+        f"{'runtime':<40}{'prec':>5}{'images/s':>10}{'GFLOP/s':>9}{'%':>5}{'cosine':>9}"
+        f"{'texts/s':>9}{'GFLOP/s':>9}{'%':>5}{'cosine':>9}"
+    )
+    table = []
     for name, precision, img, img_cos, txt, txt_cos in rows:
-        print(f"{name:<36}{precision:>5}{img:>10.1f}{img_cos:>10.5f}{txt:>10.1f}{txt_cos:>10.5f}")
+        img_gf, txt_gf = img * flops[VISION.name] / 1e9, txt * flops[TEXT.name] / 1e9
+        print(
+            f"{name:<40}{precision:>5}{img:>10.1f}{img_gf:>9.0f}{100 * img_gf / peak:>5.0f}{img_cos:>9.5f}"
+            f"{txt:>9.1f}{txt_gf:>9.0f}{100 * txt_gf / peak:>5.0f}{txt_cos:>9.5f}"
+        )
+        table.append(
+            {
+                "runtime": name,
+                "precision": precision,
+                "images_per_s": img,
+                "image_gflops": img_gf,
+                "image_cosine": img_cos,
+                "texts_per_s": txt,
+                "text_gflops": txt_gf,
+                "text_cosine": txt_cos,
+            }
+        )
     if args.json:
-        keys = ("runtime", "precision", "images_per_s", "image_cosine", "texts_per_s", "text_cosine")
-        table = [dict(zip(keys, row)) for row in rows]
-        Path(args.json).write_text(json.dumps({"model": args.model, "rows": table}, indent=1) + "\n")
+        summary = {"model": args.model, "gemm_peak_gflops": peak, "flops_per_item": flops, "rows": table}
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
 
 
 if __name__ == "__main__":

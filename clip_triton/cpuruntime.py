@@ -84,7 +84,9 @@ class OpenVINOSession:
         try:
             import openvino as ov  # noqa: PLC0415
         except ImportError as exc:
-            raise ClipTritonError("OpenVINO is not installed", "pip install 'clip-triton[cpu]'") from exc
+            raise ClipTritonError(
+                "OpenVINO is not installed", "pip install 'clip-triton[serve]' (or [cpu] for OpenVINO alone)"
+            ) from exc
         precision = compute_precision
         check_cpu_runtime("openvino", precision)
         path = Path(path)

@@ -158,6 +158,30 @@ class RepoOptions:
         runtime = resolve_cpu_runtime(self.cpu_runtime, self.cpu_precision, facts.has_openvino_ir and self.openvino_ir)
         return self if runtime == self.cpu_runtime else replace(self, cpu_runtime=runtime)
 
+    def runtime_note(self, facts: ExportFacts) -> str | None:
+        """Why ``--cpu-runtime auto`` serves ONNX Runtime for ``facts``' export and how to get OpenVINO fp32
+        (exact, and the faster fp32 forward here: docs/benchmarks.md), or None where nothing is missed.
+        """
+        from . import cpuruntime  # noqa: PLC0415 (the module's own openvino_installed: tests patch it)
+
+        chosen = self.resolved(facts)
+        if self.runtime != "python" or self.cpu_runtime != "auto" or chosen.cpu_runtime != "onnxruntime":
+            return None
+        if not self.openvino_ir:
+            return None  # --no-openvino-ir: the user kept the ONNX graphs on purpose
+        if not cpuruntime.openvino_installed():
+            return (
+                "ONNX Runtime serves the encoders: OpenVINO is not installed here. For OpenVINO fp32 (exact, "
+                "1.16-1.25x on 16-image requests) pip install 'clip-triton[serve]', then re-run `repo`"
+            )
+        if not facts.has_openvino_ir:
+            return (
+                "ONNX Runtime serves the encoders: the export holds no OpenVINO IR (it was made where "
+                "OpenVINO was not installed, fp16, or with --no-openvino-ir). For OpenVINO fp32 (exact, "
+                "1.16-1.25x on 16-image requests) re-export fp32 here (`export --openvino-ir`), then re-run `repo`"
+            )
+        return None
+
     @property
     def encoder_runtime(self) -> str:
         """What computes the embeddings, in words clients can read (an ensemble parameter)."""

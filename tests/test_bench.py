@@ -166,6 +166,42 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
     for (_, precision), (images, img_cos, texts, txt_cos) in rows.items():
         assert images > 0 and texts > 0
         assert min(img_cos, txt_cos) >= (0.99999 if precision == "fp32" else 0.999)
+    summary = json.loads((tmp_path / "forward.json").read_text())
+    flops, peak = summary["flops_per_item"], summary["gemm_peak_gflops"]
+    assert flops["vision"] > 0 and flops["text"] > 0 and peak > 0
+    for row in summary["rows"]:  # GFLOP/s is items/s times the tower's count
+        assert row["image_gflops"] == pytest.approx(row["images_per_s"] * flops["vision"] / 1e9)
+        assert row["text_gflops"] == pytest.approx(row["texts_per_s"] * flops["text"] / 1e9)
+    assert "GFLOP/s" in result.stdout
+
+
+def test_the_forward_bench_counts_attention_of_frozen_modules():
+    """bench/forward.py's FLOP count includes nn.MultiheadAttention's projections. Frozen weights in
+    eval mode (as load_model gives them) send it down the fused fast path that FlopCounterMode does
+    not see: counted so, a ViT-B/32 image read 5.9 GFLOP instead of 8.7. The weights stay frozen."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+
+    spec = importlib.util.spec_from_file_location("forward_bench", ROOT / "bench" / "forward.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self, width: int, heads: int):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(width, heads, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    width, tokens = 16, 5
+    block = SelfAttention(width, 2).eval().requires_grad_(False)
+    got = module.flops_per_item(block, np.zeros((3, tokens, width), np.float32))
+    projections = 2 * tokens * 4 * width * width  # q, k, v and out: multiply-adds x 2 per item
+    assert projections <= got <= projections + 2 * 2 * tokens * tokens * width  # + the score products, if counted
+    assert not any(p.requires_grad for p in block.parameters())
 
 
 def test_dirty_data_bench_runs_and_flagged_items_cost_no_extra_trips(tiny_config, tmp_path, seeded_bench):

@@ -495,6 +495,21 @@ def test_bf16_on_a_cpu_without_it_reports_fp32(monkeypatch, tiny_export, tmp_pat
     assert RepoOptions(runtime="python", cpu_runtime="openvino", cpu_precision="bf16").encoder_runtime.endswith("bf16")
 
 
+def test_repo_prints_the_runtime_auto_became_and_why(monkeypatch, tiny_export, tiny_ir_export, tmp_path, capsys):
+    """`repo` with the default --cpu-runtime auto prints what serves, never "auto", and where that is
+    ONNX Runtime because the export has no IR, the note that says how to get OpenVINO fp32."""
+    from clip_triton import cli, cpuruntime
+
+    monkeypatch.setattr(cpuruntime, "openvino_installed", lambda: True)
+    for export, runtime, noted in ((tiny_export, "onnxruntime", True), (tiny_ir_export, "openvino", False)):
+        assert (
+            cli.main(["repo", "--runtime", "python", "--onnx-dir", str(export), "--repo", str(tmp_path / runtime)]) == 0
+        )
+        captured = capsys.readouterr()
+        assert f"({runtime} (python backend), fp32)" in captured.out and "auto" not in captured.out
+        assert ("no OpenVINO IR" in captured.err) == noted, captured.err
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:

@@ -128,3 +128,15 @@ def test_every_import_of_the_package_resolves():
                     except ImportError:
                         problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {base} has no {alias.name}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_serving_install_brings_the_default_cpu_runtime():
+    """`pip install clip-triton[serve]` gets OpenVINO, so `--cpu-runtime auto` serves the fp32 IR: the
+    CPU stack ahead of every peer server in docs/benchmarks.md. Without it a serving host fell back to
+    ONNX Runtime, whose fp32 16-image rows only tie a one-process PyTorch server. The version is the one
+    the `cpu` extra asks for, and the constraints pin it."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    serve = [r for r in extras["serve"] if r.startswith("openvino")]
+    assert serve and serve == [r for r in extras["cpu"] if r.startswith("openvino")]
+    pins = (ROOT / "requirements" / "constraints.txt").read_text().splitlines()
+    assert any(line.startswith("openvino==") for line in pins)

@@ -211,6 +211,30 @@ def test_impossible_cpu_settings_are_refused_with_the_next_step(options, fragmen
     assert caught.value.hint
 
 
+def test_repo_says_why_auto_serves_onnx_runtime_and_how_to_get_openvino(monkeypatch):
+    """``--cpu-runtime auto`` falls back to ONNX Runtime (fp32 16-image requests only tie a one-process
+    PyTorch server) where OpenVINO is missing or the export has no IR: `repo` names the cause and the
+    command that gets OpenVINO fp32. Nothing is said where OpenVINO serves, a runtime was named, or
+    --no-openvino-ir kept the graphs on purpose."""
+    from dataclasses import replace
+
+    from clip_triton import cpuruntime
+
+    with_ir = replace(ExportFacts.default(), has_openvino_ir=True)
+    without_ir = ExportFacts.default()
+    auto = RepoOptions(runtime="python")
+    monkeypatch.setattr(cpuruntime, "openvino_installed", lambda: True)
+    assert auto.resolved(with_ir).cpu_runtime == "openvino" and auto.runtime_note(with_ir) is None
+    note = auto.runtime_note(without_ir)
+    assert note and "no OpenVINO IR" in note and "export --openvino-ir" in note
+    assert RepoOptions(runtime="python", openvino_ir=False).runtime_note(with_ir) is None
+    assert RepoOptions(runtime="python", cpu_runtime="onnxruntime").runtime_note(without_ir) is None
+    assert RepoOptions(runtime="tensorrt").runtime_note(without_ir) is None
+    monkeypatch.setattr(cpuruntime, "openvino_installed", lambda: False)
+    note = auto.runtime_note(with_ir)
+    assert note and "OpenVINO is not installed" in note and "clip-triton[serve]" in note
+
+
 def test_max_batch_size_zero_is_written_explicitly():
     config = pb.ModelConfig(name="unbatched", backend="python", max_batch_size=0)
     text = render(config)

@@ -166,12 +166,19 @@ def _repo(args) -> int:
         openvino_ir=not args.no_openvino_ir,
     )
     path = write_repository(args.repo, options=options, force=args.force, exports=exports)
-    print(f"wrote Triton model repository {path} ({options.encoder_runtime})")
+    models = served_exports(exports, options.runtime)
+    # what --cpu-runtime auto became, as the repository wrote it (never "auto")
+    print(f"wrote Triton model repository {path} ({options.resolved(models[0].facts).encoder_runtime})")
+    for model in models:
+        note = options.runtime_note(model.facts)
+        if note:
+            print(f"note ({model.onnx_dir}): {note}", file=sys.stderr)
     if len(exports) > 1:
         from ..footprint import estimate, table  # noqa: PLC0415
 
-        for model in served_exports(exports, options.runtime):
-            print(f"  {model.served_model_name}: {model.names.image}, {model.names.text}")
+        for model in models:
+            runtime = options.resolved(model.facts).encoder_runtime
+            print(f"  {model.served_model_name}: {model.names.image}, {model.names.text} ({runtime})")
         print("estimated memory, each served model on its own (docs/serving.md, 'Several models'):")
         print(table(estimate(path)))
     _warn_precision(options)
@@ -226,7 +233,7 @@ def add_parsers(sub) -> None:
         default=None,
         help="also convert each tower to OpenVINO IR straight from the PyTorch module (verified like the "
         "graphs); --cpu-runtime auto then serves it with OpenVINO, the faster exact CPU path "
-        "(docs/benchmarks.md). Default: yes for fp32 exports where OpenVINO is installed (the cpu extra), "
+        "(docs/benchmarks.md). Default: yes for fp32 exports where OpenVINO is installed (the serve or cpu extra), "
         "skipped with a warning if OpenVINO cannot convert or verify it; --openvino-ir makes that an error",
     )
     p.add_argument(
