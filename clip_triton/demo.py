@@ -29,7 +29,7 @@ def run_demo(
     from clip_triton.client import ClipClient  # noqa: PLC0415
     from clip_triton.export import export_model  # noqa: PLC0415
 
-    from .repository import RepoOptions, write_repository  # noqa: PLC0415
+    from .repository import RepoOptions, read_export_facts, write_repository  # noqa: PLC0415
     from .server import TritonServer  # noqa: PLC0415
 
     log = Progress("demo")
@@ -40,8 +40,13 @@ def run_demo(
     if compare is not None:
         return _compare(work, onnx_dir, compare, compare_pretrained, options, images, prompts, log)
     write_repository(repo, onnx_dir=onnx_dir, force=True, options=options)
-    log(f"wrote the Triton model repository {repo} (encoders: {options.encoder_runtime})")
-    if "requested" in options.encoder_runtime:
+    facts = read_export_facts(onnx_dir)
+    served = options.resolved(facts)  # what --cpu-runtime auto became for this export, never "auto"
+    log(f"wrote the Triton model repository {repo} (encoders: {served.encoder_runtime})")
+    note = options.runtime_note(facts)
+    if note:
+        log(f"note: {note}")
+    if "requested" in served.encoder_runtime:
         log("WARNING: this CPU has no native bf16 (AVX512-BF16 or AMX): OpenVINO computes in fp32 here")
 
     write_sample_dataset(work / "samples")  # what the next steps (and every --help example) use

@@ -250,6 +250,8 @@ def test_the_demo_and_its_next_steps_run_as_written_from_a_fresh_shell(tmp_path)
     assert abs(sum(probabilities[:5]) - 1) < 1e-3  # one image's prompts sum to 1
     # the default export writes the OpenVINO IR where OpenVINO is installed, and auto serves it
     assert "encoders openvino (python backend), fp32 (read from the server)" in out
+    # and the line that says so before the server starts names it too, not the "auto" it was resolved from
+    assert "(encoders: openvino (python backend), fp32)" in out + result.stderr
 
     nexts = [line.strip() for line in out.split("Next, in a new shell")[1].splitlines()[1:] if line.startswith("  ")]
     activate = nexts.pop(0).split("  # ")[0] if nexts[0].startswith(("source ", "export PATH=")) else None
