@@ -253,12 +253,48 @@ class System:
         return self.bodies[kind, batch]
 
 
+# The Pauser's guard: resumes every paused group once the bench is gone. A stopped process runs no
+# code: when the bench died by SIGKILL (or any death that skips its ``finally``), its servers got their
+# death signal but their python stubs, paused with them, stayed stopped for good (reparented to init,
+# state T; found after a CI run was killed). Resumed, each stub sees its server gone and exits.
+GUARD = """
+import os, signal, sys, time
+parent, groups = int(sys.argv[1]), [int(g) for g in sys.argv[2:]]
+while os.getppid() == parent:
+    time.sleep(0.2)
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGCONT)
+    except OSError:
+        pass
+"""
+
+
+def exit_on_signals() -> None:
+    """SIGTERM and SIGHUP end the bench through its ``finally`` blocks (as Ctrl-C does), so paused servers
+    are resumed and stopped; Python's default for them ends the process on the spot."""
+
+    def leave(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, leave)
+
+
 class Pauser:
     """SIGSTOP every server but the one measured (SIGCONT for its cells), so no idle peer's threads,
-    timers or pollers run beside a cell; ``resume_all`` before anything stops them."""
+    timers or pollers run beside a cell; ``resume_all`` before anything stops them, ``close`` at the end.
+    A guard process resumes them all if this process dies without doing so (:data:`GUARD`)."""
 
     def __init__(self, groups: list[int], enabled: bool):
         self.groups, self.enabled, self.stopped = sorted(set(groups)), enabled, set()
+        self.guard = None
+        if enabled and self.groups:  # plain Popen, no preexec_fn (clip_triton.children): it must outlive us
+            self.guard = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", GUARD, str(os.getpid()), *map(str, self.groups)],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # a Ctrl-C at the terminal must not end it before we resume
+            )
 
     def only(self, wanted: tuple[int, ...]) -> None:
         if not self.enabled:
@@ -278,6 +314,14 @@ class Pauser:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGCONT)
             self.stopped.discard(group)
+
+    def close(self) -> None:
+        """Resume every server and end the guard (nothing is left for it to do)."""
+        self.resume_all()
+        if self.guard is not None:
+            self.guard.kill()
+            self.guard.wait()
+            self.guard = None
 
 
 def summarise(system: System, cell: tuple, results: list[dict]) -> dict:
@@ -357,6 +401,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=".clip-triton/bench")
     parser.add_argument("--json", default=None, help="also write every row to this file")
     args = parser.parse_args()
+    exit_on_signals()
     if args.rounds < 1:
         parser.error("--rounds must be 1 or more")
 
@@ -382,7 +427,7 @@ def main() -> None:
         print("[peers] starting every system", flush=True)
         systems = start_systems(args, stack, work, onnx_dir, env, cores, payloads, skip)
         pauser = Pauser([g for s in systems for g in s.groups], args.pause_idle)
-        stack.callback(pauser.resume_all)  # runs first on the way out: stopped servers cannot stop
+        stack.callback(pauser.close)  # runs first on the way out: stopped servers cannot stop
         failed = []
         for system in list(systems):
             pauser.only(system.groups)

@@ -19,9 +19,11 @@ def make_session(
 
     ``fp16`` graphs on the CPU provider are created with the ``NchwcTransformer`` disabled: with it,
     ONNX Runtime crashes while creating the session (seen with ORT 1.2x on x86-64).
-    ``threads`` sets intra-op threads (default: ORT's choice, one per core). ``spinning=False`` stops
-    idle ORT threads from busy-waiting, which matters when other processes (Triton's preprocessing
-    instances) share the cores.
+    ``threads`` sets intra-op threads (default: one per physical core this process may use, ORT's own
+    count). The count is always set: left to ORT, it also pins each worker thread to one core, and a
+    pinned worker waits while Triton's preprocessing processes hold its core although another core is
+    free (the reason OpenVINO runs with ``ENABLE_CPU_PINNING`` off). ``spinning=False`` stops idle ORT
+    threads from busy-waiting, which matters when other processes share the cores.
     """
     import onnxruntime as ort  # noqa: PLC0415 (only the roles that run graphs need it)
 
@@ -31,8 +33,7 @@ def make_session(
     if fp16 is None:
         fp16 = _graph_is_fp16(path)
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    options.intra_op_num_threads = int(threads or physical_cores())
     options.inter_op_num_threads = 1
     if spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -47,6 +48,22 @@ def make_session(
             f"ONNX Runtime could not load {path}: {str(exc).splitlines()[0][:300]}",
             "the graph may be corrupt or incomplete; re-run `clip-triton export`",
         ) from exc
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (its affinity mask; hyperthreads of one
+    core count once), as ONNX Runtime counts them for its default thread pool."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(
+                ((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip())
+            )
+        except OSError:  # no sysfs topology (containers may hide it): count the CPU itself
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
 
 
 def _graph_is_fp16(path: Path) -> bool:

@@ -1,8 +1,12 @@
 """The benchmark scripts run (tiny model, CPU): they must not rot between GPU sessions."""
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -426,7 +430,65 @@ def test_the_peers_pauser_stops_every_group_but_the_measured_one_and_resumes_all
         assert not any(stopped(g) for g in groups) and not pauser.stopped
         module.Pauser(groups, enabled=False).only((groups[0],))  # --no-pause-idle: nobody stopped
         assert not any(stopped(g) for g in groups)
+        pauser.close()
+        assert pauser.guard is None
     finally:
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("death", ["SIGKILL", "SIGTERM"])
+def test_servers_paused_by_a_bench_that_dies_are_resumed(tmp_path, death):
+    """A paused server's processes run no code, so they cannot notice that the bench, and so their
+    server, is gone: after a killed CI run, python stubs stayed stopped (state T) under init for good.
+    Killed with SIGKILL, the bench's guard resumes them; with SIGTERM, the bench resumes them on its way
+    out. Stand-ins: process groups of two sleeps each, whose leader dies with the bench (as tritonserver
+    does, by its death signal) while the second sleep, like a stub, stays."""
+    script = tmp_path / "bench.py"
+    script.write_text(
+        f"""
+import importlib.util, os, signal, subprocess, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+spec = importlib.util.spec_from_file_location("peers_bench", {str(ROOT / "bench" / "peers.py")!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["peers_bench"] = module
+spec.loader.exec_module(module)
+from clip_triton.children import spawn
+module.exit_on_signals()
+leaders = [spawn(["sh", "-c", "sleep 120 & echo $!; wait"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+           for _ in range(2)]
+stubs = [int(p.stdout.readline()) for p in leaders]
+pauser = module.Pauser([p.pid for p in leaders], enabled=True)
+try:
+    pauser.only(())
+    print(*stubs, flush=True)
+    time.sleep(120)
+finally:
+    pauser.close()
+"""
+    )
+    bench = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    stubs: list[int] = []
+    try:
+        stubs = [int(pid) for pid in bench.stdout.readline().split()]
+        assert len(stubs) == 2
+
+        def state(pid: int) -> str:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+        assert [state(pid) for pid in stubs] == ["T", "T"]  # paused, as idle servers are
+        bench.send_signal(getattr(signal, death))
+        bench.wait(30)
+        deadline = time.monotonic() + 30
+        while any(state(pid) == "T" for pid in stubs) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(state(pid) == "T" for pid in stubs), "a stub of a dead bench stayed stopped"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        for pid in stubs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+                os.kill(pid, signal.SIGKILL)
