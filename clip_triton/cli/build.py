@@ -321,7 +321,7 @@ def add_parsers(sub) -> None:
         dest="encoder_threads",
         type=int,
         default=0,
-        help="CPU encoders: threads per instance, 0 = all cores (--runtime python or openvino)",
+        help="CPU encoders: threads per instance, 0 = one per physical core, never pinned to a core (--runtime python or openvino)",
     )
     p.add_argument(
         "--max-image-pixels",
