@@ -381,6 +381,14 @@ def test_export_refuses_to_overwrite_and_an_interrupted_one_leaves_nothing(tiny_
     manifest = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))  # graphs without NaN refusals
     assert current_export(out, str(TINY_CONFIG), "none") is None
+    assert all(graph["pooled_last_block"] for graph in manifest["graphs"].values())  # open_clip's ViT and text
+    unpooled = {
+        name: {k: v for k, v in graph.items() if k != "pooled_last_block"} for name, graph in manifest["graphs"].items()
+    }
+    (out / "manifest.json").write_text(
+        json.dumps({**manifest, "graphs": unpooled})
+    )  # graphs of every token's last block
+    assert current_export(out, str(TINY_CONFIG), "none") is None
     (out / "manifest.json").write_text(json.dumps(manifest))
     replaced = cli(
         "export", "--model", TINY_CONFIG, "--pretrained", "none", "--onnx-dir", out, "--force", "--no-verify"

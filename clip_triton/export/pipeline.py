@@ -266,7 +266,9 @@ def current_export(
     """The manifest of a verified export in ``folder`` of exactly this model, weights, precision (and
     seed, for random weights), else None. A checkpoint file must have the recorded sha256. An export
     from before text buckets (a static text graph) is not current unless ``text_buckets == ()``;
-    with ``text_buckets`` None, any bucketed export is. With ``openvino_ir`` True, it must hold the IR;
+    with ``text_buckets`` None, any bucketed export is. An export from before the graphs recorded
+    ``pooled_last_block`` is not current (made again, it serves less arithmetic for the same
+    embeddings). With ``openvino_ir`` True, it must hold the IR;
     None (export's default, ``wants_openvino_ir``): it must hold it, or record why OpenVINO could not
     convert it, wherever an export made now would write it."""
     from clip_triton.contract import normalise_pretrained  # noqa: PLC0415
@@ -284,6 +286,8 @@ def current_export(
         and manifest.get("precision") == precision
         and manifest.get("verification", {}).get("passed") is True
         and (bool(buckets) if text_buckets is None else buckets == tuple(sorted(text_buckets)))
+        # graphs from before the pooled last block (the same embeddings, ~7% more arithmetic at ViT-B/32)
+        and all("pooled_last_block" in graph for graph in (manifest.get("graphs") or {None: {}}).values())
         and (
             not wants_openvino_ir(openvino_ir, precision)
             or bool(manifest.get("openvino_ir"))
