@@ -68,6 +68,8 @@ PYTHON_MODELS = {
 # here; open_clip clamps logit_scale at ln(100) during training and LAION's runs end at the clamp.
 # `clip-triton repo --onnx-dir` (which docker compose runs) replaces it with the checkpoint's value.
 ASSUMED_LOGIT_SCALE = 100.0
+# What OpenVINO fp32 gains over ONNX Runtime where auto falls back (docs/benchmarks.md), for runtime_note.
+OPENVINO_FP32_GAIN = "1.16-1.25x on 16-image requests"
 
 
 def _pb2():
@@ -172,13 +174,13 @@ class RepoOptions:
         if not cpuruntime.openvino_installed():
             return (
                 "ONNX Runtime serves the encoders: OpenVINO is not installed here. For OpenVINO fp32 (exact, "
-                "1.16-1.25x on 16-image requests) pip install 'clip-triton[serve]', then re-run `repo`"
+                f"{OPENVINO_FP32_GAIN}) pip install 'clip-triton[serve]', then re-run `repo`"
             )
         if not facts.has_openvino_ir:
             return (
                 "ONNX Runtime serves the encoders: the export holds no OpenVINO IR (it was made where "
                 "OpenVINO was not installed, fp16, or with --no-openvino-ir). For OpenVINO fp32 (exact, "
-                "1.16-1.25x on 16-image requests) re-export fp32 here (`export --openvino-ir`), then re-run `repo`"
+                f"{OPENVINO_FP32_GAIN}) re-export fp32 here (`export --openvino-ir`), then re-run `repo`"
             )
         return None
 
