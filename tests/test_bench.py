@@ -159,6 +159,7 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
     }
     assert set(rows) == {
         ("PyTorch eager", "fp32"),
+        ("PyTorch eager, exported module", "fp32"),
         ("ONNX Runtime, exported graphs", "fp32"),
         ("OpenVINO, exported graphs", "fp32"),
         ("OpenVINO, exported graphs", "bf16"),
@@ -173,6 +174,8 @@ def test_forward_bench_prints_every_runtime_with_its_fidelity(tiny_config, tmp_p
     summary = json.loads((tmp_path / "forward.json").read_text())
     flops, peak = summary["flops_per_item"], summary["gemm_peak_gflops"]
     assert flops["vision"] > 0 and flops["text"] > 0 and peak > 0
+    exported = summary["exported_flops_per_item"]  # the last block for the pooled token only
+    assert 0 < exported["vision"] < flops["vision"] and 0 < exported["text"] < flops["text"]
     for row in summary["rows"]:  # GFLOP/s is items/s times the tower's count
         assert row["image_gflops"] == pytest.approx(row["images_per_s"] * flops["vision"] / 1e9)
         assert row["text_gflops"] == pytest.approx(row["texts_per_s"] * flops["text"] / 1e9)
