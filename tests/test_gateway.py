@@ -12,7 +12,7 @@ import pytest
 
 from clip_triton.client import ClipClient
 from clip_triton.errors import ClipTritonError
-from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app
+from clip_triton.gateway import FetchPolicy, GatewaySettings, create_app, server_config
 from clip_triton.server import free_port
 
 from .helpers import cos, local_http_server
@@ -50,7 +50,7 @@ class LiveGateway:
         self.settings = settings
         self.port = free_port()
         app = create_app(settings) if client_factory is None else create_app(settings, client_factory)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -849,3 +849,28 @@ def test_a_non_finite_embedding_is_a_server_error_not_null(fake_world):
         live.stop()
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "triton_bad_output"
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_expiry(offline_gateway):
+    """httpx (the openai package's transport) keeps an idle connection for 5 s; uvicorn closed it at
+    5 s too, so a client reusing one at that moment failed with "Connection error" (seen once in 31
+    threads x 60 s of tests/test_mixed_clients.py). The gateway keeps idle connections longer
+    (``KEEP_ALIVE_S``): a request on a connection idle for 6 s is still answered."""
+    import http.client
+
+    from clip_triton.gateway import KEEP_ALIVE_S
+
+    assert KEEP_ALIVE_S > 60  # the clients' expiry (5 s) and common load balancers' idle timeouts
+    connection = http.client.HTTPConnection("127.0.0.1", offline_gateway.port, timeout=30)
+    try:
+        connection.request("GET", "/healthz")
+        first = connection.getresponse()
+        first.read()
+        assert first.status == 200 and not first.will_close
+        time.sleep(6)
+        connection.request("GET", "/healthz")  # the same socket: http.client does not reconnect silently
+        second = connection.getresponse()
+        second.read()
+        assert second.status == 200
+    finally:
+        connection.close()
